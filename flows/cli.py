@@ -1,0 +1,91 @@
+"""The `rlme` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Reinforcement Learning from Meta-Evaluation.", no_args_is_help=True, add_completion=False)
+models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+
+
+def _prefect_defaults() -> None:
+    # Quiet, self-contained Prefect: the temporary local server needs no setup; analytics off avoids
+    # noisy "database is locked" tracebacks from its background services.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="YAML config (path or fsspec URL)"),
+    iterations: Optional[int] = typer.Option(None, help="total iterations the run should reach"),
+    storage: Optional[str] = typer.Option(None, help="storage root (overrides run.storage)"),
+    run_id: Optional[str] = typer.Option(None, help="run id (overrides run.id)"),
+):
+    """Train (or continue) a run through the Prefect flow rlme_train."""
+    from rlme_pipeline.config import ConfigError
+    from rlme_pipeline.run import RunMismatch
+    from rlme_pipeline.storage import StorageError
+
+    _prefect_defaults()
+    from flows.train import rlme_train
+
+    try:
+        result = rlme_train(config=config, iterations=iterations, storage=storage, run_id=run_id)
+    except (ConfigError, RunMismatch, StorageError) as e:
+        _fail(e)
+    _print_status(result["run"])
+    console.print(f"\n[bold green]outputs:[/] {result['run']}  (trained now: {result['trained_now'] or 'nothing, already there'})")
+
+
+def _print_status(run_url: str) -> None:
+    from rlme_pipeline.run import Run
+
+    run = Run.from_url(run_url)
+    its = run.committed()
+    table = Table(title=f"{run_url}: {len(its)} committed iterations")
+    cols = ["iter", "reward_mean", "reward_std", "masked", "failed_share", "loss", "clip_ratio", "kl", "tokens", "seconds"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for i in its:
+        m = run.manifest(i)
+        x = m.metrics
+        fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        table.add_row(str(i), fmt(x.get("reward_mean")), fmt(x.get("reward_std")), fmt(x.get("masked_rollouts")),
+                      fmt(x.get("failed_share")), fmt(x.get("loss")), fmt(x.get("clip_ratio")), fmt(x.get("kl")),
+                      fmt(x.get("completion_tokens_mean")), fmt(sum(m.timings.values())))
+    console.print(table)
+
+
+@app.command()
+def status(run_uri: str = typer.Argument(..., help="{storage}/{run_id}, e.g. ./runs/demo or s3://bucket/runs/demo")):
+    """Committed iterations of a run and their metrics."""
+    _print_status(run_uri)
+
+
+@models_app.command("make-tiny")
+def make_tiny(out_dir: Path = typer.Argument(..., help="directory to write policy/ and evaluator/ into"), seed: int = 0):
+    """Write a tiny policy and evaluator (random Llama, byte-level BPE) as ordinary HF directories."""
+    from rlme_pipeline.tiny import make_tiny as build
+
+    paths = build(out_dir, seed=seed)
+    for name, p in paths.items():
+        console.print(f"{name}: {p}")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,231 @@
+"""The one validated configuration of a run, loaded from YAML.
+
+Every section is a pydantic model that forbids unknown keys, so a typo in a YAML file is an error that
+names the field instead of a silently ignored setting. `Config.hash()` covers everything that changes
+what a run computes (not `run.iterations` or `run.storage`, which only say how far and where), so a
+resumed run can prove it is still the same experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+LIVE_SELF, FROZEN_SELF = "policy", "policy@initial"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as `field: what is wrong; how to fix it`."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Section):
+    id: str = "demo"
+    storage: str = "./runs"  # any fsspec URL: ./runs, file:///data/runs, s3://bucket/prefix
+    iterations: int = Field(5, ge=1, description="total iterations the run should reach")
+    seed: int = 0
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, v: str) -> str:
+        if not RUN_ID.match(v) or ".." in v:
+            raise ValueError(
+                f"{v!r} is not a safe run id: use letters, digits, '.', '_' and '-' only "
+                "(no path separators, no '..', at most 128 characters)"
+            )
+        return v
+
+
+class DataConfig(Section):
+    path: str = Field(description="local .jsonl/.json/.parquet/.csv file, or a Hugging Face hub data set name")
+    split: str = "train"
+    prompt_column: str = "prompt"
+    id_column: str | None = None  # stable prompt ids; the row number when absent
+    label_column: str | None = None  # kept for audit only; training never reads it
+    prompts_per_iteration: int = Field(8, ge=1)
+    system_prompt: str | None = None
+
+
+class ModelConfig(Section):
+    model: str = Field(description="HF directory, hub id, or tiny:policy / tiny:evaluator")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+
+class EvaluatorConfig(ModelConfig):
+    name: str
+    model: str = Field(
+        description="'policy' (live self), 'policy@initial' (frozen self), or a model reference (frozen other)"
+    )
+    weight: float = 1.0  # v_j
+
+
+class QuestionConfig(Section):
+    id: str
+    text: str = Field(min_length=1)
+    weight: float = 1.0  # w_k; negative penalises
+    positive: list[str] = Field(default_factory=lambda: [" Yes", "Yes"], min_length=1)
+    negative: list[str] = Field(default_factory=lambda: [" No", "No"], min_length=1)
+
+    @field_validator("positive", "negative")
+    @classmethod
+    def _non_empty_answers(cls, v: list[str]) -> list[str]:
+        if any(a == "" for a in v):
+            raise ValueError("an answer string is empty: give the literal answer text, e.g. ' Yes'")
+        return v
+
+    def sha(self) -> str:
+        """Identity of the judgement asked: the text and the answers read off the evaluator."""
+        return sha256_json({"text": self.text, "positive": self.positive, "negative": self.negative})
+
+
+class GenerationConfig(Section):
+    backend: Literal["hf"] = "hf"
+    group_size: int = Field(4, ge=2, description="G completions per prompt (advantages need a group)")
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
+
+
+DEFAULT_TEMPLATE = "Question: {prompt}\nResponse: {completion}\n"
+DEFAULT_QUESTION_TEMPLATE = "{question} Answer Yes or No.\nAnswer:"
+
+
+class ScoringConfig(Section):
+    backend: Literal["hf"] = "hf"
+    batch_size: int = Field(16, ge=1, description="rollouts per forward pass; each carries all K questions")
+    # The evaluator reads `prefix + question`; the prefix is shared by every question of a rollout.
+    template: str = DEFAULT_TEMPLATE
+    question_template: str = DEFAULT_QUESTION_TEMPLATE
+    reward_form: Literal["logp", "norm_logp", "p"] = "logp"
+    logp_floor: float = Field(math.log(1e-6), lt=0)
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        for name in ("{prompt}", "{completion}"):
+            if name not in v:
+                raise ValueError(f"the template must contain {name}")
+        return v
+
+    @field_validator("question_template")
+    @classmethod
+    def _question_field(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("the question_template must contain {question}")
+        return v
+
+    def template_sha(self) -> str:
+        return sha256_json({"template": self.template, "question_template": self.question_template})
+
+
+class AlgorithmConfig(Section):
+    loss: Literal["cispo", "grpo", "dr_grpo"] = "cispo"
+    eps_high: float = Field(5.0, gt=0, description="CISPO: absolute cap on the IS weight")
+    eps: float = Field(0.2, gt=0, description="GRPO/Dr.GRPO: PPO clip range")
+    beta: float = Field(0.0, ge=0, description="k3 KL weight; 0 loads no reference model")
+    scale_advantage_std: bool = False  # Dr. GRPO (the paper) centres only
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(1, ge=1, description="optimisation passes over one iteration's rollouts")
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accumulation: int = Field(4, ge=1, description="micro-batches per optimizer step")
+    max_grad_norm: float = Field(1.0, gt=0)
+    logprob_chunk_tokens: int = Field(1024, ge=1, description="tokens per lm-head chunk in the update")
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig
+    policy: ModelConfig
+    evaluators: list[EvaluatorConfig] = Field(min_length=1)
+    questions: list[QuestionConfig] = Field(min_length=1)
+    generation: GenerationConfig = GenerationConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    # Relative data/model paths are relative to the config file's folder, so a config works from any
+    # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    def resolve(self, ref: str) -> str:
+        """A data/model reference as a usable string: relative paths that exist become absolute."""
+        p = Path(ref).expanduser()
+        if p.is_absolute():
+            return str(p)
+        for base in (self._base_dir, Path.cwd()):
+            if (base / p).exists():
+                return str((base / p).resolve())
+        return ref
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        for field, names in (("evaluators", [e.name for e in self.evaluators]), ("questions", [q.id for q in self.questions])):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{field}: duplicate names {dup}; each must be unique")
+        return self
+
+    def hash(self) -> str:
+        """What the run computes, excluding how far it goes and where it is stored."""
+        d = self.model_dump(mode="json")
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage")}
+        return sha256_json(d)
+
+    def with_overrides(self, **run_fields) -> Config:
+        fields = {k: v for k, v in run_fields.items() if v is not None}
+        if not fields:
+            return self
+        cfg = validate_config({**self.model_dump(mode="json"), "run": {**self.run.model_dump(), **fields}})
+        cfg._base_dir = self._base_dir
+        return cfg
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def validate_config(data: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field; check its spelling against the configuration reference in the README"
+            elif err["type"] == "missing":
+                msg = "required field is missing"
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    cfg = validate_config(data, str(path))
+    cfg._base_dir = path.parent.resolve()
+    return cfg

@@ -1,0 +1,66 @@
+"""Prompts: loaded through Hugging Face `datasets`, and the deterministic slice each iteration trains on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from rlme_pipeline.config import Config, ConfigError
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_prompts(cfg: Config) -> pl.DataFrame:
+    """All prompts as (prompt_id, prompt, label); columns are checked here, before any model loads."""
+    import datasets  # heavy import, only where used
+
+    d = cfg.data
+    path = cfg.resolve(d.path)
+    suffix = Path(path).suffix.lower()
+    if Path(path).is_file():
+        if suffix not in _BUILDERS:
+            raise ConfigError(f"data.path: {path!r} has an unsupported extension; use .jsonl, .json, .parquet or .csv")
+        ds = datasets.load_dataset(_BUILDERS[suffix], data_files=path, split=d.split)
+    elif Path(path).exists() or path.startswith(("./", "../", "/")):
+        raise ConfigError(f"data.path: {path!r} is not a file; give a .jsonl/.parquet file or a hub data set name")
+    else:
+        try:
+            ds = datasets.load_dataset(path, split=d.split)
+        except Exception as e:  # datasets raises many types for "not found" / offline
+            raise ConfigError(f"data.path: could not load data set {path!r} ({type(e).__name__}: {e})") from None
+
+    cols = ds.column_names
+    for field, col in (("prompt_column", d.prompt_column), ("id_column", d.id_column), ("label_column", d.label_column)):
+        if col is not None and col not in cols:
+            raise ConfigError(f"data.{field}: column {col!r} is not in {path} (columns: {cols})")
+    if len(ds) == 0:
+        raise ConfigError(f"data.path: {path} has no rows")
+
+    ids = [str(x) for x in ds[d.id_column]] if d.id_column else [str(i) for i in range(len(ds))]
+    labels = [None if x is None else str(x) for x in ds[d.label_column]] if d.label_column else [None] * len(ds)
+    df = pl.DataFrame({"prompt_id": ids, "prompt": [str(p) for p in ds[d.prompt_column]], "label": labels},
+                      schema={"prompt_id": pl.String, "prompt": pl.String, "label": pl.String})
+    if df["prompt_id"].n_unique() != df.height:
+        raise ConfigError(f"data.id_column: {d.id_column!r} has duplicate values; prompt ids must be unique")
+    return df
+
+
+def prompt_indices(n_prompts: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
+    """Row numbers for one iteration: a slice of a per-epoch shuffle, so no prompt repeats within an
+    iteration and any iteration's slice is computed directly (the data cursor is derived, not stored).
+    When per_iteration does not divide the data, each epoch leaves out a different random remainder."""
+    if per_iteration > n_prompts:
+        raise ConfigError(
+            f"data.prompts_per_iteration: {per_iteration} exceeds the {n_prompts} prompts in the data set; lower it"
+        )
+    per_epoch = n_prompts // per_iteration
+    epoch, slot = divmod(iteration, per_epoch)
+    perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(n_prompts)
+    return [int(x) for x in perm[slot * per_iteration : (slot + 1) * per_iteration]]
+
+
+def prompts_for_iteration(prompts: pl.DataFrame, cfg: Config, iteration: int) -> pl.DataFrame:
+    idx = prompt_indices(prompts.height, cfg.data.prompts_per_iteration, cfg.run.seed, iteration)
+    return prompts[idx]

@@ -1,0 +1,52 @@
+"""Run the stages of one iteration with stage-level idempotency, without any orchestrator.
+
+Prefect tasks call `run_stage` and `commit`; tests and benchmarks call `train` directly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from rlme_pipeline.config import Config
+from rlme_pipeline.run import STAGES, Manifest, Run, StageRecord
+from rlme_pipeline.stages.aggregate import aggregate
+from rlme_pipeline.stages.generate import generate
+from rlme_pipeline.stages.score import score
+from rlme_pipeline.stages.update import update
+
+STAGE_FNS: dict[str, Callable[[Config, Run, int], StageRecord]] = {
+    "generate": generate, "score": score, "aggregate": aggregate, "update": update,
+}
+
+
+def run_stage(cfg: Config, run: Run, iteration: int, stage: str) -> tuple[StageRecord, bool]:
+    """(record, ran): a stage whose record and files check out is not run again."""
+    rec = run.stage_record(iteration, stage)
+    if rec is not None:
+        return rec, False
+    rec = STAGE_FNS[stage](cfg, run, iteration)
+    run.write_stage_record(rec)  # written after its data files: the record is the stage's commit
+    return rec, True
+
+
+def commit(cfg: Config, run: Run, iteration: int) -> Manifest:
+    if iteration in run.committed():
+        return run.manifest(iteration)
+    return run.commit(iteration, cfg, [run.read_record(iteration, s) for s in STAGES])
+
+
+def train(cfg: Config, run: Run, on_commit: Callable[[Manifest], None] | None = None) -> list[Manifest]:
+    """Advance the run to cfg.run.iterations committed iterations; returns the manifests made now."""
+    run.open(cfg)
+    done = set(run.committed())
+    made = []
+    for i in range(cfg.run.iterations):
+        if i in done:
+            continue
+        for stage in STAGES:
+            run_stage(cfg, run, i, stage)
+        m = commit(cfg, run, i)
+        made.append(m)
+        if on_commit:
+            on_commit(m)
+    return made

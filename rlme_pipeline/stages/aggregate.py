@@ -1,0 +1,53 @@
+"""aggregate: rewards and advantages from the scores table."""
+
+from __future__ import annotations
+
+import time
+
+import polars as pl
+
+from rlme_pipeline.config import Config
+from rlme_pipeline.rewards import component, compute_rewards
+from rlme_pipeline.run import Run, StageRecord
+
+REWARDS = "rewards.parquet"
+
+
+def rewards_for(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame) -> pl.DataFrame:
+    return compute_rewards(
+        scores, rollouts,
+        {e.name: e.weight for e in cfg.evaluators}, {q.id: q.weight for q in cfg.questions},
+        form=cfg.scoring.reward_form, floor=cfg.scoring.logp_floor, scale_std=cfg.algorithm.scale_advantage_std,
+    )
+
+
+def component_metrics(cfg: Config, scores: pl.DataFrame) -> dict[str, float]:
+    """Mean/std of f(p) per evaluator and question (unweighted), the numbers a user watches for drift."""
+    stats = (
+        scores.with_columns(f=component(cfg.scoring.reward_form, cfg.scoring.logp_floor))
+        .group_by("evaluator", "question_id").agg(mean=pl.col("f").mean(), std=pl.col("f").std(ddof=0), p_yes=pl.col("p_yes").mean())
+        .sort("evaluator", "question_id")
+    )
+    out = {}
+    for r in stats.iter_rows(named=True):
+        for k in ("mean", "std", "p_yes"):
+            out[f"{r['evaluator']}/{r['question_id']}/{k}"] = r[k]
+    return out
+
+
+def aggregate(cfg: Config, run: Run, iteration: int) -> StageRecord:
+    t0 = time.perf_counter()
+    rollouts = run.store.read_parquet(run.rel(iteration, "rollouts.parquet"))
+    scores = run.store.read_parquet(run.rel(iteration, "scores.parquet"))
+    rewards = rewards_for(cfg, scores, rollouts)
+    entry = run.store.write_table(run.rel(iteration, REWARDS), rewards, "rewards")
+    valid = rewards.filter(pl.col("reward").is_not_nan())
+    return StageRecord(
+        stage="aggregate", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0,
+        metrics={
+            "reward_mean": valid["reward"].mean() if valid.height else None,
+            "reward_std": valid["reward"].std(ddof=0) if valid.height else None,
+            "masked_rollouts": rewards.height - valid.height,
+            **component_metrics(cfg, scores),
+        },
+    )

@@ -1,0 +1,108 @@
+"""score: every rollout x evaluator x meta-question, read off the evaluator's next-token distribution."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import polars as pl
+
+from rlme_pipeline.backends import hf
+from rlme_pipeline.config import Config, ConfigError, QuestionConfig, ScoringConfig
+from rlme_pipeline.lineage import ModelRef, evaluator_at
+from rlme_pipeline.models import POOL
+from rlme_pipeline.progress import bar
+from rlme_pipeline.run import Run, StageRecord
+from rlme_pipeline.schemas import OK
+
+SCORES = "scores.parquet"
+
+
+@dataclass(frozen=True)
+class Judge:
+    name: str
+    ref: ModelRef
+
+
+def answer_ids(tokenizer, answers: list[str], where: str) -> list[int]:
+    """Distinct token ids of the answer variants; each must be exactly one token for this tokenizer."""
+    ids = []
+    for a in answers:
+        toks = tokenizer(a, add_special_tokens=False)["input_ids"]
+        if not toks:
+            raise ConfigError(f"{where}: answer {a!r} tokenizes to nothing; give a visible answer such as ' Yes'")
+        if len(toks) > 1:
+            pieces = tokenizer.convert_ids_to_tokens(toks)
+            raise ConfigError(
+                f"{where}: answer {a!r} is {len(toks)} tokens {pieces} for this evaluator's tokenizer; "
+                "use variants that are single tokens (e.g. ' Yes' and 'Yes')"
+            )
+        ids.append(toks[0])
+    return sorted(set(ids))
+
+
+def score_rollouts(
+    rollouts: pl.DataFrame, judges: list[Judge], questions: list[QuestionConfig], sc: ScoringConfig, scoreset: str,
+) -> pl.DataFrame:
+    """Pure scoring: rollouts in, one scores row per rollout x judge x question out."""
+    rows = []
+    texts = rollouts.select("rollout_id", "iteration", "prompt", "completion").to_dicts()
+    for judge in judges:
+        lm = POOL.get(judge.ref.path, judge.ref.dtype, judge.ref.device, judge.ref.version)
+        tok = lm.tokenizer
+        q_ids = [tok(sc.question_template.format(question=q.text), add_special_tokens=False)["input_ids"] for q in questions]
+        yes = [answer_ids(tok, q.positive, f"questions[{q.id}].positive") for q in questions]
+        no = [answer_ids(tok, q.negative, f"questions[{q.id}].negative") for q in questions]
+        prefixes = [tok(sc.template.format(prompt=r["prompt"], completion=r["completion"]))["input_ids"] for r in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(prefixes[i]))
+        max_pos = getattr(lm.model.config, "max_position_embeddings", 1 << 30)
+        # Questions with the same answer sets are judged in one pass (the usual case: all of them).
+        groups: dict[tuple, list[int]] = {}
+        for k in range(len(questions)):
+            groups.setdefault((tuple(yes[k]), tuple(no[k])), []).append(k)
+        with bar(f"score {judge.name}", len(order)) as advance:
+            for b in range(0, len(order), sc.batch_size):
+                idx = order[b : b + sc.batch_size]
+                batch = [prefixes[i] for i in idx]
+                for (y, n), ks in groups.items():
+                    res = hf.judge(lm.model, batch, [q_ids[k] for k in ks], list(y), list(n), tok.pad_token_id, max_pos)
+                    for j, i in enumerate(idx):
+                        for kk, k in enumerate(ks):
+                            rows.append(_row(texts[i], judge, questions[k], res[j][kk], scoreset))
+                advance(len(idx))
+    return pl.DataFrame(rows)
+
+
+def _row(r: dict, judge: Judge, q: QuestionConfig, j: hf.Judgement, scoreset: str) -> dict:
+    ok = j.status == OK
+    return {
+        "rollout_id": r["rollout_id"], "iteration": r["iteration"], "scoreset": scoreset,
+        "evaluator": judge.name, "question_id": q.id,
+        "logp_yes": j.logp_yes if ok else None, "logp_no": j.logp_no if ok else None,
+        # normalised over the yes/no mass, computed stably: sigmoid(logp_yes - logp_no)
+        "p_yes": 1.0 / (1.0 + math.exp(j.logp_no - j.logp_yes)) if ok else None,
+        "status": j.status, "evaluator_version": judge.ref.version, "question_sha": q.sha(),
+    }
+
+
+def judges_at(cfg: Config, run: Run, iteration: int) -> list[Judge]:
+    return [Judge(ev.name, evaluator_at(run, cfg, ev, iteration)) for ev in cfg.evaluators]
+
+
+def score(cfg: Config, run: Run, iteration: int) -> StageRecord:
+    t0 = time.perf_counter()
+    rollouts = run.store.read_parquet(run.rel(iteration, "rollouts.parquet"))
+    judges = judges_at(cfg, run, iteration)
+    df = score_rollouts(rollouts, judges, cfg.questions, cfg.scoring, scoreset="train")
+    entry = run.store.write_table(run.rel(iteration, SCORES), df, "scores")
+    return StageRecord(
+        stage="score", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0,
+        metrics={"failed_share": float((df["status"] != OK).mean())},
+        info={
+            "evaluators": [{"name": j.name, "ref": ev.model, "weight": ev.weight, "version": j.ref.version}
+                           for j, ev in zip(judges, cfg.evaluators)],
+            "questions": [{"id": q.id, "text": q.text, "weight": q.weight, "sha": q.sha()} for q in cfg.questions],
+            "template_sha": cfg.scoring.template_sha(),
+        },
+    )

@@ -1,0 +1,105 @@
+"""update: one policy update on this iteration's rollouts and advantages; writes the next checkpoint."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import polars as pl
+import torch
+
+from rlme_pipeline import checkpoint
+from rlme_pipeline.config import Config
+from rlme_pipeline.lineage import initial_policy, policy_at
+from rlme_pipeline.logprobs import completion_logprobs
+from rlme_pipeline.losses import token_terms, token_weights
+from rlme_pipeline.models import POOL, Loaded
+from rlme_pipeline.progress import bar
+from rlme_pipeline.run import Run, StageRecord
+from rlme_pipeline.seeds import derive
+
+
+def training_items(run: Run, iteration: int) -> tuple[list[dict], int]:
+    """Rollouts with a finite advantage (failed judgements are masked out) and the number masked."""
+    rollouts = run.store.read_parquet(run.rel(iteration, "rollouts.parquet"))
+    rewards = run.store.read_parquet(run.rel(iteration, "rewards.parquet"))
+    df = rollouts.join(rewards.select("rollout_id", "advantage"), on="rollout_id").sort("rollout_id")
+    ok = df.filter(pl.col("advantage").is_not_nan() & (pl.col("completion_token_ids").list.len() > 0))
+    cols = ["prompt_token_ids", "completion_token_ids", "behavior_logprobs", "advantage"]
+    return ok.select(cols).to_dicts(), df.height - ok.height
+
+
+def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
+    t0 = time.perf_counter()
+    a, o, g = cfg.algorithm, cfg.optimizer, cfg.generation
+    items, masked = training_items(run, iteration)
+    ref = policy_at(run, cfg, iteration)
+    lm = POOL.take(ref.path, ref.dtype, ref.device, ref.version)  # we change its weights: not shared any more
+    model, tok = lm.model, lm.tokenizer
+    reference = None
+    if a.beta > 0:  # the KL anchor is the initial policy; loaded only when it is used
+        init = initial_policy(cfg)
+        reference = POOL.get(init.path, init.dtype, init.device, init.version).model
+
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    if iteration > 0 and (state := checkpoint.load_optimizer_state(ref.path)) is not None:
+        opt.load_state_dict(state)
+
+    step_size = o.micro_batch_size * o.grad_accumulation
+    n_steps = o.epochs * -(-len(items) // step_size) if items else 0
+    sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0, "grad_norm": 0.0, "mismatch": 0.0, "mismatch_tokens": 0}
+    model.train()
+    with bar(f"update iter {iteration}", n_steps) as advance:
+        for epoch in range(o.epochs):
+            perm = np.random.default_rng(derive(cfg.run.seed, iteration, "update", epoch)).permutation(len(items))
+            for s in range(0, len(items), step_size):
+                step = [items[j] for j in perm[s : s + step_size]]
+                n_tokens = sum(len(it["completion_token_ids"]) for it in step)
+                opt.zero_grad(set_to_none=True)
+                for m in range(0, len(step), o.micro_batch_size):
+                    micro = step[m : m + o.micro_batch_size]
+                    pairs = [(it["prompt_token_ids"], it["completion_token_ids"]) for it in micro]
+                    lens = [len(c) for _, c in pairs]
+                    logp = completion_logprobs(model, pairs, pad_id=tok.pad_token_id, temperature=g.temperature, chunk_tokens=o.logprob_chunk_tokens)
+                    old = torch.tensor([x for it in micro for x in it["behavior_logprobs"]], dtype=torch.float32)
+                    adv = torch.cat([torch.full((L,), float(it["advantage"])) for L, it in zip(lens, micro)])
+                    ref_logp = None
+                    if reference is not None:
+                        with torch.no_grad():
+                            ref_logp = completion_logprobs(reference, pairs, pad_id=tok.pad_token_id, temperature=g.temperature, chunk_tokens=o.logprob_chunk_tokens)
+                    terms, st = token_terms(a.loss, logp, old, adv, eps=a.eps, eps_high=a.eps_high, ref_logp=ref_logp, beta=a.beta)
+                    w = token_weights(a.loss, lens, len(step), n_tokens, g.max_new_tokens)
+                    loss = (terms * w).sum()
+                    loss.backward()
+                    sums["loss"] += loss.item()
+                    sums["clipped"] += st["clipped"].sum().item()
+                    sums["kl"] += st["kl"].sum().item() if "kl" in st else 0.0
+                    sums["tokens"] += sum(lens)
+                    if epoch == 0 and s == 0:  # before any step: how far the trainer is from the sampler
+                        sums["mismatch"] += (logp.detach() - old).abs().sum().item()
+                        sums["mismatch_tokens"] += sum(lens)
+                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm))
+                opt.step()
+                advance()
+    model.eval()
+
+    state = {"iteration": iteration, "optimizer_steps": n_steps, "trained_rollouts": len(items), "seed": cfg.run.seed}
+    files = checkpoint.save(run, iteration, model, tok, opt, state)
+    new_version = checkpoint.weights_entry(files).sha256
+    new_path = checkpoint.local_dir(run, iteration, files)
+    POOL.put((new_path, ref.dtype, ref.device), Loaded(model, tok, new_version, new_path))
+    tokens = max(sums["tokens"], 1)
+    return StageRecord(
+        stage="update", iteration=iteration, files=files, seconds=time.perf_counter() - t0,
+        metrics={
+            "loss": sums["loss"] / max(n_steps, 1),
+            "clip_ratio": sums["clipped"] / tokens,
+            "kl": sums["kl"] / tokens if a.beta > 0 else None,
+            "grad_norm": sums["grad_norm"] / max(n_steps, 1),
+            "behavior_mismatch": sums["mismatch"] / max(sums["mismatch_tokens"], 1),
+            "optimizer_steps": n_steps,
+            "trained_rollouts": len(items),
+            "masked_rollouts": masked,
+        },
+        info={"policy_before": ref.version, "policy_after": new_version},
+    )
