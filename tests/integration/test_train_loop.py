@@ -1,0 +1,126 @@
+"""The demo config end to end through the library: what every iteration must leave in storage."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from rlme_pipeline.iteration import run_stage, train
+from rlme_pipeline.run import Run, iter_dir
+from rlme_pipeline.storage import Store, sha256_file
+
+
+def _run(cfg) -> Run:
+    return Run(Store(cfg.run.storage), cfg.run.id)
+
+
+@pytest.fixture
+def trained(demo_cfg):
+    run = _run(demo_cfg)
+    manifests = train(demo_cfg, run)
+    return demo_cfg, run, manifests
+
+
+def test_every_iteration_is_complete_and_consistent(trained):
+    cfg, run, manifests = trained
+    assert [m.iteration for m in manifests] == [0, 1, 2]
+    G, J, K = cfg.generation.group_size, len(cfg.evaluators), len(cfg.questions)
+    v = {e.name: e.weight for e in cfg.evaluators}
+    w = {q.id: q.weight for q in cfg.questions}
+    previous = None
+    for i in range(3):
+        d = run.store.abs(iter_dir(i))
+        rollouts = pl.read_parquet(f"{d}/rollouts.parquet")
+        scores = pl.read_parquet(f"{d}/scores.parquet")
+        rewards = pl.read_parquet(f"{d}/rewards.parquet")
+
+        per_prompt = rollouts.group_by("prompt_id").len()
+        assert per_prompt.height == cfg.data.prompts_per_iteration
+        assert (per_prompt["len"] == G).all()
+        assert rollouts["rollout_id"].n_unique() == rollouts.height
+        assert (rollouts["completion_token_ids"].list.len() == rollouts["behavior_logprobs"].list.len()).all()
+        assert scores.height == rollouts.height * J * K
+        assert scores.select("rollout_id", "evaluator", "question_id").n_unique() == scores.height
+        assert (scores["status"] == "ok").all()
+
+        # reward = sum_j sum_k v_j w_k max(log p_yes, floor), recomputed independently row by row
+        expected = {}
+        for r in scores.iter_rows(named=True):
+            term = v[r["evaluator"]] * w[r["question_id"]] * max(r["logp_yes"], cfg.scoring.logp_floor)
+            expected[r["rollout_id"]] = expected.get(r["rollout_id"], 0.0) + term
+        for r in rewards.iter_rows(named=True):
+            assert r["reward"] == pytest.approx(expected[r["rollout_id"]], rel=1e-9, abs=1e-9)
+        means = rewards.group_by("prompt_id").agg(pl.col("advantage").mean())
+        assert means["advantage"].abs().max() < 1e-9  # Dr. GRPO: centred per group
+
+        manifest = run.manifest(i)
+        for f in manifest.files:
+            assert sha256_file(run.store.abs(f.path)) == f.sha256, f.path
+        names = {f.path.rsplit("/", 1)[-1] for f in manifest.files}
+        assert {"rollouts.parquet", "scores.parquet", "rewards.parquet", "model.safetensors", "optimizer.pt"} <= names
+        assert manifest.lineage["policy_after"] != manifest.lineage["policy_before"]
+
+        ckpt = f"{d}/checkpoint"
+        AutoModelForCausalLM.from_pretrained(ckpt)  # loadable as an ordinary HF model
+        weights = load_file(f"{ckpt}/model.safetensors")
+        if previous is not None:
+            assert any(not (weights[k] == previous[k]).all() for k in weights), "the update changed nothing"
+        previous = weights
+
+
+def test_resume_continues_instead_of_restarting(demo_cfg):
+    run = _run(demo_cfg)
+    train(demo_cfg.with_overrides(iterations=2), run)
+    before = {i: run.store.read_bytes(f"{iter_dir(i)}/MANIFEST.json") for i in (0, 1)}
+    made = train(demo_cfg.with_overrides(iterations=3), run)
+    assert [m.iteration for m in made] == [2]
+    assert run.committed() == [0, 1, 2]
+    assert {i: run.store.read_bytes(f"{iter_dir(i)}/MANIFEST.json") for i in (0, 1)} == before
+    assert run.manifest(2).lineage["policy_before"] == run.manifest(1).lineage["policy_after"]
+
+
+def test_finished_stages_are_skipped_on_resume(demo_cfg):
+    """A run that stopped after two stages of an iteration reruns neither of them."""
+    cfg = demo_cfg.with_overrides(iterations=1)
+    run = _run(cfg)
+    run.open(cfg)
+    for stage in ("generate", "score"):
+        run_stage(cfg, run, 0, stage)
+    rollouts_before = run.store.read_bytes("iter-000000/rollouts.parquet")
+    assert run_stage(cfg, run, 0, "generate")[1] is False
+    assert run_stage(cfg, run, 0, "score")[1] is False
+    train(cfg, run)
+    assert run.store.read_bytes("iter-000000/rollouts.parquet") == rollouts_before
+    assert run.committed() == [0]
+
+
+def test_tampered_stage_output_is_recomputed(demo_cfg):
+    cfg = demo_cfg.with_overrides(iterations=1)
+    run = _run(cfg)
+    run.open(cfg)
+    rec, _ = run_stage(cfg, run, 0, "generate")
+    good = run.store.read_bytes("iter-000000/rollouts.parquet")
+    run.store.write_bytes("iter-000000/rollouts.parquet", b"garbage")
+    rec2, ran = run_stage(cfg, run, 0, "generate")
+    assert ran and rec2.files[0].sha256 == rec.files[0].sha256  # same seed, same rollouts
+    assert run.store.read_bytes("iter-000000/rollouts.parquet") == good
+
+
+def test_reward_nan_masks_rollout(demo_cfg):
+    """A failed judgement (prefix longer than the evaluator's context) is a status and a NaN reward."""
+    cfg = demo_cfg.with_overrides(iterations=1)
+    long_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"template": "{prompt}\n{completion}\n" + "pad " * 1100})})
+    run = _run(long_cfg)
+    run.open(long_cfg)
+    for stage in ("generate", "score", "aggregate"):
+        run_stage(long_cfg, run, 0, stage)
+    scores = run.store.read_parquet("iter-000000/scores.parquet")
+    rewards = run.store.read_parquet("iter-000000/rewards.parquet")
+    assert (scores["status"] == "context_overflow").all() and scores["logp_yes"].is_null().all()
+    assert all(math.isnan(r) for r in rewards["reward"]) and (rewards["n_failed"] == 4).all()
+    rec, _ = run_stage(long_cfg, run, 0, "update")
+    assert rec.metrics["masked_rollouts"] == rewards.height and rec.metrics["optimizer_steps"] == 0
