@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -41,10 +40,17 @@ def train(
     from rlme_pipeline.run import RunMismatch
     from rlme_pipeline.storage import StorageError
 
-    _prefect_defaults()
-    from flows.train import rlme_train
+    from flows.config_io import load
+    from rlme_pipeline.preflight import preflight
+    from rlme_pipeline.storage import Store
 
     try:
+        # Fail fast, before Prefect starts a server; the flow checks again for deployments.
+        cfg = load(config, iterations=iterations, storage=storage, id=run_id)
+        preflight(cfg, Store(cfg.run.storage))
+        _prefect_defaults()
+        from flows.train import rlme_train
+
         result = rlme_train(config=config, iterations=iterations, storage=storage, run_id=run_id)
     except (ConfigError, RunMismatch, StorageError) as e:
         _fail(e)
@@ -87,5 +93,5 @@ def make_tiny(out_dir: Path = typer.Argument(..., help="directory to write polic
         console.print(f"{name}: {p}")
 
 
-def main() -> None:  # pragma: no cover
-    sys.exit(app())
+if __name__ == "__main__":
+    app()

@@ -83,27 +83,32 @@ def main() -> None:
         body = json.dumps({"prompt": [0, 5, 6, 7], "n": 16, "max_tokens": 1000,
                            "ignore_eos": True, "temperature": 1.0, "seed": 0}).encode()
         results: dict[str, str] = {}
+        t_sig = time.time() + 3.0  # approximate signal time, corrected below
 
         def via_urllib() -> None:
             req = urllib.request.Request(url + "/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=120) as r:
+                with urllib.request.urlopen(req, timeout=90) as r:
                     r.read()
                 results["urllib"] = "completed (not killed in time)"
+            except urllib.error.HTTPError as e:
+                results["urllib"] = (f"after {time.time() - t_sig:.1f}s HTTPError {e.code} "
+                                     f"{e.read()[:200]!r}")
             except Exception as e:  # noqa: BLE001 - we want the type
-                results["urllib"] = f"{type(e).__module__}.{type(e).__qualname__}: {e}"
+                results["urllib"] = f"after {time.time() - t_sig:.1f}s {type(e).__module__}.{type(e).__qualname__}: {e}"
 
         def via_httpx() -> None:
             if httpx is None:
                 results["httpx"] = "not installed"
                 return
             try:
-                httpx.post(url + "/v1/completions", content=body,
-                           headers={"Content-Type": "application/json"}, timeout=120)
-                results["httpx"] = "completed (not killed in time)"
+                r = httpx.post(url + "/v1/completions", content=body,
+                               headers={"Content-Type": "application/json"}, timeout=90)
+                results["httpx"] = (f"after {time.time() - t_sig:.1f}s HTTP {r.status_code} "
+                                    f"{r.text[:200]}")
             except Exception as e:  # noqa: BLE001
-                results["httpx"] = f"{type(e).__module__}.{type(e).__qualname__}: {e}"
+                results["httpx"] = f"after {time.time() - t_sig:.1f}s {type(e).__module__}.{type(e).__qualname__}: {e}"
 
         threads = [threading.Thread(target=f) for f in (via_urllib, via_httpx)]
         for t in threads:
@@ -111,9 +116,12 @@ def main() -> None:
         time.sleep(3.0)
         sig = getattr(signal, "SIG" + a.signal)
         print(f"sending SIG{a.signal} to the API server pid {proc.pid} only")
+        t_sig = time.time()
         proc.send_signal(sig)
+        proc.wait(120)
+        print(f"API server exited {time.time() - t_sig:.1f}s after the signal, rc={proc.returncode}")
         for t in threads:
-            t.join(60)
+            t.join(120)
         for k, v in results.items():
             print(f"in-flight request, {k}: {v}")
         time.sleep(1)
@@ -122,7 +130,6 @@ def main() -> None:
             print("next request: server still answers")
         except Exception as e:  # noqa: BLE001
             print(f"next request, urllib: {type(e).__module__}.{type(e).__qualname__}: {e}")
-        proc.wait()  # reap the API server itself
         for wait_s in (5, 30):
             time.sleep(wait_s)
             left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)

@@ -1,0 +1,80 @@
+"""Bad input fails with an error naming the field and the fix, before any model loads or file is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from rlme_pipeline.config import ConfigError, load_config
+from rlme_pipeline.models import POOL
+from rlme_pipeline.preflight import preflight
+from rlme_pipeline.storage import Store, StorageError
+from tests.conftest import DEMO, ROOT
+
+
+def _config(tmp_path, mutate) -> str:
+    d = yaml.safe_load(DEMO.read_text())
+    d["data"]["path"] = str(ROOT / "data" / "demo_prompts.jsonl")
+    d["run"]["storage"] = str(tmp_path / "runs")
+    mutate(d)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return str(path)
+
+
+CASES = [
+    (lambda d: d["data"].update(prompt_column="question_text"), ConfigError, "data.prompt_column: column 'question_text' is not in"),
+    (lambda d: d["evaluators"][0].update(model="./models/does-not-exist"), ConfigError, "evaluators[0].model: './models/does-not-exist' is not a model directory"),
+    (lambda d: d["evaluators"][0].update(model="tiny:judge"), ConfigError, "evaluators[0].model: unknown tiny model 'judge'"),
+    (lambda d: d["questions"][0].update(positive=[" Definitely yes"]), ConfigError, "questions[correct].positive (evaluator other): answer ' Definitely yes' is"),
+    (lambda d: d["data"].update(prompts_per_iteration=500), ConfigError, "data.prompts_per_iteration: 500 exceeds the 48 prompts"),
+    (lambda d: d["data"].update(path="/nonexistent/prompts.jsonl"), ConfigError, "data.path: '/nonexistent/prompts.jsonl' is not a file"),
+]
+
+
+@pytest.mark.parametrize("mutate, error, message", CASES)
+def test_preflight_rejects_before_loading_or_writing(tmp_path, tiny_models, mutate, error, message):
+    cfg = load_config(_config(tmp_path, mutate))
+    with pytest.raises(error) as e:
+        preflight(cfg, Store(cfg.run.storage))
+    assert message in str(e.value)
+    assert not POOL._items, "a model was loaded before the input was checked"
+    assert not (tmp_path / "runs" / "demo").exists(), "something was written for a run that cannot start"
+
+
+def test_unwritable_storage_root(tmp_path, tiny_models):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cfg = load_config(_config(tmp_path, lambda d: d["run"].update(storage=str(blocker / "runs"))))
+    with pytest.raises(StorageError, match="run.storage .* is not writable"):
+        preflight(cfg, Store(cfg.run.storage))
+
+
+def test_empty_question_list_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="questions: List should have at least 1 item"):
+        load_config(_config(tmp_path, lambda d: d.update(questions=[])))
+
+
+def test_cli_reports_and_exits_2_without_starting_prefect(tmp_path, tiny_models):
+    path = _config(tmp_path, lambda d: d["data"].update(prompt_column="nope"))
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # any server contact would fail loudly
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "data.prompt_column: column 'nope' is not in" in " ".join(out.stdout.split())
+    assert not (tmp_path / "runs" / "demo").exists()
+
+
+def test_changed_experiment_on_an_existing_run_is_refused(demo_cfg):
+    from rlme_pipeline.run import Run, RunMismatch
+
+    run = Run(Store(demo_cfg.run.storage), demo_cfg.run.id)
+    run.open(demo_cfg)
+    before = json.loads(run.store.read_bytes("run.json"))
+    with pytest.raises(RunMismatch, match="different configuration"):
+        run.open(demo_cfg.with_overrides(seed=7))
+    assert json.loads(run.store.read_bytes("run.json")) == before
