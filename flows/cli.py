@@ -108,6 +108,28 @@ def rescore(
         console.print(f"  {f}")
 
 
+@app.command()
+def audit(
+    run_uri: str = typer.Argument(..., help="{storage}/{run_id}"),
+    out: str = typer.Option(..., help="output directory (or fsspec URL) for the Parquet tables and report.html"),
+    scoreset: Optional[str] = typer.Option(None, help="score set to audit; default: the training scores"),
+    compare: Optional[str] = typer.Option(None, help="second score set to compare with ('train' for the training scores)"),
+    probe_prompts: int = typer.Option(4, min=0, help="prompts for the judge-hacking probe; 0 skips it"),
+    alarm_share: float = typer.Option(0.5, help="probe alarm when an evaluator judges more than this share positive"),
+):
+    """Audit a run's reward data (Prefect flow rlme_audit): tables in OUT/*.parquet, OUT/report.html."""
+    _prefect_defaults()
+    from flows.audit import rlme_audit
+
+    try:
+        d = rlme_audit(run_uri=run_uri, out=out, scoreset=scoreset, compare=compare, probe_prompts=probe_prompts, alarm_share=alarm_share)
+    except ValueError as e:
+        _fail(e)
+    console.print(f"[bold green]audit:[/] {d['out']}/report.html")
+    for ev, share in d.get("probe_share", {}).items():
+        console.print(f"  probe {ev}: {share:.2f} judged positive" + ("  [bold red]ALARM[/]" if share > alarm_share else ""))
+
+
 @models_app.command("make-tiny")
 def make_tiny(out_dir: Path = typer.Argument(..., help="directory to write policy/ and evaluator/ into"), seed: int = 0):
     """Write a tiny policy and evaluator (random Llama, byte-level BPE) as ordinary HF directories."""
