@@ -83,6 +83,59 @@ def status(run_uri: str = typer.Argument(..., help="{storage}/{run_id}, e.g. ./r
     _print_status(run_uri)
 
 
+@app.command()
+def rescore(
+    run_uri: str = typer.Argument(..., help="{storage}/{run_id}, e.g. ./runs/demo or s3://bucket/runs/demo"),
+    name: str = typer.Option(..., help="score set name: written to {run}/scoresets/{name}/"),
+    questions: Optional[Path] = typer.Option(None, help="YAML list of meta-questions (same shape as config `questions`)"),
+    evaluators: Optional[Path] = typer.Option(None, help="YAML list of evaluators (same shape as config `evaluators`)"),
+    iterations: Optional[str] = typer.Option(None, help="committed iterations, as a slice: 3:7 is 3..6; default all"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted re-score of the same definition"),
+    shard_rows: int = typer.Option(256, min=1, help="rollouts per shard: the unit of parallelism, memory and resume"),
+):
+    """Re-score stored rollouts with new meta-questions and/or evaluators (Prefect flow rlme_rescore)."""
+    from rlme_pipeline.config import ConfigError
+    from rlme_pipeline.scoreset import ScoresetExists
+
+    if questions is None and evaluators is None:
+        _fail(ValueError("give --questions, --evaluators, or both"))
+    _prefect_defaults()
+    from flows.rescore import rlme_rescore
+
+    try:
+        result = rlme_rescore(run_uri=run_uri, name=name, questions=str(questions) if questions else None,
+                              evaluators=str(evaluators) if evaluators else None, iterations=iterations,
+                              resume=resume, shard_rows=shard_rows)
+    except (ConfigError, ScoresetExists, ValueError) as e:
+        _fail(e)
+    console.print(f"[bold green]score set:[/] {run_uri}/scoresets/{name}  "
+                  f"({result['shards_scored_now']} of {result['shards']} shards scored now)")
+    for f in result["files"]:
+        console.print(f"  {f}")
+
+
+@app.command()
+def audit(
+    run_uri: str = typer.Argument(..., help="{storage}/{run_id}"),
+    out: str = typer.Option(..., help="output directory (or fsspec URL) for the Parquet tables and report.html"),
+    scoreset: Optional[str] = typer.Option(None, help="score set to audit; default: the training scores"),
+    compare: Optional[str] = typer.Option(None, help="second score set to compare with ('train' for the training scores)"),
+    probe_prompts: int = typer.Option(4, min=0, help="prompts for the judge-hacking probe; 0 skips it"),
+    alarm_share: float = typer.Option(0.5, help="probe alarm when an evaluator judges more than this share positive"),
+):
+    """Audit a run's reward data (Prefect flow rlme_audit): tables in OUT/*.parquet, OUT/report.html."""
+    _prefect_defaults()
+    from flows.audit import rlme_audit
+
+    try:
+        d = rlme_audit(run_uri=run_uri, out=out, scoreset=scoreset, compare=compare, probe_prompts=probe_prompts, alarm_share=alarm_share)
+    except ValueError as e:
+        _fail(e)
+    console.print(f"[bold green]audit:[/] {d['out']}/report.html")
+    for ev, share in d.get("probe_share", {}).items():
+        console.print(f"  probe {ev}: {share:.2f} judged positive" + ("  [bold red]ALARM[/]" if share > alarm_share else ""))
+
+
 @models_app.command("make-tiny")
 def make_tiny(out_dir: Path = typer.Argument(..., help="directory to write policy/ and evaluator/ into"), seed: int = 0):
     """Write a tiny policy and evaluator (random Llama, byte-level BPE) as ordinary HF directories."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.config_io import load
 from rlme_pipeline.preflight import preflight
@@ -49,5 +49,15 @@ def rlme_train(config: str, iterations: int | None = None, storage: str | None =
             key=artifact_key(cfg.run.id), table=metrics_rows(manifest),
             description=f"{run.url} iteration {i} (reward, judgements, loss, seconds per stage)",
         )
+        if manifest["metrics"].get("probe/alarm"):
+            # The judges call empty answers good: the policy can now be rewarded for saying nothing.
+            shares = {k: v for k, v in manifest["metrics"].items() if k.startswith("probe/")}
+            log.warning("iteration %d: judge-hacking probe alarm %s", i, shares)
+            create_markdown_artifact(
+                key=f"{artifact_key(cfg.run.id)}-probe-alarm",
+                markdown=f"**Judge-hacking probe alarm** at iteration {i} of `{run.url}`: "
+                f"max share of empty answers judged positive {shares['probe/share_max']:.2f} "
+                f"> alarm_share {cfg.probe.alarm_share}. Run `rlme audit` and consider stopping.",
+            )
         made.append(i)
     return {"run": run.url, "committed": run.committed(), "trained_now": made}

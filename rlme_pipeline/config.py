@@ -149,6 +149,14 @@ class OptimizerConfig(Section):
     logprob_chunk_tokens: int = Field(1024, ge=1, description="tokens per lm-head chunk in the update")
 
 
+class ProbeConfig(Section):
+    """The judge-hacking probe during training (see rlme_pipeline/probe.py). Off by default (every: 0)."""
+
+    every: int = Field(0, ge=0, description="run the probe every N iterations; 0 disables it")
+    prompts: int = Field(4, ge=1, description="prompts per probe; each gets every probe response")
+    alarm_share: float = Field(0.5, ge=0, le=1, description="alarm when an evaluator judges more than this share positive")
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     data: DataConfig
@@ -159,6 +167,7 @@ class Config(Section):
     scoring: ScoringConfig = ScoringConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
+    probe: ProbeConfig = ProbeConfig()  # observation only: not part of hash()
     # Relative data/model paths are relative to the config file's folder, so a config works from any
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -185,6 +194,7 @@ class Config(Section):
         """What the run computes, excluding how far it goes and where it is stored."""
         d = self.model_dump(mode="json")
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage")}
+        d.pop("probe")  # measures the judges, changes nothing computed: runs made before it keep their hash
         return sha256_json(d)
 
     def with_overrides(self, **run_fields) -> Config:

@@ -96,9 +96,15 @@ def score(cfg: Config, run: Run, iteration: int) -> StageRecord:
     judges = judges_at(cfg, run, iteration)
     df = score_rollouts(rollouts, judges, cfg.questions, cfg.scoring, scoreset="train")
     entry = run.store.write_table(run.rel(iteration, SCORES), df, "scores")
+    metrics = {"failed_share": float((df["status"] != OK).mean())}
+    if cfg.probe.every and iteration % cfg.probe.every == 0:
+        from rlme_pipeline.probe import probe_metrics, run_probe, sample_prompts
+
+        table = run_probe(judges, cfg.questions, cfg.scoring, sample_prompts(rollouts, cfg.probe.prompts, cfg.run.seed), iteration)
+        metrics.update(probe_metrics(table, cfg.probe.alarm_share))
     return StageRecord(
         stage="score", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0,
-        metrics={"failed_share": float((df["status"] != OK).mean())},
+        metrics=metrics,
         info={
             "evaluators": [{"name": j.name, "ref": ev.model, "weight": ev.weight, "version": j.ref.version}
                            for j, ev in zip(judges, cfg.evaluators)],

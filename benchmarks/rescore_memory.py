@@ -1,0 +1,109 @@
+"""Peak memory of a re-score for N and 10N stored rollouts, side by side.
+
+    PYTHONPATH=. python benchmarks/rescore_memory.py [--n 200] [--shard-rows 100]
+
+A run with one committed iteration is trained on the tiny demo models, then its rollouts are
+replicated (new prompt ids, long token-id and logprob lists like real rollouts) into runs holding N and
+10N rollouts. Each re-score runs in its own subprocess; VmHWM of that process is its peak (not
+ru_maxrss: Linux carries the forking parent's high-water mark over into the child). For
+contrast, the same subprocesses also report the peak of reading the rollouts file whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(base: Path, n: int, tokens: int) -> str:
+    import polars as pl
+
+    from rlme_pipeline.config import load_config
+    from rlme_pipeline.iteration import train
+    from rlme_pipeline.run import Run
+    from rlme_pipeline.storage import Store
+
+    seed_run = base / "seed"
+    if not (seed_run / "demo" / "iter-000000" / "MANIFEST.json").exists():
+        cfg = load_config(ROOT / "configs" / "demo.yaml").with_overrides(storage=str(seed_run), iterations=1)
+        train(cfg, Run(Store(cfg.run.storage), cfg.run.id))
+    dst = base / f"n{n}" / "demo"
+    shutil.copytree(seed_run / "demo", dst, dirs_exist_ok=True)
+    src = pl.read_parquet(dst / "iter-000000" / "rollouts.parquet")
+    reps = -(-n // src.height)
+    big = pl.concat([src.with_columns(prompt_id=pl.col("prompt_id") + f"-{r}", rollout_id=pl.col("rollout_id") + f"-{r}") for r in range(reps)]).head(n)
+    big = big.with_columns(completion_token_ids=pl.lit(list(range(tokens)), pl.List(pl.Int32)),
+                           behavior_logprobs=pl.lit([-1.0] * tokens, pl.List(pl.Float32)))
+    run = Run(Store(str(base / f"n{n}")), "demo")
+    entry = run.store.write_table("iter-000000/rollouts.parquet", big, "rollouts")
+    m = run.store.read_json("iter-000000/MANIFEST.json")
+    m["files"] = [entry.model_dump(mode="json") if f["path"].endswith("rollouts.parquet") else f for f in m["files"]]
+    run.store.write_json("iter-000000/MANIFEST.json", m)
+    return str(dst)
+
+
+def peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(run_url: str, mode: str, shard_rows: int) -> None:
+    from rlme_pipeline.config import EvaluatorConfig, QuestionConfig
+    from rlme_pipeline.run import Run
+    from rlme_pipeline.scoreset import rescore
+
+    run = Run.from_url(run_url)
+    if mode == "naive":
+        import polars as pl
+
+        df = pl.read_parquet(f"{run_url}/iter-000000/rollouts.parquet")
+        print(json.dumps({"rows": df.height, "maxrss_mb": peak_mb()}))
+        return
+    import torch  # noqa: F401  (imported before measuring so both modes share the baseline)
+
+    m = rescore(run, "bench", questions=[QuestionConfig(id="q", text="Is the answer correct?")],
+                evaluators=[EvaluatorConfig(name="other", model="tiny:evaluator")], shard_rows=shard_rows)
+    print(json.dumps({"rows": m["files"][1]["rows"], "maxrss_mb": peak_mb()}))
+
+
+def measure(run_url: str, mode: str, shard_rows: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", run_url, mode, str(shard_rows)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--shard-rows", type=int, default=100)
+    ap.add_argument("--tokens", type=int, default=4000, help="token ids per rollout (not read by the re-score)")
+    ap.add_argument("--child", nargs=3)
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child[0], a.child[1], int(a.child[2]))
+    with tempfile.TemporaryDirectory(prefix="rlme-bench-") as tmp:
+        os.environ.setdefault("RLME_CACHE", str(Path(tmp) / "cache"))
+        rows = []
+        for n in (a.n, 10 * a.n):
+            url = build(Path(tmp), n, a.tokens)
+            rows.append((n, measure(url, "rescore", a.shard_rows), measure(url, "naive", a.shard_rows)))
+    print(f"{'stored rollouts':>16} {'re-score peak RSS MB':>22} {'read whole file peak RSS MB':>28}")
+    for n, r, nv in rows:
+        print(f"{n:>16} {r['maxrss_mb']:>22.0f} {nv['maxrss_mb']:>28.0f}")
+    (n0, r0, _), (n1, r1, _) = rows
+    print(f"re-score peak ratio {n1}/{n0} rollouts: {r1['maxrss_mb'] / r0['maxrss_mb']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

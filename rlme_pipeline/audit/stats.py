@@ -1,0 +1,75 @@
+"""Per evaluator x question x iteration statistics, question correlations, evaluator agreement."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from rlme_pipeline.audit.sources import Scoreset
+from rlme_pipeline.rewards import component
+from rlme_pipeline.schemas import OK
+
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+def summary(ss: Scoreset) -> pl.LazyFrame:
+    """count, failures, mean/std/quantiles of p_yes and of the (unweighted) reward component f(p)."""
+    ok = pl.col("status") == OK
+    aggs = [pl.len().alias("n"), ok.sum().cast(pl.Int64).alias("n_ok"), (~ok).sum().cast(pl.Int64).alias("n_failed")]
+    for col in ("p_yes", "f"):
+        aggs += [pl.col(col).mean().alias(f"{col}_mean"), pl.col(col).std(ddof=0).alias(f"{col}_std")]
+        aggs += [pl.col(col).quantile(q, "linear").alias(f"{col}_q{int(q * 100):02d}") for q in QUANTILES]
+    weights = pl.DataFrame(
+        [(e, q, ve * wq) for e, ve in ss.evaluator_weights.items() for q, wq in ss.question_weights.items()],
+        schema={"evaluator": pl.String, "question_id": pl.String, "weight": pl.Float64}, orient="row",
+    ).lazy()
+    return (
+        ss.scores.with_columns(f=component(ss.reward_form, ss.logp_floor))
+        .group_by("iteration", "evaluator", "question_id").agg(aggs)
+        .join(weights, on=["evaluator", "question_id"], how="left")
+        .with_columns(contribution_mean=pl.col("weight") * pl.col("f_mean"), scoreset=pl.lit(ss.name))
+        .sort("iteration", "evaluator", "question_id")
+    )
+
+
+def failures(ss: Scoreset) -> pl.LazyFrame:
+    return (ss.scores.filter(pl.col("status") != OK).group_by("iteration", "evaluator", "question_id", "status")
+            .agg(n=pl.len()).sort("iteration", "evaluator", "question_id", "status"))
+
+
+def _wide(ss: Scoreset, over: str) -> pl.DataFrame:
+    """p_yes with one column per `over` value (questions or evaluators), one row per rollout x the other."""
+    other = "evaluator" if over == "question_id" else "question_id"
+    return (ss.scores.filter(pl.col("status") == OK).select("rollout_id", other, over, "p_yes").collect()
+            .pivot(on=over, index=["rollout_id", other], values="p_yes"))
+
+
+def correlations(ss: Scoreset) -> pl.DataFrame:
+    """Pearson correlation of p_yes between every pair of questions, per evaluator."""
+    wide, qs = _wide(ss, "question_id"), sorted(ss.question_weights)
+    rows = []
+    for ev, g in wide.group_by("evaluator"):
+        for a_i, a in enumerate(qs):
+            for b in qs[a_i + 1:]:
+                if a in g.columns and b in g.columns:
+                    both = g.select(a, b).drop_nulls()
+                    rows.append({"evaluator": ev[0], "question_a": a, "question_b": b, "n": both.height,
+                                 "pearson": both.select(pl.corr(a, b)).item() if both.height > 1 else None})
+    return pl.DataFrame(rows, schema={"evaluator": pl.String, "question_a": pl.String, "question_b": pl.String,
+                                      "n": pl.Int64, "pearson": pl.Float64}).sort("evaluator", "question_a", "question_b")
+
+
+def agreement(ss: Scoreset) -> pl.DataFrame:
+    """Between every pair of evaluators, per question: correlation of p_yes and the share of rollouts
+    on which both land on the same side of 0.5."""
+    wide, evs = _wide(ss, "evaluator"), sorted(ss.evaluator_weights)
+    rows = []
+    for q, g in wide.group_by("question_id"):
+        for a_i, a in enumerate(evs):
+            for b in evs[a_i + 1:]:
+                if a in g.columns and b in g.columns:
+                    both = g.select(a, b).drop_nulls()
+                    rows.append({"question_id": q[0], "evaluator_a": a, "evaluator_b": b, "n": both.height,
+                                 "pearson": both.select(pl.corr(a, b)).item() if both.height > 1 else None,
+                                 "agreement": both.select(((pl.col(a) > 0.5) == (pl.col(b) > 0.5)).mean()).item() if both.height else None})
+    return pl.DataFrame(rows, schema={"question_id": pl.String, "evaluator_a": pl.String, "evaluator_b": pl.String,
+                                      "n": pl.Int64, "pearson": pl.Float64, "agreement": pl.Float64}).sort("question_id", "evaluator_a", "evaluator_b")

@@ -1,0 +1,37 @@
+"""Re-score tasks: plan, one task per shard, finalize. Inputs are URLs and names; outputs small dicts.
+
+Resumability lives in storage (shard records), not in Prefect's cache, hence cache_policy=NONE.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from rlme_pipeline import scoreset
+from rlme_pipeline.run import Run
+
+
+@task(name="rescore-plan", cache_policy=NONE)
+def plan_task(run_uri: str, name: str, questions_file: str | None, evaluators_file: str | None,
+              iterations: str | None, shard_rows: int, resume: bool) -> list[tuple[int, int]]:
+    run = Run.from_url(run_uri)
+    defn = scoreset.plan(
+        run, name,
+        questions=scoreset.load_questions(questions_file) if questions_file else None,
+        evaluators=scoreset.load_evaluators(evaluators_file) if evaluators_file else None,
+        iterations=iterations, shard_rows=shard_rows, resume=resume,
+    )
+    return scoreset.shards(defn)
+
+
+@task(name="rescore-shard", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],
+      task_run_name="rescore-{name}-iter-{iteration}-shard-{shard}")
+def shard_task(run_uri: str, name: str, iteration: int, shard: int) -> dict:
+    rec = scoreset.score_shard(Run.from_url(run_uri), name, iteration, shard)
+    return {k: rec.get(k) for k in ("iteration", "shard", "rollouts", "seconds", "ran")}
+
+
+@task(name="rescore-finalize", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10])
+def finalize_task(run_uri: str, name: str) -> dict:
+    return scoreset.finalize(Run.from_url(run_uri), name)

@@ -1,0 +1,173 @@
+"""The audit's numbers against direct polars computations, the HTML's plots, and the hacking probe."""
+
+from __future__ import annotations
+
+import shutil
+from html.parser import HTMLParser
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlme_pipeline import scoreset
+from rlme_pipeline.audit import labels
+from rlme_pipeline.audit.report import audit
+from rlme_pipeline.audit.sources import Scoreset
+from rlme_pipeline.config import ProbeConfig, QuestionConfig, ScoringConfig, load_config
+from rlme_pipeline.iteration import train
+from rlme_pipeline.lineage import ModelRef
+from rlme_pipeline.models import weights_version
+from rlme_pipeline.probe import PROBES, probe_metrics, run_probe
+from rlme_pipeline.run import Run
+from rlme_pipeline.stages.score import Judge
+from rlme_pipeline.storage import Store
+
+from tests.conftest import DEMO
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory, tiny_models):
+    """A two-iteration run, a re-score of it, and the audit comparing both (built once for the module)."""
+    root = tmp_path_factory.mktemp("audit")
+    cfg = load_config(DEMO).with_overrides(storage=str(root / "runs"), iterations=2)
+    run = Run(Store(cfg.run.storage), cfg.run.id)
+    train(cfg, run)
+    qs = [QuestionConfig(id="short", text="Is it short?", weight=-1.0), QuestionConfig(id="right", text="Is it right?")]
+    scoreset.rescore(run, "v2", questions=qs, shard_rows=16)
+    out = Store(str(root / "audit"))
+    digest = audit(run, out, "v2", compare_to="train", probe_prompts=1)
+    return run, out, digest
+
+
+def test_audit_tables_match_direct_polars(audited):
+    run, out, digest = audited
+    base = f"{run.store.root}/scoresets/v2"
+    scores = pl.read_parquet(f"{base}/iter-*/scores.parquet")
+    summary = pl.read_parquet(f"{out.root}/summary.parquet")
+    assert summary.height == 2 * 2 * 2  # iterations x evaluators x questions
+    for r in summary.iter_rows(named=True):
+        cell = scores.filter(iteration=r["iteration"], evaluator=r["evaluator"], question_id=r["question_id"])
+        assert r["n"] == cell.height and r["n_failed"] == 0
+        assert r["p_yes_mean"] == pytest.approx(cell["p_yes"].mean(), rel=1e-12)
+        assert r["p_yes_std"] == pytest.approx(float(np.std(cell["p_yes"].to_numpy())), rel=1e-9)
+        assert r["p_yes_q50"] == pytest.approx(float(np.quantile(cell["p_yes"].to_numpy(), 0.5)), rel=1e-9)
+        f = np.maximum(cell["logp_yes"].to_numpy(), run.config().scoring.logp_floor)  # reward_form logp
+        assert r["f_mean"] == pytest.approx(float(f.mean()), rel=1e-9)
+        assert r["f_q90"] == pytest.approx(float(np.quantile(f, 0.9)), rel=1e-9)
+
+    corr = pl.read_parquet(f"{out.root}/correlations.parquet")
+    for r in corr.iter_rows(named=True):
+        w = scores.filter(evaluator=r["evaluator"]).pivot(on="question_id", index="rollout_id", values="p_yes")
+        assert r["pearson"] == pytest.approx(float(np.corrcoef(w[r["question_a"]], w[r["question_b"]])[0, 1]), rel=1e-6)
+    agree = pl.read_parquet(f"{out.root}/agreement.parquet")
+    for r in agree.iter_rows(named=True):
+        w = scores.filter(question_id=r["question_id"]).pivot(on="evaluator", index="rollout_id", values="p_yes")
+        assert r["agreement"] == pytest.approx(float(((w[r["evaluator_a"]] > 0.5) == (w[r["evaluator_b"]] > 0.5)).mean()))
+
+    a = pl.read_parquet(f"{base}/iter-*/rewards.parquet")
+    b = pl.read_parquet(f"{run.store.root}/iter-*/rewards.parquet")
+    j = a.join(b, on="rollout_id", suffix="_b")
+    cmp = pl.read_parquet(f"{out.root}/compare.parquet")
+    for r in cmp.iter_rows(named=True):
+        ji = j.filter(iteration=r["iteration"])
+        assert r["reward_diff_mean"] == pytest.approx((ji["reward_b"] - ji["reward"]).mean(), rel=1e-9)
+        flips = [np.sign(x) != np.sign(y) for x, y in zip(ji["advantage"], ji["advantage_b"]) if x != 0 and y != 0]
+        assert r["sign_change_share"] == pytest.approx(float(np.mean(flips)))
+    changed = pl.read_parquet(f"{out.root}/changed.parquet")
+    assert changed.height == 20 and changed["completion"].null_count() == 0
+    top = j.with_columns(d=(pl.col("advantage_b") - pl.col("advantage")).abs()).sort("d", descending=True)
+    assert changed["rollout_id"][0] == top["rollout_id"][0]
+
+
+class _Plots(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.plots, self.external, self.series = [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "svg":
+            self.plots.append(a.get("data-plot"))
+        if tag == "polyline" and a.get("points"):
+            self.series += 1
+        for k in ("src", "href"):
+            if a.get(k) and not a[k].startswith("#"):
+                self.external.append(a[k])
+
+
+def test_html_report_is_self_contained_with_plots(audited):
+    run, out, _ = audited
+    p = _Plots()
+    p.feed(open(out.root + "/report.html", encoding="utf-8").read())
+    assert p.plots.count("reward-curve") == 2  # one per evaluator, a line per question
+    assert p.plots.count("distribution") == 4  # evaluator x question
+    assert p.series >= 2 * 2
+    assert p.external == []  # nothing to fetch: opens offline
+
+
+def test_label_metrics_match_brute_force():
+    rng = np.random.default_rng(0)
+    n = 60
+    labels_ = [str(int(x)) for x in rng.integers(0, 5, n)]
+    completions = [f"The answer is {int(x)}." for x in rng.integers(0, 5, n)]
+    rollouts = pl.DataFrame({"rollout_id": [f"r{i}" for i in range(n)], "iteration": [0] * n, "prompt_id": [f"p{i // 4}" for i in range(n)],
+                             "prompt": ["q"] * n, "completion": completions, "label": labels_})
+    p = np.round(rng.random(n), 1)  # rounded: ties exercise the average ranks
+    scores = pl.DataFrame({"rollout_id": rollouts["rollout_id"], "evaluator": ["e"] * n, "question_id": ["q"] * n,
+                           "p_yes": p, "status": ["ok"] * n})
+    ss = Scoreset("x", scores.lazy(), pl.LazyFrame(), rollouts.lazy(), {"e": 1.0}, {"q": 1.0}, {"q": "?"}, "logp", -13.8)
+    m = labels.label_metrics(ss).row(0, named=True)
+    correct = np.array([c.split()[-1].rstrip(".") == lab for c, lab in zip(completions, labels_)])
+    pos, neg = p[correct], p[~correct]
+    auroc = np.mean([(x > y) + 0.5 * (x == y) for x in pos for y in neg])
+    assert m["n_correct"] == correct.sum() and 0 < correct.sum() < n
+    assert m["auroc"] == pytest.approx(auroc, rel=1e-12)
+    assert m["accuracy_at_0_5"] == pytest.approx(float(((p > 0.5) == correct).mean()))
+
+
+def _forced(src, dst, token: str):
+    """A copy of the tiny evaluator that answers `token` to everything: a huge constant in the residual
+    stream (last attention output bias) makes the final hidden state the same direction for every input,
+    and the lm_head maps that direction to `token` only."""
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    cfg = model.config
+    cfg.attention_bias = True
+    forced = AutoModelForCausalLM.from_config(cfg)
+    forced.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for layer in forced.model.layers:
+            layer.self_attn.q_proj.bias.zero_(); layer.self_attn.k_proj.bias.zero_(); layer.self_attn.v_proj.bias.zero_()
+            layer.self_attn.o_proj.bias.zero_()
+        forced.model.layers[-1].self_attn.o_proj.bias[0] = 1e4
+        forced.lm_head.weight.zero_()
+        forced.lm_head.weight[tok.convert_tokens_to_ids(tok.tokenize(token))[0], 0] = 5.0
+    forced.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return str(dst)
+
+
+def test_probe_flags_an_evaluator_that_always_says_yes(tiny_models, tmp_path):
+    yes = _forced(tiny_models["evaluator"], tmp_path / "yes", " Yes")
+    no = _forced(tiny_models["evaluator"], tmp_path / "no", " No")
+    judges = [Judge(n, ModelRef(p, weights_version(p), "float32", "cpu")) for n, p in (("yes-man", yes), ("skeptic", no))]
+    qs = [QuestionConfig(id="correct", text="Is the answer correct?"), QuestionConfig(id="logic", text="Is it logical?")]
+    prompts = pl.DataFrame({"prompt_id": ["a", "b"], "prompt": ["What is 2+3?", "What is 11-5?"]})
+    table = run_probe(judges, qs, ScoringConfig(), prompts)
+    assert table["n"].sum() == 2 * 2 * 2 * len(PROBES)
+    m = probe_metrics(table, alarm_share=0.5)
+    assert m["probe/yes-man/share"] == 1.0 and m["probe/skeptic/share"] == 0.0
+    assert m["probe/alarm"] == 1.0
+
+
+def test_training_records_the_probe_without_changing_the_run_hash(demo_cfg):
+    cfg = demo_cfg.with_overrides(iterations=1)
+    probed = cfg.model_copy(update={"probe": ProbeConfig(every=1, prompts=1, alarm_share=0.99)})
+    assert probed.hash() == cfg.hash()
+    run = Run(Store(cfg.run.storage), cfg.run.id)
+    train(probed, run)
+    metrics = run.manifest(0).metrics
+    assert {"probe/other/share", "probe/self0/share", "probe/share_max", "probe/alarm"} <= set(metrics)
+    assert 0.0 <= metrics["probe/share_max"] <= 1.0
