@@ -38,7 +38,8 @@ def train(
 ):
     """Train (or continue) a run through the Prefect flow rlme_train."""
     from rlme_pipeline.config import ConfigError
-    from rlme_pipeline.run import RunMismatch
+    from rlme_pipeline.lease import LeaseHeld, LeaseLost
+    from rlme_pipeline.run import CorruptRun, RunMismatch
     from rlme_pipeline.storage import StorageError
 
     _prefect_defaults()
@@ -46,7 +47,7 @@ def train(
 
     try:
         result = rlme_train(config=config, iterations=iterations, storage=storage, run_id=run_id)
-    except (ConfigError, RunMismatch, StorageError) as e:
+    except (ConfigError, RunMismatch, StorageError, LeaseHeld, LeaseLost, CorruptRun) as e:
         _fail(e)
     _print_status(result["run"])
     console.print(f"\n[bold green]outputs:[/] {result['run']}  (trained now: {result['trained_now'] or 'nothing, already there'})")
@@ -75,6 +76,54 @@ def _print_status(run_url: str) -> None:
 def status(run_uri: str = typer.Argument(..., help="{storage}/{run_id}, e.g. ./runs/demo or s3://bucket/runs/demo")):
     """Committed iterations of a run and their metrics."""
     _print_status(run_uri)
+
+
+def _open(run_uri: str):
+    from rlme_pipeline.run import Run
+
+    try:
+        return Run.from_url(run_uri)
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command()
+def verify(run_uri: str = typer.Argument(..., help="{storage}/{run_id}, e.g. ./runs/demo or s3://bucket/runs/demo")):
+    """Re-hash every committed file against its manifest; exit 1 when anything is missing or changed."""
+    from rlme_pipeline.verify import verify as check
+
+    rep = check(_open(run_uri))
+    console.print(f"{rep.run}: {len(rep.checked_iterations)} committed iterations, {rep.checked_files} files, "
+                  f"{rep.checked_bytes / 1e6:.1f} MB re-hashed")
+    for p in rep.problems:
+        console.print(f"[bold red]problem:[/] {p}", soft_wrap=True)
+    if not rep.ok:
+        raise typer.Exit(1)
+    console.print("[bold green]ok:[/] every committed file matches its manifest")
+
+
+@app.command()
+def gc(
+    run_uri: str = typer.Argument(..., help="{storage}/{run_id}"),
+    apply: bool = typer.Option(False, "--apply", help="delete (default: only list what would be deleted)"),
+):
+    """Remove files no manifest or stage record references (left by killed or repeated attempts)."""
+    from rlme_pipeline import gc as collect
+    from rlme_pipeline.lease import LeaseHeld
+    from rlme_pipeline.run import CorruptRun
+
+    run = _open(run_uri)
+    try:
+        p = collect.apply(run) if apply else collect.plan(run)
+    except (LeaseHeld, CorruptRun) as e:
+        _fail(e)
+    verb = "deleted" if apply else "would delete"
+    for rel in p.files:
+        console.print(f"{verb} {run.store.where(rel)}", soft_wrap=True)
+    for u in p.uploads:
+        console.print(f"{'aborted' if apply else 'would abort'} open multipart upload of {u['Key']}", soft_wrap=True)
+    console.print(f"{verb} {len(p.files)} files ({p.bytes / 1e6:.1f} MB), {len(p.uploads)} open uploads"
+                  + ("" if apply else "; pass --apply to delete"))
 
 
 @models_app.command("make-tiny")

@@ -157,6 +157,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 class Store:
     """A directory in some filesystem; all paths given to it are relative ('iter-000001/scores.parquet')."""
 
+    part_size = 64 * 2**20  # S3: files above twice this go up as a multipart upload of parts this size
+
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **fs_options(self.url, storage_options))
@@ -169,6 +171,7 @@ class Store:
     def child(self, rel: str) -> Store:
         sub = Store.__new__(Store)
         sub.url, sub.fs, sub.root, sub.is_local = f"{self.url}/{rel}", self.fs, f"{self.root}/{rel}", self.is_local
+        sub.part_size = self.part_size
         return sub
 
     def abs(self, rel: str = "") -> str:
@@ -313,6 +316,8 @@ class Store:
                 tmp = self._local_tmp(path)
                 self.fs.put_file(str(local), tmp)
                 os.replace(tmp, path)
+            elif fsspec.utils.get_protocol(self.url) in ("s3", "s3a"):
+                self.fs.put_file(str(local), path, chunksize=self.part_size)
             else:
                 self.fs.put_file(str(local), path)
 
