@@ -59,13 +59,14 @@ def open_uploads(run: Run) -> list[dict]:
     return [u for u in fs.list_multipart_uploads(bucket) if u["Key"].startswith(prefix + "/")]
 
 
-def apply(run: Run, p: Plan) -> None:
+def apply(run: Run) -> Plan:
+    """Delete under the lease, planning again inside it: a trainer that finished since a dry run may
+    have referenced files that were leftovers then."""
     with Lease(run.store, purpose="gc"):
+        p = plan(run)
         for rel in p.files:
             run.store.rm(rel)
         bucket = run.store.root.partition("/")[0]
         for u in p.uploads:
             run.store.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
-
-
-__all__ = ["Plan", "plan", "apply", "CorruptRun"]
+    return p
