@@ -24,7 +24,7 @@ from rlme_pipeline.storage import Store
 
 log = logging.getLogger(__name__)
 DIR = "lease"
-DEFAULT_TTL = 300.0
+DEFAULT_TTL = 120.0  # renewed every ttl/3; a preempted machine's lease frees up this long after it died
 
 
 class LeaseHeld(RuntimeError):
@@ -37,6 +37,19 @@ class LeaseLost(RuntimeError):
 
 def ttl_default() -> float:
     return float(os.environ.get("RLME_LEASE_TTL", DEFAULT_TTL))
+
+
+def dead_here(holder: dict) -> bool:
+    """A holder on this host whose process no longer exists (killed, crashed): no need to wait for expiry."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def describe(holder: dict) -> str:
@@ -82,6 +95,9 @@ class Lease:
             gens = self._gens()
             if gens and (cur := self._read(gens[-1])) is not None:
                 live = not cur.get("released") and cur.get("expires_at", 0) > time.time()
+                if live and dead_here(cur.get("holder", {})):
+                    log.warning("taking over the lease of %s: that process is gone", describe(cur["holder"]))
+                    live = False
                 if cur.get("holder", {}).get("token") == self.token:
                     self.gen = gens[-1]  # our own create landed although its reply was lost
                     break
