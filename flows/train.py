@@ -55,4 +55,4 @@ def rlme_train(config: str, iterations: int | None = None, storage: str | None =
                 description=f"{run.url} iteration {i} (reward, judgements, loss, seconds per stage)",
             )
             made.append(i)
-        return {"run": run.url, "committed": run.committed(), "trained_now": made}
+        return {"run": run.url, "storage_options": cfg.run.storage_options, "committed": run.committed(), "trained_now": made}

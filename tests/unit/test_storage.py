@@ -141,3 +141,21 @@ def test_uploads_survive_dropped_connections(s3, tmp_path):
         assert store.sha256("iter-000000/checkpoint.x/model.safetensors") == ck.sha256
     finally:
         proxy.close()
+
+
+def test_gc_on_local_disk_finds_temp_files_and_unreferenced_attempts(tmp_path):
+    from rlme_pipeline import gc
+
+    run = Run(Store(str(tmp_path / "runs")), "r1")
+    run.store.write_json("run.json", {})
+    kept = run.store.write_bytes("iter-000000/rollouts.aaaa1111.parquet", b"rows", name="iter-000000/rollouts.parquet")
+    run.store.write_json("iter-000000/stages/generate.json", {"stage": "generate", "iteration": 0, "files": [kept.model_dump()], "seconds": 1.0})
+    run.store.write_bytes("iter-000000/scores.bbbb2222.parquet", b"killed before its record")
+    Path(run.store.abs("iter-000000/rewards.cccc3333.parquet.tmp-1234abcd")).write_bytes(b"killed mid-write")
+    Path(run.store.abs("scoresets/v2")).mkdir(parents=True)
+    Path(run.store.abs("scoresets/v2/scores.parquet")).write_bytes(b"another feature's file")
+    assert gc.plan(run).files == ["iter-000000/rewards.cccc3333.parquet.tmp-1234abcd", "iter-000000/scores.bbbb2222.parquet"]
+    assert gc.apply(run).bytes == 40
+    assert run.store.find() == ["iter-000000/rollouts.aaaa1111.parquet", "iter-000000/stages/generate.json",
+                                "lease/00000001.json", "run.json", "scoresets/v2/scores.parquet"]
+    assert run.path(0, "rollouts.parquet") == "iter-000000/rollouts.aaaa1111.parquet"
