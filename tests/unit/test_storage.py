@@ -75,7 +75,8 @@ class DroppingProxy:
     def __init__(self, upstream: str, drops: int, after: int = 256 * 1024):
         host, port = upstream.removeprefix("http://").split(":")
         self.upstream = (host, int(port))
-        self.drops, self.after, self.dropped, self.puts = drops, after, 0, 0
+        self.drops, self.after = drops, after
+        self.doomed = self.dropped = self.puts = 0  # PUTs chosen to cut, actually cut, seen
         self.lock = threading.Lock()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -102,10 +103,12 @@ class DroppingProxy:
                     sent = 0
                     with self.lock:
                         self.puts += 1
-                        doomed = self.dropped < self.drops
-                        self.dropped += doomed
+                        doomed = self.doomed < self.drops
+                        self.doomed += doomed
                 if doomed and sent + len(data) > self.after:
                     dst.sendall(data[: max(self.after - sent, 0)])
+                    with self.lock:
+                        self.dropped += 1
                     raise ConnectionResetError("dropped on purpose")
                 dst.sendall(data)
                 sent += len(data)
