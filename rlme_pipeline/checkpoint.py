@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlme_pipeline.crash import crash_point
-from rlme_pipeline.run import Run, iter_dir
+from rlme_pipeline.run import CorruptRun, Run, iter_dir
 from rlme_pipeline.storage import FileEntry, sha256_file
 
 WEIGHTS = "model.safetensors"
@@ -104,7 +104,7 @@ def local_dir(run: Run, iteration: int, files: list[FileEntry]) -> str:
             run.store.get_file(f.path, local)
             if sha256_file(local) != f.sha256:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise IOError(f"checkpoint file {run.store.where(f.path)} does not match its recorded sha256; "
+                raise CorruptRun(f"checkpoint file {run.store.where(f.path)} does not match its recorded sha256; "
                               f"run `rlme verify {run.url}`")
         (tmp / ".complete").write_text("")
         try:

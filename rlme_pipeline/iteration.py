@@ -41,11 +41,14 @@ def commit(cfg: Config, run: Run, iteration: int) -> Manifest:
 def check_resume_point(run: Run) -> list[int]:
     """Committed iterations, after proving that what training continues from is intact: every manifest
     parses, and the newest one's files (the checkpoint the next iteration loads) match their hashes.
-    Older iterations are left to `rlme verify`, which re-hashes everything."""
+    Older iterations are left to `rlme verify`, which re-hashes everything. On object storage the
+    checkpoint's files are only size-checked here: their download into the cache verifies each sha256,
+    and hashing them here too would fetch a multi-GB checkpoint twice."""
     committed = run.committed()
     for i in committed:
         run.manifest(i)  # raises CorruptRun with the file named
-    if committed and (problems := run.check_files(run.manifest(committed[-1]).files)):
+    hash_if = (lambda f: True) if run.store.is_local else (lambda f: "/checkpoint/" not in f.logical)
+    if committed and (problems := run.check_files(run.manifest(committed[-1]).files, hash_if)):
         raise CorruptRun(
             f"run {run.url}: committed iteration {committed[-1]} is damaged, refusing to continue on top of it:\n  "
             + "\n  ".join(problems) + f"\nSee `rlme verify {run.url}`."
