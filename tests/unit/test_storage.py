@@ -162,3 +162,21 @@ def test_gc_on_local_disk_finds_temp_files_and_unreferenced_attempts(tmp_path):
     assert run.store.find() == ["iter-000000/rollouts.aaaa1111.parquet", "iter-000000/stages/generate.json",
                                 "lease/00000001.json", "run.json", "scoresets/v2/scores.parquet"]
     assert run.path(0, "rollouts.parquet") == "iter-000000/rollouts.aaaa1111.parquet"
+
+
+def test_store_retries_after_botocore_gives_up(s3, caplog):
+    """More cuts than botocore (per request) and s3fs (per call) retry: the store's own backoff retries the
+    whole write. Both are turned down to a single attempt here, so cuts reach the outer layer."""
+    proxy = DroppingProxy(s3.endpoint, drops=3, after=1024)
+    try:
+        opts = {"endpoint_url": proxy.url, "skip_instance_cache": True, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+        store = Store(s3.url("proxied"), opts)
+        store.fs.retries = 1  # s3fs's own retry loop (a class attribute, 5 by default)
+        store.fs.retries = 1  # s3fs's own retry loop (a class attribute, 5 by default)
+        with caplog.at_level("WARNING", logger="rlme_pipeline.storage"):
+            entry = store.write_bytes("x.bin", b"y" * 300_000)
+        assert proxy.dropped == 3
+        assert "transient" in caplog.text and "retrying" in caplog.text
+        assert store.sha256("x.bin") == entry.sha256
+    finally:
+        proxy.close()
