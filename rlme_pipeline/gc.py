@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlme_pipeline.lease import Lease
-from rlme_pipeline.run import MANIFEST, STAGES, CorruptRun, Run, iter_dir
+from rlme_pipeline.run import MANIFEST, STAGES, Run, iter_dir
 
 
 @dataclass
