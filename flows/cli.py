@@ -37,7 +37,8 @@ def train(
 ):
     """Train (or continue) a run through the Prefect flow rlme_train."""
     from rlme_pipeline.config import ConfigError
-    from rlme_pipeline.run import RunMismatch
+    from rlme_pipeline.lease import LeaseHeld, LeaseLost
+    from rlme_pipeline.run import CorruptRun, RunMismatch
     from rlme_pipeline.storage import StorageError
 
     from flows.config_io import load
@@ -52,18 +53,15 @@ def train(
         from flows.train import rlme_train
 
         result = rlme_train(config=config, iterations=iterations, storage=storage, run_id=run_id)
-    except (ConfigError, RunMismatch, StorageError) as e:
+    except (ConfigError, RunMismatch, StorageError, LeaseHeld, LeaseLost, CorruptRun) as e:
         _fail(e)
-    _print_status(result["run"])
+    _print_status(_open(result["run"], result.get("storage_options")))
     console.print(f"\n[bold green]outputs:[/] {result['run']}  (trained now: {result['trained_now'] or 'nothing, already there'})")
 
 
-def _print_status(run_url: str) -> None:
-    from rlme_pipeline.run import Run
-
-    run = Run.from_url(run_url)
+def _print_status(run) -> None:
     its = run.committed()
-    table = Table(title=f"{run_url}: {len(its)} committed iterations")
+    table = Table(title=f"{run.url}: {len(its)} committed iterations")
     cols = ["iter", "reward_mean", "reward_std", "masked", "failed_share", "loss", "clip_ratio", "kl", "tokens", "seconds"]
     for c in cols:
         table.add_column(c, justify="right")
@@ -77,10 +75,80 @@ def _print_status(run_url: str) -> None:
     console.print(table)
 
 
+RUN_URI = typer.Argument(..., help="{storage}/{run_id}, e.g. ./runs/demo or s3://bucket/runs/demo")
+# Non-secret fsspec options, as in run.storage_options; credentials come from the environment.
+STORAGE_OPTION = typer.Option([], "--storage-option", "-o", help="fsspec option KEY=VALUE, e.g. endpoint_url=http://minio:9000")
+
+
+def _options(pairs: list[str]) -> dict:
+    import yaml
+
+    from rlme_pipeline.storage import secret_option_keys
+
+    opts = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep:
+            _fail(ValueError(f"--storage-option {p!r}: expected KEY=VALUE"))
+        opts[k] = yaml.safe_load(v)
+    if bad := secret_option_keys(opts):
+        _fail(ValueError(f"--storage-option {bad}: pass credentials through the environment, not the command line"))
+    return opts
+
+
+def _open(run_uri: str, options: dict | None = None):
+    from rlme_pipeline.run import Run
+
+    try:
+        return Run.from_url(run_uri, options)
+    except ValueError as e:
+        _fail(e)
+
+
 @app.command()
-def status(run_uri: str = typer.Argument(..., help="{storage}/{run_id}, e.g. ./runs/demo or s3://bucket/runs/demo")):
+def status(run_uri: str = RUN_URI, storage_option: list[str] = STORAGE_OPTION):
     """Committed iterations of a run and their metrics."""
-    _print_status(run_uri)
+    _print_status(_open(run_uri, _options(storage_option)))
+
+
+@app.command()
+def verify(run_uri: str = RUN_URI, storage_option: list[str] = STORAGE_OPTION):
+    """Re-hash every committed file against its manifest; exit 1 when anything is missing or changed."""
+    from rlme_pipeline.verify import verify as check
+
+    rep = check(_open(run_uri, _options(storage_option)))
+    console.print(f"{rep.run}: {len(rep.checked_iterations)} committed iterations, {rep.checked_files} files, "
+                  f"{rep.checked_bytes / 1e6:.1f} MB re-hashed")
+    for p in rep.problems:
+        console.print(f"[bold red]problem:[/] {p}", soft_wrap=True)
+    if not rep.ok:
+        raise typer.Exit(1)
+    console.print("[bold green]ok:[/] every committed file matches its manifest")
+
+
+@app.command()
+def gc(
+    run_uri: str = RUN_URI,
+    storage_option: list[str] = STORAGE_OPTION,
+    apply: bool = typer.Option(False, "--apply", help="delete (default: only list what would be deleted)"),
+):
+    """Remove files no manifest or stage record references (left by killed or repeated attempts)."""
+    from rlme_pipeline import gc as collect
+    from rlme_pipeline.lease import LeaseHeld
+    from rlme_pipeline.run import CorruptRun
+
+    run = _open(run_uri, _options(storage_option))
+    try:
+        p = collect.apply(run) if apply else collect.plan(run)
+    except (LeaseHeld, CorruptRun) as e:
+        _fail(e)
+    verb = "deleted" if apply else "would delete"
+    for rel in p.files:
+        console.print(f"{verb} {run.store.where(rel)}", soft_wrap=True)
+    for u in p.uploads:
+        console.print(f"{'aborted' if apply else 'would abort'} open multipart upload of {u['Key']}", soft_wrap=True)
+    console.print(f"{verb} {len(p.files)} files ({p.bytes / 1e6:.1f} MB), {len(p.uploads)} open uploads"
+                  + ("" if apply else "; pass --apply to delete"))
 
 
 @app.command()

@@ -1,15 +1,20 @@
 """Policy checkpoints: weights in safetensors, optimizer state loaded with weights_only=True, no pickles.
 
-    iter-000003/checkpoint/model.safetensors, config.json, tokenizer files    (an ordinary HF directory)
-    iter-000003/checkpoint/optimizer.pt                                       (tensors and numbers only)
-    iter-000003/checkpoint/trainer_state.json                                 (step, data cursor, seeds)
+    iter-000003/checkpoint.5d0e71aa/model.safetensors, config.json, tokenizer files  (an ordinary HF directory)
+    iter-000003/checkpoint.5d0e71aa/optimizer.pt        tensors and numbers only (torch.load weights_only=True)
+    iter-000003/checkpoint.5d0e71aa/rng.safetensors     torch RNG states at the end of the update
+    iter-000003/checkpoint.5d0e71aa/trainer_state.json  step counts, data cursor, seed
 
-All randomness is derived from (seed, iteration, ...) so no RNG state is needed to resume exactly.
-On object storage a checkpoint is downloaded once into $RLME_CACHE/checkpoints/{sha256}/.
+The directory name is attempt-unique (see run.py); manifests list its files under the logical names
+iter-000003/checkpoint/{file}. Prompts and sampling seeds derive from (seed, iteration, ...), so the
+data cursor is recorded for audits but never needed to resume. The learning rate is constant (there is
+no scheduler to save yet); a scheduler's state_dict belongs in optimizer.pt.
+On object storage a checkpoint is downloaded once into $RLME_CACHE/checkpoints/{hash of its file hashes}/.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,12 +22,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from rlme_pipeline.run import Run
+from rlme_pipeline.crash import crash_point
+from rlme_pipeline.run import CorruptRun, Run, iter_dir
 from rlme_pipeline.storage import FileEntry, sha256_file
 
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
+RNG = "rng.safetensors"
 STATE = "trainer_state.json"
 
 
@@ -30,35 +38,74 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLME_CACHE", Path.home() / ".cache" / "rlme"))
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for d, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"torch_cuda_{d}"] = s
+    return state
+
+
+def restore_rng(path: str | None, seed: int) -> None:
+    """Continue the torch RNG from a checkpoint's rng.safetensors, or start it from `seed`."""
+    f = Path(path) / RNG if path else None
+    if f is None or not f.exists():
+        torch.manual_seed(seed)
+        return
+    state = load_file(f)
+    torch.set_rng_state(state["torch_cpu"])
+    if torch.cuda.is_available():
+        for d in range(torch.cuda.device_count()):
+            if (s := state.get(f"torch_cuda_{d}")) is not None:
+                torch.cuda.set_rng_state(s, d)
+
+
 def save(run: Run, iteration: int, model, tokenizer, optimizer, state: dict) -> list[FileEntry]:
-    """Write the checkpoint into a local temp dir, then upload file by file (data first: the stage
-    record that lists these files is written only after all of them)."""
-    rel = run.rel(iteration, "checkpoint")
+    """Write the checkpoint into a local temp dir, then upload file by file (large files in parts) into
+    a fresh directory; the stage record that lists these files is written only after all of them."""
+    logical, physical = run.new_path(iteration, "checkpoint")
     with tempfile.TemporaryDirectory(prefix="rlme-ckpt-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), Path(tmp) / OPTIMIZER)
+        save_file(rng_state(), Path(tmp) / RNG)
         (Path(tmp) / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        return [run.store.put_file(f, f"{rel}/{f.name}") for f in sorted(Path(tmp).iterdir()) if f.is_file()]
+        files = []
+        for f in sorted(Path(tmp).iterdir()):
+            if f.is_file():
+                files.append(run.store.put_file(f, f"{physical}/{f.name}", name=f"{logical}/{f.name}"))
+                crash_point("upload:mid", iteration)
+        return files
+
+
+def files_of(entries: list[FileEntry], iteration: int) -> list[FileEntry]:
+    """The checkpoint's entries among an iteration's files."""
+    prefix = f"{iter_dir(iteration)}/checkpoint/"
+    return [f for f in entries if f.logical.startswith(prefix)]
 
 
 def weights_entry(files: list[FileEntry]) -> FileEntry:
-    return next(f for f in files if f.path.endswith("/" + WEIGHTS))
+    return next(f for f in files if f.logical.endswith("/" + WEIGHTS))
 
 
 def local_dir(run: Run, iteration: int, files: list[FileEntry]) -> str:
-    """A local directory holding the checkpoint's files: the store itself when it is local."""
-    rel = run.rel(iteration, "checkpoint")
+    """A local directory holding the checkpoint's files: the store itself when it is local (hashes were
+    checked when its stage record was accepted), else a verified download cached by content."""
+    weights = weights_entry(files)
     if run.store.is_local:
-        return run.store.abs(rel)
-    target = cache_dir() / "checkpoints" / weights_entry(files).sha256
+        return run.store.abs(weights.path.rpartition("/")[0])
+    key = hashlib.sha256("".join(sorted(f"{Path(f.path).name}:{f.sha256}\n" for f in files)).encode()).hexdigest()
+    target = cache_dir() / "checkpoints" / key
     if not (target / ".complete").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="dl-", dir=target.parent))
         for f in files:
-            run.store.get_file(f.path, tmp / Path(f.path).name)
-            if sha256_file(tmp / Path(f.path).name) != f.sha256:
-                raise IOError(f"checkpoint file {f.path} does not match its recorded sha256; run `rlme verify`")
+            local = tmp / Path(f.path).name
+            run.store.get_file(f.path, local)
+            if sha256_file(local) != f.sha256:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CorruptRun(f"checkpoint file {run.store.where(f.path)} does not match its recorded sha256; "
+                              f"run `rlme verify {run.url}`")
         (tmp / ".complete").write_text("")
         try:
             os.rename(tmp, target)

@@ -2,7 +2,8 @@
 
 Every section is a pydantic model that forbids unknown keys, so a typo in a YAML file is an error that
 names the field instead of a silently ignored setting. `Config.hash()` covers everything that changes
-what a run computes (not `run.iterations` or `run.storage`, which only say how far and where), so a
+what a run computes (not `run.iterations`, `run.storage` or `run.storage_options`, which only say how
+far and where), so a
 resumed run can prove it is still the same experiment.
 """
 
@@ -13,7 +14,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -33,18 +34,40 @@ class Section(BaseModel):
 class RunConfig(Section):
     id: str = "demo"
     storage: str = "./runs"  # any fsspec URL: ./runs, file:///data/runs, s3://bucket/prefix
+    # fsspec/s3fs options that are not secrets, e.g. {endpoint_url: http://minio:9000, client_kwargs:
+    # {region_name: eu-west-1}}. Credentials come from the environment (AWS_ACCESS_KEY_ID, ...), never
+    # from here: this section is copied into run.json.
+    storage_options: dict[str, Any] = Field(default_factory=dict)
     iterations: int = Field(5, ge=1, description="total iterations the run should reach")
     seed: int = 0
 
     @field_validator("id")
     @classmethod
     def _safe_id(cls, v: str) -> str:
-        if not RUN_ID.match(v) or ".." in v:
+        check_run_id(v)
+        return v
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, v: dict) -> dict:
+        from rlme_pipeline.storage import secret_option_keys
+
+        if bad := secret_option_keys(v):
             raise ValueError(
-                f"{v!r} is not a safe run id: use letters, digits, '.', '_' and '-' only "
-                "(no path separators, no '..', at most 128 characters)"
+                f"{bad} look like credentials; run.storage_options is saved in run.json, so put credentials in "
+                "the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE)"
             )
         return v
+
+
+def check_run_id(v: str) -> str:
+    """Run ids become one path segment of every URL: no separators, no '..', nothing a shell or S3 mangles."""
+    if not isinstance(v, str) or not RUN_ID.match(v) or ".." in v:
+        raise ValueError(
+            f"{v!r} is not a safe run id: use letters, digits, '.', '_' and '-' only "
+            "(no path separators, no '..', at most 128 characters)"
+        )
+    return v
 
 
 class DataConfig(Section):
@@ -193,7 +216,7 @@ class Config(Section):
     def hash(self) -> str:
         """What the run computes, excluding how far it goes and where it is stored."""
         d = self.model_dump(mode="json")
-        d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage")}
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options")}
         d.pop("probe")  # measures the judges, changes nothing computed: runs made before it keep their hash
         return sha256_json(d)
 

@@ -27,9 +27,11 @@ def policy_at(run: Run, cfg: Config, iteration: int) -> ModelRef:
     """The weights that generate iteration i: the initial model, else iteration i-1's checkpoint."""
     if iteration == 0:
         return initial_policy(cfg)
-    rec = run.read_record(iteration - 1, "update")
-    path = checkpoint.local_dir(run, iteration - 1, rec.files)
-    return ModelRef(path, checkpoint.weights_entry(rec.files).sha256, cfg.policy.dtype, cfg.policy.device)
+    files = checkpoint.files_of(run.files(iteration - 1), iteration - 1)
+    if not files:
+        raise FileNotFoundError(f"{run.url}: iteration {iteration - 1} has no checkpoint yet; run its update stage first")
+    path = checkpoint.local_dir(run, iteration - 1, files)
+    return ModelRef(path, checkpoint.weights_entry(files).sha256, cfg.policy.dtype, cfg.policy.device)
 
 
 def evaluator_at(run: Run, cfg: Config, ev: EvaluatorConfig, iteration: int) -> ModelRef:

@@ -149,7 +149,7 @@ def plan(
     sources, versions, n_shards = {}, {}, {}
     for i in its:
         m_rel = run.rel(i, MANIFEST)
-        entry = next(f for f in run.manifest(i).files if f.path.endswith("/rollouts.parquet"))
+        entry = next(f for f in run.manifest(i).files if f.logical == run.rel(i, "rollouts.parquet"))
         if run.store.sha256(entry.path) != entry.sha256:
             raise ValueError(f"{run.url}/{entry.path} does not match its committed manifest; the run is damaged")
         sources[str(i)] = {"rollouts": entry.model_dump(mode="json"), "manifest_sha256": run.store.sha256(m_rel)}

@@ -12,11 +12,10 @@ from prefect.cache_policies import NONE
 from rlme_pipeline.config import Config
 from rlme_pipeline.iteration import commit, run_stage
 from rlme_pipeline.run import Run
-from rlme_pipeline.storage import Store
 
 
 def open_run(cfg: Config) -> Run:
-    return Run(Store(cfg.run.storage), cfg.run.id)
+    return Run.for_config(cfg)
 
 
 def _stage_task(stage: str):

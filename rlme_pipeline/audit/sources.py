@@ -37,8 +37,9 @@ def load(run: Run, name: str | None) -> Scoreset:
         its = run.committed()
         if not its:
             raise ValueError(f"{run.url} has no committed iterations")
-        files = [f.path for i in its for f in run.manifest(i).files]
-        pick = lambda suffix: [p for p in files if p.endswith(suffix)]  # noqa: E731
+        files = [f for i in its for f in run.manifest(i).files]
+        # manifests map logical names (iter-000003/scores.parquet) to the attempt-unique files
+        pick = lambda suffix: [f.path for f in files if f.logical.endswith(suffix)]  # noqa: E731
         return Scoreset(
             TRAIN, scan(run.store, pick("/scores.parquet")), scan(run.store, pick("/rewards.parquet")),
             scan(run.store, pick("/rollouts.parquet")).select(ROLLOUT_COLUMNS),
@@ -53,7 +54,7 @@ def load(run: Run, name: str | None) -> Scoreset:
     return Scoreset(
         name, scan(run.store, [p for p in files if p.endswith("/scores.parquet")]),
         scan(run.store, [p for p in files if p.endswith("/rewards.parquet")]),
-        scan(run.store, [f"{iter_dir(i)}/rollouts.parquet" for i in m["iterations"]]).select(ROLLOUT_COLUMNS),
+        scan(run.store, [run.path(i, "rollouts.parquet") for i in m["iterations"]]).select(ROLLOUT_COLUMNS),
         {e["name"]: e["weight"] for e in m["evaluators"]}, {q["id"]: q["weight"] for q in m["questions"]},
         {q["id"]: q["text"] for q in m["questions"]}, m["scoring"]["reward_form"], m["scoring"]["logp_floor"],
     )

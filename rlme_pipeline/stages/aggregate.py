@@ -37,10 +37,10 @@ def component_metrics(cfg: Config, scores: pl.DataFrame) -> dict[str, float]:
 
 def aggregate(cfg: Config, run: Run, iteration: int) -> StageRecord:
     t0 = time.perf_counter()
-    rollouts = run.store.read_parquet(run.rel(iteration, "rollouts.parquet"))
-    scores = run.store.read_parquet(run.rel(iteration, "scores.parquet"))
+    rollouts = run.read_table(iteration, "rollouts.parquet")
+    scores = run.read_table(iteration, "scores.parquet")
     rewards = rewards_for(cfg, scores, rollouts)
-    entry = run.store.write_table(run.rel(iteration, REWARDS), rewards, "rewards")
+    entry = run.write_table(iteration, REWARDS, rewards, "rewards")
     valid = rewards.filter(pl.col("reward").is_not_nan())
     return StageRecord(
         stage="aggregate", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0,

@@ -9,6 +9,7 @@ import polars as pl
 from rlme_pipeline import seeds
 from rlme_pipeline.backends import hf
 from rlme_pipeline.config import Config
+from rlme_pipeline.crash import crash_point
 from rlme_pipeline.data import load_prompts, prompts_for_iteration
 from rlme_pipeline.lineage import policy_at
 from rlme_pipeline.models import POOL
@@ -68,9 +69,10 @@ def generate(cfg: Config, run: Run, iteration: int) -> StageRecord:
                     "label": row["label"], "policy_version": ref.version,
                 })
             advance(len(chunk))
+            crash_point("generate:mid", iteration)
 
     df = pl.DataFrame(rows).sort("prompt_id", "sample_index")
-    entry = run.store.write_table(run.rel(iteration, ROLLOUTS), df, "rollouts")
+    entry = run.write_table(iteration, ROLLOUTS, df, "rollouts")
     lengths = df["completion_token_ids"].list.len()
     return StageRecord(
         stage="generate", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0,

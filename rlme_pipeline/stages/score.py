@@ -10,6 +10,7 @@ import polars as pl
 
 from rlme_pipeline.backends import hf
 from rlme_pipeline.config import Config, ConfigError, QuestionConfig, ScoringConfig
+from rlme_pipeline.crash import crash_point
 from rlme_pipeline.lineage import ModelRef, evaluator_at
 from rlme_pipeline.models import POOL
 from rlme_pipeline.progress import bar
@@ -71,6 +72,7 @@ def score_rollouts(
                         for kk, k in enumerate(ks):
                             rows.append(_row(texts[i], judge, questions[k], res[j][kk], scoreset))
                 advance(len(idx))
+                crash_point("score:mid", texts[idx[0]]["iteration"])
     return pl.DataFrame(rows)
 
 
@@ -92,10 +94,10 @@ def judges_at(cfg: Config, run: Run, iteration: int) -> list[Judge]:
 
 def score(cfg: Config, run: Run, iteration: int) -> StageRecord:
     t0 = time.perf_counter()
-    rollouts = run.store.read_parquet(run.rel(iteration, "rollouts.parquet"))
+    rollouts = run.read_table(iteration, "rollouts.parquet")
     judges = judges_at(cfg, run, iteration)
     df = score_rollouts(rollouts, judges, cfg.questions, cfg.scoring, scoreset="train")
-    entry = run.store.write_table(run.rel(iteration, SCORES), df, "scores")
+    entry = run.write_table(iteration, SCORES, df, "scores")
     metrics = {"failed_share": float((df["status"] != OK).mean())}
     if cfg.probe.every and iteration % cfg.probe.every == 0:
         from rlme_pipeline.probe import probe_metrics, run_probe, sample_prompts

@@ -10,6 +10,7 @@ import torch
 
 from rlme_pipeline import checkpoint
 from rlme_pipeline.config import Config
+from rlme_pipeline.crash import crash_point
 from rlme_pipeline.lineage import initial_policy, policy_at
 from rlme_pipeline.logprobs import completion_logprobs
 from rlme_pipeline.losses import token_terms, token_weights
@@ -21,12 +22,18 @@ from rlme_pipeline.seeds import derive
 
 def training_items(run: Run, iteration: int) -> tuple[list[dict], int]:
     """Rollouts with a finite advantage (failed judgements are masked out) and the number masked."""
-    rollouts = run.store.read_parquet(run.rel(iteration, "rollouts.parquet"))
-    rewards = run.store.read_parquet(run.rel(iteration, "rewards.parquet"))
+    rollouts = run.read_table(iteration, "rollouts.parquet")
+    rewards = run.read_table(iteration, "rewards.parquet")
     df = rollouts.join(rewards.select("rollout_id", "advantage"), on="rollout_id").sort("rollout_id")
     ok = df.filter(pl.col("advantage").is_not_nan() & (pl.col("completion_token_ids").list.len() > 0))
     cols = ["prompt_token_ids", "completion_token_ids", "behavior_logprobs", "advantage"]
     return ok.select(cols).to_dicts(), df.height - ok.height
+
+
+def data_cursor(cfg: Config, next_iteration: int) -> dict:
+    """Where the prompt stream continues. Informational: each iteration's prompts are a pure function of
+    (seed, iteration), so resuming needs no stored cursor; this records it for audits."""
+    return {"next_iteration": next_iteration, "seed": cfg.run.seed, "prompts_per_iteration": cfg.data.prompts_per_iteration}
 
 
 def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
@@ -44,6 +51,9 @@ def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     if iteration > 0 and (state := checkpoint.load_optimizer_state(ref.path)) is not None:
         opt.load_state_dict(state)
+    # The global torch RNG (dropout, if a model has it) continues from the previous checkpoint, so a
+    # resumed process trains exactly as the uninterrupted one would have.
+    checkpoint.restore_rng(ref.path if iteration > 0 else None, derive(cfg.run.seed, "torch"))
 
     step_size = o.micro_batch_size * o.grad_accumulation
     n_steps = o.epochs * -(-len(items) // step_size) if items else 0
@@ -81,9 +91,11 @@ def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
                 sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm))
                 opt.step()
                 advance()
+                crash_point("update:mid", iteration)
     model.eval()
 
-    state = {"iteration": iteration, "optimizer_steps": n_steps, "trained_rollouts": len(items), "seed": cfg.run.seed}
+    state = {"iteration": iteration, "optimizer_steps": n_steps, "trained_rollouts": len(items), "seed": cfg.run.seed,
+             "data_cursor": data_cursor(cfg, iteration + 1)}
     files = checkpoint.save(run, iteration, model, tok, opt, state)
     new_version = checkpoint.weights_entry(files).sha256
     new_path = checkpoint.local_dir(run, iteration, files)

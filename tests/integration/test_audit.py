@@ -67,7 +67,7 @@ def test_audit_tables_match_direct_polars(audited):
         assert r["agreement"] == pytest.approx(float(((w[r["evaluator_a"]] > 0.5) == (w[r["evaluator_b"]] > 0.5)).mean()))
 
     a = pl.read_parquet(f"{base}/iter-*/rewards.parquet")
-    b = pl.read_parquet(f"{run.store.root}/iter-*/rewards.parquet")
+    b = pl.concat([run.read_table(i, "rewards.parquet") for i in run.committed()])
     j = a.join(b, on="rollout_id", suffix="_b")
     cmp = pl.read_parquet(f"{out.root}/compare.parquet")
     for r in cmp.iter_rows(named=True):

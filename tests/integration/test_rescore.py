@@ -71,7 +71,7 @@ def test_rescore_is_complete_and_leaves_training_untouched(run, questions_file):
     ss = Path(run.store.root) / "scoresets" / "v2"
     assert not (ss / "_shards").exists()
     for i in (0, 1):
-        rollouts = pl.read_parquet(Path(run.store.root) / f"iter-{i:06d}" / "rollouts.parquet")
+        rollouts = run.read_table(i, "rollouts.parquet")
         scores = pl.read_parquet(ss / f"iter-{i:06d}" / "scores.parquet")
         rewards = pl.read_parquet(ss / f"iter-{i:06d}" / "rewards.parquet")
         assert scores.height == rollouts.height * J * K

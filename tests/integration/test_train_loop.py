@@ -33,10 +33,9 @@ def test_every_iteration_is_complete_and_consistent(trained):
     w = {q.id: q.weight for q in cfg.questions}
     previous = None
     for i in range(3):
-        d = run.store.abs(iter_dir(i))
-        rollouts = pl.read_parquet(f"{d}/rollouts.parquet")
-        scores = pl.read_parquet(f"{d}/scores.parquet")
-        rewards = pl.read_parquet(f"{d}/rewards.parquet")
+        rollouts = run.read_table(i, "rollouts.parquet")
+        scores = run.read_table(i, "scores.parquet")
+        rewards = run.read_table(i, "rewards.parquet")
 
         per_prompt = rollouts.group_by("prompt_id").len()
         assert per_prompt.height == cfg.data.prompts_per_iteration
@@ -60,11 +59,11 @@ def test_every_iteration_is_complete_and_consistent(trained):
         manifest = run.manifest(i)
         for f in manifest.files:
             assert sha256_file(run.store.abs(f.path)) == f.sha256, f.path
-        names = {f.path.rsplit("/", 1)[-1] for f in manifest.files}
+        names = {f.logical.rsplit("/", 1)[-1] for f in manifest.files}
         assert {"rollouts.parquet", "scores.parquet", "rewards.parquet", "model.safetensors", "optimizer.pt"} <= names
         assert manifest.lineage["policy_after"] != manifest.lineage["policy_before"]
 
-        ckpt = f"{d}/checkpoint"
+        ckpt = run.store.abs(run.path(i, "checkpoint/model.safetensors")).rpartition("/")[0]
         AutoModelForCausalLM.from_pretrained(ckpt)  # loadable as an ordinary HF model
         weights = load_file(f"{ckpt}/model.safetensors")
         if previous is not None:
@@ -90,11 +89,11 @@ def test_finished_stages_are_skipped_on_resume(demo_cfg):
     run.open(cfg)
     for stage in ("generate", "score"):
         run_stage(cfg, run, 0, stage)
-    rollouts_before = run.store.read_bytes("iter-000000/rollouts.parquet")
+    rollouts_before = run.store.read_bytes(run.path(0, "rollouts.parquet"))
     assert run_stage(cfg, run, 0, "generate")[1] is False
     assert run_stage(cfg, run, 0, "score")[1] is False
     train(cfg, run)
-    assert run.store.read_bytes("iter-000000/rollouts.parquet") == rollouts_before
+    assert run.store.read_bytes(run.path(0, "rollouts.parquet")) == rollouts_before
     assert run.committed() == [0]
 
 
@@ -103,11 +102,12 @@ def test_tampered_stage_output_is_recomputed(demo_cfg):
     run = _run(cfg)
     run.open(cfg)
     rec, _ = run_stage(cfg, run, 0, "generate")
-    good = run.store.read_bytes("iter-000000/rollouts.parquet")
-    run.store.write_bytes("iter-000000/rollouts.parquet", b"garbage")
+    good = run.store.read_bytes(run.path(0, "rollouts.parquet"))
+    run.store.write_bytes(rec.files[0].path, b"garbage")
     rec2, ran = run_stage(cfg, run, 0, "generate")
     assert ran and rec2.files[0].sha256 == rec.files[0].sha256  # same seed, same rollouts
-    assert run.store.read_bytes("iter-000000/rollouts.parquet") == good
+    assert rec2.files[0].path != rec.files[0].path  # a new attempt file; the damaged one is left for gc
+    assert run.store.read_bytes(run.path(0, "rollouts.parquet")) == good
 
 
 def test_reward_nan_masks_rollout(demo_cfg):
@@ -118,8 +118,8 @@ def test_reward_nan_masks_rollout(demo_cfg):
     run.open(long_cfg)
     for stage in ("generate", "score", "aggregate"):
         run_stage(long_cfg, run, 0, stage)
-    scores = run.store.read_parquet("iter-000000/scores.parquet")
-    rewards = run.store.read_parquet("iter-000000/rewards.parquet")
+    scores = run.read_table(0, "scores.parquet")
+    rewards = run.read_table(0, "rewards.parquet")
     assert (scores["status"] == "context_overflow").all() and scores["logp_yes"].is_null().all()
     assert all(math.isnan(r) for r in rewards["reward"]) and (rewards["n_failed"] == 4).all()
     rec, _ = run_stage(long_cfg, run, 0, "update")

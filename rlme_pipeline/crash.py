@@ -1,0 +1,24 @@
+"""Test hook: kill this process with SIGKILL at a named point, to prove resume loses nothing.
+
+    RLME_CRASH_AT=score:mid        the first time any iteration reaches the point
+    RLME_CRASH_AT=update:mid@1     only in iteration 1
+
+Points: generate:mid, score:mid, update:mid (inside each stage, after the first batch/step),
+upload:mid (checkpoint upload, after its first file), {stage}:written (data files written, stage record
+not yet), commit:before-manifest (every stage recorded, MANIFEST.json not yet written).
+Unset (always, outside tests) it costs one environment lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def crash_point(name: str, iteration: int | None = None) -> None:
+    want = os.environ.get("RLME_CRASH_AT")
+    if not want:
+        return
+    point, _, it = want.partition("@")
+    if point == name and (not it or iteration is None or int(it) == iteration):
+        os.kill(os.getpid(), signal.SIGKILL)
