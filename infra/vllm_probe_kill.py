@@ -33,6 +33,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def describe(e: BaseException) -> str:
+    return f"{type(e).__module__}.{type(e).__qualname__}: {e}"
+
+
 def server_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -96,7 +100,7 @@ def main() -> None:
                 results["urllib"] = (f"after {time.time() - t_sig:.1f}s HTTPError {e.code} "
                                      f"{e.read()[:200]!r}")
             except Exception as e:  # noqa: BLE001 - we want the type
-                results["urllib"] = f"after {time.time() - t_sig:.1f}s {type(e).__module__}.{type(e).__qualname__}: {e}"
+                results["urllib"] = f"after {time.time() - t_sig:.1f}s {describe(e)}"
 
         def via_httpx() -> None:
             if httpx is None:
@@ -108,7 +112,7 @@ def main() -> None:
                 results["httpx"] = (f"after {time.time() - t_sig:.1f}s HTTP {r.status_code} "
                                     f"{r.text[:200]}")
             except Exception as e:  # noqa: BLE001
-                results["httpx"] = f"after {time.time() - t_sig:.1f}s {type(e).__module__}.{type(e).__qualname__}: {e}"
+                results["httpx"] = f"after {time.time() - t_sig:.1f}s {describe(e)}"
 
         threads = [threading.Thread(target=f) for f in (via_urllib, via_httpx)]
         for t in threads:
@@ -119,7 +123,8 @@ def main() -> None:
         t_sig = time.time()
         proc.send_signal(sig)
         proc.wait(120)
-        print(f"API server exited {time.time() - t_sig:.1f}s after the signal, rc={proc.returncode}")
+        dt = time.time() - t_sig
+        print(f"API server exited {dt:.1f}s after the signal, rc={proc.returncode}")
         for t in threads:
             t.join(120)
         for k, v in results.items():
@@ -129,7 +134,7 @@ def main() -> None:
             urllib.request.urlopen(url + "/health", timeout=5)
             print("next request: server still answers")
         except Exception as e:  # noqa: BLE001
-            print(f"next request, urllib: {type(e).__module__}.{type(e).__qualname__}: {e}")
+            print(f"next request, urllib: {describe(e)}")
         for wait_s in (5, 30):
             time.sleep(wait_s)
             left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)

@@ -1,8 +1,8 @@
 """In-process vllm.LLM probe: sampling + exact answer-token log-probs, vs transformers.
 
 Run with the vLLM venv's interpreter (it also has transformers):
-    VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_NO_USAGE_STATS=1 \
-        /tmp/vllm-venv/bin/python infra/vllm_probe_llm.py /tmp/tinyllm [raw_logprobs|processed_logprobs]
+    export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_NO_USAGE_STATS=1
+    /tmp/vllm-venv/bin/python infra/vllm_probe_llm.py /tmp/tinyllm [raw_logprobs|processed_logprobs]
 
 vLLM spawns/forks worker processes, so everything that builds vllm.LLM must sit under the
 `if __name__ == "__main__":` guard.
@@ -26,7 +26,8 @@ def main() -> None:
 
     def hf_lp(ids: list[int], temperature: float = 1.0) -> torch.Tensor:
         with torch.no_grad():
-            return torch.log_softmax(hf(torch.tensor([ids])).logits[0, -1].double() / temperature, -1)
+            logits = hf(torch.tensor([ids])).logits[0, -1].double()
+        return torch.log_softmax(logits / temperature, -1)
 
     t0 = time.time()
     llm = LLM(

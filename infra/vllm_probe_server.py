@@ -85,7 +85,8 @@ def main() -> None:
     print("(a) choice[0] keys:", sorted(r1["choices"][0]))
     print("(a) logprobs keys:", sorted(r1["choices"][0]["logprobs"]))
     print("(a) choice[0].logprobs.tokens:", r1["choices"][0]["logprobs"]["tokens"])
-    print("(a) choice[0].logprobs.top_logprobs[0]:", r1["choices"][0]["logprobs"]["top_logprobs"][0])
+    print("(a) choice[0].logprobs.top_logprobs[0]:",
+          r1["choices"][0]["logprobs"]["top_logprobs"][0])
     # raw or temperature-processed?
     c0 = r1["choices"][0]
     d_raw = d_proc = 0.0
