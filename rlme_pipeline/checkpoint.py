@@ -62,20 +62,43 @@ def restore_rng(path: str | None, seed: int) -> None:
 
 def save(run: Run, iteration: int, model, tokenizer, optimizer, state: dict) -> list[FileEntry]:
     """Write the checkpoint into a local temp dir, then upload file by file (large files in parts) into
-    a fresh directory; the stage record that lists these files is written only after all of them."""
+    a fresh directory; the stage record that lists these files is written only after all of them.
+    On object storage the local copy becomes the download cache entry, so the next iteration (or a
+    live-self evaluator) does not fetch back what was just uploaded."""
     logical, physical = run.new_path(iteration, "checkpoint")
-    with tempfile.TemporaryDirectory(prefix="rlme-ckpt-") as tmp:
+    parent = None if run.store.is_local else cache_dir() / "checkpoints"
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="rlme-ckpt-", dir=parent))
+    try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), Path(tmp) / OPTIMIZER)
-        save_file(rng_state(), Path(tmp) / RNG)
-        (Path(tmp) / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        save_file(rng_state(), tmp / RNG)
+        (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
         files = []
-        for f in sorted(Path(tmp).iterdir()):
+        for f in sorted(tmp.iterdir()):
             if f.is_file():
                 files.append(run.store.put_file(f, f"{physical}/{f.name}", name=f"{logical}/{f.name}"))
                 crash_point("upload:mid", iteration)
-        return files
+        if parent is not None:
+            _install(tmp, parent / _cache_key(files))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files
+
+
+def _cache_key(files: list[FileEntry]) -> str:
+    return hashlib.sha256("".join(sorted(f"{Path(f.path).name}:{f.sha256}\n" for f in files)).encode()).hexdigest()
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Move a complete local copy into the cache; another process may have installed the same first."""
+    (tmp / ".complete").write_text("")
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        pass  # the caller removes tmp if it is still there
 
 
 def files_of(entries: list[FileEntry], iteration: int) -> list[FileEntry]:
@@ -94,8 +117,7 @@ def local_dir(run: Run, iteration: int, files: list[FileEntry]) -> str:
     weights = weights_entry(files)
     if run.store.is_local:
         return run.store.abs(weights.path.rpartition("/")[0])
-    key = hashlib.sha256("".join(sorted(f"{Path(f.path).name}:{f.sha256}\n" for f in files)).encode()).hexdigest()
-    target = cache_dir() / "checkpoints" / key
+    target = cache_dir() / "checkpoints" / _cache_key(files)
     if not (target / ".complete").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="dl-", dir=target.parent))
@@ -106,11 +128,8 @@ def local_dir(run: Run, iteration: int, files: list[FileEntry]) -> str:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise CorruptRun(f"checkpoint file {run.store.where(f.path)} does not match its recorded sha256; "
                               f"run `rlme verify {run.url}`")
-        (tmp / ".complete").write_text("")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished the same download first
-            shutil.rmtree(tmp, ignore_errors=True)
+        _install(tmp, target)
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 
