@@ -239,9 +239,16 @@ class Store:
         except PERMANENT as e:
             raise permanent_error(what, e) from None
 
-    def _local_tmp(self, path: str) -> str:
+    def _local_tmp(self, path: str, data: bytes | None = None) -> str:
+        """A temp name beside path; with data, the bytes are written and fsynced there first."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        return f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        if data is not None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        return tmp
 
     def write_bytes(self, rel: str, data: bytes, rows: int | None = None, schema_version: int | None = None,
                     name: str | None = None) -> FileEntry:
@@ -249,12 +256,7 @@ class Store:
 
         def _put():
             if self.is_local:
-                tmp = self._local_tmp(path)
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                os.replace(self._local_tmp(path, data), path)
             else:
                 self.fs.pipe_file(path, data)
 
@@ -270,11 +272,7 @@ class Store:
 
         def _create():
             if self.is_local:
-                tmp = self._local_tmp(path)
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                tmp = self._local_tmp(path, data)
                 try:
                     os.link(tmp, path)
                 finally:

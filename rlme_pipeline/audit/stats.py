@@ -43,33 +43,36 @@ def _wide(ss: Scoreset, over: str) -> pl.DataFrame:
             .pivot(on=over, index=["rollout_id", other], values="p_yes"))
 
 
+def _pairwise(ss: Scoreset, over: str, names: list[str], with_agreement: bool) -> pl.DataFrame:
+    """For every pair of `over` values (questions or evaluators), within each value of the other key:
+    Pearson correlation of p_yes and, optionally, the share of rollouts on the same side of 0.5."""
+    wide = _wide(ss, over)
+    group = "evaluator" if over == "question_id" else "question_id"
+    a_col, b_col = ("question_a", "question_b") if over == "question_id" else ("evaluator_a", "evaluator_b")
+    rows = []
+    for key, g in wide.group_by(group):
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if a not in g.columns or b not in g.columns:
+                    continue
+                both = g.select(a, b).drop_nulls()
+                row = {group: key[0], a_col: a, b_col: b, "n": both.height,
+                       "pearson": both.select(pl.corr(a, b)).item() if both.height > 1 else None}
+                if with_agreement:
+                    row["agreement"] = both.select(((pl.col(a) > 0.5) == (pl.col(b) > 0.5)).mean()).item() if both.height else None
+                rows.append(row)
+    schema = {group: pl.String, a_col: pl.String, b_col: pl.String, "n": pl.Int64, "pearson": pl.Float64}
+    if with_agreement:
+        schema["agreement"] = pl.Float64
+    return pl.DataFrame(rows, schema=schema).sort(group, a_col, b_col)
+
+
 def correlations(ss: Scoreset) -> pl.DataFrame:
     """Pearson correlation of p_yes between every pair of questions, per evaluator."""
-    wide, qs = _wide(ss, "question_id"), sorted(ss.question_weights)
-    rows = []
-    for ev, g in wide.group_by("evaluator"):
-        for a_i, a in enumerate(qs):
-            for b in qs[a_i + 1:]:
-                if a in g.columns and b in g.columns:
-                    both = g.select(a, b).drop_nulls()
-                    rows.append({"evaluator": ev[0], "question_a": a, "question_b": b, "n": both.height,
-                                 "pearson": both.select(pl.corr(a, b)).item() if both.height > 1 else None})
-    return pl.DataFrame(rows, schema={"evaluator": pl.String, "question_a": pl.String, "question_b": pl.String,
-                                      "n": pl.Int64, "pearson": pl.Float64}).sort("evaluator", "question_a", "question_b")
+    return _pairwise(ss, "question_id", sorted(ss.question_weights), with_agreement=False)
 
 
 def agreement(ss: Scoreset) -> pl.DataFrame:
     """Between every pair of evaluators, per question: correlation of p_yes and the share of rollouts
     on which both land on the same side of 0.5."""
-    wide, evs = _wide(ss, "evaluator"), sorted(ss.evaluator_weights)
-    rows = []
-    for q, g in wide.group_by("question_id"):
-        for a_i, a in enumerate(evs):
-            for b in evs[a_i + 1:]:
-                if a in g.columns and b in g.columns:
-                    both = g.select(a, b).drop_nulls()
-                    rows.append({"question_id": q[0], "evaluator_a": a, "evaluator_b": b, "n": both.height,
-                                 "pearson": both.select(pl.corr(a, b)).item() if both.height > 1 else None,
-                                 "agreement": both.select(((pl.col(a) > 0.5) == (pl.col(b) > 0.5)).mean()).item() if both.height else None})
-    return pl.DataFrame(rows, schema={"question_id": pl.String, "evaluator_a": pl.String, "evaluator_b": pl.String,
-                                      "n": pl.Int64, "pearson": pl.Float64, "agreement": pl.Float64}).sort("question_id", "evaluator_a", "evaluator_b")
+    return _pairwise(ss, "evaluator", sorted(ss.evaluator_weights), with_agreement=True)
