@@ -62,7 +62,7 @@ def train(
 def _print_status(run) -> None:
     its = run.committed()
     table = Table(title=f"{run.url}: {len(its)} committed iterations")
-    cols = ["iter", "reward_mean", "reward_std", "masked", "failed_share", "loss", "clip_ratio", "kl", "tokens", "seconds"]
+    cols = ["iter", "reward_mean", "reward_std", "masked", "failed_share", "loss", "clip_ratio", "kl", "tokens", "probe", "seconds"]
     for c in cols:
         table.add_column(c, justify="right")
     for i in its:
@@ -71,7 +71,7 @@ def _print_status(run) -> None:
         fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
         table.add_row(str(i), fmt(x.get("reward_mean")), fmt(x.get("reward_std")), fmt(x.get("masked_rollouts")),
                       fmt(x.get("failed_share")), fmt(x.get("loss")), fmt(x.get("clip_ratio")), fmt(x.get("kl")),
-                      fmt(x.get("completion_tokens_mean")), fmt(sum(m.timings.values())))
+                      fmt(x.get("completion_tokens_mean")), fmt(x.get("probe/share_max")), fmt(sum(m.timings.values())))
     console.print(table)
 
 
