@@ -14,7 +14,7 @@ from rlme_pipeline.lineage import ModelRef, evaluator_at
 from rlme_pipeline.models import POOL
 from rlme_pipeline.progress import bar
 from rlme_pipeline.run import Run, StageRecord
-from rlme_pipeline.schemas import OK
+from rlme_pipeline.schemas import OK, SCORES as SCORES_SCHEMA
 
 SCORES = "scores.parquet"
 
@@ -71,7 +71,7 @@ def score_rollouts(
                         for kk, k in enumerate(ks):
                             rows.append(_row(texts[i], judge, questions[k], res[j][kk], scoreset))
                 advance(len(idx))
-    return pl.DataFrame(rows)
+    return pl.DataFrame(rows) if rows else pl.DataFrame(schema=SCORES_SCHEMA)  # no judges: plain RLVR
 
 
 def _row(r: dict, judge: Judge, q: QuestionConfig, j: hf.Judgement, scoreset: str) -> dict:
@@ -98,7 +98,7 @@ def score(cfg: Config, run: Run, iteration: int) -> StageRecord:
     entry = run.store.write_table(run.rel(iteration, SCORES), df, "scores")
     return StageRecord(
         stage="score", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0,
-        metrics={"failed_share": float((df["status"] != OK).mean())},
+        metrics={"failed_share": float((df["status"] != OK).mean()) if df.height else 0.0},
         info={
             "evaluators": [{"name": j.name, "ref": ev.model, "weight": ev.weight, "version": j.ref.version}
                            for j, ev in zip(judges, cfg.evaluators)],
