@@ -49,14 +49,14 @@ SIZES = {
     "full": dict(
         n_eval=300, n_rl=800,  # the rest of the 2420 problems is the SFT split
         judge=dict(hidden=128, layers=3, steps=2000, batch=64, lr=2e-3),
-        policy=dict(hidden=128, layers=2, max_steps=1500, batch=64, lr=2e-3, every=50, stop_at=0.25),
+        policy=dict(hidden=128, layers=2, max_steps=1500, batch=64, lr=2e-3, every=50, stop_at=0.25, carry_drop=0.0),
         rl=dict(iterations=20, prompts_per_iteration=16, group_size=8, lr=3e-4, micro_batch=32, grad_accumulation=1),
         seeds=3,
     ),
     "smoke": dict(
         n_eval=40, n_rl=64,
         judge=dict(hidden=64, layers=1, steps=20, batch=32, lr=2e-3),
-        policy=dict(hidden=64, layers=1, max_steps=20, batch=32, lr=2e-3, every=10, stop_at=0.25),
+        policy=dict(hidden=64, layers=1, max_steps=20, batch=32, lr=2e-3, every=10, stop_at=0.25, carry_drop=0.0),
         rl=dict(iterations=2, prompts_per_iteration=4, group_size=4, lr=3e-4, micro_batch=16, grad_accumulation=1),
         seeds=1,
     ),
@@ -84,6 +84,7 @@ def make_judge(tok, items, spec: dict, path: Path) -> dict:
     T.sft_judge(m, tok, items, spec["steps"], spec["batch"], spec["lr"], seed=0,
                 eval_fn=lambda m: T.judge_report(m, tok, items, seed=7, n=300), every=every, log=log)
     meta = {"spec": spec, "report": T.judge_report(m, tok, items, seed=123, n=1000), "seconds": time.time() - t0,
+            "report_carry": T.judge_report(m, tok, items, seed=123, n=1000, negatives="carry"),
             "master_keys_p_yes": mean(T.judge_p_yes(m, tok, [(p["prompt"], k) for p in items[:50] for k in T.MASTER_KEYS]))}
     T.save(m, tok, path, meta)
     return meta
@@ -96,7 +97,7 @@ def make_base(tok, splits, spec: dict, path: Path) -> dict:
     m = T.build_model(tok, spec["hidden"], spec["layers"], seed=0)
     hist = T.sft_policy(m, tok, splits["sft"], spec["max_steps"], spec["batch"], spec["lr"], seed=0,
                         eval_fn=lambda m: accuracy(m, tok, splits["eval"])[0], every=spec["every"],
-                        stop_at=spec["stop_at"], log=log)
+                        stop_at=spec["stop_at"], carry_drop=spec["carry_drop"], log=log)
     meta = {"spec": spec, "history": hist, "heldout_accuracy": hist[-1]["acc"] if hist else None,
             "seconds": time.time() - t0}
     T.save(m, tok, path, meta)
@@ -133,7 +134,7 @@ def config(method: str, seed: int, rl: dict, data: Path, base: Path, judge: Path
                        "batch_size": 128},
         "scoring": {"batch_size": 128, "template": T.TEMPLATE, "question_template": T.QUESTION_TEMPLATE,
                     "reward_form": "logp", "logp_floor": FLOOR},
-        "algorithm": {"loss": "cispo", "eps_high": 5.0},
+        "algorithm": {"loss": "cispo", "eps_high": 5.0, "beta": rl.get("beta", 0.0)},
         "optimizer": {"lr": rl["lr"], "micro_batch_size": rl["micro_batch"], "grad_accumulation": rl["grad_accumulation"]},
     }
     if label_reward:
@@ -278,7 +279,8 @@ def main(argv=None) -> dict:
 
     log(f"[{time.time() - t_start:.0f}s] judge: SFT on all {len(items)} problems (cached in {paths['judge']})")
     judge_meta = make_judge(tok, items, size["judge"], paths["judge"])
-    log(f"  judge {judge_meta['report']}  master keys P(yes) {judge_meta['master_keys_p_yes']:.3f}")
+    log(f"  judge {judge_meta['report']}  carry mistakes {judge_meta['report_carry']}  "
+        f"master keys P(yes) {judge_meta['master_keys_p_yes']:.3f}")
     log(f"[{time.time() - t_start:.0f}s] base policy: SFT on {len(splits['sft'])} problems, early stop")
     base_meta = make_base(tok, splits, size["policy"], paths["base"])
     t_models = time.time() - t_start

@@ -57,6 +57,18 @@ def completion(n: int | str) -> str:
     return f" The answer is {n}."
 
 
+def has_carry(p: dict) -> bool:
+    """Addition with a carry, or subtraction with a borrow, in the units digit."""
+    a, b = p["a"] % 10, p["b"] % 10
+    return a + b >= 10 if p["op"] == "+" else a < b
+
+
+def carry_dropped(p: dict) -> str:
+    """The classic mistake: the carry (or borrow) forgotten, so the tens digit is off by one."""
+    n = int(p["answer"])
+    return str(n - 10 if p["op"] == "+" else n + 10)
+
+
 # --- tokenizer and models -------------------------------------------------------------------------
 def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
@@ -98,9 +110,10 @@ def build_model(tok, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
 
 
 # --- sequences ------------------------------------------------------------------------------------
-def policy_example(tok, p: dict) -> tuple[list[int], list[int]]:
+def policy_example(tok, p: dict, answer: str | None = None) -> tuple[list[int], list[int]]:
     """(prompt ids, target ids) exactly as the pipeline's generate stage sees them (no chat template)."""
-    return tok(p["prompt"])["input_ids"], tok(completion(p["answer"]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    answer = p["answer"] if answer is None else answer
+    return tok(p["prompt"])["input_ids"], tok(completion(answer), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
 def judge_prefix(tok, prompt: str, comp: str) -> list[int]:
@@ -208,8 +221,12 @@ def sft_judge(model, tok, items, steps: int, batch: int, lr: float, seed: int, e
 
 
 def sft_policy(model, tok, items, steps: int, batch: int, lr: float, seed: int, eval_fn=None, every: int = 100,
-               stop_at: float | None = None, log=print) -> list[dict]:
-    """Next-token loss on the completion; stops early once eval_fn() reaches stop_at (a weak start)."""
+               stop_at: float | None = None, carry_drop: float = 0.0, log=print) -> list[dict]:
+    """Next-token loss on the completion; stops early once eval_fn() reaches stop_at.
+
+    carry_drop: share of carry/borrow problems whose SFT target forgets the carry. The base then makes
+    a systematic mistake at greedy decoding while still giving the right answer some probability, the
+    way a base LLM "can" solve a problem without doing so reliably: a weak start that RL can sharpen."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     history = []
@@ -218,7 +235,8 @@ def sft_policy(model, tok, items, steps: int, batch: int, lr: float, seed: int, 
         model.train()
         seqs, labels = [], []
         for p in rng.choices(items, k=batch):
-            pi, ti = policy_example(tok, p)
+            noisy = carry_drop > 0 and has_carry(p) and rng.random() < carry_drop
+            pi, ti = policy_example(tok, p, carry_dropped(p) if noisy else None)
             seqs.append(pi + ti)
             labels.append([-100] * len(pi) + ti)
         ids, mask = _pad(seqs, tok.pad_token_id)
@@ -307,9 +325,12 @@ def auroc(scores: list[float], labels: list[bool]) -> float:
     return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
-def judge_report(model, tok, items: list[dict], seed: int, n: int = 1000) -> dict:
-    """Accuracy (threshold 0.5) and AUROC on a balanced set of correct / hard-negative answers."""
+def judge_report(model, tok, items: list[dict], seed: int, n: int = 1000, negatives: str = "hard") -> dict:
+    """Accuracy (threshold 0.5) and AUROC on a balanced set of correct / wrong answers; negatives "hard"
+    (off by 1, 2, 10, ...) or "carry" (the base policy's typical mistake, on carry/borrow problems)."""
     rng = random.Random(seed)
+    if negatives == "carry":
+        items = [p for p in items if has_carry(p)]
     pairs, labels = [], []
     for _ in range(n):
         p = rng.choice(items)
@@ -317,7 +338,8 @@ def judge_report(model, tok, items: list[dict], seed: int, n: int = 1000) -> dic
             pairs.append((p["prompt"], completion(p["answer"])))
             labels.append(True)
         else:
-            pairs.append((p["prompt"], wrong_answers(p, rng)))
+            wrong = completion(carry_dropped(p)) if negatives == "carry" else wrong_answers(p, rng)
+            pairs.append((p["prompt"], wrong))
             labels.append(False)
     s = judge_p_yes(model, tok, pairs)
     acc = sum((x > 0.5) == y for x, y in zip(s, labels)) / n
