@@ -275,7 +275,6 @@ def main(argv=None) -> dict:
     tok = T.build_tokenizer(T.corpus(items))
     data = args.out / "rl_prompts.jsonl"
     data.write_text("".join(json.dumps({"id": p["id"], "question": p["prompt"], "answer": p["answer"]}) + "\n" for p in splits["rl"]))
-    key = f"{args.size}-" + validate_config.__module__.split(".")[0]  # cache per size
     paths = {"data": data, "runs": args.out / "runs",
              "judge": args.cache / f"judge-{args.size}", "base": args.cache / f"base-{args.size}"}
 
