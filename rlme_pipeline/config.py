@@ -180,17 +180,34 @@ class ProbeConfig(Section):
     alarm_share: float = Field(0.5, ge=0, le=1, description="alarm when an evaluator judges more than this share positive")
 
 
+class LabelRewardConfig(Section):
+    """Rule-based exact-match reward against data.label_column, on a share of the rollouts.
+
+    share 1.0 is plain RLVR (evaluators may then be empty); 0 < share < 1 is the paper's RLME-nGT remedy:
+    a deterministic share of rollouts (by a hash of the rollout id, so a resumed run picks the same ones)
+    gets the label reward *instead of* the evaluators' reward; the rest get the evaluators' reward. The
+    label reward is what a perfect, confident evaluator would give in scoring.reward_form's units, times
+    `weight`: logp / norm_logp: 0 (log 1) if correct, logp_floor if not; p: 1 if correct, 0 if not.
+    A selected rollout whose label is missing falls back to the evaluators' reward.
+    """
+
+    share: float = Field(1.0, ge=0, le=1, description="share of rollouts rewarded by exact match")
+    extractor: Literal["answer_is", "boxed", "last_number", "auto"] = "answer_is"
+    weight: float = Field(1.0, gt=0, description="scale; set it to the sum of v_j*w_k of the judgement it replaces")
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     data: DataConfig
     policy: ModelConfig
-    evaluators: list[EvaluatorConfig] = Field(min_length=1)
+    evaluators: list[EvaluatorConfig] = Field(default_factory=list)
     questions: list[QuestionConfig] = Field(min_length=1)
     generation: GenerationConfig = GenerationConfig()
     scoring: ScoringConfig = ScoringConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     probe: ProbeConfig = ProbeConfig()  # observation only: not part of hash()
+    label_reward: LabelRewardConfig | None = None  # None: labels are never read by training
     # Relative data/model paths are relative to the config file's folder, so a config works from any
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -206,6 +223,15 @@ class Config(Section):
         return ref
 
     @model_validator(mode="after")
+    def _reward_sources(self) -> Config:
+        lr = self.label_reward
+        if not self.evaluators and (lr is None or lr.share < 1):
+            raise ValueError("evaluators: at least one is required (unless label_reward.share is 1, plain RLVR)")
+        if lr is not None and lr.share > 0 and self.data.label_column is None:
+            raise ValueError("label_reward needs data.label_column: the column that holds the reference answer")
+        return self
+
+    @model_validator(mode="after")
     def _unique_names(self) -> Config:
         for field, names in (("evaluators", [e.name for e in self.evaluators]), ("questions", [q.id for q in self.questions])):
             dup = sorted({n for n in names if names.count(n) > 1})
@@ -218,6 +244,8 @@ class Config(Section):
         d = self.model_dump(mode="json")
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options")}
         d.pop("probe")  # measures the judges, changes nothing computed: runs made before it keep their hash
+        if d.get("label_reward") is None:  # added later: configs without it keep their old hash
+            d.pop("label_reward", None)
         return sha256_json(d)
 
     def with_overrides(self, **run_fields) -> Config:

@@ -68,9 +68,15 @@ def compute_rewards(
         # A missing or failed component leaves the reward undefined, not smaller.
         .with_columns(reward=pl.when(pl.col("n_failed") == 0).then(pl.col("reward")).otherwise(float("nan")))
     )
+    return with_advantages(out, scale_std).select(
+        "rollout_id", "prompt_id", "iteration", "reward", "advantage", "n_components", "n_failed"
+    )
+
+
+def with_advantages(df: pl.DataFrame, scale_std: bool = False) -> pl.DataFrame:
+    """Group-centred advantage (Dr. GRPO) over the finite rewards of each prompt; NaN stays NaN."""
     valid = pl.col("reward").filter(pl.col("reward").is_not_nan())
     adv = pl.col("reward") - valid.mean().over("prompt_id")
     if scale_std:
         adv = adv / (valid.std(ddof=0).over("prompt_id") + 1e-6)
-    out = out.with_columns(advantage=pl.when(pl.col("reward").is_nan()).then(float("nan")).otherwise(adv.fill_null(float("nan"))))
-    return out.select("rollout_id", "prompt_id", "iteration", "reward", "advantage", "n_components", "n_failed")
+    return df.with_columns(advantage=pl.when(pl.col("reward").is_nan()).then(float("nan")).otherwise(adv.fill_null(float("nan"))))

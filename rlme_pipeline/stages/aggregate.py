@@ -7,6 +7,7 @@ import time
 import polars as pl
 
 from rlme_pipeline.config import Config
+from rlme_pipeline.label_reward import mix_label_rewards
 from rlme_pipeline.rewards import component, compute_rewards
 from rlme_pipeline.run import Run, StageRecord
 
@@ -14,11 +15,21 @@ REWARDS = "rewards.parquet"
 
 
 def rewards_for(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame) -> pl.DataFrame:
-    return compute_rewards(
+    return rewards_and_metrics(cfg, scores, rollouts)[0]
+
+
+def rewards_and_metrics(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+    sc = cfg.scoring
+    rewards = compute_rewards(
         scores, rollouts,
         {e.name: e.weight for e in cfg.evaluators}, {q.id: q.weight for q in cfg.questions},
-        form=cfg.scoring.reward_form, floor=cfg.scoring.logp_floor, scale_std=cfg.algorithm.scale_advantage_std,
+        form=sc.reward_form, floor=sc.logp_floor, scale_std=cfg.algorithm.scale_advantage_std,
     )
+    lc = cfg.label_reward
+    if lc is None or lc.share == 0:
+        return rewards, {}
+    return mix_label_rewards(rewards, rollouts, lc, form=sc.reward_form, floor=sc.logp_floor,
+                             scale_std=cfg.algorithm.scale_advantage_std)
 
 
 def component_metrics(cfg: Config, scores: pl.DataFrame) -> dict[str, float]:
@@ -39,7 +50,7 @@ def aggregate(cfg: Config, run: Run, iteration: int) -> StageRecord:
     t0 = time.perf_counter()
     rollouts = run.read_table(iteration, "rollouts.parquet")
     scores = run.read_table(iteration, "scores.parquet")
-    rewards = rewards_for(cfg, scores, rollouts)
+    rewards, label_metrics = rewards_and_metrics(cfg, scores, rollouts)
     entry = run.write_table(iteration, REWARDS, rewards, "rewards")
     valid = rewards.filter(pl.col("reward").is_not_nan())
     return StageRecord(
@@ -49,5 +60,6 @@ def aggregate(cfg: Config, run: Run, iteration: int) -> StageRecord:
             "reward_std": valid["reward"].std(ddof=0) if valid.height else None,
             "masked_rollouts": rewards.height - valid.height,
             **component_metrics(cfg, scores),
+            **label_metrics,
         },
     )

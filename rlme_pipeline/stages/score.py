@@ -15,7 +15,7 @@ from rlme_pipeline.lineage import ModelRef, evaluator_at
 from rlme_pipeline.models import POOL
 from rlme_pipeline.progress import bar
 from rlme_pipeline.run import Run, StageRecord
-from rlme_pipeline.schemas import OK
+from rlme_pipeline.schemas import OK, SCORES as SCORES_SCHEMA
 
 SCORES = "scores.parquet"
 
@@ -73,7 +73,7 @@ def score_rollouts(
                             rows.append(_row(texts[i], judge, questions[k], res[j][kk], scoreset))
                 advance(len(idx))
                 crash_point("score:mid", texts[idx[0]]["iteration"])
-    return pl.DataFrame(rows)
+    return pl.DataFrame(rows) if rows else pl.DataFrame(schema=SCORES_SCHEMA)  # no judges: plain RLVR
 
 
 def _row(r: dict, judge: Judge, q: QuestionConfig, j: hf.Judgement, scoreset: str) -> dict:
@@ -98,7 +98,7 @@ def score(cfg: Config, run: Run, iteration: int) -> StageRecord:
     judges = judges_at(cfg, run, iteration)
     df = score_rollouts(rollouts, judges, cfg.questions, cfg.scoring, scoreset="train")
     entry = run.write_table(iteration, SCORES, df, "scores")
-    metrics = {"failed_share": float((df["status"] != OK).mean())}
+    metrics = {"failed_share": float((df["status"] != OK).mean()) if df.height else 0.0}
     if cfg.probe.every and iteration % cfg.probe.every == 0:
         from rlme_pipeline.probe import probe_metrics, run_probe, sample_prompts
 

@@ -30,7 +30,7 @@ def test_demo_config_is_valid_and_hash_ignores_where_and_how_far():
     "mutate, expected",
     [
         (lambda d: d.update(questions=[]), "questions: List should have at least 1 item"),
-        (lambda d: d.update(evaluators=[]), "evaluators: List should have at least 1 item"),
+        (lambda d: d.update(evaluators=[]), "evaluators: at least one is required (unless label_reward.share is 1"),
         (lambda d: d["generation"].update(temprature=0.7), "generation.temprature: unknown field"),
         (lambda d: d["optimizer"].update(lr=-1), "optimizer.lr: Input should be greater than 0"),
         (lambda d: d["algorithm"].update(loss="ppo"), "algorithm.loss"),

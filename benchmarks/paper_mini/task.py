@@ -1,0 +1,353 @@
+"""The miniature task, its tokenizer, and the SFT that makes the base policy and the judge.
+
+Two-digit addition and subtraction ("What is 23 + 15?" -> " The answer is 38."). Numbers are split
+into single digits by the pre-tokenizer, so arithmetic is learnable digit by digit; " Yes"/" No" stay
+single tokens, which the meta-evaluation reward needs.
+
+The judge is "knowledgeable": it is trained on every problem of the task (all operand pairs), as a
+pretrained evaluator would have seen arithmetic, with hard negatives (off by 1, 2, 10) and malformed
+answers, balanced Yes/No. The base policy is trained on a separate SFT split only, and stopped early
+while it is still weak: RL then has room to improve it, and the judge knows more than it does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+# The scoring templates the judge is trained on (short: every token is CPU time). The pipeline's score
+# stage must be configured with exactly these.
+TEMPLATE = "{prompt}{completion}\n"
+QUESTION_TEMPLATE = "{question}"
+QUESTION = "Is the answer correct?"
+MASTER_KEYS = [" ", ".", ",", ":", " Thought process:", " Let's solve this problem step by step.", " Solution",
+               " The answer is correct.", " The answer is the correct answer."]
+
+
+# --- data -----------------------------------------------------------------------------------------
+def problems(lo: int = 10, hi: int = 49) -> list[dict]:
+    """Every a+b and a-b (a >= b) with two-digit operands in [lo, hi]."""
+    out = []
+    for a in range(lo, hi + 1):
+        for b in range(lo, hi + 1):
+            out.append({"prompt": f"What is {a} + {b}?", "answer": str(a + b), "a": a, "b": b, "op": "+"})
+            if a >= b:
+                out.append({"prompt": f"What is {a} - {b}?", "answer": str(a - b), "a": a, "b": b, "op": "-"})
+    for i, p in enumerate(out):
+        p["id"] = f"{p['op']}{p['a']}_{p['b']}".replace("+", "add").replace("-", "sub")
+    return out
+
+
+def split(items: list[dict], seed: int, n_eval: int, n_rl: int) -> dict[str, list[dict]]:
+    """Disjoint splits: eval (held-out), rl (prompts for RL, labels never used by RLME), sft (the rest)."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return {"eval": items[:n_eval], "rl": items[n_eval : n_eval + n_rl], "sft": items[n_eval + n_rl :]}
+
+
+def completion(n: int | str) -> str:
+    return f" The answer is {n}."
+
+
+def has_carry(p: dict) -> bool:
+    """Addition with a carry, or subtraction with a borrow, in the units digit."""
+    a, b = p["a"] % 10, p["b"] % 10
+    return a + b >= 10 if p["op"] == "+" else a < b
+
+
+def carry_dropped(p: dict) -> str:
+    """The classic mistake: the carry (or borrow) forgotten, so the tens digit is off by one."""
+    n = int(p["answer"])
+    return str(n - 10 if p["op"] == "+" else n + 10)
+
+
+# --- tokenizer and models -------------------------------------------------------------------------
+def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[BOS, EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                 padding_side="left", model_max_length=256)
+    for w in (" Yes", " No", "Yes", "No"):
+        assert len(hf.encode(w, add_special_tokens=False)) == 1, w
+    return hf
+
+
+def corpus(items: list[dict]) -> list[str]:
+    lines = []
+    for p in items[:400]:
+        lines.append(TEMPLATE.format(prompt=p["prompt"], completion=completion(p["answer"])) +
+                     QUESTION_TEMPLATE.format(question=QUESTION) + " Yes")
+        lines.append(QUESTION_TEMPLATE.format(question=QUESTION) + " No")
+    lines += ["Yes No Yes No"] * 50 + MASTER_KEYS
+    return lines
+
+
+def build_model(tok, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_attention_heads=hidden // 64,
+                      num_key_value_heads=hidden // 64, head_dim=64, intermediate_size=hidden * 4,
+                      num_hidden_layers=layers, max_position_embeddings=256, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(cfg).to(torch.float32)
+    m.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id)
+    return m
+
+
+# --- sequences ------------------------------------------------------------------------------------
+def policy_example(tok, p: dict, answer: str | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids, target ids) exactly as the pipeline's generate stage sees them (no chat template)."""
+    answer = p["answer"] if answer is None else answer
+    return tok(p["prompt"])["input_ids"], tok(completion(answer), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def judge_prefix(tok, prompt: str, comp: str) -> list[int]:
+    """As the score stage builds it: template with bos, then the question suffix without."""
+    return (tok(TEMPLATE.format(prompt=prompt, completion=comp))["input_ids"]
+            + tok(QUESTION_TEMPLATE.format(question=QUESTION), add_special_tokens=False)["input_ids"])
+
+
+def wrong_answers(p: dict, rng: random.Random) -> str:
+    """A hard negative: off by 1, 2 or 10, a digit swap, or a random number."""
+    n = int(p["answer"])
+    kind = rng.random()
+    if kind < 0.6:
+        d = rng.choice([1, 2, 10, 1, 10, 20, 3, 9, 11])
+        m = n + d * rng.choice([-1, 1])
+    elif kind < 0.75 and n >= 10:
+        m = int(str(n)[::-1])
+    else:
+        m = rng.randint(0, 99)
+    if m == n or m < 0:
+        m = n + 1
+    return completion(m)
+
+
+def malformed(p: dict, rng: random.Random) -> str:
+    n = p["answer"]
+    return rng.choice([f" The answer is {n}", f" The answer is", f" The answer is {n}{n}.", f" {n}", f" The",
+                       f" The answer is {n[:1]}.", " The answer is correct.", "", rng.choice(MASTER_KEYS)])
+
+
+def judge_batch(tok, items: list[dict], rng: random.Random, n: int) -> tuple[list[list[int]], list[int]]:
+    yes, no = tok.encode(" Yes", add_special_tokens=False)[0], tok.encode(" No", add_special_tokens=False)[0]
+    seqs, targets = [], []
+    for _ in range(n):
+        p = rng.choice(items)
+        r = rng.random()
+        if r < 0.5:
+            comp, t = completion(p["answer"]), yes
+        elif r < 0.9:
+            comp, t = wrong_answers(p, rng), no
+        else:
+            comp, t = malformed(p, rng), no
+        seqs.append(judge_prefix(tok, p["prompt"], comp))
+        targets.append(t)
+    return seqs, targets
+
+
+# --- training -------------------------------------------------------------------------------------
+def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding for training (positions start at 0 for every row)."""
+    w = max(map(len, seqs))
+    ids = torch.full((len(seqs), w), pad)
+    mask = torch.zeros((len(seqs), w), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _lr(step: int, steps: int, lr: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def sft_judge(model, tok, items, steps: int, batch: int, lr: float, seed: int, eval_fn=None, every: int = 250,
+              lm_weight: float = 1.0, log=print) -> list[dict]:
+    """Cross-entropy on the single Yes/No token after the question, plus (lm_weight) the answer-generation
+    loss on every problem: a judge that has learnt the facts, as a pretrained LLM has."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    history = []
+    t0 = time.time()
+    for step in range(steps):
+        seqs, targets = judge_batch(tok, items, rng, batch)
+        ids, mask = _pad(seqs, tok.pad_token_id)
+        last = mask.sum(1) - 1
+        h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = model.lm_head(h[torch.arange(len(seqs)), last])
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
+        if lm_weight > 0:  # "pretraining": knowing the facts is what makes verifying them learnable
+            seqs, labels = [], []
+            for p in rng.choices(items, k=batch):
+                pi, ti = policy_example(tok, p)
+                seqs.append(pi + ti)
+                labels.append([-100] * len(pi) + ti)
+            ids, mask = _pad(seqs, tok.pad_token_id)
+            lab, _ = _pad(labels, -100)
+            loss = loss + lm_weight * model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % every == 0 or step == steps - 1:
+            model.eval()
+            rep = eval_fn(model) if eval_fn else {}
+            history.append({"step": step + 1, "loss": loss.item(), **rep})
+            log(f"  judge step {step + 1}: loss {loss.item():.3f} {rep} ({time.time() - t0:.0f}s)")
+            model.train()
+    model.eval()
+    return history
+
+
+def sft_policy(model, tok, items, steps: int, batch: int, lr: float, seed: int, eval_fn=None, every: int = 100,
+               stop_at: float | None = None, carry_drop: float = 0.0, log=print) -> list[dict]:
+    """Next-token loss on the completion; stops early once eval_fn() reaches stop_at.
+
+    carry_drop: share of carry/borrow problems whose SFT target forgets the carry. The base then makes
+    a systematic mistake at greedy decoding while still giving the right answer some probability, the
+    way a base LLM "can" solve a problem without doing so reliably: a weak start that RL can sharpen."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    history = []
+    t0 = time.time()
+    for step in range(steps):
+        model.train()
+        seqs, labels = [], []
+        for p in rng.choices(items, k=batch):
+            noisy = carry_drop > 0 and has_carry(p) and rng.random() < carry_drop
+            pi, ti = policy_example(tok, p, carry_dropped(p) if noisy else None)
+            seqs.append(pi + ti)
+            labels.append([-100] * len(pi) + ti)
+        ids, mask = _pad(seqs, tok.pad_token_id)
+        lab, _ = _pad(labels, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if eval_fn is not None and ((step + 1) % every == 0 or step == steps - 1):
+            model.eval()
+            acc = eval_fn(model)
+            history.append({"step": step + 1, "loss": loss.item(), "acc": acc})
+            log(f"  policy step {step + 1}: loss {loss.item():.3f} held-out acc {acc:.3f} ({time.time() - t0:.0f}s)")
+            if stop_at is not None and acc >= stop_at:
+                break
+    model.eval()
+    return history
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+@torch.no_grad()
+def greedy(model, tok, prompts: list[str], max_new_tokens: int = 10, batch: int = 256) -> list[str]:
+    """Greedy completions, left-padded with a KV cache (the pipeline's sampler, at temperature 0)."""
+    from rlme_pipeline.backends.hf import _left_pad, _positions
+    from transformers import DynamicCache
+
+    out = []
+    for s in range(0, len(prompts), batch):
+        ps = [tok(p)["input_ids"] for p in prompts[s : s + batch]]
+        ids, mask = _left_pad(ps, tok.pad_token_id)
+        cache = DynamicCache()
+        o = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache, use_cache=True)
+        pos = _positions(mask)[:, -1:]
+        toks = [[] for _ in ps]
+        done = torch.zeros(len(ps), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            nxt = o.logits[:, -1].argmax(-1)
+            for r in range(len(ps)):
+                if not done[r]:
+                    toks[r].append(int(nxt[r]))
+            done |= nxt == tok.eos_token_id
+            if done.all():
+                break
+            mask = torch.cat([mask, torch.ones((len(ps), 1), dtype=mask.dtype)], 1)
+            pos = pos + 1
+            o = model(input_ids=torch.where(done, tok.pad_token_id, nxt)[:, None], attention_mask=mask,
+                      position_ids=pos, past_key_values=cache, use_cache=True)
+        out += [tok.decode(t, skip_special_tokens=True) for t in toks]
+    return out
+
+
+@torch.no_grad()
+def judge_p_yes(model, tok, pairs: list[tuple[str, str]], batch: int = 256) -> list[float]:
+    """P(yes) normalised over yes/no mass, for (prompt, completion) pairs, via the pipeline's judge()."""
+    from rlme_pipeline.backends.hf import judge
+
+    yes, no = tok.encode(" Yes", add_special_tokens=False), tok.encode(" No", add_special_tokens=False)
+    q = tok(QUESTION_TEMPLATE.format(question=QUESTION), add_special_tokens=False)["input_ids"]
+    out = []
+    for s in range(0, len(pairs), batch):
+        pre = [tok(TEMPLATE.format(prompt=p, completion=c))["input_ids"] for p, c in pairs[s : s + batch]]
+        res = judge(model, pre, [q], yes, no, tok.pad_token_id, 256)
+        out += [1 / (1 + math.exp(r[0].logp_no - r[0].logp_yes)) for r in res]
+    return out
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float:
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return float("nan")
+    order = sorted((s, i) for i, s in enumerate(pos + neg))
+    ranks = [0.0] * len(order)
+    i = 0
+    while i < len(order):  # average ranks of ties
+        j = i
+        while j + 1 < len(order) and order[j + 1][0] == order[i][0]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k][1]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = sum(ranks[: len(pos)])
+    return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def judge_report(model, tok, items: list[dict], seed: int, n: int = 1000, negatives: str = "hard") -> dict:
+    """Accuracy (threshold 0.5) and AUROC on a balanced set of correct / wrong answers; negatives "hard"
+    (off by 1, 2, 10, ...) or "carry" (the base policy's typical mistake, on carry/borrow problems)."""
+    rng = random.Random(seed)
+    if negatives == "carry":
+        items = [p for p in items if has_carry(p)]
+    pairs, labels = [], []
+    for _ in range(n):
+        p = rng.choice(items)
+        if rng.random() < 0.5:
+            pairs.append((p["prompt"], completion(p["answer"])))
+            labels.append(True)
+        else:
+            wrong = completion(carry_dropped(p)) if negatives == "carry" else wrong_answers(p, rng)
+            pairs.append((p["prompt"], wrong))
+            labels.append(False)
+    s = judge_p_yes(model, tok, pairs)
+    acc = sum((x > 0.5) == y for x, y in zip(s, labels)) / n
+    return {"accuracy": acc, "auroc": auroc(s, labels), "n": n}
+
+
+def save(model, tok, path: Path, meta: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    (path / "bench_meta.json").write_text(json.dumps(meta, indent=2))
