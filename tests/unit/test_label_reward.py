@@ -18,7 +18,7 @@ FLOOR = math.log(1e-6)
 @pytest.mark.parametrize("text,extractor,want", [
     (" The answer is 38.", "answer_is", "38"),
     ("so the answer is -4", "answer_is", "-4"),
-    ("The answer is 1,234.", "answer_is", "1,234"),
+    ("The answer is 1,234.", "answer_is", "1234"),  # normalised: numbers compare by value
     ("The answer is 3. No wait, the answer is 5.", "answer_is", "5"),
     ("The answer is correct.", "answer_is", None),
     (r"thus \boxed{42} and \boxed{7}", "boxed", "7"),
@@ -106,8 +106,9 @@ def test_config_rules():
     # a config without label_reward keeps the hash it had before the field existed
     cfg = validate_config(with_judge)
     d = cfg.model_dump(mode="json")
-    d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage")}
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options")}
     d.pop("label_reward")
+    d.pop("probe")
     assert sha256_json(d) == cfg.hash()
     a = cfg.hash()
     b = validate_config({**with_judge, "label_reward": {"share": 0.1}}).hash()
