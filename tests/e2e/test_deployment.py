@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -190,7 +191,8 @@ def test_overlapping_runs_one_trains_the_other_touches_nothing(prefect, s3, micr
     run_uri = f"{s3.url()}/race"
     params = dict(config=config, run_uri=run_uri, advance=1)
     # Two runs of the same deployment at once: the deployment's concurrency limit (1, CANCEL_NEW) lets one in.
-    ids = [prefect.run_deployment("rlme_train/scheduled", **params) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        ids = list(pool.map(lambda _: prefect.run_deployment("rlme_train/scheduled", **params), range(2)))
     runs = prefect.wait(*ids)
     assert sorted(r.state.type.value for r in runs) == ["CANCELLED", "COMPLETED"], [(r.name, r.state) for r in runs]
     run = Run.from_url(run_uri)
