@@ -35,6 +35,15 @@ def split_run_uri(run_uri: str) -> tuple[str, str]:
     return root, run_id
 
 
+def stage_tasks(cfg) -> dict:
+    """The stage tasks by name, each with its `run.stage_timeout_s` limit. A stage that times out fails
+    that try and is retried (the task's retries); if all tries fail the flow run fails, and the finished
+    stages' records let the next (scheduled) run resume the iteration from the stage that failed."""
+    timeouts = cfg.run.stage_timeout_s
+    return {t.name: t.with_options(timeout_seconds=timeouts[t.name]) if t.name in timeouts else t
+            for t in (generate_task, score_task, aggregate_task, update_task, commit_task)}
+
+
 @flow(name="rlme_train", log_prints=True)
 def rlme_train(config: str, iterations: int | None = None, storage: str | None = None, run_id: str | None = None,
                run_uri: str | None = None, advance: int | None = None):
@@ -73,9 +82,7 @@ def _train(cfg, run: Run, lease: Lease, advance: int | None, log) -> dict:
     if advance is not None:
         cfg = cfg.with_overrides(iterations=(max(committed) + 1 if committed else 0) + advance)
     log.info("run %s: %d committed iterations, target %d", run.url, len(committed), cfg.run.iterations)
-    timeouts = cfg.run.stage_timeout_s
-    stages = {t.name: t if t.name not in timeouts else t.with_options(timeout_seconds=timeouts[t.name])
-              for t in (generate_task, score_task, aggregate_task, update_task, commit_task)}
+    stages = stage_tasks(cfg)
     made = []
     for i in range(cfg.run.iterations):
         if i in committed:
