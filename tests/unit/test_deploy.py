@@ -18,7 +18,7 @@ def test_prefect_yaml_deployments():
     assert train["entrypoint"] == "flows.train:rlme_train" and train["work_pool"]["name"] == "rlme-process"
     assert train["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     assert train["schedules"][0]["cron"] and set(train["parameters"]) == {"config", "run_uri", "advance"}
-    assert d["definitions"]["work_pools"]["gpu"]["job_variables"]["image"]
+    assert d["definitions"]["work_pools"]["gpu"]["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"]
     for dep in deps.values():  # every entrypoint names a flow the package exports
         from prefect.utilities.importtools import import_object
 
@@ -44,3 +44,13 @@ def test_split_run_uri():
     assert split_run_uri("./runs/demo") == ("./runs", "demo")
     with pytest.raises(ValueError, match="run_uri"):
         split_run_uri("demo")
+
+
+def test_rescore_questions_file_from_s3(s3):
+    from rlme_pipeline.scoreset import load_questions
+
+    uri = f"s3://{s3.name}/defs/questions.yaml"
+    s3.fs.pipe(uri.removeprefix("s3://"), b"- id: brief\n  text: Is the answer brief?\n")
+    assert [q.id for q in load_questions(uri)] == ["brief"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_questions(f"s3://{s3.name}/defs/missing.yaml")
