@@ -52,7 +52,10 @@ def train(
         _prefect_defaults()
         from flows.train import rlme_train
 
-        result = rlme_train(config=config, iterations=iterations, storage=storage, run_id=run_id)
+        state = rlme_train(config=config, iterations=iterations, storage=storage, run_id=run_id, return_state=True)
+        if state.is_cancelled():  # another process holds the run's lease: the flow touched nothing
+            _fail(RuntimeError(state.message))
+        result = state.result()
     except (ConfigError, RunMismatch, StorageError, LeaseHeld, LeaseLost, CorruptRun) as e:
         _fail(e)
     _print_status(_open(result["run"], result.get("storage_options")))

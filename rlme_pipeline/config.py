@@ -14,7 +14,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -40,6 +40,9 @@ class RunConfig(Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     iterations: int = Field(5, ge=1, description="total iterations the run should reach")
     seed: int = 0
+    # Wall-clock limit per stage task in seconds (keys: generate, score, aggregate, update, commit); a stage
+    # that runs past it fails that try and is retried. Operational, like iterations: not part of the hash.
+    stage_timeout_s: dict[Literal["generate", "score", "aggregate", "update", "commit"], Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
 
     @field_validator("id")
     @classmethod
@@ -242,7 +245,7 @@ class Config(Section):
     def hash(self) -> str:
         """What the run computes, excluding how far it goes and where it is stored."""
         d = self.model_dump(mode="json")
-        d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options")}
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options", "stage_timeout_s")}
         d.pop("probe")  # measures the judges, changes nothing computed: runs made before it keep their hash
         if d.get("label_reward") is None:  # added later: configs without it keep their old hash
             d.pop("label_reward", None)

@@ -63,7 +63,14 @@ class Definition(BaseModel):
 # --- inputs --------------------------------------------------------------------------------------
 def _load_list(path: str | Path, what: str) -> list:
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        if "://" in str(path) and not str(path).startswith("file://"):  # s3://... from a deployment's parameters
+            import fsspec
+
+            with fsspec.open(str(path), "rt", encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = Path(str(path).removeprefix("file://")).read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{what} file {str(path)!r} does not exist") from None
     except yaml.YAMLError as e:
@@ -96,7 +103,9 @@ def load_questions(path: str | Path) -> list[QuestionConfig]:
 def load_evaluators(path: str | Path) -> list[EvaluatorConfig]:
     """Relative model paths are relative to the evaluators file, like paths in a config."""
     evs = _validate(_load_list(path, "evaluators"), EvaluatorConfig, path, "evaluators")
-    base = Path(path).resolve().parent
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return evs  # model references in a remote file are used as written
+    base = Path(str(path).removeprefix("file://")).resolve().parent
     return [ev.model_copy(update={"model": str((base / ev.model).resolve())}) if (base / ev.model).exists() else ev for ev in evs]
 
 

@@ -1,0 +1,56 @@
+"""prefect.yaml and the scheduling knobs of rlme_train, checked without a server."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from flows.train import split_run_uri, stage_tasks
+from rlme_pipeline.config import ConfigError, load_config
+from tests.conftest import DEMO, ROOT
+
+
+def test_prefect_yaml_deployments():
+    d = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deps = {x["name"]: x for x in d["deployments"]}
+    assert set(deps) == {"scheduled", "rescore", "audit"}
+    train = deps["scheduled"]
+    assert train["entrypoint"] == "flows.train:rlme_train" and train["work_pool"]["name"] == "rlme-process"
+    assert train["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    assert train["schedules"][0]["cron"] and set(train["parameters"]) == {"config", "run_uri", "advance"}
+    assert d["definitions"]["work_pools"]["gpu"]["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"]
+    for dep in deps.values():  # every entrypoint names a flow the package exports
+        from prefect.utilities.importtools import import_object
+
+        assert import_object(dep["entrypoint"]).name.startswith("rlme_")
+
+
+def test_stage_timeouts_from_config_and_not_in_the_hash():
+    cfg = load_config(DEMO)
+    assert all(t.timeout_seconds is None for t in stage_tasks(cfg).values())
+    timed = cfg.with_overrides(stage_timeout_s={"update": 600, "score": 120.5})
+    tasks = stage_tasks(timed)
+    assert tasks["update"].timeout_seconds == 600 and tasks["score"].timeout_seconds == 120.5
+    assert tasks["generate"].timeout_seconds is None and tasks["update"].retries == 2
+    assert timed.hash() == cfg.hash()  # operational, like iterations: an existing run may add timeouts
+    with pytest.raises(ConfigError, match="stage_timeout_s"):
+        cfg.with_overrides(stage_timeout_s={"updat": 10})
+    with pytest.raises(ConfigError, match="stage_timeout_s"):
+        cfg.with_overrides(stage_timeout_s={"update": 0})
+
+
+def test_split_run_uri():
+    assert split_run_uri("s3://bucket/runs/exp-42/") == ("s3://bucket/runs", "exp-42")
+    assert split_run_uri("./runs/demo") == ("./runs", "demo")
+    with pytest.raises(ValueError, match="run_uri"):
+        split_run_uri("demo")
+
+
+def test_rescore_questions_file_from_s3(s3):
+    from rlme_pipeline.scoreset import load_questions
+
+    uri = f"s3://{s3.name}/defs/questions.yaml"
+    s3.fs.pipe(uri.removeprefix("s3://"), b"- id: brief\n  text: Is the answer brief?\n")
+    assert [q.id for q in load_questions(uri)] == ["brief"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_questions(f"s3://{s3.name}/defs/missing.yaml")
