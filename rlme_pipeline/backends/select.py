@@ -25,6 +25,8 @@ from rlme_pipeline.models import POOL, load_tokenizer
 _LIVE: dict[tuple, object] = {}
 # every server start (seconds to healthy) in this process: the reload cost, reported as a stage metric
 START_SECONDS: list[float] = []
+# the servers/LLMs a stage is using right now (tests kill one mid-stage)
+IN_USE: list[object] = []
 
 
 def eos_ids(model, tok) -> set[int]:
@@ -75,18 +77,22 @@ def _vllm_python(v: VllmConfig) -> str:
 def _resource(v: VllmConfig, key: tuple, make):
     """A started server/LLM for the stage: reused from keep_alive, else made, and stopped after unless kept."""
     if key in _LIVE:
-        obj = _LIVE[key]
-        if not hasattr(obj, "alive") or obj.alive():
-            yield obj
-            return
-        _LIVE.pop(key).stop()
+        obj = _LIVE.pop(key)
+        if hasattr(obj, "alive") and not obj.alive():
+            obj.stop()
+            obj = None
+    else:
+        obj = None
     close_all()  # one at a time: a different model's server/LLM goes first (memory)
-    obj = make()
+    obj = obj or make()
+    IN_USE.append(obj)
     try:
         yield obj
     except BaseException:
         _close(obj)
         raise
+    finally:
+        IN_USE.remove(obj)
     if v.keep_alive:
         _LIVE[key] = obj
     else:
