@@ -34,6 +34,7 @@ def generate(cfg: Config, run: Run, iteration: int) -> StageRecord:
     starts_before = len(select.START_SECONDS)
     with select.open_generator(cfg.vllm, ref, g.backend) as (gen, tok):
         rows = _generate(cfg, run, iteration, prompts, ref, gen, tok)
+        client_stats = dict(gen.client.stats) if hasattr(gen, "client") else {}
     server_start = select.START_SECONDS[starts_before:]
     df = pl.DataFrame(rows).sort("prompt_id", "sample_index")
     entry = run.write_table(iteration, ROLLOUTS, df, "rollouts")
@@ -44,6 +45,9 @@ def generate(cfg: Config, run: Run, iteration: int) -> StageRecord:
     }
     if server_start:  # loading this iteration's weights into vLLM: the per-iteration reload cost
         metrics["backend_start_seconds"] = float(sum(server_start))
+    for k in ("retries", "restarts"):  # openai backend: what it took to get every sample
+        if k in client_stats:
+            metrics[f"backend_{k}"] = client_stats[k]
     return StageRecord(
         stage="generate", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0, metrics=metrics,
         info={"policy": {"ref": cfg.policy.model, "version": ref.version}, "prompt_ids": prompts["prompt_id"].to_list(),
