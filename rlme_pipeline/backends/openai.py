@@ -61,12 +61,13 @@ def _run(coro):
 
 class Client:
     def __init__(self, url: str | None = None, server: ManagedServer | None = None, *, max_concurrency: int = 16,
-                 timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0, model: str | None = None):
+                 timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0, model: str | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
         if (url is None) == (server is None):
             raise ValueError("give exactly one of url (external server) or server (managed)")
         self._url, self.server = url, server
         self.max_concurrency, self.timeout_s, self.retries, self.backoff_s = max_concurrency, timeout_s, retries, backoff_s
-        self.model = model
+        self.model, self.transport = model, transport  # transport: tests answer requests without a server
         self.stats = {"requests": 0, "retries": 0, "failed": 0, "restarts": 0}
 
     @property
@@ -81,7 +82,7 @@ class Client:
         sem = asyncio.Semaphore(self.max_concurrency)
         restart_lock = asyncio.Lock()
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as http:
+        async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, transport=self.transport) as http:
             async def one(body):
                 async with sem:
                     return await self._post(http, body, restart_lock)

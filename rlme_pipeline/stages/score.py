@@ -109,7 +109,8 @@ def score(cfg: Config, run: Run, iteration: int) -> StageRecord:
     if cfg.probe.every and iteration % cfg.probe.every == 0:
         from rlme_pipeline.probe import probe_metrics, run_probe, sample_prompts
 
-        table = run_probe(judges, cfg.questions, cfg.scoring, sample_prompts(rollouts, cfg.probe.prompts, cfg.run.seed), iteration)
+        table = run_probe(judges, cfg.questions, cfg.scoring, sample_prompts(rollouts, cfg.probe.prompts, cfg.run.seed), iteration,
+                          vllm=cfg.vllm)
         metrics.update(probe_metrics(table, cfg.probe.alarm_share))
     return StageRecord(
         stage="score", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0,
