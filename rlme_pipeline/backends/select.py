@@ -47,6 +47,28 @@ def max_positions_of(path: str) -> int:
         return 1 << 30
 
 
+# What vLLM must not see in a checkpoint directory: it loads every *.safetensors it finds as weights, and
+# the trainer's rng.safetensors is not.
+TRAINER_FILES = {"rng.safetensors", "optimizer.pt", "trainer_state.json"}
+
+
+def serving_dir(path: str) -> str:
+    """`path` itself, or for a training checkpoint a directory of links to its model files only."""
+    p = Path(path)
+    if not p.is_dir() or not any((p / f).exists() for f in TRAINER_FILES):
+        return path
+    import hashlib
+    import tempfile
+
+    view = Path(tempfile.gettempdir()) / f"rlme-vllm-view-{hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:16]}"
+    view.mkdir(exist_ok=True)
+    for f in p.iterdir():
+        link = view / f.name
+        if f.name not in TRAINER_FILES and not link.exists():
+            link.symlink_to(f.resolve())
+    return str(view)
+
+
 def close_all() -> None:
     for key in list(_LIVE):
         _close(_LIVE.pop(key))
@@ -128,7 +150,7 @@ def _openai_client(v: VllmConfig, ref: ModelRef):
     key = ("server", python, ref.path, ref.version, ref.dtype, tuple(v.server_args))
 
     def make():
-        srv = ManagedServer(python, ref.path, dtype=ref.dtype, args=v.server_args, env=v.env,
+        srv = ManagedServer(python, serving_dir(ref.path), dtype=ref.dtype, args=v.server_args, env=v.env,
                             startup_timeout_s=v.startup_timeout_s, max_restarts=v.max_restarts)
         srv.start()
         START_SECONDS.append(srv.startup_seconds[-1])
@@ -144,7 +166,7 @@ def _llm(v: VllmConfig, ref: ModelRef):
     from rlme_pipeline.backends.vllm import load_llm
 
     key = ("llm", ref.path, ref.version, ref.dtype)
-    with _resource(v, key, lambda: load_llm(ref.path, ref.dtype, **v.engine_kwargs)) as llm:
+    with _resource(v, key, lambda: load_llm(serving_dir(ref.path), ref.dtype, **v.engine_kwargs)) as llm:
         yield llm
 
 
