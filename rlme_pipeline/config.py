@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -226,6 +227,16 @@ class Config(Section):
             if (base / p).exists():
                 return str((base / p).resolve())
         return ref
+
+    def vllm_settings(self) -> VllmConfig:
+        """The vllm section with a relative interpreter path resolved like the other paths."""
+        py = self.vllm.python
+        if py and not Path(py).expanduser().is_absolute():
+            # not resolve(): a venv's bin/python is a symlink, and following it leaves the venv
+            for base in (self._base_dir, Path.cwd()):
+                if (base / py).exists():
+                    return self.vllm.model_copy(update={"python": os.path.abspath(base / py)})
+        return self.vllm
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

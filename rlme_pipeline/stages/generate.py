@@ -32,7 +32,7 @@ def generate(cfg: Config, run: Run, iteration: int) -> StageRecord:
     prompts = prompts_for_iteration(load_prompts(cfg), cfg, iteration)
     ref = policy_at(run, cfg, iteration)
     starts_before = len(select.START_SECONDS)
-    with select.open_generator(cfg.vllm, ref, g.backend) as (gen, tok):
+    with select.open_generator(cfg.vllm_settings(), ref, g.backend) as (gen, tok):
         rows = _generate(cfg, run, iteration, prompts, ref, gen, tok)
         client_stats = dict(gen.client.stats) if hasattr(gen, "client") else {}
     server_start = select.START_SECONDS[starts_before:]

@@ -101,7 +101,7 @@ def score(cfg: Config, run: Run, iteration: int) -> StageRecord:
     rollouts = run.read_table(iteration, "rollouts.parquet")
     judges = judges_at(cfg, run, iteration)
     starts_before = len(select.START_SECONDS)
-    df = score_rollouts(rollouts, judges, cfg.questions, cfg.scoring, scoreset="train", vllm=cfg.vllm)
+    df = score_rollouts(rollouts, judges, cfg.questions, cfg.scoring, scoreset="train", vllm=cfg.vllm_settings())
     entry = run.write_table(iteration, SCORES, df, "scores")
     metrics = {"failed_share": float((df["status"] != OK).mean())}
     if server_start := select.START_SECONDS[starts_before:]:
@@ -110,7 +110,7 @@ def score(cfg: Config, run: Run, iteration: int) -> StageRecord:
         from rlme_pipeline.probe import probe_metrics, run_probe, sample_prompts
 
         table = run_probe(judges, cfg.questions, cfg.scoring, sample_prompts(rollouts, cfg.probe.prompts, cfg.run.seed), iteration,
-                          vllm=cfg.vllm)
+                          vllm=cfg.vllm_settings())
         metrics.update(probe_metrics(table, cfg.probe.alarm_share))
     return StageRecord(
         stage="score", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0,

@@ -46,3 +46,16 @@ def test_managed_server_needs_an_interpreter(monkeypatch, tmp_path):
     with pytest.raises(BackendError, match="does not exist"):
         with open_generator(VllmConfig(python=str(tmp_path / "nope" / "python")), ref, "openai"):
             pass
+
+
+def test_a_relative_interpreter_is_found_next_to_the_config_without_leaving_the_venv(tmp_path):
+    import yaml
+
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").symlink_to("/usr/bin/env")
+    d = yaml.safe_load(DEMO.read_text())
+    d["data"]["path"] = str(DEMO.parent / d["data"]["path"])
+    d["vllm"] = {"python": "venv/bin/python"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    assert load_config(tmp_path / "c.yaml").vllm_settings().python == str(venv_bin / "python")
