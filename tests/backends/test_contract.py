@@ -65,6 +65,7 @@ def result(request, spec, hf_result, tiny_models):
             _CACHE[name] = run_scenarios(OpenAIGenerator(client), OpenAIJudge(client, 1024), spec)
         else:
             _CACHE[name] = run_inproc_vllm(vllm_python, str(tiny_models["policy"]), spec)
+            print(f"vllm.LLM load: {_CACHE[name]['load_seconds']:.1f} s")
     return name, _CACHE[name]
 
 
