@@ -80,9 +80,15 @@ atexit.register(close_all)
 def _close(obj) -> None:
     if hasattr(obj, "stop"):
         obj.stop()
-    else:  # an in-process LLM: drop it and its engine
+    else:  # an in-process LLM: stop its engine processes, then drop it
         import gc
 
+        core = getattr(getattr(obj, "llm_engine", None), "engine_core", None)
+        try:
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort; the LLM is dropped either way
+            pass
         del obj
         gc.collect()
 
