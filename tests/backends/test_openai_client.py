@@ -68,3 +68,14 @@ def test_generation_request_shape():
     body = json.loads(seen[0].content)
     assert body["prompt"] == [1, 2] and body["n"] == 1 and body["seed"] == 1234 and body["logprobs"] == 0
     assert body["return_token_ids"] is True and body["max_tokens"] == 5
+
+
+def test_works_from_inside_a_running_event_loop():
+    """Prefect may call a sync stage from a thread that runs an event loop."""
+    import asyncio
+
+    async def main():
+        client, _ = _client([_judge_reply(1, 5, 6)])
+        return OpenAIJudge(client, 1024).judge([[1]], [[7]], [5], [6])
+
+    assert asyncio.run(main())[0][0].status == "ok"

@@ -59,3 +59,9 @@ def test_a_relative_interpreter_is_found_next_to_the_config_without_leaving_the_
     d["vllm"] = {"python": "venv/bin/python"}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
     assert load_config(tmp_path / "c.yaml").vllm_settings().python == str(venv_bin / "python")
+
+
+def test_the_vllm_demo_config_loads():
+    cfg = load_config(DEMO.parent / "demo-vllm.yaml")
+    assert cfg.generation.backend == cfg.scoring.backend == "openai"
+    assert cfg.vllm_settings().python.endswith(".venv-vllm/bin/python")
