@@ -65,7 +65,10 @@ def serving_dir(path: str) -> str:
     for f in p.iterdir():
         link = view / f.name
         if f.name not in TRAINER_FILES and not link.exists():
-            link.symlink_to(f.resolve())
+            try:
+                link.symlink_to(f.resolve())
+            except FileExistsError:  # another process made the same view
+                pass
     return str(view)
 
 
