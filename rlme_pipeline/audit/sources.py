@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from rlme_pipeline.parquet_io import scan
-from rlme_pipeline.run import MANIFEST, Run, iter_dir
+from rlme_pipeline.run import MANIFEST, Run
 from rlme_pipeline.scoreset import TRAIN
 
 

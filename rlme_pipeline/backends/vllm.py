@@ -1,0 +1,72 @@
+"""The `vllm` backend: vllm.LLM in-process (GPU hosts; `pip install 'rlme[vllm]'`).
+
+Imported only when a stage selects it. Same request shapes as the `openai` backend: one SamplingParams
+per (prompt, seed) with n = 1 (per-sample determinism), `logprobs_mode="processed_logprobs"` (log-probs of
+logits / T), prefix caching on, and `logprob_token_ids` for the exact answer log-probs.
+Scripts that build an LLM need an `if __name__ == "__main__":` guard (vLLM starts worker processes).
+This module imports nothing from the pipeline beyond `rlme_pipeline.backends`, so it runs in the vLLM
+virtualenv too.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rlme_pipeline.backends import STATUS_CONTEXT_OVERFLOW, STATUS_NONFINITE, STATUS_OK, Judgement, Sample, logsumexp
+
+
+def load_llm(model: str, dtype: str = "float32", **engine_kwargs):
+    from vllm import LLM
+
+    kw = dict(enable_prefix_caching=True, logprobs_mode="processed_logprobs", seed=0)
+    kw.update(engine_kwargs)
+    return LLM(model=model, dtype=dtype, **kw)
+
+
+class VLLMGenerator:
+    def __init__(self, llm):
+        self.llm = llm
+
+    def sample(self, prompts, seeds, *, max_new_tokens, temperature, top_p) -> list[Sample]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(n=1, seed=int(s), temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                 logprobs=0, skip_special_tokens=False) for s in seeds]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        samples = []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs)]
+            samples.append(Sample(ids, lps, "stop" if c.finish_reason == "stop" else "length"))
+        return samples
+
+
+class VLLMJudge:
+    def __init__(self, llm):
+        self.llm = llm
+        self.max_positions = llm.llm_engine.model_config.max_model_len
+
+    def judge(self, prefixes, questions, yes_ids, no_ids) -> list[list[Judgement]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        K = len(questions)
+        longest_q = max(len(q) for q in questions)
+        wanted = sorted(set(yes_ids) | set(no_ids))
+        results = [[Judgement(None, None, STATUS_CONTEXT_OVERFLOW)] * K for _ in prefixes]
+        rows = [b for b, p in enumerate(prefixes) if len(p) + longest_q <= self.max_positions]
+        prompts = [TokensPrompt(prompt_token_ids=list(prefixes[b]) + list(q)) for b in rows for q in questions]
+        if not prompts:
+            return results
+        sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(wanted), logprob_token_ids=wanted)
+        outs = self.llm.generate(prompts, sp, use_tqdm=False)
+        for i, o in enumerate(outs):
+            b, k = rows[i // K], i % K
+            top = o.outputs[0].logprobs[0]
+            y = logsumexp([float(top[t].logprob) for t in yes_ids])
+            n = logsumexp([float(top[t].logprob) for t in no_ids])
+            ok = math.isfinite(y) and math.isfinite(n)
+            results[b][k] = Judgement(y, n, STATUS_OK) if ok else Judgement(None, None, STATUS_NONFINITE)
+        return results
