@@ -25,7 +25,7 @@ def label_metrics(ss: Scoreset) -> pl.DataFrame:
     """AUROC (Mann-Whitney, ties counted half) and accuracy of `p_yes > 0.5` against correctness.
     AUROC is null when a cell has only correct or only incorrect rollouts."""
     keys = ["evaluator", "question_id"]
-    pos, neg = pl.col("correct").sum(), (~pl.col("correct")).sum()
+    pos = pl.col("correct").sum()
     return (
         judged(ss).with_columns(rank=pl.col("p_yes").rank("average").over(keys))
         .group_by(keys)
