@@ -38,15 +38,16 @@ def build(base: Path, n: int, tokens: int) -> str:
         train(cfg, Run(Store(cfg.run.storage), cfg.run.id))
     dst = base / f"n{n}" / "demo"
     shutil.copytree(seed_run / "demo", dst, dirs_exist_ok=True)
-    src = pl.read_parquet(dst / "iter-000000" / "rollouts.parquet")
+    run = Run(Store(str(base / f"n{n}")), "demo")
+    src = run.read_table(0, "rollouts.parquet")
     reps = -(-n // src.height)
     big = pl.concat([src.with_columns(prompt_id=pl.col("prompt_id") + f"-{r}", rollout_id=pl.col("rollout_id") + f"-{r}") for r in range(reps)]).head(n)
     big = big.with_columns(completion_token_ids=pl.lit(list(range(tokens)), pl.List(pl.Int32)),
                            behavior_logprobs=pl.lit([-1.0] * tokens, pl.List(pl.Float32)))
-    run = Run(Store(str(base / f"n{n}")), "demo")
-    entry = run.store.write_table("iter-000000/rollouts.parquet", big, "rollouts")
+    # Swap the committed rollouts for the big table: a new attempt file, listed by a rewritten manifest.
+    entry = run.write_table(0, "rollouts.parquet", big, "rollouts")
     m = run.store.read_json("iter-000000/MANIFEST.json")
-    m["files"] = [entry.model_dump(mode="json") if f["path"].endswith("rollouts.parquet") else f for f in m["files"]]
+    m["files"] = [entry.model_dump(mode="json") if f.get("name") == entry.name else f for f in m["files"]]
     run.store.write_json("iter-000000/MANIFEST.json", m)
     return str(dst)
 
@@ -65,9 +66,7 @@ def child(run_url: str, mode: str, shard_rows: int) -> None:
 
     run = Run.from_url(run_url)
     if mode == "naive":
-        import polars as pl
-
-        df = pl.read_parquet(f"{run_url}/iter-000000/rollouts.parquet")
+        df = run.read_table(0, "rollouts.parquet")
         print(json.dumps({"rows": df.height, "maxrss_mb": peak_mb()}))
         return
     import torch  # noqa: F401  (imported before measuring so both modes share the baseline)
