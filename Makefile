@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Benchmarks (not part of `make test`): installs the `bench` extra (TRL) and prints the tables in
+# benchmarks/RESULTS.md. Full sizes take a while on a small CPU machine; add ARGS=--tiny for smoke sizes.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[dev,bench]'
+	PYTHONPATH=. $(BIN)/python -m benchmarks.scoring $(ARGS)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.logprobs $(ARGS)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.orchestration $(ARGS)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.vs_trl $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -72,7 +72,8 @@ def main() -> None:
             for mode in ("direct", "prefect") if r % 2 == 0 else ("prefect", "direct"):
                 home = os.path.join(tmp, f"prefect-{mode}-{r}")
                 env = {"PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": "",
-                       "PREFECT_LOGGING_LEVEL": "WARNING"}
+                       "PREFECT_LOGGING_LEVEL": "WARNING",
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
                 res[mode].append(run_case("benchmarks.orchestration", {
                     "mode": mode, "config": a.config, "iterations": a.iterations,
                     "storage": os.path.join(tmp, f"runs-{mode}-{r}")}, env=env))
