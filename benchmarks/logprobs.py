@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--completion", type=int, default=256)
-    ap.add_argument("--chunk-tokens", type=int, default=1024, help="the config default (optimizer.logprob_chunk_tokens)")
+    ap.add_argument("--chunk-tokens", type=int, default=256, help="the config default (optimizer.logprob_chunk_tokens)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="smoke sizes: vocab 2000, 2 x (8 + 16) tokens, one repeat")
     a = ap.parse_args()
