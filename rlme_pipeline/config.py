@@ -218,6 +218,9 @@ class Config(Section):
         d = self.model_dump(mode="json")
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options")}
         d.pop("probe")  # measures the judges, changes nothing computed: runs made before it keep their hash
+        # a memory/speed knob: every token's log-prob is the same whatever the chunking, and runs made when
+        # its default was 1024 must still resume now that it is 256
+        d["optimizer"].pop("logprob_chunk_tokens")
         return sha256_json(d)
 
     def with_overrides(self, **run_fields) -> Config:
