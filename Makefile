@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-vllm vllm-venv install clean
+.PHONY: demo test test-vllm vllm-venv install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,15 @@ vllm-venv:
 # The backend contract suite and a 2-iteration run against a real vLLM server on 127.0.0.1 (CPU).
 test-vllm: $(STAMP) vllm-venv
 	RLME_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -ra tests/backends
+
+# Benchmarks (not part of `make test`): installs the `bench` extra (TRL) and prints the tables in
+# benchmarks/RESULTS.md. Full sizes take a while on a small CPU machine; add ARGS=--tiny for smoke sizes.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[dev,bench]'
+	PYTHONPATH=. $(BIN)/python -m benchmarks.scoring $(ARGS)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.logprobs $(ARGS)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.orchestration $(ARGS)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.vs_trl $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -13,11 +13,28 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "
 
 
 def load_prompts(cfg: Config) -> pl.DataFrame:
-    """All prompts as (prompt_id, prompt, label); columns are checked here, before any model loads."""
+    """All prompts as (prompt_id, prompt, label); columns are checked here, before any model loads.
+
+    Memoised per process on the data settings and, for a local file, its size and mtime: every iteration's
+    generate stage asks for the prompts, and `datasets.load_dataset` costs ~0.5 s each time (fingerprints,
+    lock files, Arrow cache) on a small CPU machine: a large share of a tiny iteration."""
+    d = cfg.data
+    path = cfg.resolve(d.path)
+    st = Path(path).stat() if Path(path).is_file() else None
+    key = (path, st and (st.st_size, st.st_mtime_ns), d.split, d.prompt_column, d.id_column, d.label_column)
+    if key not in _CACHE:
+        _CACHE.clear()  # one data set per process is the usual case; keep memory flat otherwise
+        _CACHE[key] = _load(cfg, path)
+    return _CACHE[key]
+
+
+_CACHE: dict[tuple, pl.DataFrame] = {}
+
+
+def _load(cfg: Config, path: str) -> pl.DataFrame:
     import datasets  # heavy import, only where used
 
     d = cfg.data
-    path = cfg.resolve(d.path)
     suffix = Path(path).suffix.lower()
     if Path(path).is_file():
         if suffix not in _BUILDERS:

@@ -1,0 +1,73 @@
+"""Helpers shared by the benchmark scripts: fresh-subprocess measurements, own-process peak memory, tables.
+
+Every measured case runs in its own subprocess (`python -m benchmarks.X --case JSON`) so that its peak
+resident memory is its own: VmHWM from /proc/self/status, not ru_maxrss, which Linux carries over from a
+forking parent. Cases of two variants alternate (A B A B ...) and ratios are medians of pairs measured
+side by side: these machines are small and shared, and a neighbour's test run shifts absolute times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vm_kib(field: str = "VmHWM") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_case(module: str, case: dict, env: dict | None = None, timeout: float = 1800) -> dict:
+    """Run `python -m module --case JSON` in a fresh interpreter; its last stdout line is a JSON result."""
+    e = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+         "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    p = subprocess.run([sys.executable, "-m", module, "--case", json.dumps(case)], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{module} {case} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def emit(result: dict) -> None:
+    print(json.dumps(result), flush=True)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def spread(xs) -> str:
+    """min-max as a share of the median: how noisy the repeats were."""
+    if len(xs) < 2:
+        return "-"
+    m = median(xs)
+    return f"±{100 * (max(xs) - min(xs)) / 2 / m:.0f}%" if m else "-"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine() -> str:
+    import platform
+
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    import torch
+
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} torch threads"

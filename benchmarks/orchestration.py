@@ -1,0 +1,97 @@
+"""Orchestration overhead: the Prefect flow `rlme_train` versus calling the same stage functions directly.
+
+    PYTHONPATH=. python -m benchmarks.orchestration [--config configs/demo.yaml] [--iterations 3] [--repeats 2] [--tiny]
+
+Each case is a fresh subprocess with a fresh storage dir and PREFECT_HOME. "direct" calls
+`rlme_pipeline.iteration.train(cfg, run)`; "prefect" first runs an empty flow (that starts Prefect's temporary
+local server: reported as startup), then `flows.train.rlme_train` for the same config. Per-iteration time
+is the wall time of the training call divided by the iterations; the first iteration (model loads) is
+included in both. Cases alternate direct/prefect; overhead = median over pairs of prefect/direct - 1.
+Target: <= 10% of an iteration of the demo config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+from benchmarks._common import ROOT, emit, machine, median, run_case, spread, table
+
+
+def case(c: dict) -> dict:
+    t_import = time.perf_counter()
+    storage = c["storage"]
+    if c["mode"] == "direct":
+        from rlme_pipeline.config import load_config
+        from rlme_pipeline.iteration import train
+        from rlme_pipeline.run import Run
+
+        cfg = load_config(c["config"]).with_overrides(storage=storage, iterations=c["iterations"])
+        t0, c0 = time.perf_counter(), time.process_time()
+        train(cfg, Run.for_config(cfg))
+        secs, cpu, startup = time.perf_counter() - t0, time.process_time() - c0, 0.0
+    else:
+        from prefect import flow
+
+        from flows.train import rlme_train
+
+        @flow
+        def noop():
+            return 1
+
+        t0 = time.perf_counter()
+        noop()  # starts the temporary server, which then serves the training flow too
+        startup = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        rlme_train(c["config"], iterations=c["iterations"], storage=storage)
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": secs, "per_iteration": secs / c["iterations"], "cpu_per_iteration": cpu / c["iterations"], "startup": startup,
+            "import": t0 - t_import - startup}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--case")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="smoke sizes: 1 iteration, one repeat")
+    a = ap.parse_args()
+    if a.case:
+        import json
+
+        emit(case(json.loads(a.case)))
+        return
+    if a.tiny:
+        a.iterations, a.repeats = 1, 1
+    res: dict[str, list[dict]] = {"direct": [], "prefect": []}
+    with tempfile.TemporaryDirectory(prefix="rlme-bench-orch-") as tmp:
+        for r in range(a.repeats):
+            for mode in ("direct", "prefect") if r % 2 == 0 else ("prefect", "direct"):
+                home = os.path.join(tmp, f"prefect-{mode}-{r}")
+                env = {"PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": "",
+                       "PREFECT_LOGGING_LEVEL": "WARNING",
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+                res[mode].append(run_case("benchmarks.orchestration", {
+                    "mode": mode, "config": a.config, "iterations": a.iterations,
+                    "storage": os.path.join(tmp, f"runs-{mode}-{r}")}, env=env))
+    d = [x["per_iteration"] for x in res["direct"]]
+    p = [x["per_iteration"] for x in res["prefect"]]
+    over = [pp / dd - 1 for pp, dd in zip(p, d)]
+    dc = [x["cpu_per_iteration"] for x in res["direct"]]
+    pc = [x["cpu_per_iteration"] for x in res["prefect"]]
+    over_c = [pp / dd - 1 for pp, dd in zip(pc, dc)]
+    rows = [["direct (iteration.train)", median(d), "-", median(dc), "-", "-", spread(d)],
+            ["prefect flow (rlme_train)", median(p), f"{100 * median(over):+.1f}%", median(pc), f"{100 * median(over_c):+.1f}%",
+             median([x["startup"] for x in res["prefect"]]), spread(p)]]
+    print(f"orchestration: {os.path.relpath(a.config, ROOT)}, {a.iterations} iterations per run, fresh subprocess and "
+          f"storage per case, alternating, median of {a.repeats} pairs")
+    print(f"machine: {machine()}")
+    print(table(["mode", "wall s / iteration", "wall overhead (median of pairs)", "CPU s / iteration",
+                 "CPU overhead (median of pairs)", "server startup s (once)", "spread"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""rlme versus TRL's GRPOTrainer on the same tiny models, prompts and hyper-parameters, side by side.
+
+    pip install -e '.[bench]'     # TRL pinned as a benchmark-only extra
+    PYTHONPATH=. python -m benchmarks.vs_trl [--steps 4] [--repeats 2] [--configs k1,k4,k8,large] [--tiny]
+
+One pair of models (policy, evaluator) is built once per configuration; then, alternating and repeated,
+each in a fresh subprocess:
+  (a) TRL GRPOTrainer, loss_type="cispo", beta=0, epsilon_high=5, scale_rewards="none" (Dr. GRPO advantages),
+      one reward function per meta-question that runs the evaluator forward on "prompt + completion +
+      question" and returns max(log P(yes), floor), with reward_weights = the question weights;
+  (b) `rlme_pipeline.iteration.train` (what `rlme train` runs, minus Prefect: see benchmarks/orchestration.py)
+      with the same prompts (8 per iteration, chat template), G, max new tokens, temperature, learning
+      rate, micro-batch x accumulation (one optimizer step per iteration), evaluator, template and questions,
+      writing every artifact (rollouts/scores/rewards Parquet, safetensors checkpoint + optimizer, manifest).
+Reported per configuration: wall seconds per iteration (wall of the whole call / steps, model loads included;
+and steady state: median of iterations 2..N), CPU seconds per iteration (user+system of the process, all
+threads: far less sensitive to neighbours on a shared machine than wall time), the ratios rlme/TRL as the median over pairs, peak RSS (VmHWM of
+each subprocess) and the reward mean at the last step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks._common import ROOT, emit, machine, median, run_case, spread, table, vm_kib
+
+QUESTIONS = [
+    "Is the answer correct?", "Does the whole solution logically lead from the question to an answer?",
+    "Is the final answer stated clearly?", "Is the arithmetic right?", "Does the response answer the question that was asked?",
+    "Is the response concise?", "Is every step justified?", "Is the response complete?",
+]
+HP = dict(prompts=8, group_size=4, max_new_tokens=24, temperature=1.0, lr=1e-4, micro=8, accum=4)
+CONFIGS = {"k1": dict(k=1, large=False), "k4": dict(k=4, large=False), "k8": dict(k=8, large=False),
+           "large": dict(k=4, large=True)}
+
+
+def build_models(out: Path, large: bool) -> dict[str, str]:
+    from rlme_pipeline.tiny import build_model, build_tokenizer, make_tiny
+
+    paths = make_tiny(out / "tiny")
+    if not large:
+        return {k: str(v) for k, v in paths.items()}
+    pol = out / "policy-512x4"
+    if not (pol / "model.safetensors").exists():
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tok = build_tokenizer()
+        base = build_model(tok, "policy", 0).config.to_dict()
+        base.update(hidden_size=512, num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+                    intermediate_size=1024, num_hidden_layers=4)
+        torch.manual_seed(7)
+        LlamaForCausalLM(LlamaConfig(**base)).save_pretrained(pol)
+        tok.save_pretrained(pol)
+    return {"policy": str(pol), "evaluator": str(paths["evaluator"])}
+
+
+def rlme_config(c: dict, storage: str) -> dict:
+    return {
+        "run": {"id": "bench", "storage": storage, "iterations": c["steps"], "seed": 0},
+        "data": {"path": str(ROOT / "data" / "demo_prompts.jsonl"), "prompt_column": "question", "id_column": "id",
+                 "prompts_per_iteration": HP["prompts"]},
+        "policy": {"model": c["policy"]},
+        "evaluators": [{"name": "ev", "model": c["evaluator"], "weight": 1.0}],
+        "questions": [{"id": f"q{i}", "text": QUESTIONS[i], "weight": 1.0} for i in range(c["k"])],
+        "generation": {"group_size": HP["group_size"], "max_new_tokens": HP["max_new_tokens"],
+                       "temperature": HP["temperature"], "batch_size": 32},
+        "scoring": {"batch_size": 16, "reward_form": "logp"},
+        "algorithm": {"loss": "cispo", "eps_high": 5.0, "beta": 0.0},
+        "optimizer": {"lr": HP["lr"], "micro_batch_size": HP["micro"], "grad_accumulation": HP["accum"]},
+    }
+
+
+def run_rlme(c: dict) -> dict:
+    from rlme_pipeline.config import Config
+    from rlme_pipeline.iteration import train
+    from rlme_pipeline.run import Run
+
+    cfg = Config.model_validate(rlme_config(c, c["storage"]))
+    stamps = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    made = train(cfg, Run.for_config(cfg), on_commit=lambda m: stamps.append(time.perf_counter()))
+    total = time.perf_counter() - t0
+    return {"seconds": total, "cpu": time.process_time() - c0, "stamps": [s - t0 for s in stamps],
+            "reward_mean": made[-1].metrics["reward_mean"]}
+
+
+def run_trl(c: dict) -> dict:
+    import datasets
+    import polars as pl
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlme_pipeline.config import DEFAULT_QUESTION_TEMPLATE, DEFAULT_TEMPLATE
+    from rlme_pipeline.stages.score import answer_ids
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    floor = math.log(1e-6)
+    ev_tok = AutoTokenizer.from_pretrained(c["evaluator"])
+    ev = AutoModelForCausalLM.from_pretrained(c["evaluator"], dtype=torch.float32).eval()
+    yes, no = answer_ids(ev_tok, [" Yes", "Yes"], "yes"), answer_ids(ev_tok, [" No", "No"], "no")
+
+    def make_reward(question: str):
+        q = DEFAULT_QUESTION_TEMPLATE.format(question=question)
+
+        @torch.no_grad()
+        def reward(prompts, completions, question_text, **kw):
+            texts = [DEFAULT_TEMPLATE.format(prompt=p, completion=cm[0]["content"]) + q
+                     for p, cm in zip(question_text, completions)]
+            enc = [ev_tok(t)["input_ids"] for t in texts]
+            width = max(map(len, enc))
+            ids = torch.full((len(enc), width), ev_tok.pad_token_id)
+            mask = torch.zeros_like(ids)
+            for r, e in enumerate(enc):  # left padding: the last position is each row's next-token slot
+                ids[r, width - len(e):], mask[r, width - len(e):] = torch.tensor(e), 1
+            logits = ev(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        logits_to_keep=1).logits[:, -1].float()
+            lp = torch.logsumexp(torch.log_softmax(logits, -1)[:, yes], -1)
+            return [max(float(x), floor) for x in lp]
+
+        reward.__name__ = f"logp_yes_q{len(question)}"
+        return reward
+
+    rows = pl.read_ndjson(ROOT / "data" / "demo_prompts.jsonl").to_dicts()
+    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}], "question_text": r["question"]} for r in rows])
+    args = GRPOConfig(
+        output_dir=c["storage"], loss_type="cispo", beta=0.0, epsilon_high=5.0, scale_rewards="none",
+        num_generations=HP["group_size"], max_completion_length=HP["max_new_tokens"], temperature=HP["temperature"],
+        learning_rate=HP["lr"], per_device_train_batch_size=HP["micro"], gradient_accumulation_steps=HP["accum"],
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        max_steps=c["steps"], num_iterations=1, reward_weights=[1.0] * c["k"], use_cpu=True, bf16=False,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+        remove_unused_columns=False, dataloader_num_workers=0,
+    )
+    stamps = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    trainer = GRPOTrainer(model=c["policy"], reward_funcs=[make_reward(QUESTIONS[i]) for i in range(c["k"])],
+                          args=args, train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(c["policy"]),
+                          callbacks=[Stamp()])
+    trainer.train()
+    total = time.perf_counter() - t0
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    return {"seconds": total, "cpu": time.process_time() - c0, "stamps": [s - t0 for s in stamps],
+            "reward_mean": rewards[-1] if rewards else None}
+
+
+def case(c: dict) -> dict:
+    r = run_rlme(c) if c["impl"] == "rlme" else run_trl(c)
+    st = r["stamps"]
+    steady = median([b - a for a, b in zip(st, st[1:])]) if len(st) > 1 else r["seconds"]
+    return {**r, "per_iter": r["seconds"] / c["steps"], "cpu_per_iter": r["cpu"] / c["steps"], "steady": steady, "peak_mib": vm_kib("VmHWM") / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--case")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--configs", default="k1,k4,k8,large")
+    ap.add_argument("--tiny", action="store_true", help="smoke sizes: K = 1, 2 steps, one repeat")
+    a = ap.parse_args()
+    if a.case:
+        emit(case(json.loads(a.case)))
+        return
+    if a.tiny:
+        a.steps, a.repeats, a.configs = 1, 1, "k1"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rlme-bench-trl-") as tmp:
+        for name in a.configs.split(","):
+            spec = CONFIGS[name]
+            models = build_models(Path(tmp) / "models", spec["large"])
+            res = {"rlme": [], "trl": []}
+            for r in range(a.repeats):
+                for impl in ("rlme", "trl") if r % 2 == 0 else ("trl", "rlme"):
+                    res[impl].append(run_case("benchmarks.vs_trl", {
+                        "impl": impl, "k": spec["k"], "steps": a.steps, **models,
+                        "storage": os.path.join(tmp, f"{name}-{impl}-{r}")}))
+            results.append((name, spec, res))
+    rows = []
+    for name, spec, res in results:
+        R, T = res["rlme"], res["trl"]
+        ratio = median([x["per_iter"] / y["per_iter"] for x, y in zip(R, T)])
+        ratio_s = median([x["steady"] / y["steady"] for x, y in zip(R, T)])
+        ratio_c = median([x["cpu_per_iter"] / y["cpu_per_iter"] for x, y in zip(R, T)])
+        rows.append([f"{name} (K={spec['k']}{', policy 512x4' if spec['large'] else ''})",
+                     median([x["per_iter"] for x in R]), median([x["per_iter"] for x in T]), ratio,
+                     median([x["steady"] for x in R]), median([x["steady"] for x in T]), ratio_s,
+                     median([x["cpu_per_iter"] for x in R]), median([x["cpu_per_iter"] for x in T]), ratio_c,
+                     median([x["peak_mib"] for x in R]), median([x["peak_mib"] for x in T]),
+                     median([x["reward_mean"] for x in R]), median([x["reward_mean"] for x in T]),
+                     spread([x["per_iter"] for x in R + T])])
+    print(f"rlme vs TRL GRPOTrainer (cispo, beta 0): {a.steps} iterations per run, {HP['prompts']} prompts x G={HP['group_size']}, "
+          f"{HP['max_new_tokens']} new tokens, lr {HP['lr']}, one optimizer step (8 x 4) per iteration; fresh subprocess per "
+          f"case, alternating, median of {a.repeats} pairs")
+    print(f"machine: {machine()}")
+    print(table(["config", "rlme s/iter", "TRL s/iter", "ratio rlme/TRL", "rlme steady s/iter", "TRL steady s/iter",
+                 "steady ratio", "rlme CPU s/iter", "TRL CPU s/iter", "CPU ratio", "rlme peak MiB", "TRL peak MiB", f"rlme reward@{a.steps}", f"TRL reward@{a.steps}",
+                 "spread"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Each benchmark script runs end to end at smoke sizes (`--tiny`), so the scripts cannot rot.
+
+The benchmarks themselves are not part of the test run (`make bench` runs them at full size).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _run(module: str, timeout: int = 900) -> str:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.run([sys.executable, "-m", module, "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{module} --tiny failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    assert "| --- |" in p.stdout, p.stdout  # printed its table
+    return p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["benchmarks.scoring", "benchmarks.logprobs", "benchmarks.orchestration"])
+def test_benchmark_smoke(module):
+    _run(module)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
+                    reason="TRL is a benchmark-only extra (pip install -e '.[bench]'); the default test env has none")
+def test_vs_trl_smoke():
+    out = _run("benchmarks.vs_trl", timeout=1500)
+    assert "k1 (K=1)" in out
