@@ -167,7 +167,7 @@ def run_method(method: str, seed: int, rl: dict, paths: dict, items_eval, judge_
         i = m.iteration
         rec = run.read_record(i, "update")
         lm = POOL.get(checkpoint.local_dir(run, i, rec.files))
-        rollouts = run.store.read_parquet(run.rel(i, "rollouts.parquet"))
+        rollouts = run.read_table(i, "rollouts.parquet")
         # grading only: the labels of the RL prompts are read here, after the iteration is committed
         sample_acc = mean([is_correct(c, l, "answer_is") for c, l in zip(rollouts["completion"], rollouts["label"])])
         row = {"iteration": i + 1, **probe(lm.model, lm.tokenizer, judge_lm.model, judge_lm.tokenizer, items_eval),
@@ -177,8 +177,9 @@ def run_method(method: str, seed: int, rl: dict, paths: dict, items_eval, judge_
         log(f"  {method} seed {seed} iter {i + 1}: acc {row['accuracy']:.3f} sample acc {sample_acc:.3f} "
             f"reward {row['reward_mean']:.3f} hack gap {row['hack_gap']:+.3f} ({row['seconds']:.0f}s)")
         if i > 0:  # keep disk use flat: only the newest checkpoint is needed to go on
+            previous = Path(checkpoint.local_dir(run, i - 1, run.read_record(i - 1, "update").files))
             for f in ("model.safetensors", "optimizer.pt"):
-                (Path(run.store.abs(run.rel(i - 1, "checkpoint"))) / f).unlink(missing_ok=True)
+                (previous / f).unlink(missing_ok=True)
 
     train(cfg, run, on_commit=on_commit)
     POOL.clear()
