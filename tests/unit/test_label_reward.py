@@ -96,20 +96,22 @@ BASE = {"data": {"path": "x.jsonl", "label_column": "answer"}, "policy": {"model
         "questions": [{"id": "correct", "text": "Is the answer correct?"}]}
 
 
-def test_config_rules():
+def test_config_rules(monkeypatch):
     validate_config({**BASE, "label_reward": {"share": 1.0}})  # RLVR: no evaluators needed
     with pytest.raises(ConfigError, match="evaluators"):
         validate_config({**BASE, "label_reward": {"share": 0.1}})
     with pytest.raises(ConfigError, match="label_column"):
         validate_config({**BASE, "data": {"path": "x.jsonl"}, "label_reward": {"share": 1.0}})
     with_judge = {**BASE, "evaluators": [{"name": "j", "model": "tiny:evaluator"}]}
-    # a config without label_reward keeps the hash it had before the field existed
+    # a config without label_reward keeps the hash it had before the field existed: None is not hashed
+    import rlme_pipeline.config as config_module
+
+    hashed = []
+    real = config_module.sha256_json
+    monkeypatch.setattr(config_module, "sha256_json", lambda d: hashed.append(d) or real(d))
     cfg = validate_config(with_judge)
-    d = cfg.model_dump(mode="json")
-    d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options")}
-    d.pop("label_reward")
-    d.pop("probe")
-    assert sha256_json(d) == cfg.hash()
+    cfg.hash()
+    assert "label_reward" not in hashed[-1]
     a = cfg.hash()
     b = validate_config({**with_judge, "label_reward": {"share": 0.1}}).hash()
     assert a != b
