@@ -57,6 +57,15 @@ class Judge(Protocol):
         """result[b][k]: log P(yes) and log P(no) after prefixes[b] + questions[k] (sums over variants)."""
 
 
+def fitting_rows(prefixes: list[list[int]], questions: list[list[int]], max_positions: int) -> tuple[list[list[Judgement]], list[int]]:
+    """The one context rule every judge applies: a rollout whose prefix plus its longest question does not
+    fit the evaluator's context is a `context_overflow` judgement for every question (never truncated,
+    never a number). Returns results pre-filled with that status, and the rows that fit and must be run."""
+    longest_q = max(len(q) for q in questions)
+    results = [[Judgement(None, None, STATUS_CONTEXT_OVERFLOW)] * len(questions) for _ in prefixes]
+    return results, [b for b, p in enumerate(prefixes) if len(p) + longest_q <= max_positions]
+
+
 def logsumexp(xs: list[float]) -> float:
     import math
 

@@ -12,7 +12,7 @@ import math
 import torch
 from transformers import DynamicCache
 
-from rlme_pipeline.backends import STATUS_CONTEXT_OVERFLOW, STATUS_NONFINITE, Judgement, Sample
+from rlme_pipeline.backends import STATUS_NONFINITE, Judgement, Sample, fitting_rows
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,10 +104,7 @@ def judge(
     Each answer set's probability is the sum over its (distinct, single-token) variants.
     """
     K = len(questions)
-    longest_q = max(len(q) for q in questions)
-    fits = [len(p) + longest_q <= max_positions for p in prefixes]
-    results: list[list[Judgement]] = [[Judgement(None, None, STATUS_CONTEXT_OVERFLOW)] * K for _ in prefixes]
-    rows = [b for b, ok in enumerate(fits) if ok]
+    results, rows = fitting_rows(prefixes, questions, max_positions)
     if not rows:
         return results
     device = next(model.parameters()).device
@@ -118,7 +115,7 @@ def judge(
     cache.batch_repeat_interleave(K)
 
     # Suffix block: row (b, k) holds question k right-padded; reading the last real token ignores the pads.
-    Ls = longest_q
+    Ls = max(len(q) for q in questions)
     q_ids = torch.full((K, Ls), pad_id, dtype=torch.long)
     q_mask = torch.zeros((K, Ls), dtype=torch.long)
     for k, q in enumerate(questions):

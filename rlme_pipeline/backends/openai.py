@@ -25,7 +25,7 @@ import threading
 import httpx
 
 from rlme_pipeline.backends import (
-    STATUS_BACKEND_ERROR, STATUS_CONTEXT_OVERFLOW, STATUS_NONFINITE, STATUS_OK, BackendError, Judgement, Sample,
+    STATUS_BACKEND_ERROR, STATUS_NONFINITE, STATUS_OK, BackendError, Judgement, Sample, fitting_rows,
     logsumexp,
 )
 from rlme_pipeline.backends.server import ManagedServer
@@ -144,10 +144,8 @@ class OpenAIJudge:
 
     def judge(self, prefixes, questions, yes_ids, no_ids) -> list[list[Judgement]]:
         K = len(questions)
-        longest_q = max(len(q) for q in questions)
         wanted = sorted(set(yes_ids) | set(no_ids))
-        results = [[Judgement(None, None, STATUS_CONTEXT_OVERFLOW)] * K for _ in prefixes]
-        rows = [b for b, p in enumerate(prefixes) if len(p) + longest_q <= self.max_positions]
+        results, rows = fitting_rows(prefixes, questions, self.max_positions)
         bodies = [{
             "prompt": [list(prefixes[b]) + list(q) for q in questions], "max_tokens": 1, "temperature": 0.0,
             "logprobs": len(wanted), "logprob_token_ids": wanted, "return_tokens_as_token_ids": True,

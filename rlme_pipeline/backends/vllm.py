@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from rlme_pipeline.backends import STATUS_CONTEXT_OVERFLOW, STATUS_NONFINITE, STATUS_OK, Judgement, Sample, logsumexp
+from rlme_pipeline.backends import STATUS_NONFINITE, STATUS_OK, Judgement, Sample, fitting_rows, logsumexp
 
 
 def load_llm(model: str, dtype: str = "float32", **engine_kwargs):
@@ -53,10 +53,8 @@ class VLLMJudge:
         from vllm.inputs import TokensPrompt
 
         K = len(questions)
-        longest_q = max(len(q) for q in questions)
         wanted = sorted(set(yes_ids) | set(no_ids))
-        results = [[Judgement(None, None, STATUS_CONTEXT_OVERFLOW)] * K for _ in prefixes]
-        rows = [b for b, p in enumerate(prefixes) if len(p) + longest_q <= self.max_positions]
+        results, rows = fitting_rows(prefixes, questions, self.max_positions)
         prompts = [TokensPrompt(prompt_token_ids=list(prefixes[b]) + list(q)) for b in rows for q in questions]
         if not prompts:
             return results
