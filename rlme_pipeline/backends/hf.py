@@ -7,6 +7,7 @@ in, which is what makes a resumed run reproduce an uninterrupted one.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -99,11 +100,11 @@ def judge(
 ) -> list[list[Judgement]]:
     """Next-token log P(yes) and log P(no) after every (prefix, question) pair: result[b][k].
 
-    The K questions of one rollout share its prefix, so the prefix is encoded once into the KV cache,
-    the cache is repeated K times, and only the short question suffixes are run on top of it.
-    Each answer set's probability is the sum over its (distinct, single-token) variants.
+    The K questions of one rollout share its prefix, so the prefix is encoded once into the KV cache and
+    the questions run on top of it packed into one row: question k attends to the prefix and causally to
+    itself, never to the other questions (a block mask), so there is no padding between questions and no
+    copy of the cache. Each answer set's probability is the sum over its (distinct, single-token) variants.
     """
-    K = len(questions)
     results, rows = fitting_rows(prefixes, questions, max_positions)
     if not rows:
         return results
@@ -112,30 +113,25 @@ def judge(
     p_ids, p_mask = p_ids.to(device), p_mask.to(device)
     cache = DynamicCache()
     model(input_ids=p_ids, attention_mask=p_mask, position_ids=_positions(p_mask), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(K)
 
-    # Suffix block: row (b, k) holds question k right-padded; reading the last real token ignores the pads.
-    Ls = max(len(q) for q in questions)
-    q_ids = torch.full((K, Ls), pad_id, dtype=torch.long)
-    q_mask = torch.zeros((K, Ls), dtype=torch.long)
-    for k, q in enumerate(questions):
-        q_ids[k, : len(q)] = torch.tensor(q)
-        q_mask[k, : len(q)] = 1
-    n = len(rows)
-    s_ids = q_ids.repeat(n, 1).to(device)
-    s_mask = q_mask.repeat(n, 1).to(device)
-    full_mask = torch.cat([p_mask.repeat_interleave(K, dim=0), s_mask], dim=1)
-    start = p_mask.sum(-1).repeat_interleave(K)[:, None]
-    s_pos = start + torch.arange(Ls, device=device)[None, :]
-    hidden = model.get_decoder()(input_ids=s_ids, attention_mask=full_mask, position_ids=s_pos, past_key_values=cache, use_cache=True).last_hidden_state
-    last = torch.tensor([len(q) - 1 for q in questions], device=device).repeat(n)
-    h = hidden[torch.arange(n * K, device=device), last]
-    logp = torch.log_softmax(model.get_output_embeddings()(h).float(), dim=-1)
-    ly = torch.logsumexp(logp[:, yes_ids], dim=-1).cpu()
-    ln = torch.logsumexp(logp[:, no_ids], dim=-1).cpu()
+    which = torch.cat([torch.full((len(q),), k) for k, q in enumerate(questions)]).to(device)  # question of each packed token
+    offset = torch.cat([torch.arange(len(q)) for q in questions]).to(device)  # its position within the question
+    last = torch.tensor(list(itertools.accumulate(len(q) for q in questions)), device=device) - 1
+    n, S = len(rows), len(which)
+    own = (which[:, None] == which[None, :]) & (offset[:, None] >= offset[None, :])  # S x S: causal within a question
+    allowed = torch.cat([p_mask.bool()[:, None, :].expand(n, S, -1), own.expand(n, S, S)], dim=-1)
+    dtype = next(model.parameters()).dtype  # an additive mask works for every attention implementation
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    s_ids = torch.tensor([t for q in questions for t in q], device=device).expand(n, S)
+    s_pos = p_mask.sum(-1, keepdim=True) + offset[None, :]
+    hidden = model.get_decoder()(input_ids=s_ids, attention_mask=bias[:, None], position_ids=s_pos, past_key_values=cache,
+                                 use_cache=True).last_hidden_state
+    logp = torch.log_softmax(model.get_output_embeddings()(hidden[:, last]).float(), dim=-1)  # n x K x V
+    ly = torch.logsumexp(logp[..., yes_ids], dim=-1).cpu()
+    ln = torch.logsumexp(logp[..., no_ids], dim=-1).cpu()
     for j, b in enumerate(rows):
-        for k in range(K):
-            y, no = float(ly[j * K + k]), float(ln[j * K + k])
+        for k in range(len(questions)):
+            y, no = float(ly[j, k]), float(ln[j, k])
             ok = math.isfinite(y) and math.isfinite(no)
             results[b][k] = Judgement(y, no, "ok") if ok else Judgement(None, None, STATUS_NONFINITE)
     return results
