@@ -61,31 +61,39 @@ def restore_rng(path: str | None, seed: int) -> None:
 
 
 def save(run: Run, iteration: int, model, tokenizer, optimizer, state: dict) -> list[FileEntry]:
-    """Write the checkpoint into a local temp dir, then upload file by file (large files in parts) into
-    a fresh directory; the stage record that lists these files is written only after all of them.
-    On object storage the local copy becomes the download cache entry, so the next iteration (or a
-    live-self evaluator) does not fetch back what was just uploaded."""
+    """Write the checkpoint into a fresh, attempt-unique directory; the stage record that lists its files
+    is written only after all of them, so a crash leaves an unreferenced directory for `rlme gc`.
+    A local store is written in place (no second copy of the weights and optimizer state). On object
+    storage the checkpoint is written to a local directory and uploaded file by file (large files in
+    parts); the local copy then becomes the download cache entry, so the next iteration (or a live-self
+    evaluator) does not fetch back what was just uploaded."""
     logical, physical = run.new_path(iteration, "checkpoint")
-    parent = None if run.store.is_local else cache_dir() / "checkpoints"
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
+    if run.store.is_local:
+        target = Path(run.store.abs(physical))
+        _write(target, model, tokenizer, optimizer, state)
+        return [run.store.adopt(f"{physical}/{f.name}", name=f"{logical}/{f.name}") for f in sorted(target.iterdir())]
+    parent = cache_dir() / "checkpoints"
+    parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="rlme-ckpt-", dir=parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        save_file(rng_state(), tmp / RNG)
-        (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        _write(tmp, model, tokenizer, optimizer, state)
         files = []
         for f in sorted(tmp.iterdir()):
-            if f.is_file():
-                files.append(run.store.put_file(f, f"{physical}/{f.name}", name=f"{logical}/{f.name}"))
-                crash_point("upload:mid", iteration)
-        if parent is not None:
-            _install(tmp, parent / _cache_key(files))
+            files.append(run.store.put_file(f, f"{physical}/{f.name}", name=f"{logical}/{f.name}"))
+            crash_point("upload:mid", iteration)
+        _install(tmp, parent / _cache_key(files))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return files
+
+
+def _write(target: Path, model, tokenizer, optimizer, state: dict) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    torch.save(optimizer.state_dict(), target / OPTIMIZER)
+    save_file(rng_state(), target / RNG)
+    (target / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
 def _cache_key(files: list[FileEntry]) -> str:

@@ -322,6 +322,14 @@ class Store:
         self._write(f"upload {self.where(rel)}", _put)
         return FileEntry(path=rel, sha256=digest, bytes=size, name=name)
 
+    def adopt(self, rel: str, name: str | None = None) -> FileEntry:
+        """Describe a file written in place under this local store, once it is durable (fsynced)."""
+        assert self.is_local
+        path = self.abs(rel)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        return FileEntry(path=rel, sha256=sha256_file(path), bytes=os.path.getsize(path), name=name)
+
     def get_file(self, rel: str, local: str | Path) -> None:
         retrying(f"download {self.where(rel)}", lambda: self.fs.get_file(self.abs(rel), str(local)))
 
