@@ -25,6 +25,13 @@ def vm_kib(field: str = "VmHWM") -> int:
     return 0
 
 
+def process_seconds() -> float:
+    """Wall seconds since this process started: interpreter start-up and every import included."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks after boot
+    return float(Path("/proc/uptime").read_text().split()[0]) - started
+
+
 def run_case(module: str, case: dict, env: dict | None = None, timeout: float = 1800) -> dict:
     """Run `python -m module --case JSON` in a fresh interpreter; its last stdout line is a JSON result."""
     e = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",

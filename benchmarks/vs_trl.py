@@ -12,10 +12,12 @@ each in a fresh subprocess:
       with the same prompts (8 per iteration, chat template), G, max new tokens, temperature, learning
       rate, micro-batch x accumulation (one optimizer step per iteration), evaluator, template and questions,
       writing every artifact (rollouts/scores/rewards Parquet, safetensors checkpoint + optimizer, manifest).
-Reported per configuration: wall seconds per iteration (wall of the whole call / steps, model loads included;
-and steady state: median of iterations 2..N), CPU seconds per iteration (user+system of the process, all
-threads: far less sensitive to neighbours on a shared machine than wall time), the ratios rlme/TRL as the median over pairs, peak RSS (VmHWM of
-each subprocess) and the reward mean at the last step.
+Reported per configuration, medians over the pairs:
+  steady s/iter   median wall of iterations 2..N (what a long run costs per iteration; artifacts included);
+  process s/iter  wall from the process's start to its last iteration, divided by N: interpreter start-up,
+                  every import (TRL's and ours) and model loading included, so each side pays its own;
+  CPU ratio       user+system seconds of the whole process, all threads (less sensitive to neighbours);
+  peak RSS        VmHWM of each subprocess; and the reward mean at the last step.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import ROOT, emit, machine, median, run_case, spread, table, vm_kib
+from benchmarks._common import ROOT, emit, machine, median, process_seconds, run_case, spread, table, vm_kib
 
 QUESTIONS = [
     "Is the answer correct?", "Does the whole solution logically lead from the question to an answer?",
@@ -84,10 +86,10 @@ def run_rlme(c: dict) -> dict:
 
     cfg = Config.model_validate(rlme_config(c, c["storage"]))
     stamps = []
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     made = train(cfg, Run.for_config(cfg), on_commit=lambda m: stamps.append(time.perf_counter()))
     total = time.perf_counter() - t0
-    return {"seconds": total, "cpu": time.process_time() - c0, "stamps": [s - t0 for s in stamps],
+    return {"seconds": total, "stamps": [s - t0 for s in stamps],
             "reward_mean": made[-1].metrics["reward_mean"]}
 
 
@@ -101,7 +103,7 @@ def run_trl(c: dict) -> dict:
     from rlme_pipeline.config import DEFAULT_QUESTION_TEMPLATE, DEFAULT_TEMPLATE
     from rlme_pipeline.stages.score import answer_ids
 
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     floor = math.log(1e-6)
     ev_tok = AutoTokenizer.from_pretrained(c["evaluator"])
     ev = AutoModelForCausalLM.from_pretrained(c["evaluator"], dtype=torch.float32).eval()
@@ -151,7 +153,7 @@ def run_trl(c: dict) -> dict:
     trainer.train()
     total = time.perf_counter() - t0
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    return {"seconds": total, "cpu": time.process_time() - c0, "stamps": [s - t0 for s in stamps],
+    return {"seconds": total, "stamps": [s - t0 for s in stamps],
             "reward_mean": rewards[-1] if rewards else None}
 
 
@@ -159,13 +161,14 @@ def case(c: dict) -> dict:
     r = run_rlme(c) if c["impl"] == "rlme" else run_trl(c)
     st = r["stamps"]
     steady = median([b - a for a, b in zip(st, st[1:])]) if len(st) > 1 else r["seconds"]
-    return {**r, "per_iter": r["seconds"] / c["steps"], "cpu_per_iter": r["cpu"] / c["steps"], "steady": steady, "peak_mib": vm_kib("VmHWM") / 1024}
+    return {**r, "per_iter": process_seconds() / c["steps"], "steady": steady, "peak_mib": vm_kib("VmHWM") / 1024,
+            "process_cpu": sum(os.times()[:2])}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--case")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--configs", default="k1,k4,k8,large")
     ap.add_argument("--tiny", action="store_true", help="smoke sizes: K = 1, 2 steps, one repeat")
@@ -174,7 +177,7 @@ def main() -> None:
         emit(case(json.loads(a.case)))
         return
     if a.tiny:
-        a.steps, a.repeats, a.configs = 1, 1, "k1"
+        a.steps, a.repeats, a.configs = 2, 1, "k1"
     results = []
     with tempfile.TemporaryDirectory(prefix="rlme-bench-trl-") as tmp:
         for name in a.configs.split(","):
@@ -190,24 +193,21 @@ def main() -> None:
     rows = []
     for name, spec, res in results:
         R, T = res["rlme"], res["trl"]
-        ratio = median([x["per_iter"] / y["per_iter"] for x, y in zip(R, T)])
-        ratio_s = median([x["steady"] / y["steady"] for x, y in zip(R, T)])
-        ratio_c = median([x["cpu_per_iter"] / y["cpu_per_iter"] for x, y in zip(R, T)])
-        rows.append([f"{name} (K={spec['k']}{', policy 512x4' if spec['large'] else ''})",
-                     median([x["per_iter"] for x in R]), median([x["per_iter"] for x in T]), ratio,
-                     median([x["steady"] for x in R]), median([x["steady"] for x in T]), ratio_s,
-                     median([x["cpu_per_iter"] for x in R]), median([x["cpu_per_iter"] for x in T]), ratio_c,
-                     median([x["peak_mib"] for x in R]), median([x["peak_mib"] for x in T]),
+
+        def both(key):
+            return [median([x[key] for x in R]), median([x[key] for x in T]), median([x[key] / y[key] for x, y in zip(R, T)])]
+
+        rows.append([f"{name} (K={spec['k']}{', policy 512x4' if spec['large'] else ''})", *both("steady"), *both("per_iter"),
+                     both("process_cpu")[2], median([x["peak_mib"] for x in R]), median([x["peak_mib"] for x in T]),
                      median([x["reward_mean"] for x in R]), median([x["reward_mean"] for x in T]),
-                     spread([x["per_iter"] for x in R + T])])
+                     spread([x["steady"] for x in R + T])])
     print(f"rlme vs TRL GRPOTrainer (cispo, beta 0): {a.steps} iterations per run, {HP['prompts']} prompts x G={HP['group_size']}, "
           f"{HP['max_new_tokens']} new tokens, lr {HP['lr']}, one optimizer step (8 x 4) per iteration; fresh subprocess per "
           f"case, alternating, median of {a.repeats} pairs")
     print(f"machine: {machine()}")
-    print(table(["config", "rlme s/iter", "TRL s/iter", "ratio rlme/TRL", "rlme steady s/iter", "TRL steady s/iter",
-                 "steady ratio", "rlme CPU s/iter", "TRL CPU s/iter", "CPU ratio", "rlme peak MiB", "TRL peak MiB", f"rlme reward@{a.steps}", f"TRL reward@{a.steps}",
-                 "spread"], rows))
-
+    print(table(["config", "rlme steady s/iter", "TRL steady s/iter", "steady ratio rlme/TRL", "rlme process s/iter",
+                 "TRL process s/iter", "process ratio", "CPU ratio", "rlme peak MiB", "TRL peak MiB",
+                 f"rlme reward@{a.steps}", f"TRL reward@{a.steps}", "steady spread"], rows))
 
 if __name__ == "__main__":
     main()

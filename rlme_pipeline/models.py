@@ -71,6 +71,7 @@ class Loaded:
     tokenizer: object
     version: str
     path: str
+    optimizer: torch.optim.Optimizer | None = None  # the state saved beside `path`, kept so the next update need not read it back
 
 
 class ModelPool:

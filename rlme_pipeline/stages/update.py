@@ -48,9 +48,11 @@ def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
         init = initial_policy(cfg)
         reference = POOL.get(init.path, init.dtype, init.device, init.version).model
 
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    if iteration > 0 and (state := checkpoint.load_optimizer_state(ref.path)) is not None:
-        opt.load_state_dict(state)
+    opt = lm.optimizer  # set when this process trained the previous iteration: the state it saved
+    if opt is None:
+        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        if iteration > 0 and (state := checkpoint.load_optimizer_state(ref.path)) is not None:
+            opt.load_state_dict(state)
     # The global torch RNG (dropout, if a model has it) continues from the previous checkpoint, so a
     # resumed process trains exactly as the uninterrupted one would have.
     checkpoint.restore_rng(ref.path if iteration > 0 else None, derive(cfg.run.seed, "torch"))
@@ -99,7 +101,7 @@ def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
     files = checkpoint.save(run, iteration, model, tok, opt, state)
     new_version = checkpoint.weights_entry(files).sha256
     new_path = checkpoint.local_dir(run, iteration, files)
-    POOL.put((new_path, ref.dtype, ref.device), Loaded(model, tok, new_version, new_path))
+    POOL.put((new_path, ref.dtype, ref.device), Loaded(model, tok, new_version, new_path, opt))
     tokens = max(sums["tokens"], 1)
     return StageRecord(
         stage="update", iteration=iteration, files=files, seconds=time.perf_counter() - t0,
