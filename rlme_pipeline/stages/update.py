@@ -65,7 +65,10 @@ def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
         for epoch in range(o.epochs):
             perm = np.random.default_rng(derive(cfg.run.seed, iteration, "update", epoch)).permutation(len(items))
             for s in range(0, len(items), step_size):
-                step = [items[j] for j in perm[s : s + step_size]]
+                # Sorted by length, so each micro-batch pads little; the step's gradient is the same sum
+                # (token weights are per step), only the order of the additions changes.
+                step = sorted((items[j] for j in perm[s : s + step_size]),
+                              key=lambda it: len(it["prompt_token_ids"]) + len(it["completion_token_ids"]))
                 n_tokens = sum(len(it["completion_token_ids"]) for it in step)
                 opt.zero_grad(set_to_none=True)
                 for m in range(0, len(step), o.micro_batch_size):
