@@ -33,10 +33,12 @@ def process_seconds() -> float:
 
 
 def run_case(module: str, case: dict, env: dict | None = None, timeout: float = 1800) -> dict:
-    """Run `python -m module --case JSON` in a fresh interpreter; its last stdout line is a JSON result."""
+    """Run `python -m module --case JSON` in a fresh interpreter; its last stdout line is a JSON result.
+    `env` overrides the environment; a None value removes the variable."""
     e = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
          "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
          "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    e = {k: v for k, v in e.items() if v is not None}  # None in env: unset the variable
     p = subprocess.run([sys.executable, "-m", module, "--case", json.dumps(case)], cwd=ROOT, env=e,
                        capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:

@@ -71,7 +71,8 @@ def main() -> None:
         for r in range(a.repeats):
             for mode in ("direct", "prefect") if r % 2 == 0 else ("prefect", "direct"):
                 home = os.path.join(tmp, f"prefect-{mode}-{r}")
-                env = {"PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": "",
+                # PREFECT_API_URL unset (not empty: an empty URL silently stops event delivery) = the temporary server
+                env = {"PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": None,
                        "PREFECT_LOGGING_LEVEL": "WARNING",
                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
                 res[mode].append(run_case("benchmarks.orchestration", {
