@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python -m benchmarks.orchestration [--config configs/demo.yaml] [--iterations 3] [--repeats 2] [--tiny]
 
-Each case is a fresh subprocess with a fresh storage dir and PREFECT_HOME. "direct" calls
-`rlme_pipeline.iteration.train(cfg, run)`; "prefect" first runs an empty flow (that starts Prefect's temporary
+Each case is a fresh subprocess with a fresh storage dir and PREFECT_HOME. "direct" does what the flow does
+without Prefect: load the config, `preflight`, `rlme_pipeline.iteration.train(cfg, run)`; "prefect" first runs an empty flow (that starts Prefect's temporary
 local server: reported as startup), then `flows.train.rlme_train` for the same config. Per-iteration time
 is the wall time of the training call divided by the iterations; the first iteration (model loads) is
 included in both. Cases alternate direct/prefect; overhead = median over pairs of prefect/direct - 1.
@@ -26,11 +26,15 @@ def case(c: dict) -> dict:
     if c["mode"] == "direct":
         from rlme_pipeline.config import load_config
         from rlme_pipeline.iteration import train
+        from rlme_pipeline.preflight import preflight
         from rlme_pipeline.run import Run
 
-        cfg = load_config(c["config"]).with_overrides(storage=storage, iterations=c["iterations"])
         t0, c0 = time.perf_counter(), time.process_time()
-        train(cfg, Run.for_config(cfg))
+        # what rlme_train does, minus Prefect: load the config, check every input, train
+        cfg = load_config(c["config"]).with_overrides(storage=storage, iterations=c["iterations"])
+        run = Run.for_config(cfg)
+        preflight(cfg, run.root)
+        train(cfg, run)
         secs, cpu, startup = time.perf_counter() - t0, time.process_time() - c0, 0.0
     else:
         from prefect import flow
