@@ -48,7 +48,7 @@ from rlme_pipeline.storage import Store  # noqa: E402
 SIZES = {
     "full": dict(
         n_eval=300, n_rl=800,  # the rest of the 2420 problems is the SFT split
-        judge=dict(hidden=128, layers=3, steps=2000, batch=64, lr=2e-3),
+        judge=dict(hidden=128, layers=3, heads=8, steps=1600, lm_first=300, aux=1.0, batch=64, lr=2e-3),
         policy=dict(hidden=128, layers=2, max_steps=1500, batch=64, lr=2e-3, every=50, stop_at=0.25, carry_drop=0.0),
         # one optimizer step per iteration on all 128 rollouts: each group's advantages sum to zero within the
         # step. lr 6e-4 and 1e-3 (also with a KL anchor) were unstable in feasibility runs; 3e-4 learns steadily.
@@ -57,7 +57,7 @@ SIZES = {
     ),
     "smoke": dict(
         n_eval=40, n_rl=64,
-        judge=dict(hidden=64, layers=1, steps=20, batch=32, lr=2e-3),
+        judge=dict(hidden=64, layers=1, heads=4, steps=20, lm_first=5, aux=1.0, batch=32, lr=2e-3),
         policy=dict(hidden=64, layers=1, max_steps=20, batch=32, lr=2e-3, every=10, stop_at=0.25, carry_drop=0.0),
         rl=dict(iterations=2, prompts_per_iteration=4, group_size=4, lr=3e-4, micro_batch=16, grad_accumulation=1),
         seeds=1,
@@ -81,10 +81,11 @@ def make_judge(tok, items, spec: dict, path: Path) -> dict:
     if cached(path):
         return json.loads((path / "bench_meta.json").read_text())
     t0 = time.time()
-    m = T.build_model(tok, spec["hidden"], spec["layers"], seed=1)
+    m = T.build_model(tok, spec["hidden"], spec["layers"], seed=1, heads=spec.get("heads"))
     every = max(spec["steps"] // 4, 1)
     T.sft_judge(m, tok, items, spec["steps"], spec["batch"], spec["lr"], seed=0,
-                eval_fn=lambda m: T.judge_report(m, tok, items, seed=7, n=300), every=every, log=log)
+                eval_fn=lambda m: T.judge_report(m, tok, items, seed=7, n=300), every=every,
+                lm_first=spec.get("lm_first", 0), aux=spec.get("aux", 0.0), log=log)
     meta = {"spec": spec, "report": T.judge_report(m, tok, items, seed=123, n=1000), "seconds": time.time() - t0,
             "report_carry": T.judge_report(m, tok, items, seed=123, n=1000, negatives="carry"),
             "master_keys_p_yes": mean(T.judge_p_yes(m, tok, [(p["prompt"], k) for p in items[:50] for k in T.MASTER_KEYS]))}
