@@ -48,7 +48,7 @@ from rlme_pipeline.storage import Store  # noqa: E402
 SIZES = {
     "full": dict(
         n_eval=300, n_rl=800,  # the rest of the 2420 problems is the SFT split
-        judge=dict(hidden=128, layers=3, heads=8, steps=1600, lm_first=300, aux=1.0, batch=64, lr=2e-3),
+        judge=dict(hidden=128, layers=3, heads=8, steps=3000, lm_first=400, aux=1.0, base_negatives=4, batch=64, lr=2e-3),
         policy=dict(hidden=128, layers=2, max_steps=1500, batch=64, lr=2e-3, every=50, stop_at=0.25, carry_drop=0.0),
         # one optimizer step per iteration on all 128 rollouts: each group's advantages sum to zero within the
         # step. lr 6e-4 and 1e-3 (also with a KL anchor) were unstable in feasibility runs; 3e-4 learns steadily.
@@ -57,7 +57,7 @@ SIZES = {
     ),
     "smoke": dict(
         n_eval=40, n_rl=64,
-        judge=dict(hidden=64, layers=1, heads=4, steps=20, lm_first=5, aux=1.0, batch=32, lr=2e-3),
+        judge=dict(hidden=64, layers=1, heads=4, steps=20, lm_first=5, aux=1.0, base_negatives=1, batch=32, lr=2e-3),
         policy=dict(hidden=64, layers=1, max_steps=20, batch=32, lr=2e-3, every=10, stop_at=0.25, carry_drop=0.0),
         rl=dict(iterations=2, prompts_per_iteration=4, group_size=4, lr=3e-4, micro_batch=16, grad_accumulation=1),
         seeds=1,
@@ -77,18 +77,48 @@ def cached(path: Path) -> bool:
     return (path / "bench_meta.json").is_file()
 
 
-def make_judge(tok, items, spec: dict, path: Path) -> dict:
+def base_mistakes(tok, items, base: Path, n: int) -> dict[str, list[str]]:
+    """n samples per problem from the base policy at temperature 1 (the RL start), keeping the wrong ones."""
+    lm = POOL.get(str(base))
+    prompts = [p for p in items for _ in range(n)]
+    outs = T.greedy(lm.model, lm.tokenizer, [p["prompt"] for p in prompts], MAX_NEW_TOKENS, temperature=1.0, seed=5)
+    pool: dict[str, list[str]] = {}
+    for p, o in zip(prompts, outs):
+        if not is_correct(o, p["answer"], "answer_is"):
+            pool.setdefault(p["id"], []).append(o)
+    POOL.clear()
+    return pool
+
+
+def on_base_samples(judge, tok, items, base: Path) -> dict:
+    """The judge on what RL starts from: the base policy's samples (temperature 1), true labels by exact match."""
+    lm = POOL.get(str(base))
+    outs = T.greedy(lm.model, lm.tokenizer, [p["prompt"] for p in items], MAX_NEW_TOKENS, temperature=1.0, seed=9)
+    POOL.clear()
+    ok = [is_correct(o, p["answer"], "answer_is") for o, p in zip(outs, items)]
+    py = T.judge_p_yes(judge, tok, [(p["prompt"], o) for p, o in zip(items, outs)])
+    rep = {"n": len(items), "share_correct": mean(ok), "auroc": T.auroc(py, ok),
+           "p_yes_right": mean([x for x, y in zip(py, ok) if y]), "p_yes_wrong": mean([x for x, y in zip(py, ok) if not y])}
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in rep.items()}  # JSON-comparable
+
+
+def make_judge(tok, items, spec: dict, path: Path, base: Path) -> dict:
     if cached(path):
         return json.loads((path / "bench_meta.json").read_text())
     t0 = time.time()
+    pool = base_mistakes(tok, items, base, spec["base_negatives"]) if spec.get("base_negatives") else None
+    if pool is not None:
+        log(f"  {sum(map(len, pool.values()))} wrong base samples on {len(pool)} problems "
+            f"({time.time() - t0:.0f}s), e.g. {next(iter(pool.values()))[:3]}")
     m = T.build_model(tok, spec["hidden"], spec["layers"], seed=1, heads=spec.get("heads"))
     every = max(spec["steps"] // 4, 1)
     T.sft_judge(m, tok, items, spec["steps"], spec["batch"], spec["lr"], seed=0,
                 eval_fn=lambda m: T.judge_report(m, tok, items, seed=7, n=300), every=every,
-                lm_first=spec.get("lm_first", 0), aux=spec.get("aux", 0.0), log=log)
+                lm_first=spec.get("lm_first", 0), aux=spec.get("aux", 0.0), pool=pool, log=log)
     meta = {"spec": spec, "report": T.judge_report(m, tok, items, seed=123, n=1000), "seconds": time.time() - t0,
             "report_carry": T.judge_report(m, tok, items, seed=123, n=1000, negatives="carry"),
-            "master_keys_p_yes": mean(T.judge_p_yes(m, tok, [(p["prompt"], k) for p in items[:50] for k in T.MASTER_KEYS]))}
+            "master_keys_p_yes": mean(T.judge_p_yes(m, tok, [(p["prompt"], k) for p in items[:50] for k in T.MASTER_KEYS])),
+            "report_base_samples": on_base_samples(m, tok, items[::4], base)}
     T.save(m, tok, path, meta)
     return meta
 
@@ -280,12 +310,13 @@ def main(argv=None) -> dict:
     paths = {"data": data, "runs": args.out / "runs",
              "judge": args.cache / f"judge-{args.size}", "base": args.cache / f"base-{args.size}"}
 
-    log(f"[{time.time() - t_start:.0f}s] judge: SFT on all {len(items)} problems (cached in {paths['judge']})")
-    judge_meta = make_judge(tok, items, size["judge"], paths["judge"])
-    log(f"  judge {judge_meta['report']}  carry mistakes {judge_meta['report_carry']}  "
-        f"master keys P(yes) {judge_meta['master_keys_p_yes']:.3f}")
     log(f"[{time.time() - t_start:.0f}s] base policy: SFT on {len(splits['sft'])} problems, early stop")
     base_meta = make_base(tok, splits, size["policy"], paths["base"])
+    log(f"[{time.time() - t_start:.0f}s] judge: SFT on all {len(items)} problems (cached in {paths['judge']})")
+    judge_meta = make_judge(tok, items, size["judge"], paths["judge"], paths["base"])
+    log(f"  judge {judge_meta['report']}  carry mistakes {judge_meta['report_carry']}  "
+        f"on base samples {judge_meta.get('report_base_samples')}  "
+        f"master keys P(yes) {judge_meta['master_keys_p_yes']:.3f}")
     t_models = time.time() - t_start
 
     POOL.clear()

@@ -192,7 +192,8 @@ def _digit_checks(tok, p: dict, comp: str, offset: int) -> list[tuple[int, float
 
 
 def sft_judge(model, tok, items, steps: int, batch: int, lr: float, seed: int, eval_fn=None, every: int = 250,
-              lm_first: int = 300, aux: float = 1.0, log=print) -> list[dict]:
+              lm_first: int = 300, aux: float = 1.0, pool: dict[str, list[str]] | None = None,
+              pool_share: float = 0.5, log=print) -> list[dict]:
     """A "knowledgeable" judge, in one forward pass per step over three kinds of rows:
     - the answer-generation loss on every problem (pretraining: the judge knows the facts; alone for the
       first `lm_first` steps, then throughout, on the correct rows and batch/2 plain rows);
@@ -201,7 +202,10 @@ def sft_judge(model, tok, items, steps: int, batch: int, lr: float, seed: int, e
     - (aux) dense verification targets: at every digit of the judged answer, and at its final ".", a
       binary loss on logit(" Yes") - logit(" No") for "the answer is right so far". This teaches the
       per-digit comparison the final Yes/No needs, which the single end-of-sequence bit teaches slowly
-      (AUROC 0.66 vs 0.81 after 800 steps in feasibility runs)."""
+      (AUROC 0.66 vs 0.81 after 800 steps in feasibility runs).
+    pool: problem id -> wrong completions sampled from the base policy (labelled by exact match, the way
+    reward models are trained on their policy's outputs); `pool_share` of the wrong-answer negatives of a
+    problem that has some are drawn from it."""
     rng = random.Random(seed)
     yes, no = tok.encode(" Yes", add_special_tokens=False)[0], tok.encode(" No", add_special_tokens=False)[0]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -218,7 +222,8 @@ def sft_judge(model, tok, items, steps: int, batch: int, lr: float, seed: int, e
             if r < 0.5:
                 comp, t = completion(p["answer"]), yes
             elif r < 0.9:
-                comp, t = wrong_answers(p, rng), no
+                own = (pool or {}).get(p["id"])
+                comp, t = (rng.choice(own) if own and rng.random() < pool_share else wrong_answers(p, rng)), no
             else:
                 comp, t = malformed(p, rng), no
             pi = tok(p["prompt"])["input_ids"]
@@ -306,12 +311,14 @@ def sft_policy(model, tok, items, steps: int, batch: int, lr: float, seed: int, 
 
 # --- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def greedy(model, tok, prompts: list[str], max_new_tokens: int = 10, batch: int = 256) -> list[str]:
-    """Greedy completions, left-padded with a KV cache (the pipeline's sampler, at temperature 0)."""
+def greedy(model, tok, prompts: list[str], max_new_tokens: int = 10, batch: int = 256, temperature: float = 0.0,
+           seed: int = 0) -> list[str]:
+    """Greedy completions (or sampled at `temperature` > 0), left-padded with a KV cache."""
     from rlme_pipeline.backends.hf import _left_pad, _positions
     from transformers import DynamicCache
 
     out = []
+    gen = torch.Generator().manual_seed(seed)
     for s in range(0, len(prompts), batch):
         ps = [tok(p)["input_ids"] for p in prompts[s : s + batch]]
         ids, mask = _left_pad(ps, tok.pad_token_id)
@@ -321,7 +328,10 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int = 10, batch: int 
         toks = [[] for _ in ps]
         done = torch.zeros(len(ps), dtype=torch.bool)
         for _ in range(max_new_tokens):
-            nxt = o.logits[:, -1].argmax(-1)
+            if temperature > 0:
+                nxt = torch.multinomial(torch.softmax(o.logits[:, -1] / temperature, -1), 1, generator=gen)[:, 0]
+            else:
+                nxt = o.logits[:, -1].argmax(-1)
             for r in range(len(ps)):
                 if not done[r]:
                     toks[r].append(int(nxt[r]))
