@@ -48,7 +48,7 @@ from rlme_pipeline.storage import Store  # noqa: E402
 SIZES = {
     "full": dict(
         n_eval=300, n_rl=800,  # the rest of the 2420 problems is the SFT split
-        judge=dict(hidden=128, layers=3, heads=8, steps=3000, lm_first=400, aux=1.0, base_negatives=4, batch=64, lr=2e-3),
+        judge=dict(hidden=128, layers=3, heads=8, steps=5000, lm_first=400, aux=1.0, base_negatives=4, batch=64, lr=2e-3),
         policy=dict(hidden=128, layers=2, max_steps=1500, batch=64, lr=2e-3, every=50, stop_at=0.25, carry_drop=0.0),
         # one optimizer step per iteration on all 128 rollouts: each group's advantages sum to zero within the
         # step. lr 6e-4 and 1e-3 (also with a KL anchor) were unstable in feasibility runs; 3e-4 learns steadily.
@@ -166,7 +166,7 @@ def config(method: str, seed: int, rl: dict, data: Path, base: Path, judge: Path
         "generation": {"group_size": rl["group_size"], "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0,
                        "batch_size": 128},
         "scoring": {"batch_size": 128, "template": T.TEMPLATE, "question_template": T.QUESTION_TEMPLATE,
-                    "reward_form": "logp", "logp_floor": FLOOR},
+                    "reward_form": rl.get("reward_form", "logp"), "logp_floor": FLOOR},
         "algorithm": {"loss": "cispo", "eps_high": 5.0, "beta": rl.get("beta", 0.0)},
         "optimizer": {"lr": rl["lr"], "micro_batch_size": rl["micro_batch"], "grad_accumulation": rl["grad_accumulation"]},
     }
@@ -293,12 +293,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, help="number of seeds (default: the size's)")
     ap.add_argument("--iterations", type=int, help="RL iterations per run (default: the size's)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--prompts", type=int, help="RL prompts per iteration (default: the size's)")
+    ap.add_argument("--reward-form", choices=("logp", "norm_logp", "p"), help="scoring.reward_form (default logp)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
     size = dict(SIZES[args.size])
-    rl = dict(size["rl"], **({"iterations": args.iterations} if args.iterations else {}))
+    rl = dict(size["rl"], **({"iterations": args.iterations} if args.iterations else {}),
+              **({"prompts_per_iteration": args.prompts} if args.prompts else {}),
+              **({"reward_form": args.reward_form} if args.reward_form else {}))
     n_seeds = args.seeds or size["seeds"]
     args.out.mkdir(parents=True, exist_ok=True)
 
