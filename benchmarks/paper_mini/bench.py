@@ -4,9 +4,10 @@
     PYTHONPATH=. python benchmarks/paper_mini/bench.py --size smoke    # seconds; what the test-suite runs
 
 1. a synthetic labelled task (two-digit + and -), split into SFT / RL / held-out prompts;
-2. a "knowledgeable" judge trained by SFT on every problem to answer " Yes"/" No" to "Is the answer
-   correct?" (accuracy and AUROC reported before any RL), and a weak base policy trained by SFT on the
-   SFT split only, stopped early at 20-40% held-out accuracy; both cached in --cache;
+2. a weak base policy trained by SFT on the SFT split only, stopped early at 20-40% held-out accuracy;
+   then a "knowledgeable" judge trained by SFT on every problem to answer " Yes"/" No" to "Is the answer
+   correct?" (generation warm-up, per-digit verification loss, negatives partly from the base's own wrong
+   samples; accuracy and AUROC, also on the base's samples, reported before any RL); both cached in --cache;
 3. from that base, with the same budget and seeds, through the real pipeline (`iteration.train`: the
    generate / score / aggregate / update stages and the commit protocol, storage and all):
      rlvr       exact-match reward only (label_reward.share = 1, no evaluator)
