@@ -4,9 +4,10 @@
     PYTHONPATH=. python benchmarks/paper_mini/bench.py --size smoke    # seconds; what the test-suite runs
 
 1. a synthetic labelled task (two-digit + and -), split into SFT / RL / held-out prompts;
-2. a "knowledgeable" judge trained by SFT on every problem to answer " Yes"/" No" to "Is the answer
-   correct?" (accuracy and AUROC reported before any RL), and a weak base policy trained by SFT on the
-   SFT split only, stopped early at 20-40% held-out accuracy; both cached in --cache;
+2. a weak base policy trained by SFT on the SFT split only, stopped early at 20-40% held-out accuracy;
+   then a "knowledgeable" judge trained by SFT on every problem to answer " Yes"/" No" to "Is the answer
+   correct?" (generation warm-up, per-digit verification loss, negatives partly from the base's own wrong
+   samples; accuracy and AUROC, also on the base's samples, reported before any RL); both cached in --cache;
 3. from that base, with the same budget and seeds, through the real pipeline (`iteration.train`: the
    generate / score / aggregate / update stages and the commit protocol, storage and all):
      rlvr       exact-match reward only (label_reward.share = 1, no evaluator)
@@ -48,7 +49,7 @@ from rlme_pipeline.storage import Store  # noqa: E402
 SIZES = {
     "full": dict(
         n_eval=300, n_rl=800,  # the rest of the 2420 problems is the SFT split
-        judge=dict(hidden=128, layers=3, steps=2000, batch=64, lr=2e-3),
+        judge=dict(hidden=128, layers=3, heads=8, steps=5000, lm_first=400, aux=1.0, base_negatives=4, batch=64, lr=2e-3),
         policy=dict(hidden=128, layers=2, max_steps=1500, batch=64, lr=2e-3, every=50, stop_at=0.25, carry_drop=0.0),
         # one optimizer step per iteration on all 128 rollouts: each group's advantages sum to zero within the
         # step. lr 6e-4 and 1e-3 (also with a KL anchor) were unstable in feasibility runs; 3e-4 learns steadily.
@@ -57,7 +58,7 @@ SIZES = {
     ),
     "smoke": dict(
         n_eval=40, n_rl=64,
-        judge=dict(hidden=64, layers=1, steps=20, batch=32, lr=2e-3),
+        judge=dict(hidden=64, layers=1, heads=4, steps=20, lm_first=5, aux=1.0, base_negatives=1, batch=32, lr=2e-3),
         policy=dict(hidden=64, layers=1, max_steps=20, batch=32, lr=2e-3, every=10, stop_at=0.25, carry_drop=0.0),
         rl=dict(iterations=2, prompts_per_iteration=4, group_size=4, lr=3e-4, micro_batch=16, grad_accumulation=1),
         seeds=1,
@@ -77,17 +78,48 @@ def cached(path: Path) -> bool:
     return (path / "bench_meta.json").is_file()
 
 
-def make_judge(tok, items, spec: dict, path: Path) -> dict:
+def base_mistakes(tok, items, base: Path, n: int) -> dict[str, list[str]]:
+    """n samples per problem from the base policy at temperature 1 (the RL start), keeping the wrong ones."""
+    lm = POOL.get(str(base))
+    prompts = [p for p in items for _ in range(n)]
+    outs = T.greedy(lm.model, lm.tokenizer, [p["prompt"] for p in prompts], MAX_NEW_TOKENS, temperature=1.0, seed=5)
+    pool: dict[str, list[str]] = {}
+    for p, o in zip(prompts, outs):
+        if not is_correct(o, p["answer"], "answer_is"):
+            pool.setdefault(p["id"], []).append(o)
+    POOL.clear()
+    return pool
+
+
+def on_base_samples(judge, tok, items, base: Path) -> dict:
+    """The judge on what RL starts from: the base policy's samples (temperature 1), true labels by exact match."""
+    lm = POOL.get(str(base))
+    outs = T.greedy(lm.model, lm.tokenizer, [p["prompt"] for p in items], MAX_NEW_TOKENS, temperature=1.0, seed=9)
+    POOL.clear()
+    ok = [is_correct(o, p["answer"], "answer_is") for o, p in zip(outs, items)]
+    py = T.judge_p_yes(judge, tok, [(p["prompt"], o) for p, o in zip(items, outs)])
+    rep = {"n": len(items), "share_correct": mean(ok), "auroc": T.auroc(py, ok),
+           "p_yes_right": mean([x for x, y in zip(py, ok) if y]), "p_yes_wrong": mean([x for x, y in zip(py, ok) if not y])}
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in rep.items()}  # JSON-comparable
+
+
+def make_judge(tok, items, spec: dict, path: Path, base: Path) -> dict:
     if cached(path):
         return json.loads((path / "bench_meta.json").read_text())
     t0 = time.time()
-    m = T.build_model(tok, spec["hidden"], spec["layers"], seed=1)
+    pool = base_mistakes(tok, items, base, spec["base_negatives"]) if spec.get("base_negatives") else None
+    if pool is not None:
+        log(f"  {sum(map(len, pool.values()))} wrong base samples on {len(pool)} problems "
+            f"({time.time() - t0:.0f}s), e.g. {next(iter(pool.values()))[:3]}")
+    m = T.build_model(tok, spec["hidden"], spec["layers"], seed=1, heads=spec.get("heads"))
     every = max(spec["steps"] // 4, 1)
     T.sft_judge(m, tok, items, spec["steps"], spec["batch"], spec["lr"], seed=0,
-                eval_fn=lambda m: T.judge_report(m, tok, items, seed=7, n=300), every=every, log=log)
+                eval_fn=lambda m: T.judge_report(m, tok, items, seed=7, n=300), every=every,
+                lm_first=spec.get("lm_first", 0), aux=spec.get("aux", 0.0), pool=pool, log=log)
     meta = {"spec": spec, "report": T.judge_report(m, tok, items, seed=123, n=1000), "seconds": time.time() - t0,
             "report_carry": T.judge_report(m, tok, items, seed=123, n=1000, negatives="carry"),
-            "master_keys_p_yes": mean(T.judge_p_yes(m, tok, [(p["prompt"], k) for p in items[:50] for k in T.MASTER_KEYS]))}
+            "master_keys_p_yes": mean(T.judge_p_yes(m, tok, [(p["prompt"], k) for p in items[:50] for k in T.MASTER_KEYS])),
+            "report_base_samples": on_base_samples(m, tok, items[::4], base)}
     T.save(m, tok, path, meta)
     return meta
 
@@ -135,7 +167,7 @@ def config(method: str, seed: int, rl: dict, data: Path, base: Path, judge: Path
         "generation": {"group_size": rl["group_size"], "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0,
                        "batch_size": 128},
         "scoring": {"batch_size": 128, "template": T.TEMPLATE, "question_template": T.QUESTION_TEMPLATE,
-                    "reward_form": "logp", "logp_floor": FLOOR},
+                    "reward_form": rl.get("reward_form", "logp"), "logp_floor": FLOOR},
         "algorithm": {"loss": "cispo", "eps_high": 5.0, "beta": rl.get("beta", 0.0)},
         "optimizer": {"lr": rl["lr"], "micro_batch_size": rl["micro_batch"], "grad_accumulation": rl["grad_accumulation"]},
     }
@@ -262,12 +294,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, help="number of seeds (default: the size's)")
     ap.add_argument("--iterations", type=int, help="RL iterations per run (default: the size's)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--prompts", type=int, help="RL prompts per iteration (default: the size's)")
+    ap.add_argument("--reward-form", choices=("logp", "norm_logp", "p"), help="scoring.reward_form (default logp)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
     size = dict(SIZES[args.size])
-    rl = dict(size["rl"], **({"iterations": args.iterations} if args.iterations else {}))
+    rl = dict(size["rl"], **({"iterations": args.iterations} if args.iterations else {}),
+              **({"prompts_per_iteration": args.prompts} if args.prompts else {}),
+              **({"reward_form": args.reward_form} if args.reward_form else {}))
     n_seeds = args.seeds or size["seeds"]
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -279,12 +315,13 @@ def main(argv=None) -> dict:
     paths = {"data": data, "runs": args.out / "runs",
              "judge": args.cache / f"judge-{args.size}", "base": args.cache / f"base-{args.size}"}
 
-    log(f"[{time.time() - t_start:.0f}s] judge: SFT on all {len(items)} problems (cached in {paths['judge']})")
-    judge_meta = make_judge(tok, items, size["judge"], paths["judge"])
-    log(f"  judge {judge_meta['report']}  carry mistakes {judge_meta['report_carry']}  "
-        f"master keys P(yes) {judge_meta['master_keys_p_yes']:.3f}")
     log(f"[{time.time() - t_start:.0f}s] base policy: SFT on {len(splits['sft'])} problems, early stop")
     base_meta = make_base(tok, splits, size["policy"], paths["base"])
+    log(f"[{time.time() - t_start:.0f}s] judge: SFT on all {len(items)} problems (cached in {paths['judge']})")
+    judge_meta = make_judge(tok, items, size["judge"], paths["judge"], paths["base"])
+    log(f"  judge {judge_meta['report']}  carry mistakes {judge_meta['report_carry']}  "
+        f"on base samples {judge_meta.get('report_base_samples')}  "
+        f"master keys P(yes) {judge_meta['master_keys_p_yes']:.3f}")
     t_models = time.time() - t_start
 
     POOL.clear()

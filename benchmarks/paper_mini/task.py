@@ -97,9 +97,10 @@ def corpus(items: list[dict]) -> list[str]:
     return lines
 
 
-def build_model(tok, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_attention_heads=hidden // 64,
-                      num_key_value_heads=hidden // 64, head_dim=64, intermediate_size=hidden * 4,
+def build_model(tok, hidden: int, layers: int, seed: int, heads: int | None = None) -> LlamaForCausalLM:
+    heads = heads or hidden // 64
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_attention_heads=heads,
+                      num_key_value_heads=heads, head_dim=hidden // heads, intermediate_size=hidden * 4,
                       num_hidden_layers=layers, max_position_embeddings=256, tie_word_embeddings=False,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
@@ -179,38 +180,87 @@ def _lr(step: int, steps: int, lr: float, warmup: int = 50) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def _digit_checks(tok, p: dict, comp: str, offset: int) -> list[tuple[int, float]]:
+    """Dense verification targets for a well-formed " The answer is N." at token offset `offset`: at each
+    digit of N, is the answer correct so far (prefix of the right digits)? at the ".", is it right?"""
+    if not (comp.startswith(" The answer is ") and comp.endswith(".") and comp[15:-1].isdigit()):
+        return []
+    given, right = comp[15:-1], p["answer"]
+    first = offset + len(tok(comp, add_special_tokens=False)["input_ids"]) - 1 - len(given)
+    out = [(first + k, float(given[: k + 1] == right[: k + 1])) for k in range(len(given))]
+    return out + [(first + len(given), float(given == right))]
+
+
 def sft_judge(model, tok, items, steps: int, batch: int, lr: float, seed: int, eval_fn=None, every: int = 250,
-              lm_weight: float = 1.0, log=print) -> list[dict]:
-    """Cross-entropy on the single Yes/No token after the question, plus (lm_weight) the answer-generation
-    loss on every problem: a judge that has learnt the facts, as a pretrained LLM has."""
+              lm_first: int = 300, aux: float = 1.0, pool: dict[str, list[str]] | None = None,
+              pool_share: float = 0.5, log=print) -> list[dict]:
+    """A "knowledgeable" judge, in one forward pass per step over three kinds of rows:
+    - the answer-generation loss on every problem (pretraining: the judge knows the facts; alone for the
+      first `lm_first` steps, then throughout, on the correct rows and batch/2 plain rows);
+    - cross-entropy on the single " Yes"/" No" token after "Is the answer correct?" (balanced; hard
+      negatives off by 1, 2, 10, 20, digit swaps, malformed answers, master keys);
+    - (aux) dense verification targets: at every digit of the judged answer, and at its final ".", a
+      binary loss on logit(" Yes") - logit(" No") for "the answer is right so far". This teaches the
+      per-digit comparison the final Yes/No needs, which the single end-of-sequence bit teaches slowly
+      (AUROC 0.66 vs 0.81 after 800 steps in feasibility runs).
+    pool: problem id -> wrong completions sampled from the base policy (labelled by exact match, the way
+    reward models are trained on their policy's outputs); `pool_share` of the wrong-answer negatives of a
+    problem that has some are drawn from it."""
     rng = random.Random(seed)
+    yes, no = tok.encode(" Yes", add_special_tokens=False)[0], tok.encode(" No", add_special_tokens=False)[0]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
     history = []
     t0 = time.time()
+    F = torch.nn.functional
     for step in range(steps):
-        seqs, targets = judge_batch(tok, items, rng, batch)
+        judging = step >= lm_first
+        seqs, labels, ends, checks = [], [], [], []
+        for _ in range(batch if judging else 0):
+            p = rng.choice(items)
+            r = rng.random()
+            if r < 0.5:
+                comp, t = completion(p["answer"]), yes
+            elif r < 0.9:
+                own = (pool or {}).get(p["id"])
+                comp, t = (rng.choice(own) if own and rng.random() < pool_share else wrong_answers(p, rng)), no
+            else:
+                comp, t = malformed(p, rng), no
+            pi = tok(p["prompt"])["input_ids"]
+            s = judge_prefix(tok, p["prompt"], comp)
+            lab = [-100] * len(s)
+            if t == yes:  # the generation loss on the right answer (its eos is not in the judge text)
+                n = len(tok(comp, add_special_tokens=False)["input_ids"])
+                lab[len(pi) : len(pi) + n] = s[len(pi) : len(pi) + n]
+            seqs.append(s)
+            labels.append(lab)
+            ends.append((len(s) - 1, t))
+            checks.append(_digit_checks(tok, p, comp, len(pi)))
+        for p in rng.choices(items, k=batch // 2 if judging else batch):
+            pi, ti = policy_example(tok, p)
+            seqs.append(pi + ti)
+            labels.append([-100] * len(pi) + ti)
         ids, mask = _pad(seqs, tok.pad_token_id)
-        last = mask.sum(1) - 1
-        h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = model.lm_head(h[torch.arange(len(seqs)), last])
-        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
-        if lm_weight > 0:  # "pretraining": knowing the facts is what makes verifying them learnable
-            seqs, labels = [], []
-            for p in rng.choices(items, k=batch):
-                pi, ti = policy_example(tok, p)
-                seqs.append(pi + ti)
-                labels.append([-100] * len(pi) + ti)
-            ids, mask = _pad(seqs, tok.pad_token_id)
-            lab, _ = _pad(labels, -100)
-            loss = loss + lm_weight * model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        lab, _ = _pad(labels, -100)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        # labels are the input ids: position j's target is lab[j + 1]
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
+        if judging:
+            rows = torch.arange(len(ends))
+            last = logits[rows, torch.tensor([e for e, _ in ends])]
+            loss = loss + F.cross_entropy(last, torch.tensor([t for _, t in ends]))
+            pairs = [(i, j, y) for i, c in enumerate(checks) for j, y in c]
+            if aux > 0 and pairs:
+                li, lj = torch.tensor([i for i, _, _ in pairs]), torch.tensor([j for _, j, _ in pairs])
+                d = logits[li, lj, yes] - logits[li, lj, no]
+                loss = loss + aux * F.binary_cross_entropy_with_logits(d, torch.tensor([y for _, _, y in pairs]))
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % every == 0 or step == steps - 1:
+        if judging and ((step + 1) % every == 0 or step == steps - 1):
             model.eval()
             rep = eval_fn(model) if eval_fn else {}
             history.append({"step": step + 1, "loss": loss.item(), **rep})
@@ -261,12 +311,14 @@ def sft_policy(model, tok, items, steps: int, batch: int, lr: float, seed: int, 
 
 # --- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def greedy(model, tok, prompts: list[str], max_new_tokens: int = 10, batch: int = 256) -> list[str]:
-    """Greedy completions, left-padded with a KV cache (the pipeline's sampler, at temperature 0)."""
+def greedy(model, tok, prompts: list[str], max_new_tokens: int = 10, batch: int = 256, temperature: float = 0.0,
+           seed: int = 0) -> list[str]:
+    """Greedy completions (or sampled at `temperature` > 0), left-padded with a KV cache."""
     from rlme_pipeline.backends.hf import _left_pad, _positions
     from transformers import DynamicCache
 
     out = []
+    gen = torch.Generator().manual_seed(seed)
     for s in range(0, len(prompts), batch):
         ps = [tok(p)["input_ids"] for p in prompts[s : s + batch]]
         ids, mask = _left_pad(ps, tok.pad_token_id)
@@ -276,7 +328,10 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int = 10, batch: int 
         toks = [[] for _ in ps]
         done = torch.zeros(len(ps), dtype=torch.bool)
         for _ in range(max_new_tokens):
-            nxt = o.logits[:, -1].argmax(-1)
+            if temperature > 0:
+                nxt = torch.multinomial(torch.softmax(o.logits[:, -1] / temperature, -1), 1, generator=gen)[:, 0]
+            else:
+                nxt = o.logits[:, -1].argmax(-1)
             for r in range(len(ps)):
                 if not done[r]:
                     toks[r].append(int(nxt[r]))

@@ -32,6 +32,7 @@ def test_paper_mini_smoke(tmp_path):
     assert saved["summary"].keys() == result["summary"].keys()
     assert "| rlvr |" in (out / "results.md").read_text()
     assert 0.0 <= result["judge"]["report"]["auroc"] <= 1.0
+    assert result["judge"]["report_base_samples"]["n"] > 0  # the judge on the base policy's own samples
     try:
         import matplotlib  # noqa: F401
     except ImportError:
