@@ -180,6 +180,15 @@ def _lr(step: int, steps: int, lr: float, warmup: int = 50) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def _optimizer_step(model, opt, loss, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def _digit_checks(tok, p: dict, comp: str, offset: int) -> list[tuple[int, float]]:
     """Dense verification targets for a well-formed " The answer is N." at token offset `offset`: at each
     digit of N, is the answer correct so far (prefix of the right digits)? at the ".", is it right?"""
@@ -254,12 +263,7 @@ def sft_judge(model, tok, items, steps: int, batch: int, lr: float, seed: int, e
                 li, lj = torch.tensor([i for i, _, _ in pairs]), torch.tensor([j for _, j, _ in pairs])
                 d = logits[li, lj, yes] - logits[li, lj, no]
                 loss = loss + aux * F.binary_cross_entropy_with_logits(d, torch.tensor([y for _, _, y in pairs]))
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(model, opt, loss, _lr(step, steps, lr))
         if judging and ((step + 1) % every == 0 or step == steps - 1):
             model.eval()
             rep = eval_fn(model) if eval_fn else {}
@@ -292,12 +296,7 @@ def sft_policy(model, tok, items, steps: int, batch: int, lr: float, seed: int, 
         ids, mask = _pad(seqs, tok.pad_token_id)
         lab, _ = _pad(labels, -100)
         loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(model, opt, loss, _lr(step, steps, lr))
         if eval_fn is not None and ((step + 1) % every == 0 or step == steps - 1):
             model.eval()
             acc = eval_fn(model)
