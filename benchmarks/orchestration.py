@@ -3,8 +3,9 @@
     PYTHONPATH=. python -m benchmarks.orchestration [--config configs/demo.yaml] [--iterations 3] [--repeats 2] [--tiny]
 
 Each case is a fresh subprocess with a fresh storage dir and PREFECT_HOME. "direct" does what the flow does
-without Prefect: load the config, `preflight`, `rlme_pipeline.iteration.train(cfg, run)`; "prefect" first runs an empty flow (that starts Prefect's temporary
-local server: reported as startup), then `flows.train.rlme_train` for the same config. Per-iteration time
+without Prefect: load the config, `preflight`, `rlme_pipeline.iteration.train(cfg, run)`. "prefect" first runs
+an empty flow (that starts Prefect's temporary local server: reported as startup), then `flows.train.rlme_train`
+for the same config. Per-iteration time
 is the wall time of the training call divided by the iterations; the first iteration (model loads) is
 included in both. Cases alternate direct/prefect; overhead = median over pairs of prefect/direct - 1.
 Target: <= 10% of an iteration of the demo config.
