@@ -71,7 +71,8 @@ class Loaded:
     tokenizer: object
     version: str
     path: str
-    optimizer: torch.optim.Optimizer | None = None  # the state saved beside `path`, kept so the next update need not read it back
+    # The optimizer whose state is saved beside `path`, kept so that the next update need not read it back.
+    optimizer: torch.optim.Optimizer | None = None
 
 
 class ModelPool:
