@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -10,17 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.local_prefect import local_prefect
+
 app = typer.Typer(help="Reinforcement Learning from Meta-Evaluation.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console()
-
-
-def _prefect_defaults() -> None:
-    # Quiet, self-contained Prefect: the temporary local server needs no setup; analytics off avoids
-    # noisy "database is locked" tracebacks from its background services.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _fail(e: Exception) -> None:
@@ -49,10 +43,10 @@ def train(
         # Fail fast, before Prefect starts a server; the flow checks again for deployments.
         cfg = load(config, iterations=iterations, storage=storage, id=run_id)
         preflight(cfg, Store(cfg.run.storage))
-        _prefect_defaults()
-        from flows.train import rlme_train
+        with local_prefect():  # before Prefect's import: it reads its settings then
+            from flows.train import rlme_train
 
-        state = rlme_train(config=config, iterations=iterations, storage=storage, run_id=run_id, return_state=True)
+            state = rlme_train(config=config, iterations=iterations, storage=storage, run_id=run_id, return_state=True)
         if state.is_cancelled():  # another process holds the run's lease: the flow touched nothing
             _fail(RuntimeError(state.message))
         result = state.result()
@@ -170,13 +164,13 @@ def rescore(
 
     if questions is None and evaluators is None:
         _fail(ValueError("give --questions, --evaluators, or both"))
-    _prefect_defaults()
-    from flows.rescore import rlme_rescore
-
     try:
-        result = rlme_rescore(run_uri=run_uri, name=name, questions=str(questions) if questions else None,
-                              evaluators=str(evaluators) if evaluators else None, iterations=iterations,
-                              resume=resume, shard_rows=shard_rows)
+        with local_prefect():
+            from flows.rescore import rlme_rescore
+
+            result = rlme_rescore(run_uri=run_uri, name=name, questions=str(questions) if questions else None,
+                                  evaluators=str(evaluators) if evaluators else None, iterations=iterations,
+                                  resume=resume, shard_rows=shard_rows)
     except (ConfigError, ScoresetExists, ValueError) as e:
         _fail(e)
     console.print(f"[bold green]score set:[/] {run_uri}/scoresets/{name}  "
@@ -195,11 +189,11 @@ def audit(
     alarm_share: float = typer.Option(0.5, help="probe alarm when an evaluator judges more than this share positive"),
 ):
     """Audit a run's reward data (Prefect flow rlme_audit): tables in OUT/*.parquet, OUT/report.html."""
-    _prefect_defaults()
-    from flows.audit import rlme_audit
-
     try:
-        d = rlme_audit(run_uri=run_uri, out=out, scoreset=scoreset, compare=compare, probe_prompts=probe_prompts, alarm_share=alarm_share)
+        with local_prefect():
+            from flows.audit import rlme_audit
+
+            d = rlme_audit(run_uri=run_uri, out=out, scoreset=scoreset, compare=compare, probe_prompts=probe_prompts, alarm_share=alarm_share)
     except ValueError as e:
         _fail(e)
     console.print(f"[bold green]audit:[/] {d['out']}/report.html")

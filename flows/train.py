@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -25,6 +29,29 @@ def metrics_rows(manifest: dict) -> list[dict]:
 
 def artifact_key(run_id: str) -> str:
     return "rlme-" + re.sub(r"[^a-z0-9-]", "-", run_id.lower())
+
+
+@contextmanager
+def background_reports(log) -> Iterator[Callable[..., None]]:
+    """`send(create_..._artifact, **kwargs)` creates a Prefect artifact on one background thread.
+
+    An artifact is a round trip to the API (15-80 ms on the temporary server while it also stores the
+    tasks' events); the next iteration need not wait for it. The flow waits for all of them before it
+    ends. A report that fails is a warning, not a failed flow: its iteration is committed already."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlme-reports")
+    sent = []
+
+    def send(create: Callable[..., object], **kwargs) -> None:
+        # the copied context carries the flow run, so the artifact is linked to it
+        sent.append(pool.submit(contextvars.copy_context().run, create, **kwargs))
+
+    try:
+        yield send
+    finally:
+        pool.shutdown(wait=True)
+        for f in sent:
+            if f.exception() is not None:
+                log.warning("a Prefect artifact was not created: %r", f.exception())
 
 
 def split_run_uri(run_uri: str) -> tuple[str, str]:
@@ -84,28 +111,28 @@ def _train(cfg, run: Run, lease: Lease, advance: int | None, log) -> dict:
     log.info("run %s: %d committed iterations, target %d", run.url, len(committed), cfg.run.iterations)
     stages = stage_tasks(cfg)
     made = []
-    for i in range(cfg.run.iterations):
-        if i in committed:
-            continue
-        # Each task waits on the previous one's result: the stages of an iteration are strictly ordered.
-        for stage in ("generate", "score", "aggregate", "update"):
-            lease.check()
-            stages[stage](cfg, i)
-        lease.check()
-        manifest = stages["commit"](cfg, i)
-        create_table_artifact(
-            key=artifact_key(cfg.run.id), table=metrics_rows(manifest),
-            description=f"{run.url} iteration {i} (reward, judgements, loss, seconds per stage)",
-        )
-        if manifest["metrics"].get("probe/alarm"):
-            # The judges call the probe's vacuous answers good: the policy can be rewarded for them.
-            shares = {k: v for k, v in manifest["metrics"].items() if k.startswith("probe/")}
-            log.warning("iteration %d: judge-hacking probe alarm %s", i, shares)
-            create_markdown_artifact(
-                key=f"{artifact_key(cfg.run.id)}-probe-alarm",
-                markdown=f"**Judge-hacking probe alarm** at iteration {i} of `{run.url}`: "
-                f"max share of master-key / vacuous answers judged positive {shares['probe/share_max']:.2f} "
-                f"> alarm_share {cfg.probe.alarm_share}. Run `rlme audit` and consider stopping.",
-            )
-        made.append(i)
+    with background_reports(log) as send:
+        for i in range(cfg.run.iterations):
+            if i not in committed:
+                _iteration(cfg, run, stages, lease, i, send, log)
+                made.append(i)
     return {"run": run.url, "storage_options": cfg.run.storage_options, "committed": run.committed(), "trained_now": made}
+
+
+def _iteration(cfg, run: Run, stages: dict, lease: Lease, i: int, send, log) -> None:
+    # Each task waits on the previous one's result: the stages of an iteration are strictly ordered.
+    for stage in ("generate", "score", "aggregate", "update"):
+        lease.check()
+        stages[stage](cfg, i)
+    lease.check()
+    manifest = stages["commit"](cfg, i)
+    send(create_table_artifact, key=artifact_key(cfg.run.id), table=metrics_rows(manifest),
+         description=f"{run.url} iteration {i} (reward, judgements, loss, seconds per stage)")
+    if manifest["metrics"].get("probe/alarm"):
+        # The judges call the probe's vacuous answers good: the policy can be rewarded for them.
+        shares = {k: v for k, v in manifest["metrics"].items() if k.startswith("probe/")}
+        log.warning("iteration %d: judge-hacking probe alarm %s", i, shares)
+        send(create_markdown_artifact, key=f"{artifact_key(cfg.run.id)}-probe-alarm",
+             markdown=f"**Judge-hacking probe alarm** at iteration {i} of `{run.url}`: "
+             f"max share of master-key / vacuous answers judged positive {shares['probe/share_max']:.2f} "
+             f"> alarm_share {cfg.probe.alarm_share}. Run `rlme audit` and consider stopping.")

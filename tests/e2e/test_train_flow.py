@@ -31,6 +31,8 @@ def test_flow_trains_publishes_metrics_and_continues(prefect_server, tiny_models
         runs = client.read_flow_runs()
         task_runs = client.read_task_runs()
     assert len(arts) == 3  # one metrics table per trained iteration
+    # sent from a background thread, still linked to the flow run that trained the iteration
+    assert {a.flow_run_id for a in arts} <= {r.id for r in runs} and None not in {a.flow_run_id for a in arts}
     metrics = {row["metric"] for row in json.loads(arts[0].data)}
     assert {"reward_mean", "loss", "clip_ratio", "failed_share", "completion_tokens_mean", "seconds/update"} <= metrics
     assert any(m.startswith("other/correct/") for m in metrics)

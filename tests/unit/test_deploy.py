@@ -54,3 +54,18 @@ def test_rescore_questions_file_from_s3(s3):
     assert [q.id for q in load_questions(uri)] == ["brief"]
     with pytest.raises(ConfigError, match="does not exist"):
         load_questions(f"s3://{s3.name}/defs/missing.yaml")
+
+
+def test_local_prefect_turns_heartbeats_off_only_without_an_api_url():
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    from flows.local_prefect import local_prefect
+
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default  # Prefect's default: a heartbeat every few minutes
+    with temporary_settings(restore_defaults=[PREFECT_API_URL]), local_prefect():
+        # the temporary server exits with the process: nobody reads heartbeats, and each costs a flow run ~1 s
+        assert get_current_settings().flows.heartbeat_frequency is None
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}), local_prefect():
+        assert get_current_settings().flows.heartbeat_frequency == default  # a real server marks crashed runs
+    assert get_current_settings().flows.heartbeat_frequency == default
