@@ -64,6 +64,8 @@ def spread(xs) -> str:
 
 def table(headers: list[str], rows: list[list]) -> str:
     def fmt(v):
+        if v is None:
+            return "-"
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
         return str(v)

@@ -25,7 +25,19 @@ from benchmarks._common import ROOT, emit, machine, median, run_case, spread, ta
 def case(c: dict) -> dict:
     seconds, cpu, startup = _direct(c) if c["mode"] == "direct" else _prefect(c)
     n = c["iterations"]
-    return {"seconds": seconds, "per_iteration": seconds / n, "cpu_per_iteration": cpu / n, "startup": startup}
+    return {"seconds": seconds, "per_iteration": seconds / n, "cpu_per_iteration": cpu / n, "startup": startup,
+            "steady": _steady(c)}
+
+
+def _steady(c: dict) -> float | None:
+    """Median time between consecutive commits (iteration 1 on: no model loads, no flow start or end),
+    read from the mtimes of the manifests in the local run directory."""
+    from rlme_pipeline.config import load_config
+    from rlme_pipeline.run import MANIFEST, Run
+
+    run = Run.for_config(load_config(c["config"]).with_overrides(storage=c["storage"]))
+    t = [os.stat(os.path.join(run.url, run.rel(i, MANIFEST))).st_mtime for i in range(c["iterations"])]
+    return median([b - a for a, b in zip(t, t[1:])]) if len(t) > 1 else None
 
 
 def _direct(c: dict) -> tuple[float, float, float]:
@@ -90,20 +102,24 @@ def main() -> None:
                 res[mode].append(run_case("benchmarks.orchestration", {
                     "mode": mode, "config": a.config, "iterations": a.iterations,
                     "storage": os.path.join(tmp, f"runs-{mode}-{r}")}, env=env))
-    d = [x["per_iteration"] for x in res["direct"]]
-    p = [x["per_iteration"] for x in res["prefect"]]
-    over = [pp / dd - 1 for pp, dd in zip(p, d)]
-    dc = [x["cpu_per_iteration"] for x in res["direct"]]
-    pc = [x["cpu_per_iteration"] for x in res["prefect"]]
-    over_c = [pp / dd - 1 for pp, dd in zip(pc, dc)]
-    rows = [["direct (iteration.train)", median(d), "-", median(dc), "-", "-", spread(d)],
-            ["prefect flow (rlme_train)", median(p), f"{100 * median(over):+.1f}%", median(pc), f"{100 * median(over_c):+.1f}%",
-             median([x["startup"] for x in res["prefect"]]), spread(p)]]
+    def col(key: str) -> tuple[float | None, float | None, str]:
+        """direct median, prefect median, overhead (median over pairs of prefect/direct - 1)"""
+        d, p = [x[key] for x in res["direct"]], [x[key] for x in res["prefect"]]
+        if None in d + p:
+            return None, None, "-"
+        return median(d), median(p), f"{100 * median([pp / dd - 1 for pp, dd in zip(p, d)]):+.1f}%"
+
+    (wd, wp, wo), (sd, sp, so), (cd, cp, co) = col("per_iteration"), col("steady"), col("cpu_per_iteration")
+    rows = [["direct (iteration.train)", wd, "-", sd, "-", cd, "-", "-", spread([x["per_iteration"] for x in res["direct"]])],
+            ["prefect flow (rlme_train)", wp, wo, sp, so, cp, co, median([x["startup"] for x in res["prefect"]]),
+             spread([x["per_iteration"] for x in res["prefect"]])]]
     print(f"orchestration: {os.path.relpath(a.config, ROOT)}, {a.iterations} iterations per run, fresh subprocess and "
           f"storage per case, alternating, median of {a.repeats} pairs")
     print(f"machine: {machine()}")
-    print(table(["mode", "wall s / iteration", "wall overhead (median of pairs)", "CPU s / iteration",
-                 "CPU overhead (median of pairs)", "server startup s (once)", "spread"], rows))
+    print(table(["mode", "wall s / iteration", "wall overhead", "steady s / iteration", "steady overhead",
+                 "CPU s / iteration", "CPU overhead", "server startup s (once)", "spread"], rows))
+    print("overheads: median over pairs of prefect/direct - 1. steady: median time between consecutive commits from "
+          "iteration 1 on (no model loads, no flow start or end)")
 
 
 if __name__ == "__main__":
