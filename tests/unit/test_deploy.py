@@ -69,3 +69,23 @@ def test_local_prefect_turns_heartbeats_off_only_without_an_api_url():
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}), local_prefect():
         assert get_current_settings().flows.heartbeat_frequency == default  # a real server marks crashed runs
     assert get_current_settings().flows.heartbeat_frequency == default
+
+
+def test_background_reports_keep_order_and_a_failed_report_is_a_warning(caplog):
+    import logging
+
+    from flows.train import background_reports
+
+    done = []
+
+    def report(n: int) -> None:
+        if n == 2:
+            raise ConnectionError("API unreachable")
+        done.append(n)
+
+    log = logging.getLogger("rlme-test-reports")
+    with caplog.at_level(logging.WARNING, logger=log.name), background_reports(log) as send:
+        for n in range(4):
+            send(report, n=n)
+    assert done == [0, 1, 3]  # one thread: artifact versions stay in iteration order; all sent before exit
+    assert "API unreachable" in caplog.text  # the failure is reported, training is not failed
