@@ -6,6 +6,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.train import artifact_key
+from rlme_pipeline.run import split_run_url
 from tasks.audit import audit_task, read_tables
 
 
@@ -14,7 +15,7 @@ def rlme_audit(run_uri: str, out: str, scoreset: str | None = None, compare: str
                probe_prompts: int = 4, alarm_share: float = 0.5) -> dict:
     digest = audit_task(run_uri, out, scoreset, compare, probe_prompts)
     tables = read_tables(out)
-    key = artifact_key(run_uri.rstrip("/").rsplit("/", 1)[-1]) + "-audit"
+    key = artifact_key(split_run_url(run_uri)[1]) + "-audit"
     create_table_artifact(key=key, table=tables["summary"], description=f"audit of {run_uri} / {digest['scoreset']}")
     lines = [f"# rlme audit: `{run_uri}` / `{digest['scoreset']}`", f"Report: `{out}/report.html`", ""]
     for ev, share in digest.get("probe_share", {}).items():

@@ -30,19 +30,18 @@ def train(
     run_id: Optional[str] = typer.Option(None, help="run id (overrides run.id)"),
 ):
     """Train (or continue) a run through the Prefect flow rlme_train."""
+    from flows.config_io import load
     from rlme_pipeline.config import ConfigError
     from rlme_pipeline.lease import LeaseHeld, LeaseLost
-    from rlme_pipeline.run import CorruptRun, RunMismatch
+    from rlme_pipeline.preflight import preflight
+    from rlme_pipeline.run import CorruptRun, Run, RunMismatch
     from rlme_pipeline.storage import StorageError
 
-    from flows.config_io import load
-    from rlme_pipeline.preflight import preflight
-    from rlme_pipeline.storage import Store
-
     try:
-        # Fail fast, before Prefect starts a server; the flow checks again for deployments.
+        # Fail fast, before Prefect starts a server; the flow checks again for deployments. The store is
+        # the run's own (run.storage_options included), so the check writes where training will.
         cfg = load(config, iterations=iterations, storage=storage, id=run_id)
-        preflight(cfg, Store(cfg.run.storage))
+        preflight(cfg, Run.for_config(cfg).root)
         with local_prefect():  # before Prefect's import: it reads its settings then
             from flows.train import rlme_train
 

@@ -26,4 +26,4 @@ def rlme_rescore(run_uri: str, name: str, questions: str | None = None, evaluato
         description=f"score set {name} of {run_uri}: reward per iteration under the new questions/evaluators",
     )
     return {"run": run_uri, "scoreset": name, "shards_scored_now": sum(1 for d in done if d["ran"]),
-            "shards": len(done), "files": [f["path"] for f in manifest["files"]]}
+            "shards": len(done), "files": [f"{run_uri.rstrip('/')}/{f['path']}" for f in manifest["files"]]}

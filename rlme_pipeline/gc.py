@@ -1,18 +1,21 @@
 """`rlme gc`: find and remove what no record or manifest references (killed attempts, replaced files).
 
-Only the iteration directories and temp files are considered; run.json, the lease and anything this
-module does not know (scoresets/, which keep their own manifests) are never touched. Files listed by a
-stage record of an uncommitted iteration are kept: they are finished work a resume will reuse. On S3,
-multipart uploads that a killed process left open under the run are aborted too (they are invisible
-but billed). Deleting takes the run's lease, so gc never races a trainer.
+Considered: the iteration directories, the score sets under scoresets/, and temp files anywhere; run.json
+and the lease are never touched. Files listed by a stage record of an uncommitted iteration are kept:
+they are finished work a resume will reuse. A score set is collected as far as its commits prove: in a
+committed score set everything its manifest does not list (the merged shards, killed merges); in one
+still in progress only what a committed shard does not list, since a re-score (which takes no lease) may
+be writing the rest. On S3, multipart uploads that a killed process left open under the run are aborted
+too (they are invisible but billed). Deleting takes the run's lease, so gc never races a trainer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlme_pipeline import scoreset
 from rlme_pipeline.lease import Lease
-from rlme_pipeline.run import MANIFEST, STAGES, Run, iter_dir
+from rlme_pipeline.run import Run, iter_dir
 
 
 @dataclass
@@ -23,24 +26,30 @@ class Plan:
 
 
 def referenced(run: Run, i: int) -> set[str]:
-    keep = {f"{iter_dir(i)}/{MANIFEST}"} | {f"{iter_dir(i)}/stages/{s}.json" for s in STAGES}
-    if i in run.committed():
-        keep |= {f.path for f in run.manifest(i).files}  # CorruptRun propagates: never gc a damaged commit
-    for s in STAGES:
-        try:
-            keep |= {f.path for f in run.read_record(i, s).files}
-        except (FileNotFoundError, ValueError):
-            pass
-    return keep
+    return run.unit(i).referenced()
+
+
+def scoreset_leftovers(run: Run, name: str) -> list[str]:
+    """Files under scoresets/{name} that no commit of it references."""
+    ss = scoreset.unit(run, name)
+    if ss.committed():
+        keep = ss.referenced() | {ss.rel(scoreset.DEFINITION)}
+        return [rel for rel in run.store.find(ss.dir) if rel not in keep]
+    out = []
+    for shard in scoreset.shard_units(run, name):
+        if shard.committed():
+            keep = shard.referenced()
+            out += [rel for rel in run.store.find(shard.dir) if rel not in keep]
+    return out
 
 
 def plan(run: Run) -> Plan:
     p = Plan()
     for i in run.iterations():
         keep = referenced(run, i)
-        for rel in run.store.find(iter_dir(i)):
-            if rel not in keep:
-                p.files.append(rel)
+        p.files += [rel for rel in run.store.find(iter_dir(i)) if rel not in keep]
+    for name in scoreset.names(run):
+        p.files += scoreset_leftovers(run, name)
     p.files += [rel for rel in run.store.find() if ".tmp-" in rel.rsplit("/", 1)[-1] and rel not in p.files]
     for rel in p.files:
         try:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import uuid
 from collections.abc import Iterable, Iterator
 
 import polars as pl
@@ -45,17 +43,11 @@ class _HashingWriter(io.RawIOBase):
         return len(b)
 
 
-def write_stream(store: Store, rel: str, frames: Iterable[pl.DataFrame], table: str) -> FileEntry:
-    """Write frames one row group at a time: memory is one frame, whatever the file's size.
-
-    Local files go to a temp name and are renamed; an S3 upload becomes visible only when it completes.
-    """
-    path = store.abs(rel)
-    target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if store.is_local else path
-    if store.is_local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+def write_stream(store: Store, rel: str, frames: Iterable[pl.DataFrame], table: str, name: str | None = None) -> FileEntry:
+    """Write frames one row group at a time: memory is one frame, whatever the file's size. The file
+    appears whole or not at all (the Store's `open_write`)."""
     rows = 0
-    with store.fs.open(target, "wb") as raw:
+    with store.open_write(rel) as raw:
         out = _HashingWriter(raw)
         writer = None
         for df in frames:
@@ -67,11 +59,7 @@ def write_stream(store: Store, rel: str, frames: Iterable[pl.DataFrame], table: 
         if writer is None:  # no frames: still a valid, empty file with the table's schema
             writer = pq.ParquetWriter(out, arrow_schema(table), compression="zstd")
         writer.close()
-    if store.is_local:
-        os.replace(target, path)
-    else:
-        store.fs.invalidate_cache(os.path.dirname(path))
-    return FileEntry(path=rel, sha256=out.h.hexdigest(), bytes=out.n, rows=rows, schema_version=SCHEMA_VERSION)
+    return FileEntry(path=rel, sha256=out.h.hexdigest(), bytes=out.n, rows=rows, schema_version=SCHEMA_VERSION, name=name)
 
 
 def arrow_schema(table: str) -> pa.Schema:
@@ -106,10 +94,9 @@ def scan(store: Store, rels: list[str]) -> pl.LazyFrame:
     """A lazy frame over several files of one store (projection and filters reach the reader)."""
     if not rels:
         raise ValueError("nothing to scan")
-    if store.is_local:
-        return pl.scan_parquet([store.abs(r) for r in rels])
-    protocol = store.fs.protocol[0] if isinstance(store.fs.protocol, (tuple, list)) else store.fs.protocol
-    if protocol in ("s3", "s3a"):
+    if store.local_path() is not None:
+        return pl.scan_parquet([store.local_path(r) for r in rels])
+    if store.protocol in ("s3", "s3a"):
         return pl.scan_parquet([f"s3://{store.abs(r)}" for r in rels], storage_options=polars_options(store))
     # Other filesystems (memory://, ...) polars cannot open itself: read each file through fsspec.
     return pl.concat([store.read_parquet(r).lazy() for r in rels], how="vertical_relaxed")

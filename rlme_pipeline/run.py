@@ -1,4 +1,4 @@
-"""One run's directory: its layout, its stage records and the commit protocol.
+"""One run's directory, its layout, and the write-once commit unit that every piece of it is written by.
 
     {root}/{run_id}/run.json                              config snapshot, code version, created_at
     {root}/{run_id}/lease/00000007.json                   who is training this run (see lease.py)
@@ -6,24 +6,33 @@
     {root}/{run_id}/iter-000003/checkpoint.5d0e71aa/      an ordinary HF directory (+ optimizer, rng, state)
     {root}/{run_id}/iter-000003/stages/*.json             one record per finished stage (files + hashes)
     {root}/{run_id}/iter-000003/MANIFEST.json             the commit: created last, exclusively
+    {root}/{run_id}/scoresets/{name}/...                  re-scores, made of the same units (scoreset.py)
 
+A `Unit` is one directory committed as a whole: a training iteration, a score-set shard, a score set.
 Every data file is written once under a fresh name and never overwritten, so a killed or stale writer
 (a process whose lease expired) can only leave unreferenced files behind, never change a file that a
 record or manifest lists. Records and manifests map logical names (iter-000003/rollouts.parquet) to
-those files; readers ask `Run.path` for a logical name. A stage is done when its record exists and every
-file it lists has the recorded hash; a resumed run skips exactly those. An iteration is committed when
-its MANIFEST.json exists; readers trust nothing else. `rlme gc` removes the unreferenced files.
+those files, by paths relative to the run; readers ask `Unit.path` (`Run.path`) for a logical name. A
+step is done when its record exists and every file it lists has the recorded hash; a resumed run skips
+exactly those. A unit is committed when its MANIFEST.json exists; it is created exclusively, so the
+first commit stands, and readers trust nothing else. `rlme verify` re-hashes what manifests list;
+`rlme gc` removes the files nothing references.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import io
 import secrets
 import subprocess
+from collections.abc import Callable, Iterable
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Generic, TypeVar
 
+import polars as pl
 from pydantic import BaseModel, Field
 
 from rlme_pipeline.config import Config, check_run_id, validate_config
@@ -51,11 +60,18 @@ class StageRecord(BaseModel):
     info: dict = Field(default_factory=dict)  # lineage: model versions, seeds, counts
 
 
-class Manifest(BaseModel):
+class Commit(BaseModel):
+    """What every manifest holds: each file it commits, with sha256, bytes and rows."""
+
+    files: list[FileEntry]
+
+
+class Manifest(Commit):
+    """A training iteration's commit."""
+
     run_id: str
     iteration: int
     committed_at: str
-    files: list[FileEntry]
     config_hash: str
     lineage: dict  # policy/evaluator versions, question hashes, template hash, seeds
     code: dict
@@ -75,6 +91,160 @@ def attempt_name(logical: str, token: str | None = None) -> str:
     stem, dot, ext = leaf.partition(".")
     leaf = f"{stem}.{token}{dot}{ext}" if dot else f"{leaf}.{token}"
     return f"{head}/{leaf}" if head else leaf
+
+
+def split_run_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/runs/exp-42` -> (`s3://bucket/runs`, `exp-42`): the one parser of {storage}/{run_id}."""
+    root, _, run_id = url.rstrip("/").rpartition("/")
+    if not root or not run_id or root.endswith((":", ":/")) or run_id.endswith(":"):
+        raise ValueError(f"{url!r} is not a run URL: expected {{storage}}/{{run_id}}, e.g. ./runs/demo or s3://bucket/runs/demo")
+    return root, check_run_id(run_id)
+
+
+def check_files(store: Store, files: Iterable[FileEntry], hash_if: Callable[[FileEntry], bool] = lambda f: True) -> list[str]:
+    """Problems with files against their entries (missing, size, sha256 where hash_if(entry)); empty when
+    all check out."""
+    problems = []
+    for f in files:
+        where = store.where(f.path)
+        if not store.exists(f.path):
+            problems.append(f"{where}: missing (listed as {f.logical})")
+        elif (size := store.size(f.path)) != f.bytes:
+            problems.append(f"{where}: {size} bytes, the manifest says {f.bytes} (truncated or replaced)")
+        elif hash_if(f) and store.sha256(f.path) != f.sha256:
+            problems.append(f"{where}: sha256 does not match the manifest (the file was changed after commit)")
+    return problems
+
+
+M = TypeVar("M", bound=Commit)
+
+
+class Unit(Generic[M]):
+    """One write-once commit unit: a directory of the run store, relative to the run (iter-000003,
+    scoresets/v2/_shards/iter-000003/shard-00002, scoresets/v2).
+
+        {dir}/rewards.3f9a2c1b.parquet   data files under attempt-unique names, never overwritten
+        {dir}/stages/{step}.json         a record per finished step (only units with steps), after its files
+        {dir}/MANIFEST.json              the commit: lists every file; created exclusively, the first stands
+
+    `expect` names manifest fields that must match (run_id, iteration, ...): a manifest copied into the
+    wrong directory is damage, not data."""
+
+    def __init__(self, store: Store, dir: str, manifest: type[M], steps: tuple[str, ...] = (), expect: dict | None = None):
+        self.store, self.dir, self.model, self.steps, self.expect = store, dir, manifest, steps, expect or {}
+
+    def rel(self, name: str) -> str:
+        return f"{self.dir}/{name}"
+
+    # --- writes ----------------------------------------------------------------------------------
+    def new_path(self, name: str) -> tuple[str, str]:
+        """(logical, attempt-unique physical) run-relative paths for a file or directory written now."""
+        logical = self.rel(name)
+        return logical, attempt_name(logical)
+
+    def write_table(self, name: str, df, table: str) -> FileEntry:
+        logical, physical = self.new_path(name)
+        return self.store.write_table(physical, df, table, name=logical)
+
+    def write_stream(self, name: str, frames, table: str) -> FileEntry:
+        """A table written frame by frame (parquet_io.write_stream): memory is one frame."""
+        from rlme_pipeline.parquet_io import write_stream
+
+        logical, physical = self.new_path(name)
+        return write_stream(self.store, physical, frames, table, name=logical)
+
+    # --- records ---------------------------------------------------------------------------------
+    def record_rel(self, step: str) -> str:
+        return self.rel(f"stages/{step}.json")
+
+    def read_record(self, step: str) -> StageRecord:
+        """A record as written, without re-hashing its files (for lineage lookups)."""
+        return StageRecord.model_validate(self.store.read_json(self.record_rel(step)))
+
+    def record(self, step: str) -> StageRecord | None:
+        """The step's record if every file it lists is intact; None means: run the step (again)."""
+        if not self.store.exists(self.record_rel(step)):
+            return None
+        try:
+            rec = self.read_record(step)
+        except ValueError:
+            return None  # a torn or foreign record is not trusted; the step reruns and rewrites it
+        for f in rec.files:
+            if not self.store.exists(f.path) or self.store.sha256(f.path) != f.sha256:
+                return None
+        return rec
+
+    def write_record(self, step: str, rec: StageRecord) -> None:
+        """Written after the files it lists: the step's commit inside the unit."""
+        self.store.write_json(self.record_rel(step), rec.model_dump(mode="json"))
+
+    # --- the commit ------------------------------------------------------------------------------
+    def committed(self) -> bool:
+        return self.store.exists(self.rel(MANIFEST))
+
+    def manifest(self) -> M:
+        rel = self.rel(MANIFEST)
+        try:
+            m = self.model.model_validate(self.store.read_json(rel))
+        except ValueError as e:  # JSONDecodeError and pydantic's ValidationError are both ValueErrors
+            first = str(e).strip().splitlines()[0]
+            raise CorruptRun(
+                f"{self.store.where(rel)} is not a valid manifest ({type(e).__name__}: {first}). The commit of "
+                f"{self.dir} is damaged; nothing was changed. Inspect it with `rlme verify {self.store.url}`; to "
+                "recompute it, delete that MANIFEST.json and run the command that made it again."
+            ) from None
+        if wrong := {k: getattr(m, k) for k, v in self.expect.items() if getattr(m, k) != v}:
+            said = ", ".join(f"{k} {getattr(m, k)!r}" for k in self.expect)
+            raise CorruptRun(f"{self.store.where(rel)} belongs to {said}, not {', '.join(f'{k} {self.expect[k]!r}' for k in wrong)}")
+        return m
+
+    def commit(self, m: M) -> M:
+        """Create MANIFEST.json exclusively. If another writer (a stale lease holder, a retried task)
+        committed first, its manifest stands and is returned: its files are complete and listed."""
+        if not self.store.create_json(self.rel(MANIFEST), m.model_dump(mode="json")):
+            return self.manifest()
+        return m
+
+    def files(self) -> list[FileEntry]:
+        """The unit's files: the manifest's when committed, else those of its finished steps."""
+        if self.committed():
+            return self.manifest().files
+        return [f for s in self.steps if self.store.exists(self.record_rel(s)) for f in self.read_record(s).files]
+
+    def entry(self, name: str) -> FileEntry:
+        """The entry of a logical file (e.g. 'rollouts.parquet') of this unit."""
+        logical = self.rel(name)
+        for f in self.files():
+            if f.logical == logical:
+                return f
+        raise FileNotFoundError(f"{self.store.where(logical)} is listed by no manifest or record: not written or not committed yet")
+
+    def path(self, name: str) -> str:
+        """Where the bytes of a logical file are."""
+        return self.entry(name).path
+
+    def read_table(self, name: str, verify: bool = False):
+        """A table by its logical name; with verify, its bytes are checked against the entry first (one read)."""
+        entry = self.entry(name)
+        if not verify:
+            return self.store.read_parquet(entry.path)
+        data = self.store.read_bytes(entry.path)
+        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise CorruptRun(f"{self.store.where(entry.path)} does not match its committed entry (sha256, bytes); "
+                             f"see `rlme verify {self.store.url}`")
+        return pl.read_parquet(io.BytesIO(data))
+
+    def referenced(self) -> set[str]:
+        """Every run-relative path this unit's manifest and records name (what `rlme gc` keeps)."""
+        keep = {self.rel(MANIFEST)} | {self.record_rel(s) for s in self.steps}
+        if self.committed():
+            keep |= {f.path for f in self.manifest().files}  # CorruptRun propagates: never gc a damaged commit
+        for s in self.steps:
+            try:
+                keep |= {f.path for f in self.read_record(s).files}
+            except (FileNotFoundError, ValueError):
+                pass
+        return keep
 
 
 def now() -> str:
@@ -104,9 +274,7 @@ class Run:
 
     @classmethod
     def from_url(cls, url: str, storage_options: dict | None = None) -> Run:
-        root, _, run_id = url.rstrip("/").rpartition("/")
-        if not root or not run_id or run_id.endswith(":"):
-            raise ValueError(f"{url!r} is not a run URL: expected {{storage}}/{{run_id}}, e.g. ./runs/demo")
+        root, run_id = split_run_url(url)
         return cls(Store(root, storage_options), run_id)
 
     @classmethod
@@ -137,32 +305,24 @@ class Run:
     def config(self) -> Config:
         return validate_config(self.store.read_json("run.json")["config"], f"{self.url}/run.json")
 
-    # --- stage records ---------------------------------------------------------------------------
+    # --- iterations: one commit unit each ----------------------------------------------------------
+    def unit(self, i: int) -> Unit[Manifest]:
+        return Unit(self.store, iter_dir(i), Manifest, STAGES, {"run_id": self.id, "iteration": i})
+
     def rel(self, i: int, name: str) -> str:
-        return f"{iter_dir(i)}/{name}"
+        return self.unit(i).rel(name)
 
     def new_path(self, i: int, name: str) -> tuple[str, str]:
         """(logical, attempt-unique physical) relative paths for a file or directory a stage writes now."""
-        logical = self.rel(i, name)
-        return logical, attempt_name(logical)
+        return self.unit(i).new_path(name)
 
     def files(self, i: int) -> list[FileEntry]:
         """The files of iteration i: the manifest's when committed, else those of its finished stages."""
-        if self.store.exists(self.rel(i, MANIFEST)):
-            return self.manifest(i).files
-        out = []
-        for stage in STAGES:
-            if self.store.exists(self.rel(i, f"stages/{stage}.json")):
-                out += self.read_record(i, stage).files
-        return out
+        return self.unit(i).files()
 
     def path(self, i: int, name: str) -> str:
         """Where the bytes of a logical file (e.g. 'rollouts.parquet') of iteration i are."""
-        logical = self.rel(i, name)
-        for f in self.files(i):
-            if f.logical == logical:
-                return f.path
-        raise FileNotFoundError(f"{self.url}/{logical} is listed by no manifest or stage record; run its stage first")
+        return self.unit(i).path(name)
 
     def read_table(self, i: int, name: str):
         return self.store.read_parquet(self.path(i, name))
@@ -175,66 +335,31 @@ class Run:
         return scan(self.store, [self.path(i, name) for i in self.committed()])
 
     def write_table(self, i: int, name: str, df, table: str) -> FileEntry:
-        logical, physical = self.new_path(i, name)
-        return self.store.write_table(physical, df, table, name=logical)
+        return self.unit(i).write_table(name, df, table)
 
     def read_record(self, i: int, stage: str) -> StageRecord:
         """A stage record as written, without re-hashing its files (for lineage lookups)."""
-        return StageRecord.model_validate(self.store.read_json(self.rel(i, f"stages/{stage}.json")))
+        return self.unit(i).read_record(stage)
 
     def stage_record(self, i: int, stage: str) -> StageRecord | None:
         """The stage's record if every file it lists is intact; None means: run the stage (again)."""
-        rel = self.rel(i, f"stages/{stage}.json")
-        if not self.store.exists(rel):
-            return None
-        try:
-            rec = StageRecord.model_validate(self.store.read_json(rel))
-        except ValueError:
-            return None  # a torn or foreign record is not trusted; the stage reruns and rewrites it
-        for f in rec.files:
-            if not self.store.exists(f.path) or self.store.sha256(f.path) != f.sha256:
-                return None
-        return rec
+        return self.unit(i).record(stage)
 
     def write_stage_record(self, rec: StageRecord) -> None:
-        self.store.write_json(self.rel(rec.iteration, f"stages/{rec.stage}.json"), rec.model_dump(mode="json"))
+        self.unit(rec.iteration).write_record(rec.stage, rec)
 
-    # --- commits ---------------------------------------------------------------------------------
     def iterations(self) -> list[int]:
         """Iterations with a directory (committed or not)."""
         return sorted(int(n.removeprefix("iter-")) for n in self.store.ls() if n.startswith("iter-") and n[5:].isdigit())
 
     def committed(self) -> list[int]:
-        return [i for i in self.iterations() if self.store.exists(self.rel(i, MANIFEST))]
+        return [i for i in self.iterations() if self.unit(i).committed()]
 
     def manifest(self, i: int) -> Manifest:
-        rel = self.rel(i, MANIFEST)
-        try:
-            m = Manifest.model_validate(self.store.read_json(rel))
-        except ValueError as e:  # JSONDecodeError and pydantic's ValidationError are both ValueErrors
-            first = str(e).strip().splitlines()[0]
-            raise CorruptRun(
-                f"{self.store.where(rel)} is not a valid manifest ({type(e).__name__}: {first}). The iteration's "
-                f"commit is damaged; nothing was changed. Inspect it with `rlme verify {self.url}`; to recompute "
-                "the iteration, delete that MANIFEST.json and run `rlme train` again."
-            ) from None
-        if m.run_id != self.id or m.iteration != i:
-            raise CorruptRun(f"{self.store.where(rel)} belongs to run {m.run_id!r} iteration {m.iteration}, not {self.id!r} {i}")
-        return m
+        return self.unit(i).manifest()
 
-    def check_files(self, files: list[FileEntry], hash_if=lambda f: True) -> list[str]:
-        """Problems with files against their entries (missing, size, sha256 where hash_if(entry));
-        empty when all check out."""
-        problems = []
-        for f in files:
-            where = self.store.where(f.path)
-            if not self.store.exists(f.path):
-                problems.append(f"{where}: missing (listed as {f.logical})")
-            elif (size := self.store.size(f.path)) != f.bytes:
-                problems.append(f"{where}: {size} bytes, the manifest says {f.bytes} (truncated or replaced)")
-            elif hash_if(f) and self.store.sha256(f.path) != f.sha256:
-                problems.append(f"{where}: sha256 does not match the manifest (the file was changed after commit)")
-        return problems
+    def check_files(self, files: list[FileEntry], hash_if: Callable[[FileEntry], bool] = lambda f: True) -> list[str]:
+        return check_files(self.store, files, hash_if)
 
     def commit(self, i: int, cfg: Config, records: list[StageRecord]) -> Manifest:
         lineage: dict = {"seed": cfg.run.seed, "iteration_seed": [cfg.run.seed, i]}
@@ -252,8 +377,4 @@ class Run:
             metrics={k: v for r in records for k, v in r.metrics.items()},
         )
         crash_point("commit:before-manifest", i)
-        # Exclusive create: if another writer (a stale lease holder) committed first, its manifest stands;
-        # its files are complete and hash-checked, computed from the same inputs.
-        if not self.store.create_json(self.rel(i, MANIFEST), m.model_dump(mode="json")):
-            return self.manifest(i)
-        return m
+        return self.unit(i).commit(m)

@@ -1,14 +1,19 @@
 """Score sets: a run's stored rollouts judged again with other meta-questions or evaluators.
 
-    {run}/scoresets/{name}/DEFINITION.json                     what is computed; written first, checked on resume
-    {run}/scoresets/{name}/_shards/iter-000003/shard-00002.*   scores, rewards, and the shard's record (its commit)
-    {run}/scoresets/{name}/iter-000003/{scores,rewards}.parquet merged from the shards at the end
-    {run}/scoresets/{name}/MANIFEST.json                       written last; readers trust only what it lists
+    {run}/scoresets/{name}/DEFINITION.json                       what is computed; created first, checked on resume
+    {run}/scoresets/{name}/_shards/iter-000003/shard-00002/      one commit unit per shard: scores, rewards, MANIFEST.json
+    {run}/scoresets/{name}/iter-000003/scores.3f9a2c1b.parquet   merged from the shards at the end (and rewards.*.parquet)
+    {run}/scoresets/{name}/MANIFEST.json                         the score set's commit; readers trust only what it lists
 
-Nothing outside `scoresets/{name}/` is written. A shard is a fixed set of whole prompt groups (by a
-stable hash of prompt_id), so its rewards and group-centred advantages are final on their own, it reads
-only its rollouts from the Parquet file batch by batch, and an interrupted re-score resumes at the first
-shard without a record. Memory is one shard, however many rollouts the run holds.
+Shards and the score set are `run.Unit`s, like training iterations: data files under attempt-unique
+names, an exclusively created MANIFEST.json listing them (the first commit stands), read by logical name
+(`read_table(run, name, 3, "scores.parquet")`); `rlme verify` and `rlme gc` cover them. Nothing outside
+`scoresets/{name}/` is written. A shard is a fixed set of whole prompt groups (by a stable hash of
+prompt_id), so its rewards and group-centred advantages are final on their own; they come from the
+training aggregation (stages/aggregate.py), label-reward mix included, so a score set made with the
+run's own questions and evaluators reproduces its training rewards. A shard reads only its rollouts from
+the Parquet file batch by batch, and an interrupted re-score resumes at the first uncommitted shard.
+Memory is one shard, however many rollouts the run holds.
 """
 
 from __future__ import annotations
@@ -21,19 +26,29 @@ from pathlib import Path
 
 import polars as pl
 import yaml
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError, model_validator
 
 from rlme_pipeline import checkpoint
-from rlme_pipeline.config import LIVE_SELF, RUN_ID, Config, ConfigError, EvaluatorConfig, QuestionConfig, ScoringConfig, sha256_json
+from rlme_pipeline.config import (
+    LIVE_SELF,
+    RUN_ID,
+    Config,
+    ConfigError,
+    EvaluatorConfig,
+    LabelRewardConfig,
+    QuestionConfig,
+    ScoringConfig,
+    sha256_json,
+)
 from rlme_pipeline.lineage import evaluator_at
-from rlme_pipeline.parquet_io import iter_batches, write_stream
-from rlme_pipeline.rewards import compute_rewards
-from rlme_pipeline.run import MANIFEST, Run, code_version, iter_dir, now
-from rlme_pipeline.schemas import OK
+from rlme_pipeline.parquet_io import iter_batches
+from rlme_pipeline.run import MANIFEST, Commit, Run, Unit, code_version, iter_dir, now
+from rlme_pipeline.schemas import OK, ROLLOUTS, SCORES
+from rlme_pipeline.stages.aggregate import rewards_and_metrics
 from rlme_pipeline.stages.score import Judge, score_rollouts
 
 DEFINITION = "DEFINITION.json"
-ROLLOUT_COLUMNS = ["rollout_id", "iteration", "prompt_id", "prompt", "completion"]
+ROLLOUT_COLUMNS = ["rollout_id", "iteration", "prompt_id", "prompt", "completion", "label"]
 TRAIN = "train"  # the scoreset name of the training scores; not available for a re-score
 
 
@@ -50,6 +65,7 @@ class Definition(BaseModel):
     evaluators: list[EvaluatorConfig]
     scoring: ScoringConfig  # the run's template and reward form
     scale_advantage_std: bool
+    label_reward: LabelRewardConfig | None = None  # the run's label-reward mix, applied as in training
     iterations: list[int]
     sources: dict[str, dict]  # iteration -> rollouts entry and the committed manifest's sha256
     evaluator_versions: dict[str, dict[str, str]]  # iteration -> evaluator -> weights hash
@@ -57,7 +73,47 @@ class Definition(BaseModel):
     shard_rows: int
 
     def hash(self) -> str:
-        return sha256_json(self.model_dump(mode="json"))
+        d = self.model_dump(mode="json")
+        if d["label_reward"] is None:  # added later: definitions without it keep their hash
+            del d["label_reward"]
+        return sha256_json(d)
+
+    def config(self, cfg: Config) -> Config:
+        """The run's config with this score set's judges: what the training aggregation reads."""
+        return cfg.model_copy(update={"questions": list(self.questions), "evaluators": list(self.evaluators)})
+
+
+class ShardManifest(Commit):
+    scoreset: str
+    iteration: int
+    shard: int
+    rollouts: int
+    seconds: float
+    committed_at: str
+
+
+class ScoresetManifest(Commit):
+    name: str
+    run_id: str
+    committed_at: str
+    definition_hash: str
+    questions: list[dict]
+    evaluators: list[dict]
+    scoring: dict
+    sources: dict[str, dict]
+    iterations: list[int]
+    metrics: dict[str, dict]
+    code: dict
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_relative(cls, d):
+        """Score sets committed before they were `Unit`s listed paths relative to their own directory."""
+        prefix = f"scoresets/{d.get('name')}/" if isinstance(d, dict) else ""
+        if prefix and any(not f.get("path", "").startswith(prefix) for f in d.get("files", [])):
+            d = {**d, "files": [f if f["path"].startswith(prefix) else {**f, "path": prefix + f["path"], "name": prefix + (f.get("name") or f["path"])}
+                                for f in d["files"]]}
+        return d
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -157,39 +213,64 @@ def plan(
     its = parse_iterations(iterations, run.committed())
     sources, versions, n_shards = {}, {}, {}
     for i in its:
-        m_rel = run.rel(i, MANIFEST)
-        entry = next(f for f in run.manifest(i).files if f.logical == run.rel(i, "rollouts.parquet"))
+        entry = run.unit(i).entry("rollouts.parquet")
         if run.store.sha256(entry.path) != entry.sha256:
             raise ValueError(f"{run.url}/{entry.path} does not match its committed manifest; the run is damaged")
-        sources[str(i)] = {"rollouts": entry.model_dump(mode="json"), "manifest_sha256": run.store.sha256(m_rel)}
+        sources[str(i)] = {"rollouts": entry.model_dump(mode="json"), "manifest_sha256": run.store.sha256(run.rel(i, MANIFEST))}
         versions[str(i)] = {ev.name: _evaluator_version(run, cfg, ev, i) for ev in evaluators}
         n_shards[str(i)] = _shard_count(entry.rows or 0, shard_rows)
     defn = Definition(
         name=name, run_id=run.id, questions=questions, evaluators=evaluators, scoring=cfg.scoring,
-        scale_advantage_std=cfg.algorithm.scale_advantage_std, iterations=its, sources=sources,
+        scale_advantage_std=cfg.algorithm.scale_advantage_std, label_reward=cfg.label_reward, iterations=its, sources=sources,
         evaluator_versions=versions, n_shards=n_shards, shard_rows=shard_rows,
     )
     store = scoreset_store(run, name)
-    if store.exists(DEFINITION):
-        stored = store.read_json(DEFINITION)
-        if not resume:
-            state = "complete" if store.exists(MANIFEST) else "interrupted"
-            raise ScoresetExists(
-                f"score set {name!r} already exists in {run.url} ({state}); choose another --name"
-                + ("" if state == "complete" else ", or pass --resume to continue it with the same definition")
-            )
-        if stored["hash"] != defn.hash():
-            raise ScoresetExists(
-                f"score set {name!r} was started with a different definition (questions, evaluators, iterations "
-                "or sources differ); --resume continues only the same re-score. Choose another --name."
-            )
+    record = {"hash": defn.hash(), "created_at": now(), "definition": defn.model_dump(mode="json")}
+    if store.create_json(DEFINITION, record):  # exclusive: of two planners, one defines the score set
         return defn
-    store.write_json(DEFINITION, {"hash": defn.hash(), "created_at": now(), "definition": defn.model_dump(mode="json")})
+    if not resume:
+        state = "complete" if unit(run, name).committed() else "interrupted"
+        raise ScoresetExists(
+            f"score set {name!r} already exists in {run.url} ({state}); choose another --name"
+            + ("" if state == "complete" else ", or pass --resume to continue it with the same definition")
+        )
+    if store.read_json(DEFINITION)["hash"] != defn.hash():
+        raise ScoresetExists(
+            f"score set {name!r} was started with a different definition (questions, evaluators, iterations "
+            "or sources differ); --resume continues only the same re-score. Choose another --name."
+        )
     return defn
 
 
+def scoreset_dir(name: str) -> str:
+    return f"scoresets/{name}"
+
+
 def scoreset_store(run: Run, name: str):
-    return run.store.child(f"scoresets/{name}")
+    return run.store.child(scoreset_dir(name))
+
+
+def unit(run: Run, name: str) -> Unit[ScoresetManifest]:
+    """The score set's commit unit: the merged tables of every iteration, committed at the end."""
+    return Unit(run.store, scoreset_dir(name), ScoresetManifest, expect={"name": name, "run_id": run.id})
+
+
+def shard_unit(run: Run, name: str, i: int, s: int) -> Unit[ShardManifest]:
+    return Unit(run.store, f"{scoreset_dir(name)}/_shards/{iter_dir(i)}/shard-{s:05d}", ShardManifest,
+                expect={"scoreset": name, "iteration": i, "shard": s})
+
+
+def shard_units(run: Run, name: str) -> list[Unit[ShardManifest]]:
+    """The shards present in storage, committed or not (what verify and gc look at)."""
+    base = f"{scoreset_dir(name)}/_shards"
+    return [shard_unit(run, name, int(d[5:]), int(s[6:]))
+            for d in run.store.ls(base) if d.startswith("iter-") and d[5:].isdigit()
+            for s in run.store.ls(f"{base}/{d}") if s.startswith("shard-") and s[6:].isdigit()]
+
+
+def read_table(run: Run, name: str, i: int, table_file: str) -> pl.DataFrame:
+    """A committed score set's table of one iteration ('scores.parquet', 'rewards.parquet')."""
+    return unit(run, name).read_table(f"{iter_dir(i)}/{table_file}")
 
 
 def load_definition(run: Run, name: str) -> Definition:
@@ -207,40 +288,25 @@ def shard_of(prompt_id: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") % n
 
 
-def _shard_rel(i: int, s: int, what: str) -> str:
-    return f"_shards/{iter_dir(i)}/shard-{s:05d}.{what}"
-
-
 def read_shard(run: Run, defn: Definition, i: int, s: int, batch_rows: int = 4096) -> pl.DataFrame:
-    """The shard's rollouts (text columns only), read batch by batch: never the whole file at once."""
+    """The shard's rollouts (text columns and label only), read batch by batch: never the whole file at once."""
     n = defn.n_shards[str(i)]
     parts = [
         b.filter(pl.Series([shard_of(p, n) == s for p in b["prompt_id"]], dtype=pl.Boolean))
         for b in iter_batches(run.store, defn.sources[str(i)]["rollouts"]["path"], ROLLOUT_COLUMNS, batch_rows)
     ]
-    return pl.concat(parts) if parts else pl.DataFrame(schema={c: pl.String for c in ROLLOUT_COLUMNS})
-
-
-def _shard_done(store, i: int, s: int) -> dict | None:
-    rel = _shard_rel(i, s, "json")
-    if not store.exists(rel):
-        return None
-    rec = store.read_json(rel)
-    for f in rec["files"]:
-        if not store.exists(f["path"]) or store.sha256(f["path"]) != f["sha256"]:
-            return None  # a torn shard is scored again, and its files overwritten (never appended)
-    return rec
+    return pl.concat(parts) if parts else pl.DataFrame(schema={c: ROLLOUTS[c] for c in ROLLOUT_COLUMNS})
 
 
 def score_shard(run: Run, name: str, i: int, s: int) -> dict:
-    """Score one shard and commit it (data files, then its record); a committed shard is skipped."""
-    defn = load_definition(run, name)
-    store = scoreset_store(run, name)
-    if store.exists(MANIFEST):  # the score set is complete; its shards were merged and removed
+    """Score one shard, aggregate it as training does, and commit it; a committed shard is skipped."""
+    if unit(run, name).committed():  # the score set is complete; its shards were merged and removed
         return {"iteration": i, "shard": s, "ran": False}
-    if (rec := _shard_done(store, i, s)) is not None:
-        return {**rec, "ran": False}
+    shard = shard_unit(run, name, i, s)
+    if shard.committed():
+        return {**shard.manifest().model_dump(mode="json"), "ran": False}
     t0 = time.perf_counter()
+    defn = load_definition(run, name)
     cfg = run.config()
     rollouts = read_shard(run, defn, i, s)
     judges = [Judge(ev.name, evaluator_at(run, cfg, ev, i)) for ev in defn.evaluators]
@@ -248,51 +314,38 @@ def score_shard(run: Run, name: str, i: int, s: int) -> dict:
         if j.ref.version != defn.evaluator_versions[str(i)][j.name]:
             raise ValueError(f"evaluator {j.name!r} at iteration {i} has changed since the score set was planned")
     if rollouts.height:
-        scores = score_rollouts(rollouts, judges, defn.questions, defn.scoring, scoreset=name)
+        scores = score_rollouts(rollouts, judges, defn.questions, defn.scoring, scoreset=name, vllm=cfg.vllm_settings())
     else:
-        scores = pl.DataFrame()
-    rewards = compute_rewards(
-        scores if scores.height else _empty("scores"), rollouts.with_columns(pl.col("iteration").cast(pl.Int32)),
-        {e.name: e.weight for e in defn.evaluators}, {q.id: q.weight for q in defn.questions},
-        form=defn.scoring.reward_form, floor=defn.scoring.logp_floor, scale_std=defn.scale_advantage_std,
-    )
-    files = [
-        store.write_table(_shard_rel(i, s, "scores.parquet"), scores if scores.height else _empty("scores"), "scores"),
-        store.write_table(_shard_rel(i, s, "rewards.parquet"), rewards, "rewards"),
-    ]
-    rec = {"iteration": i, "shard": s, "rollouts": rollouts.height, "files": [f.model_dump(mode="json") for f in files],
-           "seconds": round(time.perf_counter() - t0, 3)}
-    store.write_json(_shard_rel(i, s, "json"), rec)
-    return {**rec, "ran": True}
-
-
-def _empty(table: str) -> pl.DataFrame:
-    from rlme_pipeline.schemas import TABLES
-
-    return pl.DataFrame(schema=TABLES[table])
+        scores = pl.DataFrame(schema=SCORES)
+    rewards, _ = rewards_and_metrics(defn.config(cfg), scores, rollouts)
+    files = [shard.write_table("scores.parquet", scores, "scores"), shard.write_table("rewards.parquet", rewards, "rewards")]
+    m = shard.commit(ShardManifest(files=files, scoreset=name, iteration=i, shard=s, rollouts=rollouts.height,
+                                   seconds=round(time.perf_counter() - t0, 3), committed_at=now()))
+    return {**m.model_dump(mode="json"), "ran": True}
 
 
 # --- finalize ------------------------------------------------------------------------------------
 def finalize(run: Run, name: str) -> dict:
-    """Merge each iteration's shards (one shard in memory at a time), check the counts, write MANIFEST.json."""
+    """Merge each iteration's committed shards (one shard in memory at a time, each checked against its
+    manifest), check the counts, and commit the score set."""
+    ss = unit(run, name)
+    if ss.committed():
+        return ss.manifest().model_dump(mode="json")
     defn = load_definition(run, name)
-    store = scoreset_store(run, name)
-    if store.exists(MANIFEST):
-        return store.read_json(MANIFEST)
     J, K = len(defn.evaluators), len(defn.questions)
     files, metrics = [], {}
     for i in defn.iterations:
-        recs = [_shard_done(store, i, s) for s in range(defn.n_shards[str(i)])]
-        if missing := [s for s, r in enumerate(recs) if r is None]:
+        shards = [shard_unit(run, name, i, s) for s in range(defn.n_shards[str(i)])]
+        if missing := [s for s, u in enumerate(shards) if not u.committed()]:
             raise RuntimeError(f"score set {name!r}: iteration {i} shards {missing} are not committed; run the re-score again with --resume")
         expected = defn.sources[str(i)]["rollouts"]["rows"]
-        if sum(r["rollouts"] for r in recs) != expected:
-            raise RuntimeError(f"score set {name!r}: iteration {i} shards hold {sum(r['rollouts'] for r in recs)} rollouts, the source {expected}")
+        if (held := sum(u.manifest().rollouts for u in shards)) != expected:
+            raise RuntimeError(f"score set {name!r}: iteration {i} shards hold {held} rollouts, the source {expected}")
         acc = {"n": 0, "sum": 0.0, "sumsq": 0.0, "masked": 0, "failed": 0}
 
-        def frames(what: str):
-            for s in range(len(recs)):
-                df = store.read_parquet(_shard_rel(i, s, f"{what}.parquet"))
+        def frames(what: str, shards=shards, acc=acc):
+            for u in shards:
+                df = u.read_table(f"{what}.parquet", verify=True)
                 if what == "rewards":
                     ok = df.filter(pl.col("reward").is_not_nan())
                     acc["n"] += ok.height
@@ -304,8 +357,8 @@ def finalize(run: Run, name: str) -> dict:
                 yield df
 
         d = iter_dir(i)
-        sc = write_stream(store, f"{d}/scores.parquet", frames("scores"), "scores")
-        rw = write_stream(store, f"{d}/rewards.parquet", frames("rewards"), "rewards")
+        sc = ss.write_stream(f"{d}/scores.parquet", frames("scores"), "scores")
+        rw = ss.write_stream(f"{d}/rewards.parquet", frames("rewards"), "rewards")
         if sc.rows != expected * J * K or rw.rows != expected:
             raise RuntimeError(f"score set {name!r}: iteration {i} has {sc.rows} scores and {rw.rows} rewards, expected {expected * J * K} and {expected}")
         files += [sc, rw]
@@ -315,20 +368,19 @@ def finalize(run: Run, name: str) -> dict:
             "reward_std": math.sqrt(max(acc["sumsq"] / acc["n"] - mean**2, 0.0)) if acc["n"] else None,
             "masked_rollouts": acc["masked"], "failed_share": acc["failed"] / sc.rows if sc.rows else 0.0,
         }
-    manifest = {
-        "name": name, "run_id": run.id, "committed_at": now(), "definition_hash": defn.hash(),
-        "questions": [{**q.model_dump(mode="json"), "sha": q.sha()} for q in defn.questions],
-        "evaluators": [{"name": ev.name, "ref": ev.model, "weight": ev.weight, "dtype": ev.dtype,
-                        "versions": {it: v[ev.name] for it, v in defn.evaluator_versions.items()}} for ev in defn.evaluators],
-        "scoring": {"template_sha": defn.scoring.template_sha(), "reward_form": defn.scoring.reward_form, "logp_floor": defn.scoring.logp_floor},
-        "sources": {it: {"rollouts_sha256": src["rollouts"]["sha256"], "manifest_sha256": src["manifest_sha256"]} for it, src in defn.sources.items()},
-        "iterations": defn.iterations,
-        "files": [f.model_dump(mode="json") for f in files],
-        "metrics": metrics, "code": code_version(),
-    }
-    store.write_json(MANIFEST, manifest)
-    store.rm("_shards", recursive=True)  # committed: the merged files replace them
-    return manifest
+    lr = defn.label_reward
+    m = ss.commit(ScoresetManifest(
+        name=name, run_id=run.id, committed_at=now(), definition_hash=defn.hash(),
+        questions=[{**q.model_dump(mode="json"), "sha": q.sha()} for q in defn.questions],
+        evaluators=[{"name": ev.name, "ref": ev.model, "weight": ev.weight, "dtype": ev.dtype,
+                     "versions": {it: v[ev.name] for it, v in defn.evaluator_versions.items()}} for ev in defn.evaluators],
+        scoring={"template_sha": defn.scoring.template_sha(), "reward_form": defn.scoring.reward_form, "logp_floor": defn.scoring.logp_floor,
+                 "scale_advantage_std": defn.scale_advantage_std, "label_reward": lr.model_dump(mode="json") if lr else None},
+        sources={it: {"rollouts_sha256": src["rollouts"]["sha256"], "manifest_sha256": src["manifest_sha256"]} for it, src in defn.sources.items()},
+        iterations=defn.iterations, files=files, metrics=metrics, code=code_version(),
+    ))
+    run.store.rm(f"{ss.dir}/_shards", recursive=True)  # committed: the merged files replace them (gc would find them)
+    return m.model_dump(mode="json")
 
 
 def rescore(run: Run, name: str, **plan_args) -> dict:
@@ -339,6 +391,11 @@ def rescore(run: Run, name: str, **plan_args) -> dict:
     return finalize(run, name)
 
 
+def names(run: Run) -> list[str]:
+    """Every score set directory of the run, committed or not."""
+    return run.store.ls("scoresets")
+
+
 def committed_scoresets(run: Run) -> list[str]:
-    return [n for n in run.store.ls("scoresets") if run.store.exists(f"scoresets/{n}/{MANIFEST}")]
+    return [n for n in names(run) if unit(run, n).committed()]
 

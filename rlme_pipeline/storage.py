@@ -22,8 +22,10 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import BinaryIO, Callable, TypeVar
 
 import fsspec
 import polars as pl
@@ -163,16 +165,27 @@ class Store:
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **fs_options(self.url, storage_options))
         self.root = self.root.rstrip("/")
+        # Still read by checkpoint.py and iteration.py; new code asks `local_path` instead.
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
     def __repr__(self) -> str:  # the URL only: options may name an endpoint, never print them wholesale
         return f"Store({self.url!r})"
 
     def child(self, rel: str) -> Store:
-        sub = Store.__new__(Store)
-        sub.url, sub.fs, sub.root, sub.is_local = f"{self.url}/{rel}", self.fs, f"{self.root}/{rel}", self.is_local
-        sub.part_size = self.part_size
+        """The directory rel of this store, on the same filesystem connection (same options, same retries)."""
+        sub = copy.copy(self)
+        sub.url, sub.root = f"{self.url}/{rel}", f"{self.root}/{rel}"
         return sub
+
+    @property
+    def protocol(self) -> str:
+        p = self.fs.protocol
+        return p[0] if isinstance(p, (tuple, list)) else p
+
+    def local_path(self, rel: str = "") -> str | None:
+        """rel as a path on this machine when the store is a local directory (to read or write in place,
+        without a copy); None when it is remote."""
+        return self.abs(rel) if self.is_local else None
 
     def abs(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -264,6 +277,35 @@ class Store:
         return FileEntry(path=rel, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rows=rows,
                          schema_version=schema_version, name=name)
 
+    @contextmanager
+    def open_write(self, rel: str) -> Iterator[BinaryIO]:
+        """A binary file to stream into: its bytes appear at rel whole when the block ends, or not at all
+        if it raises. Local: a temp name beside rel, fsynced and renamed. Object stores: the upload is
+        completed on exit and aborted on error (s3fs discards the open multipart upload). Not retried:
+        the caller's bytes are streamed once."""
+        path = self.abs(rel)
+        if self.is_local:
+            tmp = self._local_tmp(path)
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return
+        f = self.fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            f.discard()  # nothing becomes visible; closing would complete a partial upload
+            f.closed = True
+            raise
+        f.close()
+        self.fs.invalidate_cache(os.path.dirname(path))
+
     def create_bytes(self, rel: str, data: bytes) -> bool:
         """Write rel only if it does not exist yet (False if it does): the commit point of a manifest or a
         lease. Local: complete temp file, then link(2), which fails atomically if the name exists.
@@ -341,8 +383,6 @@ class Store:
         """Write and remove a probe file, so a bad root fails before any work is done."""
         probe = f".rlme-probe-{uuid.uuid4().hex[:8]}"
         try:
-            if self.is_local:
-                os.makedirs(self.root, exist_ok=True)
             self.write_bytes(probe, b"ok")
             self.rm(probe)
         except Exception as e:  # the concrete error differs by filesystem

@@ -35,7 +35,7 @@ def probe_table(run: Run, ss: Scoreset, prompts: int, seed: int = 0) -> pl.DataF
         evs, qs, last = d.evaluators, d.questions, max(d.iterations)
     judges = [Judge(ev.name, evaluator_at(run, cfg, ev, last)) for ev in evs]
     pool = ss.rollouts.select("prompt_id", "prompt").unique("prompt_id").collect()
-    return run_probe(judges, list(qs), cfg.scoring, sample_prompts(pool, prompts, seed), last)
+    return run_probe(judges, list(qs), cfg.scoring, sample_prompts(pool, prompts, seed), last, vllm=cfg.vllm_settings())
 
 
 def compute(run: Run, scoreset: str | None = None, compare_to: str | None = None, probe_prompts: int = 4) -> dict[str, pl.DataFrame]:

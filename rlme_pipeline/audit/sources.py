@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from rlme_pipeline import scoreset
 from rlme_pipeline.parquet_io import scan
-from rlme_pipeline.run import MANIFEST, Run
+from rlme_pipeline.run import Run
 from rlme_pipeline.scoreset import TRAIN
 
 
@@ -46,15 +47,14 @@ def load(run: Run, name: str | None) -> Scoreset:
             {e.name: e.weight for e in cfg.evaluators}, {q.id: q.weight for q in cfg.questions},
             {q.id: q.text for q in cfg.questions}, cfg.scoring.reward_form, cfg.scoring.logp_floor,
         )
-    rel = f"scoresets/{name}/{MANIFEST}"
-    if not run.store.exists(rel):
+    ss = scoreset.unit(run, name)
+    if not ss.committed():
         raise ValueError(f"score set {name!r} is not committed in {run.url}")
-    m = run.store.read_json(rel)
-    files = [f"scoresets/{name}/{f['path']}" for f in m["files"]]
+    m = ss.manifest()
+    pick = lambda suffix: [f.path for f in m.files if f.logical.endswith(suffix)]  # noqa: E731
     return Scoreset(
-        name, scan(run.store, [p for p in files if p.endswith("/scores.parquet")]),
-        scan(run.store, [p for p in files if p.endswith("/rewards.parquet")]),
-        scan(run.store, [run.path(i, "rollouts.parquet") for i in m["iterations"]]).select(ROLLOUT_COLUMNS),
-        {e["name"]: e["weight"] for e in m["evaluators"]}, {q["id"]: q["weight"] for q in m["questions"]},
-        {q["id"]: q["text"] for q in m["questions"]}, m["scoring"]["reward_form"], m["scoring"]["logp_floor"],
+        name, scan(run.store, pick("/scores.parquet")), scan(run.store, pick("/rewards.parquet")),
+        scan(run.store, [run.path(i, "rollouts.parquet") for i in m.iterations]).select(ROLLOUT_COLUMNS),
+        {e["name"]: e["weight"] for e in m.evaluators}, {q["id"]: q["weight"] for q in m.questions},
+        {q["id"]: q["text"] for q in m.questions}, m.scoring["reward_form"], m.scoring["logp_floor"],
     )
