@@ -1,10 +1,12 @@
 """The one validated configuration of a run, loaded from YAML.
 
 Every section is a pydantic model that forbids unknown keys, so a typo in a YAML file is an error that
-names the field instead of a silently ignored setting. `Config.hash()` covers everything that changes
-what a run computes (not `run.iterations`, `run.storage` or `run.storage_options`, which only say how
-far and where), so a
-resumed run can prove it is still the same experiment.
+names the field instead of a silently ignored setting. Every field says what it means and whether it is
+part of the experiment: declared with `experiment(...)` (what the run computes: hashed), `operational(...)`
+(where, how far, how fast: never hashed) or `experiment_if_set(...)` (added later: hashed only when it
+differs from its default, so runs made before it keep their hash). `Config.hash()` covers exactly the
+declared experiment fields, so a resumed run can prove it is still the same experiment, and a field that
+declares nothing is an error (tests/unit/test_config.py), never a silent decision.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LIVE_SELF, FROZEN_SELF = "policy", "policy@initial"
@@ -28,22 +31,78 @@ class ConfigError(ValueError):
     """A configuration problem, phrased as `field: what is wrong; how to fix it`."""
 
 
+# --- what each field is: part of the experiment or not -----------------------------------------------
+HASH_KEY = "hash"
+EXPERIMENT, OPERATIONAL, EXPERIMENT_IF_SET = "experiment", "operational", "experiment-if-set"
+
+
+def experiment(default: Any = PydanticUndefined, description: str = "", **kw) -> Any:
+    """A field that changes what the run computes: part of `Config.hash()` (a resume must match it)."""
+    return Field(default, description=description, json_schema_extra={HASH_KEY: EXPERIMENT}, **kw)
+
+
+def operational(default: Any = PydanticUndefined, description: str = "", **kw) -> Any:
+    """A field that says where, how far or how fast, never which numbers: not part of `Config.hash()`."""
+    return Field(default, description=description, json_schema_extra={HASH_KEY: OPERATIONAL}, **kw)
+
+
+def experiment_if_set(default: Any = PydanticUndefined, description: str = "", **kw) -> Any:
+    """An experiment field added after runs existed whose default reproduces them: hashed only when it
+    differs from its default, so those runs keep their hash."""
+    return Field(default, description=description, json_schema_extra={HASH_KEY: EXPERIMENT_IF_SET}, **kw)
+
+
+def hash_rule(model: type[BaseModel], name: str) -> str:
+    extra = model.model_fields[name].json_schema_extra
+    rule = extra.get(HASH_KEY) if isinstance(extra, dict) else None
+    if rule not in (EXPERIMENT, OPERATIONAL, EXPERIMENT_IF_SET):
+        raise TypeError(f"{model.__name__}.{name} does not say whether it is part of the experiment: declare it "
+                        "with experiment(...), operational(...) or experiment_if_set(...) (rlme_pipeline/config.py)")
+    return rule
+
+
+def experiment_part(model: BaseModel) -> dict:
+    """The model's experiment fields as JSON, recursively: what `Config.hash()` hashes."""
+    dumped = model.model_dump(mode="json")
+    out = {}
+    for name, f in type(model).model_fields.items():
+        rule, value = hash_rule(type(model), name), getattr(model, name)
+        if rule == OPERATIONAL or (rule == EXPERIMENT_IF_SET and value == f.get_default(call_default_factory=True)):
+            continue
+        out[name] = _experiment_value(value, dumped[name])
+    return out
+
+
+def _experiment_value(value: Any, dumped: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return experiment_part(value)
+    if isinstance(value, (list, tuple)):
+        return [_experiment_value(v, d) for v, d in zip(value, dumped)]
+    return dumped
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RunConfig(Section):
-    id: str = "demo"
-    storage: str = "./runs"  # any fsspec URL: ./runs, file:///data/runs, s3://bucket/prefix
-    # fsspec/s3fs options that are not secrets, e.g. {endpoint_url: http://minio:9000, client_kwargs:
-    # {region_name: eu-west-1}}. Credentials come from the environment (AWS_ACCESS_KEY_ID, ...), never
-    # from here: this section is copied into run.json.
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    iterations: int = Field(5, ge=1, description="total iterations the run should reach")
-    seed: int = 0
-    # Wall-clock limit per stage task in seconds (keys: generate, score, aggregate, update, commit); a stage
-    # that runs past it fails that try and is retried. Operational, like iterations: not part of the hash.
-    stage_timeout_s: dict[Literal["generate", "score", "aggregate", "update", "commit"], Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    """Which run, where it is stored, and how far it goes."""
+
+    id: str = experiment("demo", "the run's name: one path segment under run.storage ({storage}/{id})")
+    storage: str = operational("./runs", "where runs live: any fsspec URL, e.g. ./runs, file:///data/runs, s3://bucket/prefix")
+    storage_options: dict[str, Any] = operational(
+        default_factory=dict,
+        description="fsspec/s3fs options that are not secrets, e.g. {endpoint_url: http://minio:9000, client_kwargs: "
+        "{region_name: eu-west-1}}. Credentials come from the environment (AWS_ACCESS_KEY_ID, ...), never from "
+        "here: this section is copied into run.json",
+    )
+    iterations: int = operational(5, "total iterations the run should reach", ge=1)
+    seed: int = experiment(0, "seeds prompt sampling, generation and the update, per iteration")
+    stage_timeout_s: dict[Literal["generate", "score", "aggregate", "update", "commit"], Annotated[float, Field(gt=0)]] = operational(
+        default_factory=dict,
+        description="wall-clock limit per stage task in seconds (keys: generate, score, aggregate, update, commit); "
+        "a stage that runs past it fails that try and is retried",
+    )
 
     @field_validator("id")
     @classmethod
@@ -75,35 +134,47 @@ def check_run_id(v: str) -> str:
 
 
 class DataConfig(Section):
-    path: str = Field(description="local .jsonl/.json/.parquet/.csv file, or a Hugging Face hub data set name")
-    split: str = "train"
-    prompt_column: str = "prompt"
-    id_column: str | None = None  # stable prompt ids; the row number when absent
-    label_column: str | None = None  # kept for audit only; training never reads it
-    prompts_per_iteration: int = Field(8, ge=1)
-    system_prompt: str | None = None
+    """The prompts."""
+
+    path: str = experiment(description="local .jsonl/.json/.parquet/.csv file, or a Hugging Face hub data set name")
+    split: str = experiment("train", "the data set split to read (hub data sets)")
+    prompt_column: str = experiment("prompt", "column holding the prompt text")
+    id_column: str | None = experiment(None, "column of stable prompt ids; the row number when absent")
+    label_column: str | None = experiment(None, "reference answers: read by label_reward and the audit only")
+    prompts_per_iteration: int = experiment(8, "prompts sampled per iteration (each gets generation.group_size completions)", ge=1)
+    system_prompt: str | None = experiment(None, "system message of the policy's chat template")
 
 
 class ModelConfig(Section):
-    model: str = Field(description="HF directory, hub id, or tiny:policy / tiny:evaluator")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    """A model and how it is loaded."""
+
+    model: str = experiment(description="HF directory, hub id, or tiny:policy / tiny:evaluator")
+    dtype: Literal["float32", "bfloat16", "float16"] = experiment("float32", "weights and compute dtype")
+    device: str = experiment("cpu", "torch device for the hf backend, e.g. cpu, cuda, cuda:1")
 
 
 class EvaluatorConfig(ModelConfig):
-    name: str
-    model: str = Field(
+    """One evaluator j: a model whose answers to the meta-questions make the reward."""
+
+    name: str = experiment(description="unique name; appears in scores and metrics")
+    model: str = experiment(
         description="'policy' (live self), 'policy@initial' (frozen self), or a model reference (frozen other)"
     )
-    weight: float = 1.0  # v_j
+    weight: float = experiment(1.0, "v_j: the evaluator's weight in the reward")
 
 
 class QuestionConfig(Section):
-    id: str
-    text: str = Field(min_length=1)
-    weight: float = 1.0  # w_k; negative penalises
-    positive: list[str] = Field(default_factory=lambda: [" Yes", "Yes"], min_length=1)
-    negative: list[str] = Field(default_factory=lambda: [" No", "No"], min_length=1)
+    """One meta-question k, asked of every evaluator about every rollout."""
+
+    id: str = experiment(description="unique id; appears in scores and metrics")
+    text: str = experiment(description="the question, inserted into scoring.question_template", min_length=1)
+    weight: float = experiment(1.0, "w_k: the question's weight in the reward; negative penalises")
+    positive: list[str] = experiment(
+        default_factory=lambda: [" Yes", "Yes"], description="answer variants read as yes (each one token)", min_length=1
+    )
+    negative: list[str] = experiment(
+        default_factory=lambda: [" No", "No"], description="answer variants read as no (each one token)", min_length=1
+    )
 
     @field_validator("positive", "negative")
     @classmethod
@@ -121,12 +192,14 @@ Backend = Literal["hf", "vllm", "openai"]
 
 
 class GenerationConfig(Section):
-    backend: Backend = "hf"
-    group_size: int = Field(4, ge=2, description="G completions per prompt (advantages need a group)")
-    max_new_tokens: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    batch_size: int = Field(16, ge=1)
+    """Sampling the policy's completions."""
+
+    backend: Backend = experiment("hf", "hf (transformers), vllm (in-process) or openai (a vLLM server)")
+    group_size: int = experiment(4, "G completions per prompt (advantages need a group)", ge=2)
+    max_new_tokens: int = experiment(32, "longest completion, in tokens", ge=1)
+    temperature: float = experiment(1.0, "sampling temperature", gt=0)
+    top_p: float = experiment(1.0, "nucleus sampling threshold", gt=0, le=1)
+    batch_size: int = experiment(16, "prompts per generate call", ge=1)
 
 
 DEFAULT_TEMPLATE = "Question: {prompt}\nResponse: {completion}\n"
@@ -134,13 +207,15 @@ DEFAULT_QUESTION_TEMPLATE = "{question} Answer Yes or No.\nAnswer:"
 
 
 class ScoringConfig(Section):
-    backend: Backend = "hf"
-    batch_size: int = Field(16, ge=1, description="rollouts per forward pass; each carries all K questions")
-    # The evaluator reads `prefix + question`; the prefix is shared by every question of a rollout.
-    template: str = DEFAULT_TEMPLATE
-    question_template: str = DEFAULT_QUESTION_TEMPLATE
-    reward_form: Literal["logp", "norm_logp", "p"] = "logp"
-    logp_floor: float = Field(math.log(1e-6), lt=0)
+    """Reading the evaluators' answers: the evaluator reads `prefix + question`, where the prefix
+    (`template`) is shared by every question of a rollout."""
+
+    backend: Backend = experiment("hf", "hf (transformers), vllm (in-process) or openai (a vLLM server)")
+    batch_size: int = experiment(16, "rollouts per forward pass; each carries all K questions", ge=1)
+    template: str = experiment(DEFAULT_TEMPLATE, "the rollout as the evaluator reads it; must contain {prompt} and {completion}")
+    question_template: str = experiment(DEFAULT_QUESTION_TEMPLATE, "each question after the prefix; must contain {question}")
+    reward_form: Literal["logp", "norm_logp", "p"] = experiment("logp", "f(p) summed into the reward (rewards.py)")
+    logp_floor: float = experiment(math.log(1e-6), "lower bound of log-probability rewards (bounds log 0)", lt=0)
 
     @field_validator("template")
     @classmethod
@@ -162,29 +237,38 @@ class ScoringConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    loss: Literal["cispo", "grpo", "dr_grpo"] = "cispo"
-    eps_high: float = Field(5.0, gt=0, description="CISPO: absolute cap on the IS weight")
-    eps: float = Field(0.2, gt=0, description="GRPO/Dr.GRPO: PPO clip range")
-    beta: float = Field(0.0, ge=0, description="k3 KL weight; 0 loads no reference model")
-    scale_advantage_std: bool = False  # Dr. GRPO (the paper) centres only
+    """The policy-gradient loss."""
+
+    loss: Literal["cispo", "grpo", "dr_grpo"] = experiment("cispo", "the loss (losses.py)")
+    eps_high: float = experiment(5.0, "CISPO: absolute cap on the IS weight", gt=0)
+    eps: float = experiment(0.2, "GRPO/Dr.GRPO: PPO clip range", gt=0)
+    beta: float = experiment(0.0, "k3 KL weight; 0 loads no reference model", ge=0)
+    scale_advantage_std: bool = experiment(False, "divide advantages by the group std (GRPO); Dr. GRPO (the paper) centres only")
 
 
 class OptimizerConfig(Section):
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(1, ge=1, description="optimisation passes over one iteration's rollouts")
-    micro_batch_size: int = Field(8, ge=1)
-    grad_accumulation: int = Field(4, ge=1, description="micro-batches per optimizer step")
-    max_grad_norm: float = Field(1.0, gt=0)
-    logprob_chunk_tokens: int = Field(256, ge=1, description="tokens per lm-head chunk in the update (256: peak at a 150k vocab ~0.2x the naive log_softmax, benchmarks/logprobs.py)")
+    """The update: AdamW over one iteration's rollouts."""
+
+    lr: float = experiment(1e-5, "learning rate", gt=0)
+    weight_decay: float = experiment(0.0, "AdamW weight decay", ge=0)
+    epochs: int = experiment(1, "optimisation passes over one iteration's rollouts", ge=1)
+    micro_batch_size: int = experiment(8, "rollouts per forward/backward pass", ge=1)
+    grad_accumulation: int = experiment(4, "micro-batches per optimizer step", ge=1)
+    max_grad_norm: float = experiment(1.0, "gradient clipping norm", gt=0)
+    # Operational: every token's log-prob is the same whatever the chunking (and runs made when its default
+    # was 1024 still resume now that it is 256).
+    logprob_chunk_tokens: int = operational(
+        256, "tokens per lm-head chunk in the update (256: peak at a 150k vocab ~0.2x the naive log_softmax, benchmarks/logprobs.py)", ge=1
+    )
 
 
 class ProbeConfig(Section):
-    """The judge-hacking probe during training (see rlme_pipeline/probe.py). Off by default (every: 0)."""
+    """The judge-hacking probe during training (see rlme_pipeline/probe.py). Off by default (every: 0).
+    It measures the judges and changes nothing computed: not part of the hash."""
 
-    every: int = Field(0, ge=0, description="run the probe every N iterations; 0 disables it")
-    prompts: int = Field(4, ge=1, description="prompts per probe; each gets every probe response")
-    alarm_share: float = Field(0.5, ge=0, le=1, description="alarm when an evaluator judges more than this share positive")
+    every: int = operational(0, "run the probe every N iterations; 0 disables it", ge=0)
+    prompts: int = operational(4, "prompts per probe; each gets every probe response", ge=1)
+    alarm_share: float = operational(0.5, "alarm when an evaluator judges more than this share positive", ge=0, le=1)
 
 
 class LabelRewardConfig(Section):
@@ -198,40 +282,42 @@ class LabelRewardConfig(Section):
     A selected rollout whose label is missing falls back to the evaluators' reward.
     """
 
-    share: float = Field(1.0, ge=0, le=1, description="share of rollouts rewarded by exact match")
-    extractor: Literal["answer_is", "boxed", "last_number", "auto"] = "answer_is"
-    weight: float = Field(1.0, gt=0, description="scale; set it to the sum of v_j*w_k of the judgement it replaces")
+    share: float = experiment(1.0, "share of rollouts rewarded by exact match", ge=0, le=1)
+    extractor: Literal["answer_is", "boxed", "last_number", "auto"] = experiment("answer_is", "how the answer is read off a completion (answers.py)")
+    weight: float = experiment(1.0, "scale; set it to the sum of v_j*w_k of the judgement it replaces", gt=0)
+
+
 class VllmConfig(Section):
     """How the `vllm` and `openai` backends reach vLLM (docs/vllm.md). Not part of hash(): it says where
     the numbers are computed, not which (keep server_args/engine_kwargs to ones that do not change them)."""
 
-    url: str | None = Field(None, description="external OpenAI-compatible server; unset = managed by the stage")
-    python: str | None = Field(None, description="interpreter with vllm for the managed server; default $RLME_VLLM_PYTHON")
-    server_args: list[str] = Field(default_factory=list, description="extra api_server arguments, e.g. [--enforce-eager]")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the managed server")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM(...) arguments (vllm backend)")
-    max_concurrency: int = Field(16, ge=1)
-    timeout_s: float = Field(120.0, gt=0, description="per request")
-    retries: int = Field(3, ge=0)
-    backoff_s: float = Field(1.0, ge=0)
-    startup_timeout_s: float = Field(600.0, gt=0)
-    max_restarts: int = Field(1, ge=0, description="restarts of a managed server that dies during a stage")
-    keep_alive: bool = Field(False, description="keep a managed server/LLM for the next stage while its model is unchanged")
+    url: str | None = operational(None, "external OpenAI-compatible server; unset = managed by the stage")
+    python: str | None = operational(None, "interpreter with vllm for the managed server; default $RLME_VLLM_PYTHON")
+    server_args: list[str] = operational(default_factory=list, description="extra api_server arguments, e.g. [--enforce-eager]")
+    env: dict[str, str] = operational(default_factory=dict, description="extra environment for the managed server")
+    engine_kwargs: dict[str, Any] = operational(default_factory=dict, description="extra vllm.LLM(...) arguments (vllm backend)")
+    max_concurrency: int = operational(16, "requests in flight to the server", ge=1)
+    timeout_s: float = operational(120.0, "per request", gt=0)
+    retries: int = operational(3, "retries of a failed request", ge=0)
+    backoff_s: float = operational(1.0, "first retry delay, doubled each retry", ge=0)
+    startup_timeout_s: float = operational(600.0, "how long a managed server may take to come up", gt=0)
+    max_restarts: int = operational(1, "restarts of a managed server that dies during a stage", ge=0)
+    keep_alive: bool = operational(False, "keep a managed server/LLM for the next stage while its model is unchanged")
 
 
 class Config(Section):
-    run: RunConfig = RunConfig()
-    data: DataConfig
-    policy: ModelConfig
-    evaluators: list[EvaluatorConfig] = Field(default_factory=list)
-    questions: list[QuestionConfig] = Field(min_length=1)
-    generation: GenerationConfig = GenerationConfig()
-    scoring: ScoringConfig = ScoringConfig()
-    algorithm: AlgorithmConfig = AlgorithmConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    probe: ProbeConfig = ProbeConfig()  # observation only: not part of hash()
-    label_reward: LabelRewardConfig | None = None  # None: labels are never read by training
-    vllm: VllmConfig = VllmConfig()  # where, not what: not part of hash()
+    run: RunConfig = experiment(RunConfig(), "which run, where, how far (only run.id and run.seed are hashed)")
+    data: DataConfig = experiment(description="the prompts")
+    policy: ModelConfig = experiment(description="the model being trained")
+    evaluators: list[EvaluatorConfig] = experiment(default_factory=list, description="the evaluators j (see EvaluatorConfig)")
+    questions: list[QuestionConfig] = experiment(description="the meta-questions k (see QuestionConfig)", min_length=1)
+    generation: GenerationConfig = experiment(GenerationConfig(), "sampling completions")
+    scoring: ScoringConfig = experiment(ScoringConfig(), "reading the evaluators' answers")
+    algorithm: AlgorithmConfig = experiment(AlgorithmConfig(), "the loss")
+    optimizer: OptimizerConfig = experiment(OptimizerConfig(), "the update")
+    probe: ProbeConfig = operational(ProbeConfig(), "the judge-hacking probe: observation only")
+    label_reward: LabelRewardConfig | None = experiment_if_set(None, "exact-match reward on a share of rollouts; None: labels are never read by training")
+    vllm: VllmConfig = operational(VllmConfig(), "how the vllm/openai backends reach vLLM: where, not what")
     # Relative data/model paths are relative to the config file's folder, so a config works from any
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -274,17 +360,8 @@ class Config(Section):
         return self
 
     def hash(self) -> str:
-        """What the run computes, excluding how far it goes and where it is stored."""
-        d = self.model_dump(mode="json")
-        d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options", "stage_timeout_s")}
-        d.pop("vllm")  # how vLLM is reached; runs made before it keep their hash
-        d.pop("probe")  # measures the judges, changes nothing computed: runs made before it keep their hash
-        if d.get("label_reward") is None:  # added later: configs without it keep their old hash
-            d.pop("label_reward", None)
-        # a memory/speed knob: every token's log-prob is the same whatever the chunking, and runs made when
-        # its default was 1024 must still resume now that it is 256
-        d["optimizer"].pop("logprob_chunk_tokens")
-        return sha256_json(d)
+        """What the run computes: exactly the fields declared part of the experiment."""
+        return sha256_json(experiment_part(self))
 
     def with_overrides(self, **run_fields) -> Config:
         fields = {k: v for k, v in run_fields.items() if v is not None}

@@ -109,11 +109,11 @@ class ScoresetManifest(Commit):
     @classmethod
     def _run_relative(cls, d):
         """Score sets committed before they were `Unit`s listed paths relative to their own directory."""
-        prefix = f"scoresets/{d.get('name')}/" if isinstance(d, dict) else ""
-        if prefix and any(not f.get("path", "").startswith(prefix) for f in d.get("files", [])):
-            d = {**d, "files": [f if f["path"].startswith(prefix) else {**f, "path": prefix + f["path"], "name": prefix + (f.get("name") or f["path"])}
-                                for f in d["files"]]}
-        return d
+        if not isinstance(d, dict) or not all(isinstance(f, dict) for f in d.get("files", [])):
+            return d
+        prefix = f"scoresets/{d.get('name')}/"
+        fix = lambda f: f if f["path"].startswith(prefix) else {**f, "path": prefix + f["path"], "name": prefix + (f.get("name") or f["path"])}  # noqa: E731
+        return {**d, "files": [fix(f) for f in d["files"]]}
 
 
 # --- inputs --------------------------------------------------------------------------------------

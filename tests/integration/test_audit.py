@@ -43,8 +43,7 @@ def audited(tmp_path_factory, tiny_models):
 
 def test_audit_tables_match_direct_polars(audited):
     run, out, digest = audited
-    base = f"{run.store.root}/scoresets/v2"
-    scores = pl.read_parquet(f"{base}/iter-*/scores.parquet")
+    scores = pl.concat([scoreset.read_table(run, "v2", i, "scores.parquet") for i in run.committed()])
     summary = pl.read_parquet(f"{out.root}/summary.parquet")
     assert summary.height == 2 * 2 * 2  # iterations x evaluators x questions
     for r in summary.iter_rows(named=True):
@@ -66,7 +65,7 @@ def test_audit_tables_match_direct_polars(audited):
         w = scores.filter(question_id=r["question_id"]).pivot(on="evaluator", index="rollout_id", values="p_yes")
         assert r["agreement"] == pytest.approx(float(((w[r["evaluator_a"]] > 0.5) == (w[r["evaluator_b"]] > 0.5)).mean()))
 
-    a = pl.read_parquet(f"{base}/iter-*/rewards.parquet")
+    a = pl.concat([scoreset.read_table(run, "v2", i, "rewards.parquet") for i in run.committed()])
     b = pl.concat([run.read_table(i, "rewards.parquet") for i in run.committed()])
     j = a.join(b, on="rollout_id", suffix="_b")
     cmp = pl.read_parquet(f"{out.root}/compare.parquet")

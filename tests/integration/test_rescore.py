@@ -72,8 +72,10 @@ def test_rescore_is_complete_and_leaves_training_untouched(run, questions_file):
     assert not (ss / "_shards").exists()
     for i in (0, 1):
         rollouts = run.read_table(i, "rollouts.parquet")
-        scores = pl.read_parquet(ss / f"iter-{i:06d}" / "scores.parquet")
-        rewards = pl.read_parquet(ss / f"iter-{i:06d}" / "rewards.parquet")
+        scores = scoreset.read_table(run, "v2", i, "scores.parquet")
+        rewards = scoreset.read_table(run, "v2", i, "rewards.parquet")
+        # the documented layout, under attempt-unique names
+        assert {p.name.split(".")[0] for p in (ss / f"iter-{i:06d}").iterdir()} == {"scores", "rewards"}
         assert scores.height == rollouts.height * J * K
         assert scores.select("rollout_id", "evaluator", "question_id").n_unique() == scores.height
         assert set(scores["rollout_id"]) == set(rollouts["rollout_id"])
@@ -97,7 +99,8 @@ def test_rescore_is_complete_and_leaves_training_untouched(run, questions_file):
         assert m["sources"][i]["manifest_sha256"] == run.store.sha256(f"iter-{int(i):06d}/MANIFEST.json")
         assert set(m["evaluators"][0]["versions"]) == {"0", "1"}
     for f in m["files"]:
-        assert run.store.sha256(f"scoresets/v2/{f['path']}") == f["sha256"]
+        assert f["path"].startswith("scoresets/v2/iter-") and f["path"] != f["name"]
+        assert run.store.sha256(f["path"]) == f["sha256"]
 
     # A committed name is refused, with or without --resume of a different definition.
     with pytest.raises(scoreset.ScoresetExists, match="already exists"):
@@ -115,9 +118,9 @@ def test_interrupted_rescore_resumes_without_duplicates(run, questions_file):
     assert {i for i, _ in todo} == {1} and len(todo) == 4
     first = scoreset.score_shard(run, "v3", *todo[0])
     scoreset.score_shard(run, "v3", *todo[1])
-    # The process dies while writing shard 2: its data file lands, its record never does.
-    store = scoreset.scoreset_store(run, "v3")
-    store.write_bytes("_shards/iter-000001/shard-00002.scores.parquet", b"torn")
+    # The process dies while writing shard 2: a data file lands, its manifest never does.
+    torn = scoreset.shard_unit(run, "v3", *todo[2]).rel("scores.deadbeef.parquet")
+    run.store.write_bytes(torn, b"torn")
 
     with pytest.raises(scoreset.ScoresetExists, match="--resume"):
         scoreset.rescore(run, "v3", questions=qs, iterations="1:2", shard_rows=10)
@@ -128,7 +131,7 @@ def test_interrupted_rescore_resumes_without_duplicates(run, questions_file):
     assert again[0]["files"] == first["files"]  # the committed shard was not rewritten
     scoreset.finalize(run, "v3")
 
-    scores = pl.read_parquet(Path(store.root) / "iter-000001" / "scores.parquet")
+    scores = scoreset.read_table(run, "v3", 1, "scores.parquet")
     n = run.manifest(1).files[0].rows
     assert scores.height == n * 2 * 3
     assert scores.select("rollout_id", "evaluator", "question_id").n_unique() == scores.height
@@ -172,7 +175,7 @@ def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
         m = run_s3.store.read_json("scoresets/live-v1/MANIFEST.json")
         # live self at iteration 1 is iteration 0's checkpoint: a different version than at iteration 0
         assert m["evaluators"][0]["versions"]["0"] != m["evaluators"][0]["versions"]["1"]
-        scores = run_s3.store.read_parquet("scoresets/live-v1/iter-000001/scores.parquet")
+        scores = scoreset.read_table(run_s3, "live-v1", 1, "scores.parquet")
         assert scores.height == run.manifest(1).files[0].rows and (scores["evaluator"] == "live").all()
         with pytest.raises(scoreset.ScoresetExists, match="already exists"):
             scoreset.plan(run_s3, "live-v1", questions=scoreset.load_questions(qs))
