@@ -281,7 +281,8 @@ class Store:
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
         """A binary file to stream into: its bytes appear at rel whole when the block ends, or not at all
         if it raises. Local: a temp name beside rel, fsynced and renamed. Object stores: the upload is
-        completed on exit and aborted on error (s3fs discards the open multipart upload). Not retried:
+        completed on exit and aborted on error (s3fs discards the open multipart upload; parts of
+        `part_size`). Not retried:
         the caller's bytes are streamed once."""
         path = self.abs(rel)
         if self.is_local:
@@ -296,7 +297,8 @@ class Store:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             return
-        f = self.fs.open(path, "wb")
+        parts = {"block_size": self.part_size} if self.protocol in ("s3", "s3a") else {}
+        f = self.fs.open(path, "wb", **parts)
         try:
             yield f
         except BaseException:

@@ -56,3 +56,120 @@ def test_file_errors(tmp_path):
     bad.write_text("run: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+# --- the hash: an allow-list every field declares itself into ----------------------------------------
+
+import types  # noqa: E402
+import typing  # noqa: E402
+
+from pydantic import BaseModel  # noqa: E402
+
+from rlme_pipeline.config import Config, Section, hash_rule, sha256_json  # noqa: E402
+
+
+def _sections(annotation) -> list[type[BaseModel]]:
+    """Section classes inside an annotation: X, list[X], X | None, dict[str, X], Annotated[...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [s for a in typing.get_args(annotation) for s in _sections(a)]
+
+
+def undeclared(model: type[BaseModel], seen: set | None = None) -> list[str]:
+    """Every field, in any section reachable from model, that does not say whether it is hashed."""
+    seen = set() if seen is None else seen
+    if model in seen:
+        return []
+    seen.add(model)
+    out = []
+    for name, f in model.model_fields.items():
+        try:
+            hash_rule(model, name)
+        except TypeError:
+            out.append(f"{model.__name__}.{name}")
+        if not f.description:
+            out.append(f"{model.__name__}.{name} (no description)")
+        for sub in _sections(f.annotation):
+            out += undeclared(sub, seen)
+    return out
+
+
+def test_every_config_field_declares_whether_it_is_part_of_the_experiment():
+    assert undeclared(Config) == []
+
+
+def test_an_undeclared_field_is_caught_by_the_walk_and_by_the_hash():
+    from pydantic import Field
+
+    from rlme_pipeline.config import experiment
+
+    class Inner(Section):
+        declared: int = experiment(1, "a declared field")
+        silent: int = Field(2, description="declares nothing")
+
+    class Outer(Section):
+        inner: list[Inner] | None = experiment(None, "a nested section")
+
+    assert undeclared(Outer) == ["Inner.silent"]
+    cfg = load_config(DEMO)
+    Planted = types.new_class("Planted", (Config,), exec_body=lambda ns: ns.update(
+        __annotations__={"extra_knob": int}, extra_knob=Field(0, description="declares nothing")))
+    with pytest.raises(TypeError, match="Planted.extra_knob does not say whether it is part of the experiment"):
+        Planted.model_validate(cfg.model_dump(mode="json")).hash()
+
+
+def legacy_hash(cfg) -> str:
+    """Config.hash as it was: a hand-kept list of fields popped by name. Runs made with it must resume."""
+    d = cfg.model_dump(mode="json")
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options", "stage_timeout_s")}
+    d.pop("vllm")
+    d.pop("probe")
+    if d.get("label_reward") is None:
+        d.pop("label_reward", None)
+    d["optimizer"].pop("logprob_chunk_tokens")
+    return sha256_json(d)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: None,
+        lambda d: d.update(label_reward={"share": 0.1}),
+        lambda d: d.update(label_reward={"share": 1.0, "extractor": "boxed", "weight": 2.0}, evaluators=[]),
+        lambda d: d.update(vllm={"url": "http://x:8000", "max_concurrency": 3}, probe={"every": 0}),
+        lambda d: d["run"].update(storage="s3://b/p", storage_options={"endpoint_url": "http://m:9000"}, stage_timeout_s={"score": 9}),
+        lambda d: d["optimizer"].update(logprob_chunk_tokens=1024, lr=3e-4),
+        lambda d: d["data"].update(system_prompt="Be brief.", id_column=None),
+        lambda d: d["evaluators"][0].update(dtype="bfloat16", device="cuda"),
+    ],
+)
+def test_hash_is_the_legacy_hash_so_existing_runs_resume(mutate):
+    d = _demo()
+    d["data"]["path"] = "data.jsonl"  # the path as written is what is hashed; it need not exist to validate
+    mutate(d)
+    cfg = validate_config(d)
+    assert cfg.hash() == legacy_hash(cfg)
+
+
+def test_demo_hash_is_pinned():
+    """Changing it makes every existing demo run refuse to resume: do it only on purpose."""
+    assert load_config(DEMO).hash() == "d7f560652e4e1f4e688120b3e6fbbd0471109501c6dbe21f65cd2c81f5489181"
+
+
+def test_hash_covers_nested_experiment_fields_and_skips_operational_ones():
+    d = _demo()
+    base = validate_config(d).hash()
+    for path, value, same in [
+        (("questions", 0, "positive"), [" Yes"], False),
+        (("evaluators", 1, "weight"), 0.25, False),
+        (("scoring", "logp_floor"), -5.0, False),
+        (("vllm", "timeout_s"), 5.0, True),
+        (("probe", "alarm_share"), 0.9, True),
+        (("run", "iterations"), 50, True),
+    ]:
+        e = _demo()
+        node = e
+        for k in path[:-1]:
+            node = node.setdefault(k, {}) if isinstance(node, dict) else node[k]
+        node[path[-1]] = value
+        assert (validate_config(e).hash() == base) is same, path

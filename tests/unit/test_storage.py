@@ -180,3 +180,91 @@ def test_store_retries_after_botocore_gives_up(s3, caplog):
         assert store.sha256("x.bin") == entry.sha256
     finally:
         proxy.close()
+
+
+# --- the write-once commit unit, on both stores ---------------------------------------------------------
+
+
+def _rewards(reward: float):
+    import polars as pl
+
+    return pl.DataFrame({"rollout_id": ["r0"], "prompt_id": ["p0"], "iteration": [0], "reward": [reward], "advantage": [0.0],
+                         "n_components": [1], "n_failed": [0]})
+
+
+def test_a_second_commit_of_an_iteration_or_a_shard_leaves_the_first_standing(store):
+    from rlme_pipeline import scoreset
+    from rlme_pipeline.run import MANIFEST, CorruptRun, StageRecord, now
+
+    run, cfg = Run(store, "r1"), load_config(DEMO)
+    store = run.store
+    rec = StageRecord(stage="aggregate", iteration=0, files=[run.write_table(0, "rewards.parquet", _rewards(1.0), "rewards")], seconds=1.0)
+    run.write_stage_record(rec)  # a record written after its data file
+    assert run.path(0, "rewards.parquet") == rec.files[0].path != "iter-000000/rewards.parquet"
+    first = run.commit(0, cfg, [rec])
+    manifest_bytes = store.read_bytes(f"iter-000000/{MANIFEST}")
+    # A stale writer redid the stage under a new attempt name and commits its own files: the first stands.
+    rec2 = StageRecord(stage="aggregate", iteration=0, files=[run.write_table(0, "rewards.parquet", _rewards(2.0), "rewards")], seconds=2.0)
+    assert rec2.files[0].path != rec.files[0].path
+    assert run.commit(0, cfg, [rec2]) == first == run.manifest(0)
+    assert store.read_bytes(f"iter-000000/{MANIFEST}") == manifest_bytes
+    assert run.read_table(0, "rewards.parquet")["reward"].to_list() == [1.0]
+
+    shard = scoreset.shard_unit(run, "v2", 1, 3)
+    assert not shard.committed()
+    mk = lambda r: scoreset.ShardManifest(files=[shard.write_table("rewards.parquet", _rewards(r), "rewards")], scoreset="v2",  # noqa: E731
+                                          iteration=1, shard=3, rollouts=1, seconds=0.1, committed_at=now())
+    m1 = shard.commit(mk(1.0))
+    m2 = mk(2.0)
+    assert shard.commit(m2) == m1 != m2 and shard.manifest() == m1
+    assert shard.read_table("rewards.parquet", verify=True)["reward"].to_list() == [1.0]
+    assert all(f.path.startswith("scoresets/v2/_shards/iter-000001/shard-00003/rewards.") for f in m1.files + m2.files)
+    # A manifest in the wrong place is damage, not data.
+    store.write_bytes(scoreset.shard_unit(run, "v2", 1, 4).rel(MANIFEST), store.read_bytes(shard.rel(MANIFEST)))
+    with pytest.raises(CorruptRun, match="belongs to scoreset 'v2', iteration 1, shard 3, not shard 4"):
+        scoreset.shard_unit(run, "v2", 1, 4).manifest()
+    # A file whose bytes changed after commit is refused by a verifying read.
+    store.write_bytes(m1.files[0].path, b"junk")
+    with pytest.raises(CorruptRun, match="does not match its committed entry"):
+        shard.read_table("rewards.parquet", verify=True)
+
+
+def test_a_stream_that_fails_leaves_nothing(store):
+    """open_write: whole or nothing, also when a multipart upload had already begun on S3."""
+    store.part_size = 5 * 2**20  # the S3 minimum: 6 MiB starts a multipart upload before the error
+    with pytest.raises(RuntimeError, match="killed"):
+        with store.open_write("a/stream.bin") as f:
+            f.write(b"x" * (6 * 2**20))
+            raise RuntimeError("killed")
+    assert store.find() == []
+    if hasattr(store.fs, "list_multipart_uploads"):
+        assert store.fs.list_multipart_uploads(store.root.partition("/")[0]) == []
+    with store.open_write("a/stream.bin") as f:
+        f.write(b"y" * (6 * 2**20))
+    assert store.find() == ["a/stream.bin"] and store.size("a/stream.bin") == 6 * 2**20
+
+
+def test_child_store_shares_the_connection_and_options(s3):
+    store = Store(s3.url("root"), {"endpoint_url": s3.endpoint})
+    sub = store.child("r1/iter-000000")
+    assert sub.fs is store.fs and sub.url == f"{s3.url('root')}/r1/iter-000000" and sub.root == f"{store.root}/r1/iter-000000"
+    sub.write_bytes("x", b"1")
+    assert store.read_bytes("r1/iter-000000/x") == b"1"
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("./runs/demo", ("./runs", "demo")), ("s3://bucket/runs/exp-42/", ("s3://bucket/runs", "exp-42")),
+    ("file:///data/runs/x", ("file:///data/runs", "x")),
+])
+def test_one_run_url_parser(url, expected):
+    from rlme_pipeline.run import split_run_url
+
+    assert split_run_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["demo", "s3://bucket", "s3://", "/", "./runs/a..b"])
+def test_bad_run_urls_are_refused(url):
+    from rlme_pipeline.run import split_run_url
+
+    with pytest.raises(ValueError, match="not a run URL|not a safe run id"):
+        split_run_url(url)
