@@ -8,6 +8,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
+from polars.testing import assert_frame_equal
 
 from rlme_pipeline import scoreset
 from rlme_pipeline.iteration import train
@@ -39,6 +41,27 @@ def trained_run(tmp_path_factory, tiny_models) -> Run:
     run = Run(Store(cfg.run.storage), cfg.run.id)
     train(cfg, run)
     return run
+
+
+@pytest.fixture(scope="module")
+def trained_10gt(tmp_path_factory, tiny_models) -> Run:
+    """The demo as RLME-10GT: a tenth of the rollouts rewarded by exact match against the label."""
+    from rlme_pipeline.config import validate_config
+
+    root = tmp_path_factory.mktemp("trained-10gt")
+    d = yaml.safe_load(DEMO.read_text())
+    d["run"].update(storage=str(root / "runs"), iterations=2)
+    d["data"]["path"] = str(DEMO.parent.parent / "data" / "demo_prompts.jsonl")
+    d["label_reward"] = {"share": 0.1}
+    cfg = validate_config(d)
+    run = Run(Store(cfg.run.storage), cfg.run.id)
+    train(cfg, run)
+    return run
+
+
+def copy_run(src: Run, tmp_path: Path) -> Run:
+    shutil.copytree(src.store.root, tmp_path / "runs" / "demo")
+    return Run(Store(str(tmp_path / "runs")), "demo")
 
 
 @pytest.fixture
@@ -181,3 +204,35 @@ def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
             scoreset.plan(run_s3, "live-v1", questions=scoreset.load_questions(qs))
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("trained", ["trained_run", "trained_10gt"])
+def test_rescore_with_the_runs_own_judges_reproduces_its_training_rewards(trained, request, tmp_path):
+    """The same rollouts, questions and evaluators give the same scores, rewards and advantages as
+    training, bit for bit: the re-score aggregates with the training aggregation, label-reward mix
+    included (RLME-10GT). One shard per iteration (the default 256 rows hold its 32), so the evaluator
+    sees the same batches as in training: padding to another batch's length moves logits in the last bits."""
+    run = copy_run(request.getfixturevalue(trained), tmp_path)
+    cfg = run.config()
+    scoreset.rescore(run, "same", questions=list(cfg.questions), evaluators=list(cfg.evaluators))
+    label_rewarded = 0
+    for i in run.committed():
+        key = ["rollout_id", "evaluator", "question_id"]
+        assert_frame_equal(scoreset.read_table(run, "same", i, "scores.parquet").drop("scoreset").sort(key),
+                           run.read_table(i, "scores.parquet").drop("scoreset").sort(key), check_exact=True)
+        trained_rewards = run.read_table(i, "rewards.parquet").sort("rollout_id")
+        assert_frame_equal(scoreset.read_table(run, "same", i, "rewards.parquet").sort("rollout_id"), trained_rewards, check_exact=True)
+        label_rewarded += int((trained_rewards["n_components"] == 1).sum())
+    assert (label_rewarded > 0) == (trained == "trained_10gt")  # the mix really was exercised
+
+
+def test_rescore_scores_with_the_runs_vllm_settings(run, questions_file, monkeypatch):
+    """vllm.url / vllm.python of the run's config reach the re-score's scoring (operational: not hashed)."""
+    meta = run.store.read_json("run.json")
+    meta["config"]["vllm"] = {"url": "http://vllm.example:8000", "max_concurrency": 3}
+    run.store.write_json("run.json", meta)
+    seen = []
+    real = scoreset.score_rollouts
+    monkeypatch.setattr(scoreset, "score_rollouts", lambda *a, vllm=None, **k: seen.append(vllm) or real(*a, **k))
+    scoreset.rescore(run, "v4", questions=scoreset.load_questions(questions_file), iterations="1", shard_rows=64)
+    assert seen and all(v.url == "http://vllm.example:8000" and v.max_concurrency == 3 for v in seen)
