@@ -61,3 +61,22 @@ def test_cli_on_s3_lease_and_no_secret_anywhere(s3, micro_config, tmp_path):
     assert any(f.suffix == ".db" for f in home.rglob("*")), "expected the Prefect server's database under PREFECT_HOME"
     leaks += [str(f) for f in local if secret in f.read_bytes()]
     assert leaks == []
+
+
+@pytest.mark.slow
+def test_cli_train_reaches_the_endpoint_given_only_in_the_config(s3, micro_config, monkeypatch):
+    """run.storage_options.endpoint_url is the only place the S3 endpoint is named: the CLI's preflight
+    write, the flow and `status` all use it (a Store built without the config's options would send the
+    preflight write to the default AWS endpoint)."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("RLME_STORE_ATTEMPTS", "1")  # a misdirected write fails at once, not after backoff
+    config = micro_config(s3.url(), iterations=1, run_id="endpoint-in-config", storage_options={"endpoint_url": s3.endpoint})
+    r = CliRunner().invoke(app, ["train", str(config)], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    s3.fs.invalidate_cache()
+    assert s3.fs.exists(f"{s3.name}/runs/endpoint-in-config/iter-000000/MANIFEST.json")
+    assert "1 committed iterations" in r.output

@@ -13,7 +13,7 @@ from polars.testing import assert_frame_equal
 
 from rlme_pipeline import scoreset
 from rlme_pipeline.iteration import train
-from rlme_pipeline.run import Run
+from rlme_pipeline.run import CorruptRun, Run
 from rlme_pipeline.storage import Store
 
 from tests.conftest import DEMO
@@ -236,3 +236,39 @@ def test_rescore_scores_with_the_runs_vllm_settings(run, questions_file, monkeyp
     monkeypatch.setattr(scoreset, "score_rollouts", lambda *a, vllm=None, **k: seen.append(vllm) or real(*a, **k))
     scoreset.rescore(run, "v4", questions=scoreset.load_questions(questions_file), iterations="1", shard_rows=64)
     assert seen and all(v.url == "http://vllm.example:8000" and v.max_concurrency == 3 for v in seen)
+
+
+def test_verify_and_gc_cover_score_sets(run, questions_file):
+    from rlme_pipeline import gc
+    from rlme_pipeline.verify import verify
+
+    qs = scoreset.load_questions(questions_file)
+    m = scoreset.rescore(run, "v2", questions=qs, shard_rows=16)
+    rep = verify(run)
+    assert rep.ok and rep.checked_scoresets == ["v2"], rep.problems
+    # A re-score in progress: one shard committed, one killed before its manifest.
+    todo = scoreset.shards(scoreset.plan(run, "v5", questions=qs[:1], iterations="1", shard_rows=10))
+    scoreset.score_shard(run, "v5", *todo[0])
+    done, killed = scoreset.shard_unit(run, "v5", *todo[0]), scoreset.shard_unit(run, "v5", *todo[1])
+    leftovers = [
+        "scoresets/v2/iter-000000/scores.deadbeef.parquet",  # a killed merge of a committed score set
+        "scoresets/v2/_shards/iter-000001/shard-00000/scores.deadbeef.parquet",  # shards outlive their merge
+        done.rel("rewards.deadbeef.parquet"),  # an attempt that lost the race to commit this shard
+    ]
+    in_flight = killed.rel("scores.cafe0001.parquet")  # no manifest yet: a re-score may be writing it
+    for rel in [*leftovers, in_flight]:
+        run.store.write_bytes(rel, b"leftover")
+    assert verify(run).ok  # leftovers are not committed data
+    assert sorted(gc.plan(run).files) == sorted(leftovers)
+    gc.apply(run)
+    assert gc.plan(run).files == [] and run.store.exists(in_flight) and verify(run).ok
+    assert scoreset.read_table(run, "v2", 1, "rewards.parquet").height == run.manifest(1).files[0].rows
+
+    # A committed score-set file (and a committed shard's file) filled with junk of the same size.
+    for f in (m["files"][0], done.manifest().files[0].model_dump()):
+        run.store.write_bytes(f["path"], b"\0" * f["bytes"])
+    rep = verify(run)
+    assert len(rep.problems) == 2 and all("sha256 does not match" in p for p in rep.problems)
+    assert m["files"][0]["path"] in rep.problems[0] and done.dir in rep.problems[1]
+    with pytest.raises(CorruptRun, match="does not match its committed entry"):
+        scoreset.rescore(run, "v5", questions=qs[:1], iterations="1", shard_rows=10, resume=True)

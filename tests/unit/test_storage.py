@@ -156,7 +156,7 @@ def test_gc_on_local_disk_finds_temp_files_and_unreferenced_attempts(tmp_path):
     run.store.write_bytes("iter-000000/scores.bbbb2222.parquet", b"killed before its record")
     Path(run.store.abs("iter-000000/rewards.cccc3333.parquet.tmp-1234abcd")).write_bytes(b"killed mid-write")
     Path(run.store.abs("scoresets/v2")).mkdir(parents=True)
-    Path(run.store.abs("scoresets/v2/scores.parquet")).write_bytes(b"another feature's file")
+    Path(run.store.abs("scoresets/v2/scores.parquet")).write_bytes(b"a score set with no commit yet: a re-score may be writing it")
     assert gc.plan(run).files == ["iter-000000/rewards.cccc3333.parquet.tmp-1234abcd", "iter-000000/scores.bbbb2222.parquet"]
     assert gc.apply(run).bytes == 40
     assert run.store.find() == ["iter-000000/rollouts.aaaa1111.parquet", "iter-000000/stages/generate.json",
