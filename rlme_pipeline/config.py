@@ -79,7 +79,7 @@ class DataConfig(Section):
     split: str = "train"
     prompt_column: str = "prompt"
     id_column: str | None = None  # stable prompt ids; the row number when absent
-    label_column: str | None = None  # kept for audit only; training never reads it
+    label_column: str | None = None  # kept for audit; training reads it only through label_reward
     prompts_per_iteration: int = Field(8, ge=1)
     system_prompt: str | None = None
 
@@ -308,7 +308,7 @@ def validate_config(data: dict, source: str = "config") -> Config:
             loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown field; check its spelling against the configuration reference in the README"
+                msg = "unknown field; check its spelling against the configuration reference (docs/config.md)"
             elif err["type"] == "missing":
                 msg = "required field is missing"
             lines.append(f"  {loc}: {msg}")
