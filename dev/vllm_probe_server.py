@@ -1,7 +1,7 @@
 """Probe a running vLLM OpenAI-compatible server (/v1/completions) against transformers.
 
 Usage (any venv with torch + transformers; the HTTP side is stdlib urllib only):
-    python infra/vllm_probe_server.py --url http://127.0.0.1:8765 --model-dir /tmp/tinyllm
+    python dev/vllm_probe_server.py --url http://127.0.0.1:8765 --model-dir /tmp/tinyllm
 
 Checks: (a) sampling n completions from token-id prompts, with seed/temperature/top_p, returning
 token ids + per-token logprobs, and whether those logprobs are raw or temperature-processed;

@@ -1,6 +1,6 @@
 """Throwaway: write a tiny random Llama (float32, head_dim 64) + byte-level BPE tokenizer.
 
-Usage: python infra/vllm_probe_make_tiny.py [OUT_DIR]   (default /tmp/tinyllm)
+Usage: python dev/vllm_probe_make_tiny.py [OUT_DIR]   (default /tmp/tinyllm)
 Needs transformers + tokenizers + torch (not vLLM). Downloads nothing.
 Not the project's real builder; used only by the vllm_probe_* scripts.
 """

@@ -2,7 +2,7 @@
 
 Run with the vLLM venv's interpreter (it also has transformers):
     export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_NO_USAGE_STATS=1
-    /tmp/vllm-venv/bin/python infra/vllm_probe_llm.py /tmp/tinyllm [raw_logprobs|processed_logprobs]
+    /tmp/vllm-venv/bin/python dev/vllm_probe_llm.py /tmp/tinyllm [raw_logprobs|processed_logprobs]
 
 vLLM spawns/forks worker processes, so everything that builds vllm.LLM must sit under the
 `if __name__ == "__main__":` guard.
