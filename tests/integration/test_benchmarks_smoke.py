@@ -24,7 +24,7 @@ def _run(module: str, timeout: int = 900) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["benchmarks.scoring", "benchmarks.logprobs", "benchmarks.orchestration"])
+@pytest.mark.parametrize("module", ["benchmarks.scoring", "benchmarks.logprobs", "benchmarks.orchestration", "benchmarks.sampler"])
 def test_benchmark_smoke(module):
     _run(module)
 

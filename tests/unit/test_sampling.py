@@ -113,7 +113,7 @@ def _sample(policy, prompts, seeds, **kw):
     from rlme_pipeline.backends.hf import sample
 
     model, tok = policy
-    args = dict(max_new_tokens=10, temperature=0.8, top_p=0.95, eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id)
+    args = {"max_new_tokens": 10, "temperature": 0.8, "top_p": 0.95, "eos_ids": {tok.eos_token_id}, "pad_id": tok.pad_token_id}
     return sample(model, prompts, seeds, **{**args, **kw})
 
 
