@@ -5,9 +5,9 @@ never on the other rows of its batch. Rather than one host-side generator per ro
 noise tensor drawn on the CPU at every token), each row draws ONE uniform per step from a counter-based
 hash of (seed, step), computed with integer tensor ops on the device, and picks its token by inverse CDF:
 the first token whose cumulative probability exceeds u times the (kept) mass. That is exact categorical
-sampling with a single uniform, so the only per-step work over the vocabulary is a softmax and a
-cumulative sum (in float64, so a tail token's share is not rounded away). Integer ops are exact, so the
-uniforms are bit-identical on every device.
+sampling with a single uniform, so the only per-step work over the vocabulary is a log-softmax, an exp and
+one block-sum pass; cumulative sums are float64, so a tail token's share is not rounded away. Integer
+ops are exact, so the uniforms are bit-identical on every device.
 
 Top-p keeps the smallest set of most likely tokens whose mass reaches top_p and samples within it in
 proportion to the probabilities. Tied probabilities stay in the order the sort gives them: deterministic for
@@ -20,6 +20,7 @@ import torch
 
 _M32 = 0xFFFFFFFF
 _LANES = (0x9E3779B9, 0x7F4A7C15)  # two independent hash streams: 26 bits each make a 52-bit uniform
+BLOCK = 1024  # tokens per block of the two-level inverse-CDF search
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -58,18 +59,42 @@ def draw(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float
     Returns (token ids [rows], their log-probs [rows]); the log-probs are log_softmax(logits / T), before
     top-p: the behaviour distribution the update's importance ratio compares against."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    order = None
-    ranked = logp
+    ranked, order = logp, None
     if top_p < 1.0:
         ranked, order = logp.sort(dim=-1, descending=True)
-    p = ranked.exp()
-    cum = p.cumsum(-1, dtype=torch.float64)
-    if order is None:
-        last = torch.full_like(cum[:, :1], cum.shape[-1] - 1, dtype=torch.int64)
-    else:  # keep a token while the mass before it is below top_p: the first token always stays
-        last = (((cum - p) < top_p).sum(-1, keepdim=True) - 1).clamp_min(0)  # 0 also for a NaN row
-    target = u.to(cum.dtype)[:, None] * cum.gather(-1, last)
-    # the first index whose cumulative mass exceeds the target: never a zero-probability token
-    pick = (cum <= target).sum(-1, keepdim=True).minimum(last)
-    ids = pick if order is None else order.gather(-1, pick)
+    p = _blocked_exp(ranked)
+    ends = p.sum(-1, dtype=torch.float64).cumsum(-1)  # cumulative mass at each block's end
+    mass = ends[:, -1]
+    if order is not None:  # the nucleus ends at the first token whose cumulative mass reaches top_p
+        _, mass = _first_past(p, ends, torch.full_like(mass, top_p), reach=True)
+    idx, _ = _first_past(p, ends, u.to(mass.dtype) * mass, reach=False)
+    ids = idx.clamp(max=logp.shape[-1] - 1)[:, None]
+    if order is not None:
+        ids = order.gather(-1, ids)
     return ids[:, 0], logp.gather(-1, ids)[:, 0]
+
+
+def _blocked_exp(ranked: torch.Tensor) -> torch.Tensor:
+    """exp(ranked) as [rows, blocks, block], the tail zero-padded (block: BLOCK, or the vocabulary if smaller).
+
+    A full float64 cumulative sum over the vocabulary costs more than the rest of the draw on a CPU; in
+    blocks, the vocabulary is read once for the block sums and only the block holding the target is scanned."""
+    rows, V = ranked.shape
+    block = min(BLOCK, V)
+    buf = torch.empty((rows, -(-V // block) * block), dtype=torch.float32, device=ranked.device)
+    buf[:, V:] = 0
+    torch.exp(ranked, out=buf[:, :V])
+    return buf.view(rows, -1, block)
+
+
+def _first_past(p: torch.Tensor, ends: torch.Tensor, target: torch.Tensor, reach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the first token whose cumulative mass exceeds `target` (or reaches it, if `reach`), and
+    that cumulative mass, in float64. A token of zero probability is never first past a target below the
+    total: its cumulative mass equals its predecessor's."""
+    t, block = target[:, None], p.shape[-1]
+    past = torch.lt if reach else torch.le  # counts the tokens (blocks) still short of the target
+    blk = past(ends, t).sum(-1, keepdim=True).clamp(max=ends.shape[-1] - 1)
+    start = ends.gather(-1, (blk - 1).clamp_min(0)) * (blk > 0)
+    cum = start + p.gather(1, blk[:, :, None].expand(-1, 1, block))[:, 0].cumsum(-1, dtype=torch.float64)
+    at = past(cum, t).sum(-1, keepdim=True).clamp(max=block - 1)
+    return (blk * block + at)[:, 0], cum.gather(-1, at)[:, 0]

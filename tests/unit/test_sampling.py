@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlme_pipeline import sampling
 from rlme_pipeline.sampling import draw, uniforms
 from rlme_pipeline.seeds import derive
 
@@ -66,8 +67,15 @@ def _draws(temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor
     return draw(LOGITS.expand(N, -1), u, temperature, top_p)
 
 
+@pytest.fixture(params=[1024, 4], ids=["one-block", "blocks-of-4"])
+def block(request, monkeypatch):
+    """The two-level search with the vocabulary in one block, and in blocks of 4 (the last one padded)."""
+    monkeypatch.setattr(sampling, "BLOCK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
-def test_token_frequencies_follow_the_tempered_softmax(temperature):
+def test_token_frequencies_follow_the_tempered_softmax(temperature, block):
     ids, logp = _draws(temperature, 1.0)
     probs = torch.softmax(LOGITS / temperature, -1)
     counts = torch.bincount(ids, minlength=len(LOGITS)).float()
@@ -77,7 +85,7 @@ def test_token_frequencies_follow_the_tempered_softmax(temperature):
 
 
 @pytest.mark.parametrize("top_p", [0.5, 0.8, 0.97])
-def test_top_p_samples_the_renormalised_nucleus(top_p):
+def test_top_p_samples_the_renormalised_nucleus(top_p, block):
     ids, logp = _draws(0.9, top_p)
     probs = torch.softmax(LOGITS / 0.9, -1)
     sorted_p, order = probs.sort(descending=True)
@@ -90,9 +98,28 @@ def test_top_p_samples_the_renormalised_nucleus(top_p):
     assert torch.allclose(logp, torch.log_softmax(LOGITS / 0.9, -1)[ids])  # behaviour log-probs: before top-p
 
 
-def test_a_one_token_nucleus_is_greedy():
+def test_a_one_token_nucleus_is_greedy(block):
     ids, _ = _draws(1.0, 1e-6)
     assert (ids == 0).all()
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_the_block_search_picks_what_a_full_cumulative_sum_picks(top_p):
+    """Against the one-level inverse CDF over the whole (sorted) vocabulary, on 5,000 tokens (5 blocks)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 5000, generator=g) * 3
+    logits[:, 4000:4100] = float("-inf")
+    u = uniforms(torch.arange(300), 1)[:, 0]
+    logp = torch.log_softmax(logits, -1)
+    ranked, order = logp.sort(-1, descending=True) if top_p < 1 else (logp, None)
+    p = ranked.exp()
+    cum = p.cumsum(-1, dtype=torch.float64)
+    last = ((cum - p) < top_p).sum(-1, keepdim=True) - 1
+    pick = (cum <= u[:, None] * cum.gather(-1, last)).sum(-1, keepdim=True)
+    expected = (pick if order is None else order.gather(-1, pick))[:, 0]
+    ids, lp = draw(logits, u, 1.0, top_p)
+    assert torch.equal(ids, expected)
+    assert torch.equal(lp, logp.gather(-1, ids[:, None])[:, 0])
 
 
 # --- the hf sampling loop on the tiny policy -------------------------------------------------------------
