@@ -40,13 +40,14 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 def _hash(seed: torch.Tensor, step: torch.Tensor, lane: int) -> torch.Tensor:
     h = _fmix32((step ^ lane) & _M32)
     h = _fmix32(h ^ (seed & _M32))
-    return _fmix32(h ^ (seed >> 32))
+    return _fmix32(h ^ ((seed >> 32) & _M32))  # the seed's two 32-bit words, as unsigned
 
 
 def uniforms(seeds: torch.Tensor, steps: int) -> torch.Tensor:
     """[rows, steps] float64 uniforms in [0, 1 - 2**-52], entry (r, t) a function of (seeds[r], t) alone.
 
-    `seeds` is an int64 tensor of non-negative seeds (rlme_pipeline.seeds.derive gives 63 bits)."""
+    `seeds` is an int64 tensor (rlme_pipeline.seeds.derive gives 63-bit seeds; a negative one counts as
+    its two's complement)."""
     s = seeds.to(torch.int64)[:, None]
     t = torch.arange(steps, dtype=torch.int64, device=seeds.device)[None, :]
     hi, lo = (_hash(s, t, lane) >> 6 for lane in _LANES)

@@ -23,7 +23,8 @@ from rlme_pipeline.sampling import draw, uniforms
 ACCELERATOR_EOS_CHECK_EVERY = 8  # steps between "all rows stopped?" syncs off the CPU; rows run on at most 7 steps
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, built directly on `device` (one copy from the host)."""
     width = max(len(s) for s in seqs)
     ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)

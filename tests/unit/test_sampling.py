@@ -10,7 +10,7 @@ from rlme_pipeline import sampling
 from rlme_pipeline.sampling import draw, uniforms
 from rlme_pipeline.seeds import derive
 
-SEEDS = [0, 1, 2, 3, (1 << 63) - 1, (1 << 32) - 1, 1 << 32, derive(7, 0, "p", 3), derive(7, 0, "p", 4)]
+SEEDS = [0, 1, 2, 3, -1, -(1 << 63), (1 << 63) - 1, (1 << 32) - 1, 1 << 32, derive(7, 0, "p", 3), derive(7, 0, "p", 4)]
 
 
 def _reference_uniform(seed: int, step: int) -> float:
@@ -23,7 +23,8 @@ def _reference_uniform(seed: int, step: int) -> float:
         return h ^ (h >> 16)
 
     def lane(c):
-        return fmix(fmix(fmix(step ^ c) ^ (seed & 0xFFFFFFFF)) ^ (seed >> 32)) >> 6
+        word = seed % (1 << 64)  # as unsigned 64 bits
+        return fmix(fmix(fmix(step ^ c) ^ (word & 0xFFFFFFFF)) ^ (word >> 32)) >> 6
 
     return (lane(0x9E3779B9) * (1 << 26) + lane(0x7F4A7C15)) / 2.0**52
 
