@@ -2,7 +2,11 @@
 
 Sampling is our own short loop rather than `generate()` because each sample needs its own random stream
 (seeded by run, iteration, prompt and sample index): a rollout is then the same whatever batch it lands
-in, which is what makes a resumed run reproduce an uninterrupted one.
+in, which is what makes a resumed run reproduce an uninterrupted one. The stream is counter-based
+(rlme_pipeline.sampling), so everything stays on the model's device: only the chosen ids and their
+log-probs come back, once, at the end, and the host looks at the batch only to ask whether every row has
+stopped (every step on a CPU, every few steps on an accelerator, where a sync stalls the launch queue).
+Every tensor is built on the model's device: nothing crosses to the host inside the loops.
 """
 
 from __future__ import annotations
@@ -14,16 +18,16 @@ import torch
 from transformers import DynamicCache
 
 from rlme_pipeline.backends import STATUS_NONFINITE, Judgement, Sample, fitting_rows
+from rlme_pipeline.sampling import draw, uniforms
+
+ACCELERATOR_EOS_CHECK_EVERY = 8  # steps between "all rows stopped?" syncs off the CPU; rows run on at most 7 steps
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, built directly on `device` (one copy from the host)."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if s:
-            ids[r, width - len(s) :] = torch.tensor(s)
-            mask[r, width - len(s) :] = 1
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
     return ids, mask
 
 
@@ -31,14 +35,8 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
-    if top_p >= 1.0:
-        return logp
-    sorted_logp, order = logp.sort(dim=-1, descending=True)
-    cum = sorted_logp.exp().cumsum(-1)
-    drop_sorted = (cum - sorted_logp.exp()) >= top_p  # keep the smallest set whose mass reaches top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logp.masked_fill(drop, float("-inf"))
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -52,40 +50,46 @@ def sample(
     top_p: float,
     eos_ids: set[int],
     pad_id: int,
+    eos_check_every: int | None = None,
 ) -> list[Sample]:
     """One completion per (prompt, seed). Log-probs are of the temperature-scaled distribution before
-    top-p, the same distribution the update evaluates, so the CISPO ratio compares like with like."""
-    device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    pos = _positions(mask)[:, -1:]
+    top-p, the same distribution the update evaluates, so the CISPO ratio compares like with like.
+
+    Step t of row r uses uniform (seeds[r], t) alone, so a completion is a prefix of the same row's longer
+    one and does not depend on its batch. `eos_check_every` only decides how often the host looks (default:
+    1 on a CPU, ACCELERATOR_EOS_CHECK_EVERY elsewhere); the samples are the same for any value."""
+    device = _device(model)
+    every = eos_check_every or (1 if device.type == "cpu" else ACCELERATOR_EOS_CHECK_EVERY)
     B = len(prompts)
-    tokens: list[list[int]] = [[] for _ in range(B)]
-    logps: list[list[float]] = [[] for _ in range(B)]
-    done = [False] * B
-    for _ in range(max_new_tokens):
-        logp = torch.log_softmax(out.logits[:, -1, :].float() / temperature, dim=-1)
-        filtered = _top_p_filter(logp, top_p).cpu()
-        # Gumbel-max with each row's own generator: exact categorical sampling, batch-independent.
-        noise = torch.stack([torch.rand(filtered.shape[-1], generator=g) for g in gens])
-        nxt = (filtered - torch.log(-torch.log(noise.clamp_min(1e-20)))).argmax(-1)
-        chosen = logp.cpu().gather(-1, nxt[:, None])[:, 0]
-        for r in range(B):
-            if not done[r]:
-                t = int(nxt[r])
-                tokens[r].append(t)
-                logps[r].append(float(chosen[r]))
-                done[r] = t in eos_ids
-        if all(done):
+    ids, mask = _left_pad(prompts, pad_id, device)
+    u = uniforms(torch.tensor(seeds, dtype=torch.int64, device=device), max_new_tokens)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = DynamicCache()
+    pos = _positions(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    pos = pos[:, -1:]
+    steps = 0
+    for t in range(max_new_tokens):
+        nxt, lp = draw(out.logits[:, -1, :], u[:, t], temperature, top_p)
+        tokens[:, t], logps[:, t] = nxt, lp
+        done |= torch.isin(nxt, eos)
+        steps = t + 1
+        if steps == max_new_tokens or (steps % every == 0 and bool(done.all())):
             break
-        step = torch.where(torch.tensor(done), torch.tensor(pad_id), nxt)[:, None].to(device)
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         pos = pos + 1
-        out = model(input_ids=step, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-    return [Sample(t, l, "stop" if t and t[-1] in eos_ids else "length") for t, l in zip(tokens, logps)]
+        out = model(input_ids=nxt.masked_fill(done, pad_id)[:, None], attention_mask=mask, position_ids=pos,
+                    past_key_values=cache, use_cache=True)
+    return [_finish(t, l, eos_ids) for t, l in zip(tokens[:, :steps].tolist(), logps[:, :steps].tolist())]
+
+
+def _finish(tokens: list[int], logps: list[float], eos_ids: set[int]) -> Sample:
+    """Cut a row at its first stop token (the steps after it were only waiting for the batch)."""
+    n = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
+    return Sample(tokens[:n], logps[:n], "stop" if n and tokens[n - 1] in eos_ids else "length")
 
 
 @torch.no_grad()
@@ -108,15 +112,15 @@ def judge(
     results, rows = fitting_rows(prefixes, questions, max_positions)
     if not rows:
         return results
-    device = next(model.parameters()).device
-    p_ids, p_mask = _left_pad([prefixes[b] for b in rows], pad_id)
-    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+    device = _device(model)
+    p_ids, p_mask = _left_pad([prefixes[b] for b in rows], pad_id, device)
     cache = DynamicCache()
     model(input_ids=p_ids, attention_mask=p_mask, position_ids=_positions(p_mask), past_key_values=cache, use_cache=True, logits_to_keep=1)
 
-    which = torch.cat([torch.full((len(q),), k) for k, q in enumerate(questions)]).to(device)  # question of each packed token
-    offset = torch.cat([torch.arange(len(q)) for q in questions]).to(device)  # its position within the question
-    last = torch.tensor(list(itertools.accumulate(len(q) for q in questions)), device=device) - 1
+    lengths = [len(q) for q in questions]
+    which = torch.tensor([k for k, n in enumerate(lengths) for _ in range(n)], device=device)  # question of each packed token
+    offset = torch.tensor([i for n in lengths for i in range(n)], device=device)  # its position within the question
+    last = torch.tensor(list(itertools.accumulate(lengths)), device=device) - 1
     n, S = len(rows), len(which)
     own = (which[:, None] == which[None, :]) & (offset[:, None] >= offset[None, :])  # S x S: causal within a question
     allowed = torch.cat([p_mask.bool()[:, None, :].expand(n, S, -1), own.expand(n, S, S)], dim=-1)
@@ -127,8 +131,8 @@ def judge(
     hidden = model.get_decoder()(input_ids=s_ids, attention_mask=bias[:, None], position_ids=s_pos, past_key_values=cache,
                                  use_cache=True).last_hidden_state
     logp = torch.log_softmax(model.get_output_embeddings()(hidden[:, last]).float(), dim=-1)  # n x K x V
-    ly = torch.logsumexp(logp[..., yes_ids], dim=-1).cpu()
-    ln = torch.logsumexp(logp[..., no_ids], dim=-1).cpu()
+    answers = [torch.tensor(a, dtype=torch.long, device=device) for a in (yes_ids, no_ids)]
+    ly, ln = torch.stack([torch.logsumexp(logp[..., a], dim=-1) for a in answers]).cpu()  # the one copy to the host
     for j, b in enumerate(rows):
         for k in range(len(questions)):
             y, no = float(ly[j, k]), float(ln[j, k])
