@@ -45,6 +45,8 @@ bench: $(STAMP)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.logprobs $(ARGS)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.orchestration $(ARGS)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.vs_trl $(ARGS)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.rescore_memory $(ARGS)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.sampler $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
