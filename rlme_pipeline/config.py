@@ -177,6 +177,10 @@ class OptimizerConfig(Section):
     grad_accumulation: int = Field(4, ge=1, description="micro-batches per optimizer step")
     max_grad_norm: float = Field(1.0, gt=0)
     logprob_chunk_tokens: int = Field(256, ge=1, description="tokens per lm-head chunk in the update (256: peak at a 150k vocab ~0.2x the naive log_softmax, benchmarks/logprobs.py)")
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute each decoder layer's activations in the backward pass instead of keeping them: activation "
+        "memory of the update drops from all layers to about one, for about a third more update compute; the "
+        "gradients are the same (docs/gpu.md)"))
 
 
 class ProbeConfig(Section):
@@ -284,6 +288,7 @@ class Config(Section):
         # a memory/speed knob: every token's log-prob is the same whatever the chunking, and runs made when
         # its default was 1024 must still resume now that it is 256
         d["optimizer"].pop("logprob_chunk_tokens")
+        d["optimizer"].pop("gradient_checkpointing")  # memory/speed only, like the chunking; added later
         return sha256_json(d)
 
     def with_overrides(self, **run_fields) -> Config:
