@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-vllm vllm-venv install clean bench
+.PHONY: demo test test-vllm vllm-venv install clean bench bench-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(STAMP)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.logprobs $(ARGS)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.orchestration $(ARGS)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.vs_trl $(ARGS)
+
+# rlme vs TRL on one GPU at real shapes (bf16, full fine-tune; benchmarks/gpu.py, ~5 minutes on an H100).
+# Needs a CUDA torch already in the environment: this target installs no torch. ARGS=--dry-cpu: CPU smoke run.
+bench-gpu:
+	PYTHONPATH=. $(or $(wildcard $(BIN)/python),python3) -m benchmarks.gpu $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -39,7 +39,7 @@ def data_cursor(cfg: Config, next_iteration: int) -> dict:
 
 def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
     t0 = time.perf_counter()
-    a, o, g = cfg.algorithm, cfg.optimizer, cfg.generation
+    a, o = cfg.algorithm, cfg.optimizer
     items, masked = training_items(run, iteration)
     ref = policy_at(run, cfg, iteration)
     # Training changes the weights, so the model leaves the pool. A half-precision policy trains fp32
