@@ -4,7 +4,11 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
+<<<<<<< HEAD
 .PHONY: demo test lint test-vllm vllm-venv install clean bench
+=======
+.PHONY: demo test test-vllm vllm-venv install clean bench bench-gpu
+>>>>>>> wt-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +51,11 @@ bench: $(STAMP)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.vs_trl $(ARGS)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.rescore_memory $(ARGS)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.sampler $(ARGS)
+
+# rlme vs TRL on one GPU at real shapes (bf16, full fine-tune; benchmarks/gpu.py, ~5 minutes on an H100).
+# Needs a CUDA torch already in the environment: this target installs no torch. ARGS=--dry-cpu: CPU smoke run.
+bench-gpu:
+	PYTHONPATH=. $(or $(wildcard $(BIN)/python),python3) -m benchmarks.gpu $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,37 +64,67 @@ def build_models(out: Path, large: bool) -> dict[str, str]:
     return {"policy": str(pol), "evaluator": str(paths["evaluator"])}
 
 
+def job_of(c: dict) -> dict:
+    """The job's hyper-parameters: HP, with a case's own `job` overrides (benchmarks/gpu.py sizes)."""
+    return {**HP, **c.get("job", {})}
+
+
 def rlme_config(c: dict, storage: str) -> dict:
+    j = job_of(c)
+    device, dtype = c.get("device", "cpu"), c.get("dtype", "float32")
     return {
         "run": {"id": "bench", "storage": storage, "iterations": c["steps"], "seed": 0},
         "data": {"path": str(ROOT / "data" / "demo_prompts.jsonl"), "prompt_column": "question", "id_column": "id",
-                 "prompts_per_iteration": HP["prompts"]},
-        "policy": {"model": c["policy"]},
-        "evaluators": [{"name": "ev", "model": c["evaluator"], "weight": 1.0}],
+                 "prompts_per_iteration": j["prompts"]},
+        "policy": {"model": c["policy"], "dtype": dtype, "device": device},
+        "evaluators": [{"name": "ev", "model": c["evaluator"], "weight": 1.0, "dtype": dtype, "device": device}],
         "questions": [{"id": f"q{i}", "text": QUESTIONS[i], "weight": 1.0} for i in range(c["k"])],
-        "generation": {"group_size": HP["group_size"], "max_new_tokens": HP["max_new_tokens"],
-                       "temperature": HP["temperature"], "batch_size": 32},
-        "scoring": {"batch_size": 16, "reward_form": "logp"},
+        "generation": {"group_size": j["group_size"], "max_new_tokens": j["max_new_tokens"],
+                       "temperature": j["temperature"], "batch_size": j.get("generation_batch", 32)},
+        "scoring": {"batch_size": j.get("scoring_batch", 16), "reward_form": "logp"},
         "algorithm": {"loss": "cispo", "eps_high": 5.0, "beta": 0.0},
-        "optimizer": {"lr": HP["lr"], "micro_batch_size": HP["micro"], "grad_accumulation": HP["accum"]},
+        "optimizer": {"lr": j["lr"], "micro_batch_size": j["micro"], "grad_accumulation": j["accum"]},
     }
 
 
 def run_rlme(c: dict) -> dict:
+    """`iteration.train` on the job; per iteration: commit time, stage seconds, generated tokens, and the
+    seconds spent in checkpoint.save (part of the update stage)."""
+    from rlme_pipeline import checkpoint
     from rlme_pipeline.config import Config
     from rlme_pipeline.iteration import train
     from rlme_pipeline.run import Run
 
     cfg = Config.model_validate(rlme_config(c, c["storage"]))
-    stamps = []
-    t0 = time.perf_counter()
-    made = train(cfg, Run.for_config(cfg), on_commit=lambda m: stamps.append(time.perf_counter()))
-    total = time.perf_counter() - t0
-    return {"seconds": total, "stamps": [s - t0 for s in stamps],
+    stamps, stages, saves = [], [], []
+    save = checkpoint.save
+
+    def timed_save(*a, **k):
+        t = time.perf_counter()
+        out = save(*a, **k)
+        saves.append(time.perf_counter() - t)
+        return out
+
+    def committed(m):
+        stamps.append(time.perf_counter())
+        rollouts = cfg.data.prompts_per_iteration * cfg.generation.group_size
+        stages.append({**m.timings, "checkpoint": saves[-1] if saves else 0.0,
+                       "tokens": m.metrics["completion_tokens_mean"] * rollouts})
+
+    checkpoint.save = timed_save
+    try:
+        t0 = time.perf_counter()
+        made = train(cfg, Run.for_config(cfg), on_commit=committed)
+        total = time.perf_counter() - t0
+    finally:
+        checkpoint.save = save
+    return {"seconds": total, "stamps": [s - t0 for s in stamps], "stages": stages,
             "reward_mean": made[-1].metrics["reward_mean"]}
 
 
 def run_trl(c: dict) -> dict:
+    """TRL's GRPOTrainer on the same job; per step: generation and reward seconds (its `_generate` and
+    `_calculate_rewards`, timed around the call) and generated tokens."""
     import datasets
     import polars as pl
     import torch
@@ -101,13 +132,17 @@ def run_trl(c: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from rlme_pipeline.config import DEFAULT_QUESTION_TEMPLATE, DEFAULT_TEMPLATE
+    from rlme_pipeline.models import DTYPES
     from rlme_pipeline.stages.score import answer_ids
 
     t0 = time.perf_counter()
+    j = job_of(c)
+    device, dtype = c.get("device", "cpu"), c.get("dtype", "float32")
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     floor = math.log(1e-6)
     ev_tok = AutoTokenizer.from_pretrained(c["evaluator"])
-    ev = AutoModelForCausalLM.from_pretrained(c["evaluator"], dtype=torch.float32).eval()
-    yes, no = answer_ids(ev_tok, [" Yes", "Yes"], "yes"), answer_ids(ev_tok, [" No", "No"], "no")
+    ev = AutoModelForCausalLM.from_pretrained(c["evaluator"], dtype=DTYPES[dtype]).to(device).eval()
+    yes = answer_ids(ev_tok, [" Yes", "Yes"], "yes")
 
     def make_reward(question: str):
         q = DEFAULT_QUESTION_TEMPLATE.format(question=question)
@@ -122,10 +157,11 @@ def run_trl(c: dict) -> dict:
             mask = torch.zeros_like(ids)
             for r, e in enumerate(enc):  # left padding: the last position is each row's next-token slot
                 ids[r, width - len(e):], mask[r, width - len(e):] = torch.tensor(e), 1
+            ids, mask = ids.to(device), mask.to(device)
             logits = ev(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                         logits_to_keep=1).logits[:, -1].float()
             lp = torch.logsumexp(torch.log_softmax(logits, -1)[:, yes], -1)
-            return [max(float(x), floor) for x in lp]
+            return [max(float(x), floor) for x in lp.cpu()]
 
         reward.__name__ = f"logp_yes_q{len(question)}"
         return reward
@@ -134,14 +170,14 @@ def run_trl(c: dict) -> dict:
     ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}], "question_text": r["question"]} for r in rows])
     args = GRPOConfig(
         output_dir=c["storage"], loss_type="cispo", beta=0.0, epsilon_high=5.0, scale_rewards="none",
-        num_generations=HP["group_size"], max_completion_length=HP["max_new_tokens"], temperature=HP["temperature"],
-        learning_rate=HP["lr"], per_device_train_batch_size=HP["micro"], gradient_accumulation_steps=HP["accum"],
+        num_generations=j["group_size"], max_completion_length=j["max_new_tokens"], temperature=j["temperature"],
+        learning_rate=j["lr"], per_device_train_batch_size=j["micro"], gradient_accumulation_steps=j["accum"],
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        max_steps=c["steps"], num_iterations=1, reward_weights=[1.0] * c["k"], use_cpu=True, bf16=False,
-        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+        max_steps=c["steps"], num_iterations=1, reward_weights=[1.0] * c["k"], use_cpu=device == "cpu",
+        bf16=dtype == "bfloat16", report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
         remove_unused_columns=False, dataloader_num_workers=0,
     )
-    stamps = []
+    stamps, spent = [], {"generate": [], "score": []}
 
     class Stamp(TrainerCallback):
         def on_step_end(self, *a, **k):
@@ -150,19 +186,43 @@ def run_trl(c: dict) -> dict:
     trainer = GRPOTrainer(model=c["policy"], reward_funcs=[make_reward(QUESTIONS[i]) for i in range(c["k"])],
                           args=args, train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(c["policy"]),
                           callbacks=[Stamp()])
+
+    def timed(name, fn):
+        def call(*a, **k):
+            sync()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            spent[name].append(time.perf_counter() - t)
+            return out
+        return call
+
+    trainer._generate = timed("generate", trainer._generate)
+    trainer._calculate_rewards = timed("score", trainer._calculate_rewards)
     trainer.train()
     total = time.perf_counter() - t0
-    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    return {"seconds": total, "stamps": [s - t0 for s in stamps],
-            "reward_mean": rewards[-1] if rewards else None}
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    rollouts = j["prompts"] * j["group_size"]
+    stages = [{"generate": g, "score": r, "tokens": h.get("completions/mean_length", 0.0) * rollouts}
+              for g, r, h in zip(spent["generate"], spent["score"], history)]
+    return {"seconds": total, "stamps": [s - t0 for s in stamps], "stages": stages,
+            "reward_mean": history[-1]["reward"] if history else None}
 
 
 def case(c: dict) -> dict:
     r = run_rlme(c) if c["impl"] == "rlme" else run_trl(c)
     st = r["stamps"]
     steady = median([b - a for a, b in zip(st, st[1:])]) if len(st) > 1 else r["seconds"]
-    return {**r, "per_iter": process_seconds() / c["steps"], "steady": steady, "peak_mib": vm_kib("VmHWM") / 1024,
-            "process_cpu": sum(os.times()[:2])}
+    out = {**r, "per_iter": process_seconds() / c["steps"], "steady": steady, "peak_mib": vm_kib("VmHWM") / 1024,
+           "process_cpu": sum(os.times()[:2]),
+           # benchmarks/gpu.py runs where neither is installed: the library loop must need neither
+           "prefect_imported": "prefect" in sys.modules, "s3fs_imported": "s3fs" in sys.modules}
+    if c.get("device", "cpu").startswith("cuda"):
+        import torch
+
+        out["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["card"] = torch.cuda.get_device_name()
+    return out
 
 
 def main() -> None:

@@ -260,6 +260,11 @@ class OptimizerConfig(Section):
     logprob_chunk_tokens: int = operational(
         256, "tokens per lm-head chunk in the update (256: peak at a 150k vocab ~0.2x the naive log_softmax, benchmarks/logprobs.py)", ge=1
     )
+    # Operational: the gradients are the same with or without recomputation (a memory/speed knob).
+    gradient_checkpointing: bool = operational(False, (
+        "recompute each decoder layer's activations in the backward pass instead of keeping them: activation "
+        "memory of the update drops from all layers to about one, for about a third more update compute; the "
+        "gradients are the same (docs/gpu.md)"))
 
 
 class ProbeConfig(Section):

@@ -54,12 +54,20 @@ def token_terms(
     return loss, stats
 
 
-def token_weights(kind: Kind, seq_lens: list[int], n_seqs: int, n_tokens: int, max_new_tokens: int) -> torch.Tensor:
-    """Weights for the tokens of the given sequences (in order), normalised by the step's totals."""
+def token_weights(kind: Kind, seq_lens: list[int], n_seqs: int, n_tokens: int, max_new_tokens: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Weights for the tokens of the given sequences (in order), normalised by the step's totals, built
+    on `device` (the log-probs' device) in one host-to-device copy."""
     if kind == "cispo":
         per_seq = [1.0 / n_tokens] * len(seq_lens)
     elif kind == "grpo":
         per_seq = [1.0 / (L * n_seqs) for L in seq_lens]
     else:
         per_seq = [1.0 / (max_new_tokens * n_seqs)] * len(seq_lens)
-    return torch.cat([torch.full((L,), w) for L, w in zip(seq_lens, per_seq)]) if seq_lens else torch.zeros(0)
+    return per_token(per_seq, seq_lens, device)
+
+
+def per_token(per_seq: list[float], seq_lens: list[int], device: torch.device | str) -> torch.Tensor:
+    """Each sequence's value repeated over its tokens, as one float32 tensor on `device`."""
+    values = torch.tensor(per_seq, dtype=torch.float32, device=device)
+    return values.repeat_interleave(torch.tensor(seq_lens, dtype=torch.long, device=device), output_size=sum(seq_lens))

@@ -8,6 +8,7 @@ puts the trained model back under its new checkpoint's key.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 from collections import OrderedDict
@@ -27,6 +28,24 @@ except ImportError:  # pragma: no cover
     pass
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def master_dtype(dtype: str) -> str:
+    """The dtype a policy configured as `dtype` is trained in. Half-precision policies keep float32
+    master weights (and so float32 AdamW state) and compute in `dtype` under autocast: an update of a bf16
+    weight w smaller than about |w| * 2^-9 rounds away, so pure-bf16 AdamW silently drops small steps."""
+    return "float32" if dtype in ("bfloat16", "float16") else dtype
+
+
+def inference_copy(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """A frozen copy of fp32 master weights in `dtype`: exactly what loading their checkpoint with
+    from_pretrained(dtype=...) gives (parameters rounded to `dtype`, buffers as built, shared weights
+    still shared), without writing or reading a file. It generates and judges; the master trains."""
+    target = DTYPES[dtype]
+    memo = {id(p): torch.nn.Parameter(p.detach().to(target), requires_grad=False) for p in model.parameters()}
+    clone = copy.deepcopy(model, memo)
+    clone.config.dtype = target
+    return clone.eval()
 
 
 def resolve_ref(ref: str) -> str:
@@ -107,6 +126,11 @@ class ModelPool:
         with self._lock:
             self._items.pop((path, dtype, device), None)
         return loaded
+
+    def discard(self, path: str, dtype: str = "float32", device: str = "cpu") -> None:
+        """Forget a model (if loaded): its weights are stale."""
+        with self._lock:
+            self._items.pop((path, dtype, device), None)
 
     def clear(self) -> None:
         with self._lock:

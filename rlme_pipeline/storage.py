@@ -193,6 +193,11 @@ class Store:
     def where(self, rel: str) -> str:
         return f"{self.url}/{rel}"
 
+    def local_path(self, rel: str = "") -> str | None:
+        """rel as a path on this machine when the store is a local directory, else None: for readers that
+        need a real directory (from_pretrained) and can then skip a download."""
+        return self.abs(rel) if self.is_local else None
+
     # --- reads -----------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         return retrying(f"stat {self.where(rel)}", lambda: self.fs.exists(self.abs(rel)))
@@ -366,6 +371,42 @@ class Store:
         self._write(f"upload {self.where(rel)}", _put)
         return FileEntry(path=rel, sha256=digest, bytes=size, name=name)
 
+    def write_stream(self, rel: str, fill: Callable[[HashingWriter], None], name: str | None = None) -> FileEntry:
+        """Write rel from `fill(file)`, hashing the bytes on their way out: for files too big to hold twice
+        in memory (checkpoints), never read back. Whole-or-nothing like write_bytes: a local file goes to a
+        temporary name, is fsynced and renamed; on S3 the multipart upload completes only when fill returns
+        and is aborted if it raises. A transient fault reruns fill from the start: fill must be repeatable."""
+        path = self.abs(rel)
+
+        def _put() -> HashingWriter:
+            if self.is_local:
+                tmp = self._local_tmp(path)
+                try:
+                    with open(tmp, "wb") as raw:
+                        out = HashingWriter(raw)
+                        fill(out)
+                        raw.flush()
+                        os.fsync(raw.fileno())
+                    os.replace(tmp, path)
+                except BaseException:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+                    raise
+                return out
+            raw = self.fs.open(path, "wb", block_size=self.part_size)
+            out = HashingWriter(raw)
+            try:
+                fill(out)
+            except BaseException:
+                raw.discard()  # S3: aborts the multipart upload
+                raw.closed = True  # and nothing may complete it when the object is collected
+                raise
+            raw.close()
+            return out
+
+        out = self._write(f"write {self.where(rel)}", _put)
+        return FileEntry(path=rel, sha256=out.sha256.hexdigest(), bytes=out.size, name=name)
+
     def adopt(self, rel: str, name: str | None = None) -> FileEntry:
         """Describe a file written in place under this local store, once it is durable (fsynced)."""
         assert self.is_local
@@ -392,6 +433,23 @@ class Store:
                 f"run.storage {self.url!r} is not writable ({type(e).__name__}: {e}); "
                 "point run.storage (or --storage) at a directory or bucket you can write"
             ) from None
+
+
+class HashingWriter:
+    """A binary file (write/flush) that passes its bytes on to `raw` and to sha256 as they go by."""
+
+    def __init__(self, raw):
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.raw.write(data)
+        self.sha256.update(data)
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 def _json_bytes(obj) -> bytes:

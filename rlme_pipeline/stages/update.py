@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -13,8 +14,8 @@ from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
 from rlme_pipeline.lineage import initial_policy, policy_at
 from rlme_pipeline.logprobs import completion_logprobs
-from rlme_pipeline.losses import token_terms, token_weights
-from rlme_pipeline.models import POOL, Loaded
+from rlme_pipeline.losses import per_token, token_terms, token_weights
+from rlme_pipeline.models import DTYPES, POOL, Loaded, inference_copy, master_dtype
 from rlme_pipeline.progress import bar
 from rlme_pipeline.run import Run, StageRecord
 from rlme_pipeline.seeds import derive
@@ -38,10 +39,15 @@ def data_cursor(cfg: Config, next_iteration: int) -> dict:
 
 def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
     t0 = time.perf_counter()
-    a, o, g = cfg.algorithm, cfg.optimizer, cfg.generation
+    a, o = cfg.algorithm, cfg.optimizer
     items, masked = training_items(run, iteration)
     ref = policy_at(run, cfg, iteration)
-    lm = POOL.take(ref.path, ref.dtype, ref.device, ref.version)  # we change its weights: not shared any more
+    # Training changes the weights, so the model leaves the pool. A half-precision policy trains fp32
+    # master weights (models.master_dtype); its half copy that generated this iteration is done with.
+    master = master_dtype(ref.dtype)
+    lm = POOL.take(ref.path, master, ref.device, ref.version)
+    if master != ref.dtype:
+        POOL.discard(ref.path, ref.dtype, ref.device)
     model, tok = lm.model, lm.tokenizer
     reference = None
     if a.beta > 0:  # the KL anchor is the initial policy; loaded only when it is used
@@ -59,8 +65,11 @@ def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
 
     step_size = o.micro_batch_size * o.grad_accumulation
     n_steps = o.epochs * -(-len(items) // step_size) if items else 0
-    sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0, "grad_norm": 0.0, "mismatch": 0.0, "mismatch_tokens": 0}
+    # Statistics stay on the model's device as tensors; they are read once, after the last step.
+    sums: dict = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0, "grad_norm": 0.0, "mismatch": 0.0, "mismatch_tokens": 0}
     model.train()
+    if o.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with bar(f"update iter {iteration}", n_steps) as advance:
         for epoch in range(o.epochs):
             perm = np.random.default_rng(derive(cfg.run.seed, iteration, "update", epoch)).permutation(len(items))
@@ -69,42 +78,25 @@ def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
                 # (token weights are per step), only the order of the additions changes.
                 step = sorted((items[j] for j in perm[s : s + step_size]),
                               key=lambda it: len(it["prompt_token_ids"]) + len(it["completion_token_ids"]))
-                n_tokens = sum(len(it["completion_token_ids"]) for it in step)
                 opt.zero_grad(set_to_none=True)
-                for m in range(0, len(step), o.micro_batch_size):
-                    micro = step[m : m + o.micro_batch_size]
-                    pairs = [(it["prompt_token_ids"], it["completion_token_ids"]) for it in micro]
-                    lens = [len(c) for _, c in pairs]
-                    logp = completion_logprobs(model, pairs, pad_id=tok.pad_token_id, temperature=g.temperature, chunk_tokens=o.logprob_chunk_tokens)
-                    old = torch.tensor([x for it in micro for x in it["behavior_logprobs"]], dtype=torch.float32)
-                    adv = torch.cat([torch.full((L,), float(it["advantage"])) for L, it in zip(lens, micro)])
-                    ref_logp = None
-                    if reference is not None:
-                        with torch.no_grad():
-                            ref_logp = completion_logprobs(reference, pairs, pad_id=tok.pad_token_id, temperature=g.temperature, chunk_tokens=o.logprob_chunk_tokens)
-                    terms, st = token_terms(a.loss, logp, old, adv, eps=a.eps, eps_high=a.eps_high, ref_logp=ref_logp, beta=a.beta)
-                    w = token_weights(a.loss, lens, len(step), n_tokens, g.max_new_tokens)
-                    loss = (terms * w).sum()
-                    loss.backward()
-                    sums["loss"] += loss.item()
-                    sums["clipped"] += st["clipped"].sum().item()
-                    sums["kl"] += st["kl"].sum().item() if "kl" in st else 0.0
-                    sums["tokens"] += sum(lens)
-                    if epoch == 0 and s == 0:  # before any step: how far the trainer is from the sampler
-                        sums["mismatch"] += (logp.detach() - old).abs().sum().item()
-                        sums["mismatch_tokens"] += sum(lens)
-                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm))
+                accumulate_step(model, reference, step, cfg, tok.pad_token_id, sums, first=epoch == 0 and s == 0)
+                sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
                 opt.step()
                 advance()
                 crash_point("update:mid", iteration)
+    if o.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     model.eval()
+    sums = {k: float(v) for k, v in sums.items()}  # the stage's one device-to-host sync
 
     state = {"iteration": iteration, "optimizer_steps": n_steps, "trained_rollouts": len(items), "seed": cfg.run.seed,
              "data_cursor": data_cursor(cfg, iteration + 1)}
     files = checkpoint.save(run, iteration, model, tok, opt, state)
     new_version = checkpoint.weights_entry(files).sha256
     new_path = checkpoint.local_dir(run, iteration, files)
-    POOL.put((new_path, ref.dtype, ref.device), Loaded(model, tok, new_version, new_path, opt))
+    POOL.put((new_path, master, ref.device), Loaded(model, tok, new_version, new_path, opt))
+    if master != ref.dtype:  # what the next iteration generates (and a live-self evaluator judges) with
+        POOL.put((new_path, ref.dtype, ref.device), Loaded(inference_copy(model, ref.dtype), tok, new_version, new_path))
     tokens = max(sums["tokens"], 1)
     return StageRecord(
         stage="update", iteration=iteration, files=files, seconds=time.perf_counter() - t0,
@@ -120,3 +112,46 @@ def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
         },
         info={"policy_before": ref.version, "policy_after": new_version},
     )
+
+
+def accumulate_step(model, reference, step: list[dict], cfg: Config, pad_id: int, sums: dict, first: bool) -> None:
+    """Back-propagate one optimizer step's loss, micro-batch by micro-batch, into model's .grad.
+
+    Every tensor is made on the log-probs' device (the model's), once per micro-batch: no per-token host
+    round trip, and no host sync at all (statistics are added up as device tensors in `sums`). With a
+    half-precision policy dtype the forward passes run under autocast over the fp32 master weights; the
+    loss terms are float32 either way. `first`: the step before any update, where the trainer's log-probs
+    are compared with the sampler's (behavior mismatch)."""
+    a, o, g = cfg.algorithm, cfg.optimizer, cfg.generation
+    n_tokens = sum(len(it["completion_token_ids"]) for it in step)
+    for m in range(0, len(step), o.micro_batch_size):
+        micro = step[m : m + o.micro_batch_size]
+        pairs = [(it["prompt_token_ids"], it["completion_token_ids"]) for it in micro]
+        lens = [len(c) for _, c in pairs]
+        with autocast(model, cfg.policy.dtype):
+            logp = completion_logprobs(model, pairs, pad_id=pad_id, temperature=g.temperature, chunk_tokens=o.logprob_chunk_tokens)
+            ref_logp = None
+            if reference is not None:
+                with torch.no_grad():
+                    ref_logp = completion_logprobs(reference, pairs, pad_id=pad_id, temperature=g.temperature, chunk_tokens=o.logprob_chunk_tokens)
+        dev = logp.device
+        old = torch.tensor([x for it in micro for x in it["behavior_logprobs"]], dtype=torch.float32, device=dev)
+        adv = per_token([float(it["advantage"]) for it in micro], lens, dev)
+        terms, st = token_terms(a.loss, logp, old, adv, eps=a.eps, eps_high=a.eps_high, ref_logp=ref_logp, beta=a.beta)
+        loss = (terms * token_weights(a.loss, lens, len(step), n_tokens, g.max_new_tokens, device=dev)).sum()
+        loss.backward()
+        sums["loss"] += loss.detach()
+        sums["clipped"] += st["clipped"].sum()
+        if "kl" in st:
+            sums["kl"] += st["kl"].sum()
+        sums["tokens"] += sum(lens)
+        if first:
+            sums["mismatch"] += (logp.detach() - old).abs().sum()
+            sums["mismatch_tokens"] += sum(lens)
+
+
+def autocast(model, dtype: str):
+    """bf16/fp16 compute over fp32 weights on the model's device; nothing for a float32 policy."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=DTYPES[dtype])

@@ -36,3 +36,20 @@ def test_benchmark_smoke(module):
 def test_vs_trl_smoke():
     out = _run("benchmarks.vs_trl", timeout=1500)
     assert "k1 (K=1)" in out
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_cpu():
+    """benchmarks/gpu.py at tiny shapes on the CPU: both configurations build, rlme runs (bf16 over fp32
+    master weights), TRL runs or is skipped with its reason, and neither case imports prefect or s3fs (the
+    script exits non-zero if one does)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--dry-cpu"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=1500)
+    assert p.returncode == 0, f"benchmarks.gpu --dry-cpu failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    assert "| --- |" in p.stdout and "| pair | rlme |" in p.stdout and "| qwen05 | rlme |" in p.stdout, p.stdout
+    assert "qwen05: policy" in p.stdout
+    if importlib.util.find_spec("trl") is None:
+        assert "TRL side skipped: trl" in p.stdout
+    else:
+        assert "| pair | trl |" in p.stdout and "| pair | rlme/TRL |" in p.stdout

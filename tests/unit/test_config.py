@@ -127,6 +127,7 @@ def legacy_hash(cfg) -> str:
     if d.get("label_reward") is None:
         d.pop("label_reward", None)
     d["optimizer"].pop("logprob_chunk_tokens")
+    d["optimizer"].pop("gradient_checkpointing")  # added after the legacy hash; operational
     return sha256_json(d)
 
 
