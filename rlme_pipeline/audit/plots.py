@@ -96,7 +96,7 @@ def distributions(histograms: pl.DataFrame, bins: int) -> str:
     def draw(ax: Axes, item):
         (ev, q), g = item
         ax.bar([(b + 0.5) / bins for b in g["bin"]], g["n"].to_list(), width=1 / bins, edgecolor="white")
-        ax.axvline(0.5, color="0.4", linestyle="--", linewidth=1, label="0.5")
+        ax.axvline(0.5, color="0.4", linestyle="--", linewidth=1)
         ax.set(title=f"{ev} / {q}", xlabel="P(yes)", ylabel="rollouts", xlim=(0, 1))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
