@@ -112,7 +112,7 @@ def _glance(name: str, t: dict[str, pl.DataFrame]) -> str:
     its, s = tot["iteration"].to_list(), t["summary"]
     judged, failed = int(s["n"].sum()), int(s["n_failed"].sum())
     items = [
-        f"{len(its)} iterations ({its[0]}–{its[-1]}), {int(tot['n'].sum())} rollouts, "
+        f"{len(its)} iteration{'s' if len(its) > 1 else ''} ({its[0]}–{its[-1]}), {int(tot['n'].sum())} rollouts, "
         f"{int(tot['n_masked'].sum())} masked (a failed judgement masks its rollout from the loss)",
         f"total reward, mean over rollouts: {tot['reward_mean'][0]:.4g} at iteration {its[0]} → "
         f"{tot['reward_mean'][-1]:.4g} at iteration {its[-1]}",

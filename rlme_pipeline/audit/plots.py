@@ -53,6 +53,17 @@ def _groups(df: pl.DataFrame, *keys: str) -> Iterable[tuple[tuple, pl.DataFrame]
     return df.group_by(*keys, maintain_order=True)
 
 
+def _iterations(ax: Axes, xs: list[int]) -> None:
+    """Iterations on the x axis: each one ticked when there are few, whole numbers otherwise."""
+    its = sorted(set(xs))
+    if len(its) <= 12:
+        ax.set_xticks(its)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(its) == 1:
+        ax.set_xlim(its[0] - 1, its[0] + 1)
+
+
 def total_reward(totals: pl.DataFrame) -> str:
     """Mean total reward per iteration with a band of one standard deviation over rollouts; one panel per
     score set (score sets may weigh questions differently, so their scales need not match)."""
@@ -67,7 +78,7 @@ def total_reward(totals: pl.DataFrame) -> str:
             ax.errorbar(x, m, yerr=s, fmt="none", capsize=4, color="C0", alpha=0.5)
         ax.plot(x, m, marker="o", label="mean")
         ax.set(title=f"score set {name}", xlabel="iteration", ylabel="total reward")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _iterations(ax, x)
         ax.legend(loc="best")
 
     return _svg(list(_groups(totals.sort("iteration"), "scoreset")), draw)
@@ -84,7 +95,7 @@ def components(summary: pl.DataFrame) -> str:
             line = ax.plot(x, gq["f_mean"].to_list(), marker="o", label=f"{q} (weight {gq['weight'][0]:g})")[0]
             ax.fill_between(x, gq["f_q10"].to_list(), gq["f_q90"].to_list(), color=line.get_color(), alpha=0.12)
         ax.set(title=f"evaluator {ev}", xlabel="iteration", ylabel="reward component f(p)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _iterations(ax, g["iteration"].to_list())
         ax.legend(loc="best")
 
     return _svg(list(_groups(summary, "evaluator")), draw)
