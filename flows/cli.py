@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from flows.local_prefect import local_prefect
 
@@ -17,9 +17,35 @@ app.add_typer(models_app, name="models")
 console = Console()
 
 
+# --debug, set by the app callback at the start of every invocation (a process runs one command)
+options = {"debug": False}
+
+
 def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
+    """A user error: one line and exit 2; with --debug, the traceback instead."""
+    if options["debug"]:
+        raise e
+    console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _version(show: bool) -> None:
+    if show:
+        from rlme_pipeline.run import code_version
+
+        v = code_version()
+        commit = f" (git {v['git_commit'][:12]})" if v["git_commit"] else ""
+        console.print(f"rlme {v['version']}{commit}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version, exit"),
+    debug: bool = typer.Option(False, "--debug", envvar="RLME_DEBUG", help="tracebacks instead of one-line errors"),
+):
+    """Reinforcement Learning from Meta-Evaluation."""
+    options["debug"] = debug
 
 
 @app.command()
@@ -55,20 +81,22 @@ def train(
     console.print(f"\n[bold green]outputs:[/] {result['run']}  (trained now: {result['trained_now'] or 'nothing, already there'})")
 
 
-def _print_status(run) -> None:
-    its = run.committed()
-    table = Table(title=f"{run.url}: {len(its)} committed iterations")
-    cols = ["iter", "reward_mean", "reward_std", "masked", "failed_share", "loss", "clip_ratio", "kl", "tokens", "probe", "seconds"]
-    for c in cols:
-        table.add_column(c, justify="right")
-    for i in its:
-        m = run.manifest(i)
-        x = m.metrics
-        fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-        table.add_row(str(i), fmt(x.get("reward_mean")), fmt(x.get("reward_std")), fmt(x.get("masked_rollouts")),
-                      fmt(x.get("failed_share")), fmt(x.get("loss")), fmt(x.get("clip_ratio")), fmt(x.get("kl")),
-                      fmt(x.get("completion_tokens_mean")), fmt(x.get("probe/share_max")), fmt(sum(m.timings.values())))
-    console.print(table)
+def _print_status(run, as_json: bool = False) -> None:
+    """The run's iterations (flows/status.py); a path without a run is a user error."""
+    import json
+
+    from flows.status import collect, render
+    from rlme_pipeline.run import CorruptRun
+    from rlme_pipeline.storage import StorageError
+
+    try:
+        data = collect(run)
+    except (ValueError, CorruptRun, StorageError, PermissionError) as e:  # ValueError: NoRun, ConfigError
+        _fail(e)
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        render(data, console)
 
 
 RUN_URI = typer.Argument(..., help="{storage}/{run_id}, e.g. ./runs/demo or s3://bucket/runs/demo")
@@ -102,9 +130,13 @@ def _open(run_uri: str, options: dict | None = None):
 
 
 @app.command()
-def status(run_uri: str = RUN_URI, storage_option: list[str] = STORAGE_OPTION):
-    """Committed iterations of a run and their metrics."""
-    _print_status(_open(run_uri, _options(storage_option)))
+def status(
+    run_uri: str = RUN_URI,
+    storage_option: list[str] = STORAGE_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="print everything as JSON (all metrics of every iteration)"),
+):
+    """Committed iterations of a run, their metrics, and any iteration not committed yet."""
+    _print_status(_open(run_uri, _options(storage_option)), as_json)
 
 
 @app.command()

@@ -9,6 +9,7 @@ from rlme_pipeline.rewards import component
 from rlme_pipeline.schemas import OK
 
 QUANTILES = (0.1, 0.5, 0.9)
+BINS = 20  # P(yes) histogram bins
 
 
 def summary(ss: Scoreset) -> pl.LazyFrame:
@@ -29,6 +30,23 @@ def summary(ss: Scoreset) -> pl.LazyFrame:
         .with_columns(contribution_mean=pl.col("weight") * pl.col("f_mean"), scoreset=pl.lit(ss.name))
         .sort("iteration", "evaluator", "question_id")
     )
+
+
+def totals(ss: Scoreset) -> pl.LazyFrame:
+    """The total reward per iteration, the number training climbs: mean, spread and quantiles over the
+    rollouts it rewards; masked rollouts (reward NaN, a failed judgement) are counted apart."""
+    r = pl.col("reward").filter(pl.col("reward").is_not_nan())
+    aggs = [pl.len().alias("n"), pl.col("reward").is_nan().sum().cast(pl.Int64).alias("n_masked"),
+            r.mean().alias("reward_mean"), r.std(ddof=0).alias("reward_std")]
+    aggs += [r.quantile(q, "linear").alias(f"reward_q{int(q * 100):02d}") for q in QUANTILES]
+    return ss.rewards.group_by("iteration").agg(aggs).with_columns(scoreset=pl.lit(ss.name)).sort("iteration")
+
+
+def histograms(ss: Scoreset, bins: int = BINS) -> pl.LazyFrame:
+    """Rollouts per P(yes) bin, per evaluator x question (failed judgements have no P(yes))."""
+    return (ss.scores.filter(pl.col("p_yes").is_not_null())
+            .with_columns(bin=(pl.col("p_yes") * bins).floor().clip(0, bins - 1).cast(pl.Int32))
+            .group_by("evaluator", "question_id", "bin").agg(n=pl.len()).sort("evaluator", "question_id", "bin"))
 
 
 def failures(ss: Scoreset) -> pl.LazyFrame:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlme_pipeline import scoreset
@@ -74,36 +78,104 @@ def test_audit_tables_match_direct_polars(audited):
         assert r["reward_diff_mean"] == pytest.approx((ji["reward_b"] - ji["reward"]).mean(), rel=1e-9)
         flips = [np.sign(x) != np.sign(y) for x, y in zip(ji["advantage"], ji["advantage_b"]) if x != 0 and y != 0]
         assert r["sign_change_share"] == pytest.approx(float(np.mean(flips)))
+    totals = pl.read_parquet(f"{out.root}/totals.parquet")
+    for name, rewards in (("v2", a), ("train", b)):
+        t = totals.filter(scoreset=name).sort("iteration")
+        assert t["iteration"].to_list() == run.committed()
+        for r in t.iter_rows(named=True):
+            x = rewards.filter(iteration=r["iteration"])["reward"].to_numpy()
+            assert r["n"] == len(x) and r["n_masked"] == int(np.isnan(x).sum())
+            x = x[~np.isnan(x)]
+            assert r["reward_mean"] == pytest.approx(float(x.mean()), rel=1e-9)
+            assert r["reward_std"] == pytest.approx(float(x.std()), rel=1e-9)
+            assert r["reward_q90"] == pytest.approx(float(np.quantile(x, 0.9)), rel=1e-9)
     changed = pl.read_parquet(f"{out.root}/changed.parquet")
     assert changed.height == 20 and changed["completion"].null_count() == 0
     top = j.with_columns(d=(pl.col("advantage_b") - pl.col("advantage")).abs()).sort("d", descending=True)
     assert changed["rollout_id"][0] == top["rollout_id"][0]
 
 
-class _Plots(HTMLParser):
+class _Report(HTMLParser):
+    """Per figure (data-plot): its panels, tick marks and legends, as matplotlib names them in the SVG;
+    plus table headers, section titles and anything the page would fetch."""
+
     def __init__(self):
         super().__init__()
-        self.plots, self.external, self.series = [], [], 0
+        self.figures, self.headers, self.titles, self.external = {}, [], [], []
+        self._fig, self._in = None, None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
-        if tag == "svg":
-            self.plots.append(a.get("data-plot"))
-        if tag == "polyline" and a.get("points"):
-            self.series += 1
+        if tag == "figure":
+            self._fig = self.figures.setdefault(a["data-plot"], {"axes": 0, "xticks": 0, "yticks": 0, "legends": 0})
+        gid = a.get("id") or ""
+        if self._fig is not None and tag == "g":
+            for prefix, key in (("axes_", "axes"), ("xtick_", "xticks"), ("ytick_", "yticks"), ("legend_", "legends")):
+                self._fig[key] += gid.startswith(prefix)
         for k in ("src", "href"):
             if a.get(k) and not a[k].startswith("#"):
                 self.external.append(a[k])
+        self._in = tag if tag in ("th", "h2") else None
+        self._text = ""
+
+    def handle_data(self, data):
+        if self._in:
+            self._text += data
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self._fig = None
+        if tag == self._in:
+            (self.headers if tag == "th" else self.titles).append(self._text)
+            self._in = None
 
 
-def test_html_report_is_self_contained_with_plots(audited):
+def test_html_report_has_real_charts_and_named_columns(audited):
     run, out, _ = audited
-    p = _Plots()
+    p = _Report()
     p.feed(open(out.root + "/report.html", encoding="utf-8").read())
-    assert p.plots.count("reward-curve") == 2  # one per evaluator, a line per question
-    assert p.plots.count("distribution") == 4  # evaluator x question
-    assert p.series >= 2 * 2
+    f = p.figures
+    assert set(f) == {"reward-total", "reward-components", "distribution", "calibration", "probe"}
+    assert f["reward-total"]["axes"] == 2  # v2 and train, each on its own scale
+    assert f["reward-components"]["axes"] == 2  # one panel per evaluator, a line per question
+    assert f["distribution"]["axes"] == 4  # evaluator x question
+    for kind in ("reward-total", "reward-components", "calibration", "probe"):
+        assert f[kind]["legends"] == f[kind]["axes"], kind
+    for kind, fig in f.items():  # real axes: the value axis has ticks between min and max, not just both ends
+        value_axis = "xticks" if kind == "probe" else "yticks"  # the probe's bars are horizontal
+        assert fig[value_axis] >= 4 * fig["axes"] and fig["xticks"] >= 2 * fig["axes"], (kind, fig)
+    assert {"reward v2", "reward train", "Δ reward (train − v2)"} <= set(p.headers)
+    assert not {"reward_a", "reward_b", "advantage_a", "advantage_b"} & set(p.headers)
+    assert any("master keys" in t for t in p.titles) and "Total reward per iteration" in p.titles
     assert p.external == []  # nothing to fetch: opens offline
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_renders_in_headless_chromium(request, tmp_path):
+    """The page as a browser draws it: a screenshot that is not blank, and nothing on the console."""
+    exe = _chromium()
+    if exe is None:
+        msg = "chromium is not installed (Debian: apt-get install -y chromium); the report was not rendered in a browser"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"CI={os.environ['CI']}: {msg}")
+        pytest.skip(f"SKIPPED, NOT PASSED: {msg}")
+    run, out, _ = request.getfixturevalue("audited")
+    png = tmp_path / "report.png"
+    proc = subprocess.run(
+        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1280,2400", f"--screenshot={png}", "--enable-logging=stderr", "--v=0",
+         Path(out.root, "report.html").resolve().as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0 and png.exists(), proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]  # console.* and uncaught errors
+    assert console == [], console
+    img = np.asarray(Image.open(png).convert("L"), dtype=float)
+    assert img.shape == (2400, 1280)
+    assert img.std() > 20 and (img < 200).mean() > 0.02  # text, axes and bands drawn, not a blank page
 
 
 def test_label_metrics_match_brute_force():

@@ -1,0 +1,156 @@
+"""What `rlme status` shows: a run's committed iterations and any iteration not committed yet, as data
+(`--json`) and as text that fits the terminal, 80 columns when piped (a worker's log), without cutting a
+number: columns that do not fit are left out of the table and named, and the newest iteration's metrics
+are listed in full below it."""
+
+from __future__ import annotations
+
+import io
+import math
+
+from rich import box
+from rich.columns import Columns
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from rlme_pipeline.run import STAGES, Run, iter_dir
+
+
+class NoRun(ValueError):
+    """The URL holds no run."""
+
+
+def collect(run: Run) -> dict:
+    """Everything status shows, JSON-ready: the run, its committed iterations (metrics, seconds per stage)
+    and the iterations with finished stages but no commit (running now, or interrupted)."""
+    if not run.store.exists("run.json"):
+        raise NoRun(
+            f"{run.url}: no rlme run here (no run.json). Check the path ({{storage}}/{{run_id}}, e.g. ./runs/demo) "
+            "and the --storage-option flags, or create the run with `rlme train CONFIG`."
+        )
+    meta = run.store.read_json("run.json")
+    committed = run.committed()
+    manifests = [run.manifest(i) for i in committed]
+    return {
+        "run": run.url,
+        "run_id": run.id,
+        "config_hash": meta.get("config_hash"),
+        "created_at": meta.get("created_at"),
+        "iterations_target": run.config().run.iterations,
+        "committed": [
+            {"iteration": m.iteration, "committed_at": m.committed_at, "seconds": round(sum(m.timings.values()), 3),
+             "timings": m.timings, "metrics": m.metrics}
+            for m in manifests
+        ],
+        "in_progress": [_in_progress(run, i) for i in run.iterations() if i not in set(committed)],
+    }  # fmt: skip
+
+
+def _in_progress(run: Run, i: int) -> dict:
+    """Stages with a record (done, in run order) and the seconds each took; the rest are still to do."""
+    names = [n.removesuffix(".json") for n in run.store.ls(f"{iter_dir(i)}/stages") if n.endswith(".json")]
+    done = sorted(names, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES))
+    return {
+        "iteration": i,
+        "stages_done": done,
+        "stages_todo": [s for s in STAGES if s not in done],
+        "seconds": {s: round(run.read_record(i, s).seconds, 3) for s in done},
+    }
+
+
+# --- text -------------------------------------------------------------------------------------------------
+
+
+def number(v) -> str:
+    """A metric as at most 9 characters, never cut: 4 significant digits, exponent form when tiny or huge."""
+    if v is None:
+        return "–"
+    if not isinstance(v, float) or not math.isfinite(v):
+        return str(v)
+    return "0" if v == 0 else f"{v:.2e}" if abs(v) < 1e-3 or abs(v) >= 1e5 else f"{v:.4g}"
+
+
+def duration(s: float) -> str:
+    s = round(s, 1)
+    if s < 60:
+        return f"{s:.1f}s"
+    m, sec = divmod(round(s), 60)
+    return f"{m}m{sec:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+
+
+def _probe(x: dict) -> str:
+    v = x.get("probe/share_max")
+    return number(v) + ("!" if x.get("probe/alarm") else "") if v is not None else "–"
+
+
+def _share(v) -> str:
+    return "–" if v is None else f"{v:.1%}"
+
+
+# (header, priority: lower stays longer as the terminal narrows, cell text from a committed row)
+COLUMNS = [
+    ("iter", 0, lambda r: str(r["iteration"])),
+    ("reward", 0, lambda r: number(r["metrics"].get("reward_mean"))),
+    ("±std", 2, lambda r: number(r["metrics"].get("reward_std"))),
+    ("failed", 1, lambda r: _share(r["metrics"].get("failed_share"))),
+    ("loss", 1, lambda r: number(r["metrics"].get("loss"))),
+    ("kl", 3, lambda r: number(r["metrics"].get("kl"))),
+    ("clip", 4, lambda r: number(r["metrics"].get("clip_ratio"))),
+    ("probe", 2, lambda r: _probe(r["metrics"])),
+    ("tokens", 5, lambda r: number(r["metrics"].get("completion_tokens_mean"))),
+    ("time", 3, lambda r: duration(r["seconds"])),
+]
+
+
+def _table(rows: list[dict], columns: list) -> Table:
+    t = Table(box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False, show_edge=False)
+    for header, _, _ in columns:
+        t.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        t.add_row(*(cell(r) for _, _, cell in columns))
+    return t
+
+
+def _width(table: Table) -> int:
+    """The table's natural width, rendered where nothing constrains it."""
+    wide = Console(width=10_000, file=io.StringIO(), color_system=None)
+    wide.print(table)
+    return max((len(line.rstrip()) for line in wide.file.getvalue().splitlines()), default=0)
+
+
+def fitted_table(console: Console, rows: list[dict]) -> tuple[Table, list[str]]:
+    """The widest table of COLUMNS (dropping the least important first) that fits the console, and the
+    headers left out."""
+    for level in sorted({p for _, p, _ in COLUMNS}, reverse=True):
+        cols = [c for c in COLUMNS if c[1] <= level]
+        table = _table(rows, cols)
+        if _width(table) <= console.width:
+            break
+    return table, [h for h, p, _ in COLUMNS if p > level]
+
+
+def render(status: dict, console: Console) -> None:
+    rows, target = status["committed"], status["iterations_target"]
+    console.print(Text.assemble(("run ", "bold"), status["run"]), soft_wrap=True)
+    console.print(f"{len(rows)} of {target} iterations committed", highlight=False)
+    if rows:
+        table, hidden = fitted_table(console, rows)
+        console.print(table)
+        if any(r["metrics"].get("probe/alarm") for r in rows):
+            console.print("! probe alarm: an evaluator judged content-free answers positive (docs/rescore_audit.md)")
+        if hidden:
+            console.print(f"not shown at {console.width} columns: {', '.join(hidden)} (all in --json)", highlight=False)
+    for p in status["in_progress"]:
+        done = ", ".join(f"{s} {duration(p['seconds'][s])}" for s in p["stages_done"]) or "nothing"
+        todo = ", ".join(p["stages_todo"]) or "commit"
+        console.print(
+            f"iteration {p['iteration']} not committed: done {done}; to do: {todo} "
+            "(running, or interrupted: `rlme train` resumes it)", highlight=False,
+        )  # fmt: skip
+    if rows:
+        last = rows[-1]
+        console.print(f"\niteration {last['iteration']}, committed {last['committed_at']}:", highlight=False)
+        items = [f"{k} {number(v)}" for k, v in sorted(last["metrics"].items())]
+        items += [f"seconds/{k} {number(v)}" for k, v in last["timings"].items()]
+        console.print(Columns([Text(i, no_wrap=True) for i in items], padding=(0, 3)))
