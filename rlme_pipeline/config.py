@@ -180,7 +180,7 @@ class OptimizerConfig(Section):
 
 
 class ProbeConfig(Section):
-    """The judge-hacking probe during training (see rlme_pipeline/probe.py). Off by default (every: 0)."""
+    """The judge-hacking probe during training (see rlme_pipeline/judging.py). Off by default (every: 0)."""
 
     every: int = Field(0, ge=0, description="run the probe every N iterations; 0 disables it")
     prompts: int = Field(4, ge=1, description="prompts per probe; each gets every probe response")

@@ -24,13 +24,14 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from rlme_pipeline import checkpoint
+from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import LIVE_SELF, RUN_ID, Config, ConfigError, EvaluatorConfig, QuestionConfig, ScoringConfig, sha256_json
+from rlme_pipeline.judging import evaluators_at, score_rollouts
 from rlme_pipeline.lineage import evaluator_at
 from rlme_pipeline.parquet_io import iter_batches, write_stream
 from rlme_pipeline.rewards import compute_rewards
 from rlme_pipeline.run import MANIFEST, Run, code_version, iter_dir, now
 from rlme_pipeline.schemas import OK
-from rlme_pipeline.stages.score import Judge, score_rollouts
 
 DEFINITION = "DEFINITION.json"
 ROLLOUT_COLUMNS = ["rollout_id", "iteration", "prompt_id", "prompt", "completion"]
@@ -232,7 +233,7 @@ def _shard_done(store, i: int, s: int) -> dict | None:
     return rec
 
 
-def score_shard(run: Run, name: str, i: int, s: int) -> dict:
+def score_shard(run: Run, name: str, i: int, s: int, backends: Backends) -> dict:
     """Score one shard and commit it (data files, then its record); a committed shard is skipped."""
     defn = load_definition(run, name)
     store = scoreset_store(run, name)
@@ -243,12 +244,12 @@ def score_shard(run: Run, name: str, i: int, s: int) -> dict:
     t0 = time.perf_counter()
     cfg = run.config()
     rollouts = read_shard(run, defn, i, s)
-    judges = [Judge(ev.name, evaluator_at(run, cfg, ev, i)) for ev in defn.evaluators]
+    judges = evaluators_at(run, cfg, i, defn.evaluators)
     for j in judges:
         if j.ref.version != defn.evaluator_versions[str(i)][j.name]:
             raise ValueError(f"evaluator {j.name!r} at iteration {i} has changed since the score set was planned")
     if rollouts.height:
-        scores = score_rollouts(rollouts, judges, defn.questions, defn.scoring, scoreset=name)
+        scores = score_rollouts(rollouts, judges, defn.questions, defn.scoring, name, backends)
     else:
         scores = pl.DataFrame()
     rewards = compute_rewards(
@@ -334,8 +335,9 @@ def finalize(run: Run, name: str) -> dict:
 def rescore(run: Run, name: str, **plan_args) -> dict:
     """The whole re-score in one process, shard after shard (the Prefect flow runs shards in parallel)."""
     defn = plan(run, name, **plan_args)
-    for i, s in shards(defn):
-        score_shard(run, name, i, s)
+    with Backends(run.config().vllm_settings()) as backends:
+        for i, s in shards(defn):
+            score_shard(run, name, i, s, backends)
     return finalize(run, name)
 
 
