@@ -127,3 +127,31 @@ def test_reward_nan_masks_rollout(demo_cfg, backends):
     assert all(math.isnan(r) for r in rewards["reward"]) and (rewards["n_failed"] == 4).all()
     rec, _ = runner.run_stage(0, "update")
     assert rec.metrics["masked_rollouts"] == rewards.height and rec.metrics["optimizer_steps"] == 0
+
+
+def test_advance_trains_past_the_last_commit_through_the_wrap_hook(demo_cfg):
+    """What the Prefect flow relies on: every step goes through `wrap`, in order, and `advance` counts from
+    the last committed iteration, whatever `run.iterations` says."""
+    run = _run(demo_cfg)
+    train(demo_cfg.with_overrides(iterations=1), run)
+    calls = []
+
+    def wrap(name, step):
+        def wrapped(iteration):
+            calls.append(f"{name}-iter-{iteration}")
+            return step(iteration)
+        return wrapped
+
+    made = train(demo_cfg.with_overrides(iterations=1), run, wrap=wrap, advance=1)
+    assert [m.iteration for m in made] == [1] and run.committed() == [0, 1]
+    assert calls == [f"{s}-iter-1" for s in ("generate", "score", "aggregate", "update", "commit")]
+
+
+def test_a_held_lease_stops_training_before_anything_is_written(demo_cfg):
+    from rlme_pipeline.lease import Lease, LeaseHeld
+
+    run = _run(demo_cfg)
+    with Lease(run.store, purpose="another trainer"):
+        with pytest.raises(LeaseHeld, match="another trainer"):
+            train(demo_cfg, run)
+    assert [p for p in run.store.ls() if p != "lease"] == []
