@@ -3,7 +3,7 @@
     PYTHONPATH=. python -m benchmarks.orchestration [--config configs/demo.yaml] [--iterations 3] [--repeats 2] [--tiny]
 
 Each case is a fresh subprocess with a fresh storage dir and PREFECT_HOME. "direct" does what the flow
-does without Prefect: load the config, `preflight`, `rlme_pipeline.iteration.train(cfg, run)`. "prefect"
+does without Prefect: load the config, `preflight`, `rlme_pipeline.runner.train(cfg, run)`. "prefect"
 runs under the Prefect settings `rlme train` uses (flows.local_prefect): an empty flow first (it starts
 Prefect's temporary local server; reported as startup), then `flows.train.rlme_train` for the same
 config. Per-iteration time is the wall time of the training call divided by the iterations; the first
@@ -42,7 +42,7 @@ def _steady(c: dict) -> float | None:
 
 def _direct(c: dict) -> tuple[float, float, float]:
     from rlme_pipeline.config import load_config
-    from rlme_pipeline.iteration import train
+    from rlme_pipeline.runner import train
     from rlme_pipeline.preflight import preflight
     from rlme_pipeline.run import Run
 
@@ -110,7 +110,7 @@ def main() -> None:
         return median(d), median(p), f"{100 * median([pp / dd - 1 for pp, dd in zip(p, d)]):+.1f}%"
 
     (wd, wp, wo), (sd, sp, so), (cd, cp, co) = col("per_iteration"), col("steady"), col("cpu_per_iteration")
-    rows = [["direct (iteration.train)", wd, "-", sd, "-", cd, "-", "-", spread([x["per_iteration"] for x in res["direct"]])],
+    rows = [["direct (runner.train)", wd, "-", sd, "-", cd, "-", "-", spread([x["per_iteration"] for x in res["direct"]])],
             ["prefect flow (rlme_train)", wp, wo, sp, so, cp, co, median([x["startup"] for x in res["prefect"]]),
              spread([x["per_iteration"] for x in res["prefect"]])]]
     print(f"orchestration: {os.path.relpath(a.config, ROOT)}, {a.iterations} iterations per run, fresh subprocess and "

@@ -27,7 +27,7 @@ def build(base: Path, n: int, tokens: int) -> str:
     import polars as pl
 
     from rlme_pipeline.config import load_config
-    from rlme_pipeline.iteration import train
+    from rlme_pipeline.runner import train
     from rlme_pipeline.run import Run
     from rlme_pipeline.storage import Store
 

@@ -62,23 +62,24 @@ def main() -> None:
 
     from rlme_pipeline.config import QuestionConfig, ScoringConfig
     from rlme_pipeline.lineage import ModelRef
-    from rlme_pipeline.models import POOL
-    from rlme_pipeline.stages.score import Judge, score_rollouts
+    from rlme_pipeline.backends.select import Backends
+    from rlme_pipeline.judging import Evaluator, score_rollouts
     from rlme_pipeline.tiny import resolve_tiny
 
     path = str(resolve_tiny("evaluator"))
-    judge = Judge("ev", ModelRef(path=path, dtype="float32", device="cpu", version="bench"))
+    judge = Evaluator("ev", ModelRef(path=path, dtype="float32", device="cpu", version="bench"))
     sc = ScoringConfig(batch_size=a.batch_size)
     ks = [int(k) for k in a.ks.split(",")]
     qs = [QuestionConfig(id=f"q{i}", text=QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f" ({i})")) for i in range(max(ks))]
-    tok = POOL.get(path, "float32", "cpu", "bench").tokenizer  # loaded once, outside the timings
+    backends = Backends()
+    tok = backends.pool.get(path, "float32", "cpu", "bench").tokenizer  # loaded once, outside the timings
     q_tokens = [len(tok(sc.question_template.format(question=q.text), add_special_tokens=False)["input_ids"]) for q in qs]
     print(f"scoring: {a.rollouts} rollouts, scoring batch {a.batch_size}, tiny evaluator (hidden 256, 3 layers); "
           f"median of {a.repeats} alternating runs")
     print(f"machine: {machine()}")
     for words in [int(w) for w in a.completion_words.split(",")]:
         df = rollouts(a.rollouts, words)
-        score_rollouts(df.head(min(4, df.height)), [judge], qs[:2], sc, "warm")  # warm-up
+        score_rollouts(df.head(min(4, df.height)), [judge], qs[:2], sc, "warm", backends)  # warm-up
         prefix = sum(len(tok(sc.template.format(prompt=r["prompt"], completion=r["completion"]))["input_ids"])
                      for r in df.iter_rows(named=True)) / df.height
         times: dict[tuple[int, str], list[float]] = {}
@@ -87,9 +88,9 @@ def main() -> None:
                 for mode in ("shared", "separate"):
                     t0 = time.perf_counter()
                     if mode == "shared":
-                        out = score_rollouts(df, [judge], qs[:k], sc, "b")
+                        out = score_rollouts(df, [judge], qs[:k], sc, "b", backends)
                     else:
-                        out = [score_rollouts(df, [judge], [q], sc, "b") for q in qs[:k]]
+                        out = [score_rollouts(df, [judge], [q], sc, "b", backends) for q in qs[:k]]
                     times.setdefault((k, mode), []).append(time.perf_counter() - t0)
                     assert (out.height if mode == "shared" else sum(o.height for o in out)) == df.height * k
 

@@ -6,6 +6,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.train import artifact_key
+from rlme_pipeline.backends.select import Backends
+from rlme_pipeline.run import Run
 from tasks.rescore import finalize_task, plan_task, shard_task
 
 
@@ -17,8 +19,10 @@ def rlme_rescore(run_uri: str, name: str, questions: str | None = None, evaluato
     log = get_run_logger()
     todo = plan_task(run_uri, name, questions, evaluators, iterations, shard_rows, resume)
     log.info("score set %s of %s: %d shards", name, run_uri, len(todo))
-    futures = [shard_task.submit(run_uri, name, i, s) for i, s in todo]
-    done = [f.result() for f in futures]
+    # one set of models and servers for every shard (the run's vLLM settings), stopped when all are done
+    with Backends(Run.from_url(run_uri).config().vllm_settings()) as backends:
+        futures = [shard_task.submit(run_uri, name, i, s, backends) for i, s in todo]
+        done = [f.result() for f in futures]
     manifest = finalize_task(run_uri, name)
     create_table_artifact(
         key=f"{artifact_key(manifest['run_id'])}-scoreset-{artifact_key(name).removeprefix('rlme-')}",

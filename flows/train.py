@@ -14,16 +14,16 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from flows.config_io import load
-from rlme_pipeline.iteration import check_resume_point
-from rlme_pipeline.lease import Lease, LeaseHeld
+from rlme_pipeline.lease import LeaseHeld
 from rlme_pipeline.preflight import preflight
-from rlme_pipeline.run import Run
-from tasks.stages import aggregate_task, commit_task, generate_task, score_task, update_task
+from rlme_pipeline.run import Manifest, Run
+from rlme_pipeline.runner import STEPS, train
+from tasks.stages import stage_task, wrap_in
 
 
-def metrics_rows(manifest: dict) -> list[dict]:
-    rows = [{"metric": k, "value": v} for k, v in sorted(manifest["metrics"].items())]
-    rows += [{"metric": f"seconds/{k}", "value": v} for k, v in manifest["timings"].items()]
+def metrics_rows(manifest: Manifest) -> list[dict]:
+    rows = [{"metric": k, "value": v} for k, v in sorted(manifest.metrics.items())]
+    rows += [{"metric": f"seconds/{k}", "value": v} for k, v in manifest.timings.items()]
     return rows
 
 
@@ -63,12 +63,9 @@ def split_run_uri(run_uri: str) -> tuple[str, str]:
 
 
 def stage_tasks(cfg) -> dict:
-    """The stage tasks by name, each with its `run.stage_timeout_s` limit. A stage that times out fails
-    that try and is retried (the task's retries); if all tries fail the flow run fails, and the finished
-    stages' records let the next (scheduled) run resume the iteration from the stage that failed."""
+    """The step tasks by name, each with its `run.stage_timeout_s` limit."""
     timeouts = cfg.run.stage_timeout_s
-    return {t.name: t.with_options(timeout_seconds=timeouts[t.name]) if t.name in timeouts else t
-            for t in (generate_task, score_task, aggregate_task, update_task, commit_task)}
+    return {name: stage_task(name, timeouts.get(name)) for name in STEPS}
 
 
 @flow(name="rlme_train", log_prints=True)
@@ -90,47 +87,27 @@ def rlme_train(config: str, iterations: int | None = None, storage: str | None =
     cfg = load(config, iterations=iterations, storage=storage, id=run_id)
     run = Run.for_config(cfg)
     preflight(cfg, run.root)
-    # The flow process holds the run's lease for all its tasks (they run in this process) and renews it
-    # in the background; a second flow run on the same run id stops here, naming this one.
-    try:
-        lease = Lease(run.store, purpose="train", flow_run=flow_run.id).__enter__()
-    except LeaseHeld as e:
-        log.warning("not training: %s", e)
-        return Cancelled(message=f"skipped, run is busy: {e}")
-    try:
-        return _train(cfg, run, lease, advance, log)
-    finally:
-        lease.__exit__(None, None, None)
-
-
-def _train(cfg, run: Run, lease: Lease, advance: int | None, log) -> dict:
-    run.open(cfg)
-    committed = set(check_resume_point(run))
-    if advance is not None:
-        cfg = cfg.with_overrides(iterations=(max(committed) + 1 if committed else 0) + advance)
-    log.info("run %s: %d committed iterations, target %d", run.url, len(committed), cfg.run.iterations)
-    stages = stage_tasks(cfg)
-    made = []
+    # The flow process holds the run's lease for all its tasks (they run in this process); a second flow
+    # run on the same run id stops before touching anything, naming this one.
     with background_reports(log) as send:
-        for i in range(cfg.run.iterations):
-            if i not in committed:
-                _iteration(cfg, run, stages, lease, i, send, log)
-                made.append(i)
-    return {"run": run.url, "storage_options": cfg.run.storage_options, "committed": run.committed(), "trained_now": made}
+        try:
+            made = train(cfg, run, wrap=wrap_in(stage_tasks(cfg)), advance=advance, holder={"flow_run": flow_run.id},
+                         on_commit=lambda m: _report(cfg, run, m, send, log), logger=log)
+        except LeaseHeld as e:
+            log.warning("not training: %s", e)
+            return Cancelled(message=f"skipped, run is busy: {e}")
+    return {"run": run.url, "storage_options": cfg.run.storage_options, "committed": run.committed(),
+            "trained_now": [m.iteration for m in made]}
 
 
-def _iteration(cfg, run: Run, stages: dict, lease: Lease, i: int, send, log) -> None:
-    # Each task waits on the previous one's result: the stages of an iteration are strictly ordered.
-    for stage in ("generate", "score", "aggregate", "update"):
-        lease.check()
-        stages[stage](cfg, i)
-    lease.check()
-    manifest = stages["commit"](cfg, i)
+def _report(cfg, run: Run, manifest: Manifest, send, log) -> None:
+    """An iteration is committed: its metrics as an artifact, and a warning if the probe raised the alarm."""
+    i, metrics = manifest.iteration, manifest.metrics
     send(create_table_artifact, key=artifact_key(cfg.run.id), table=metrics_rows(manifest),
          description=f"{run.url} iteration {i} (reward, judgements, loss, seconds per stage)")
-    if manifest["metrics"].get("probe/alarm"):
+    if metrics.get("probe/alarm"):
         # The judges call the probe's vacuous answers good: the policy can be rewarded for them.
-        shares = {k: v for k, v in manifest["metrics"].items() if k.startswith("probe/")}
+        shares = {k: v for k, v in metrics.items() if k.startswith("probe/")}
         log.warning("iteration %d: judge-hacking probe alarm %s", i, shares)
         send(create_markdown_artifact, key=f"{artifact_key(cfg.run.id)}-probe-alarm",
              markdown=f"**Judge-hacking probe alarm** at iteration {i} of `{run.url}`: "

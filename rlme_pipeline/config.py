@@ -268,7 +268,7 @@ class OptimizerConfig(Section):
 
 
 class ProbeConfig(Section):
-    """The judge-hacking probe during training (see rlme_pipeline/probe.py). Off by default (every: 0).
+    """The judge-hacking probe during training (see rlme_pipeline/judging.py). Off by default (every: 0).
     It measures the judges and changes nothing computed: not part of the hash."""
 
     every: int = operational(0, "run the probe every N iterations; 0 disables it", ge=0)

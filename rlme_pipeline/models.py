@@ -1,9 +1,10 @@
-"""Model references, loading, content versions, and a small in-process pool.
+"""Model references, loading, content versions, and a small model pool.
 
 A reference is 'tiny:policy' / 'tiny:evaluator' (built offline on first use), a local HF directory, or a
-hub id. The pool keeps recently used models loaded, so the stages of one process (one Prefect flow run)
-never reload a model between tasks; the update stage takes the policy out of the pool to train it and
-puts the trained model back under its new checkpoint's key.
+hub id. A pool keeps recently used models loaded; its owner is a `Backends` (backends/select.py), so the
+stages of one process (one Prefect flow run) never reload a model between tasks. The runner takes the
+policy out of the pool for the update stage to train it, and puts the trained model back under its new
+checkpoint's key.
 """
 
 from __future__ import annotations
@@ -136,5 +137,3 @@ class ModelPool:
         with self._lock:
             self._items.clear()
 
-
-POOL = ModelPool()

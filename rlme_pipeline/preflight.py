@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config, ConfigError
 from rlme_pipeline.data import load_prompts, prompt_indices
+from rlme_pipeline.judging import answer_ids
 from rlme_pipeline.models import load_tokenizer, resolve_ref
-from rlme_pipeline.stages.score import answer_ids
 from rlme_pipeline.storage import Store
 
 

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError, model_validator
 
 from rlme_pipeline import checkpoint
+from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import (
     LIVE_SELF,
     RUN_ID,
@@ -40,12 +41,12 @@ from rlme_pipeline.config import (
     ScoringConfig,
     sha256_json,
 )
+from rlme_pipeline.judging import evaluators_at, score_rollouts
 from rlme_pipeline.lineage import evaluator_at
 from rlme_pipeline.parquet_io import iter_batches
 from rlme_pipeline.run import MANIFEST, Commit, Run, Unit, code_version, iter_dir, now
 from rlme_pipeline.schemas import OK, ROLLOUTS, SCORES
 from rlme_pipeline.stages.aggregate import rewards_and_metrics
-from rlme_pipeline.stages.score import Judge, score_rollouts
 
 DEFINITION = "DEFINITION.json"
 ROLLOUT_COLUMNS = ["rollout_id", "iteration", "prompt_id", "prompt", "completion", "label"]
@@ -298,7 +299,7 @@ def read_shard(run: Run, defn: Definition, i: int, s: int, batch_rows: int = 409
     return pl.concat(parts) if parts else pl.DataFrame(schema={c: ROLLOUTS[c] for c in ROLLOUT_COLUMNS})
 
 
-def score_shard(run: Run, name: str, i: int, s: int) -> dict:
+def score_shard(run: Run, name: str, i: int, s: int, backends: Backends) -> dict:
     """Score one shard, aggregate it as training does, and commit it; a committed shard is skipped."""
     if unit(run, name).committed():  # the score set is complete; its shards were merged and removed
         return {"iteration": i, "shard": s, "ran": False}
@@ -309,12 +310,12 @@ def score_shard(run: Run, name: str, i: int, s: int) -> dict:
     defn = load_definition(run, name)
     cfg = run.config()
     rollouts = read_shard(run, defn, i, s)
-    judges = [Judge(ev.name, evaluator_at(run, cfg, ev, i)) for ev in defn.evaluators]
+    judges = evaluators_at(run, cfg, i, defn.evaluators)
     for j in judges:
         if j.ref.version != defn.evaluator_versions[str(i)][j.name]:
             raise ValueError(f"evaluator {j.name!r} at iteration {i} has changed since the score set was planned")
     if rollouts.height:
-        scores = score_rollouts(rollouts, judges, defn.questions, defn.scoring, scoreset=name, vllm=cfg.vllm_settings())
+        scores = score_rollouts(rollouts, judges, defn.questions, defn.scoring, name, backends)
     else:
         scores = pl.DataFrame(schema=SCORES)
     rewards, _ = rewards_and_metrics(defn.config(cfg), scores, rollouts)
@@ -386,8 +387,9 @@ def finalize(run: Run, name: str) -> dict:
 def rescore(run: Run, name: str, **plan_args) -> dict:
     """The whole re-score in one process, shard after shard (the Prefect flow runs shards in parallel)."""
     defn = plan(run, name, **plan_args)
-    for i, s in shards(defn):
-        score_shard(run, name, i, s)
+    with Backends(run.config().vllm_settings()) as backends:
+        for i, s in shards(defn):
+            score_shard(run, name, i, s, backends)
     return finalize(run, name)
 
 

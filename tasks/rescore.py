@@ -1,4 +1,5 @@
-"""Re-score tasks: plan, one task per shard, finalize. Inputs are URLs and names; outputs small dicts.
+"""Re-score tasks: plan, one task per shard, finalize. Inputs are URLs and names (and the flow's Backends:
+the shard tasks run in the flow's process and share its models and servers); outputs small dicts.
 
 Resumability lives in storage (shard records), not in Prefect's cache, hence cache_policy=NONE.
 """
@@ -9,6 +10,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from rlme_pipeline import scoreset
+from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.run import Run
 
 
@@ -27,8 +29,8 @@ def plan_task(run_uri: str, name: str, questions_file: str | None, evaluators_fi
 
 @task(name="rescore-shard", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],
       task_run_name="rescore-{name}-iter-{iteration}-shard-{shard}")
-def shard_task(run_uri: str, name: str, iteration: int, shard: int) -> dict:
-    rec = scoreset.score_shard(Run.from_url(run_uri), name, iteration, shard)
+def shard_task(run_uri: str, name: str, iteration: int, shard: int, backends: Backends) -> dict:
+    rec = scoreset.score_shard(Run.from_url(run_uri), name, iteration, shard, backends)
     return {k: rec.get(k) for k in ("iteration", "shard", "rollouts", "seconds", "ran")}
 
 

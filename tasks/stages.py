@@ -1,38 +1,33 @@
-"""The stage tasks of a training iteration.
+"""The Prefect task that runs one step (a stage, or the commit) of a training iteration.
 
-Inputs are the validated Config and the run's URL; outputs are small JSON-able records. Idempotency is
-the library's (stage records in storage), not Prefect's input-hash cache, hence cache_policy=NONE.
+The runner (rlme_pipeline.runner) owns the loop; the flow's wrap hook calls each step through this task,
+so the UI shows one task run per stage and iteration (`generate-iter-3`), with retries and the stage's
+timeout. The step is a callable of the flow's own process: the flow's tasks run there, beside the models
+and servers the runner holds, and what a step returns is its record (small and JSON-able), never a model
+or a table. Idempotency is the library's (stage records in storage), not Prefect's input-hash cache,
+hence cache_policy=NONE.
 """
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NONE
 
-from rlme_pipeline.config import Config
-from rlme_pipeline.iteration import commit, run_stage
-from rlme_pipeline.run import Run
+from rlme_pipeline.runner import Step, Wrap
 
 
-def open_run(cfg: Config) -> Run:
-    return Run.for_config(cfg)
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10])
+def _run_step(step: Step, iteration: int):
+    return step(iteration)
 
 
-def _stage_task(stage: str):
-    @task(name=stage, cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], task_run_name=f"{stage}-iter-{{iteration}}")
-    def run(cfg: Config, iteration: int) -> dict:
-        rec, ran = run_stage(cfg, open_run(cfg), iteration, stage)
-        return {"stage": stage, "iteration": iteration, "ran": ran, "seconds": rec.seconds, "metrics": rec.metrics}
-
-    return run
+def stage_task(name: str, timeout_s: float | None = None) -> Task:
+    """The task for step `name`. A step that times out fails that try and is retried; if every try
+    fails the flow run fails, and the finished stages' records let the next run resume the iteration
+    from the stage that failed."""
+    return _run_step.with_options(name=name, task_run_name=f"{name}-iter-{{iteration}}", timeout_seconds=timeout_s)
 
 
-generate_task = _stage_task("generate")
-score_task = _stage_task("score")
-aggregate_task = _stage_task("aggregate")
-update_task = _stage_task("update")
-
-
-@task(name="commit", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], task_run_name="commit-iter-{iteration}")
-def commit_task(cfg: Config, iteration: int) -> dict:
-    return commit(cfg, open_run(cfg), iteration).model_dump(mode="json")
+def wrap_in(tasks: dict[str, Task]) -> Wrap:
+    """The runner's wrap hook: each step runs as its task (waiting for the result: steps are ordered)."""
+    return lambda name, step: lambda iteration: tasks[name](step, iteration)

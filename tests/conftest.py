@@ -44,14 +44,13 @@ def demo_cfg(tmp_path, tiny_models):
     return load_config(DEMO).with_overrides(storage=str(tmp_path / "runs"), iterations=3)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_model_pool():
-    """Models loaded by one test must not leak into the next (tests compare fresh runs)."""
-    from rlme_pipeline.models import POOL
+@pytest.fixture
+def backends():
+    """Models and servers for one test, closed after it: nothing loaded by one test leaks into the next."""
+    from rlme_pipeline.backends.select import Backends
 
-    POOL.clear()
-    yield
-    POOL.clear()
+    with Backends() as b:
+        yield b
 
 
 # --- a real S3 endpoint ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@
    then a "knowledgeable" judge trained by SFT on every problem to answer " Yes"/" No" to "Is the answer
    correct?" (generation warm-up, per-digit verification loss, negatives partly from the base's own wrong
    samples; accuracy and AUROC, also on the base's samples, reported before any RL); both cached in --cache;
-3. from that base, with the same budget and seeds, through the real pipeline (`iteration.train`: the
+3. from that base, with the same budget and seeds, through the real pipeline (`runner.train`: the
    generate / score / aggregate / update stages and the commit protocol, storage and all):
      rlvr       exact-match reward only (label_reward.share = 1, no evaluator)
      rlme       the frozen judge's log P(yes) only; labels never read by training
@@ -40,8 +40,8 @@ import task as T  # noqa: E402
 from rlme_pipeline import checkpoint  # noqa: E402
 from rlme_pipeline.answers import is_correct  # noqa: E402
 from rlme_pipeline.config import validate_config  # noqa: E402
-from rlme_pipeline.iteration import train  # noqa: E402
-from rlme_pipeline.models import POOL  # noqa: E402
+from rlme_pipeline.models import Loaded, ModelPool  # noqa: E402
+from rlme_pipeline.runner import train  # noqa: E402
 from rlme_pipeline.run import Run  # noqa: E402
 from rlme_pipeline.storage import Store  # noqa: E402
 
@@ -74,28 +74,31 @@ def log(*a) -> None:
 
 
 # --- models ---------------------------------------------------------------------------------------
+def load(path) -> Loaded:
+    """A model loaded for one use, dropped with the caller's reference (training holds its own)."""
+    return ModelPool(1).get(str(path))
+
+
 def cached(path: Path) -> bool:
     return (path / "bench_meta.json").is_file()
 
 
 def base_mistakes(tok, items, base: Path, n: int) -> dict[str, list[str]]:
     """n samples per problem from the base policy at temperature 1 (the RL start), keeping the wrong ones."""
-    lm = POOL.get(str(base))
+    lm = load(str(base))
     prompts = [p for p in items for _ in range(n)]
     outs = T.greedy(lm.model, lm.tokenizer, [p["prompt"] for p in prompts], MAX_NEW_TOKENS, temperature=1.0, seed=5)
     pool: dict[str, list[str]] = {}
     for p, o in zip(prompts, outs):
         if not is_correct(o, p["answer"], "answer_is"):
             pool.setdefault(p["id"], []).append(o)
-    POOL.clear()
     return pool
 
 
 def on_base_samples(judge, tok, items, base: Path) -> dict:
     """The judge on what RL starts from: the base policy's samples (temperature 1), true labels by exact match."""
-    lm = POOL.get(str(base))
+    lm = load(str(base))
     outs = T.greedy(lm.model, lm.tokenizer, [p["prompt"] for p in items], MAX_NEW_TOKENS, temperature=1.0, seed=9)
-    POOL.clear()
     ok = [is_correct(o, p["answer"], "answer_is") for o, p in zip(outs, items)]
     py = T.judge_p_yes(judge, tok, [(p["prompt"], o) for p, o in zip(items, outs)])
     rep = {"n": len(items), "share_correct": mean(ok), "auroc": T.auroc(py, ok),
@@ -191,14 +194,14 @@ def run_method(method: str, seed: int, rl: dict, paths: dict, items_eval, judge_
     if run.store.exists("run.json"):  # a benchmark run starts from scratch
         shutil.rmtree(run.store.abs("."), ignore_errors=True)
         run = Run(Store(str(paths["runs"])), cfg.run.id)
-    base = POOL.get(str(paths["base"]))
+    base = load(str(paths["base"]))
     curve = [{"iteration": 0, **probe(base.model, base.tokenizer, judge_lm.model, judge_lm.tokenizer, items_eval)}]
     t0 = time.time()
 
     def on_commit(m) -> None:
         i = m.iteration
         rec = run.read_record(i, "update")
-        lm = POOL.get(checkpoint.local_dir(run, i, rec.files))
+        lm = load(checkpoint.local_dir(run, i, rec.files))
         rollouts = run.read_table(i, "rollouts.parquet")
         # grading only: the labels of the RL prompts are read here, after the iteration is committed
         sample_acc = mean([is_correct(c, l, "answer_is") for c, l in zip(rollouts["completion"], rollouts["label"])])
@@ -214,7 +217,6 @@ def run_method(method: str, seed: int, rl: dict, paths: dict, items_eval, judge_
                 (previous / f).unlink(missing_ok=True)
 
     train(cfg, run, on_commit=on_commit)
-    POOL.clear()
     return curve
 
 
@@ -324,9 +326,8 @@ def main(argv=None) -> dict:
         f"master keys P(yes) {judge_meta['master_keys_p_yes']:.3f}")
     t_models = time.time() - t_start
 
-    POOL.clear()
-    judge_lm = POOL.get(str(paths["judge"]))
-    base_lm = POOL.get(str(paths["base"]))
+    judge_lm = load(str(paths["judge"]))
+    base_lm = load(str(paths["base"]))
     base_acc, _ = accuracy(base_lm.model, base_lm.tokenizer, splits["eval"])
     base_as_judge = T.judge_report(base_lm.model, base_lm.tokenizer, items, seed=123, n=400)
     log(f"  base held-out accuracy {base_acc:.3f}; the base as a judge: {base_as_judge}")
@@ -341,8 +342,7 @@ def main(argv=None) -> dict:
     t_rl = time.time()
     for seed in range(n_seeds):
         for method in methods:
-            POOL.clear()
-            judge_lm = POOL.get(str(paths["judge"]))
+            judge_lm = load(str(paths["judge"]))
             curves[method][seed] = run_method(method, seed, rl, paths, splits["eval"], judge_lm)
     t_rl = time.time() - t_rl
 

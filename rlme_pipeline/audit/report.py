@@ -8,11 +8,10 @@ from rlme_pipeline.audit import compare as cmp
 from rlme_pipeline.audit import labels, stats
 from rlme_pipeline.audit.page import render
 from rlme_pipeline.audit.sources import Scoreset, load
-from rlme_pipeline.lineage import evaluator_at
+from rlme_pipeline.backends.select import Backends
+from rlme_pipeline.judging import evaluators_at, run_probe, sample_prompts
 from rlme_pipeline.parquet_io import write_frame
-from rlme_pipeline.probe import run_probe, sample_prompts
 from rlme_pipeline.run import Run
-from rlme_pipeline.stages.score import Judge
 from rlme_pipeline.storage import Store
 
 
@@ -28,9 +27,10 @@ def probe_table(run: Run, ss: Scoreset, prompts: int, seed: int = 0) -> pl.DataF
 
         d = load_definition(run, ss.name)
         evs, qs, last = d.evaluators, d.questions, max(d.iterations)
-    judges = [Judge(ev.name, evaluator_at(run, cfg, ev, last)) for ev in evs]
     pool = ss.rollouts.select("prompt_id", "prompt").unique("prompt_id").collect()
-    return run_probe(judges, list(qs), cfg.scoring, sample_prompts(pool, prompts, seed), last, vllm=cfg.vllm_settings())
+    with Backends(cfg.vllm_settings()) as backends:  # the run's vLLM settings, its servers stopped after
+        return run_probe(evaluators_at(run, cfg, last, evs), list(qs), cfg.scoring, sample_prompts(pool, prompts, seed),
+                         last, backends)
 
 
 def compute(run: Run, scoreset: str | None = None, compare_to: str | None = None, probe_prompts: int = 4) -> dict[str, pl.DataFrame]:

@@ -1,43 +1,37 @@
-"""Open the configured backend for a stage: `with open_generator(cfg.vllm, ref, backend) as (gen, tok): ...`.
+"""The backends one process holds open, and for how long: `Backends`.
 
-Lifetimes: an hf model comes from the process's model pool. A managed vLLM server (openai backend) or an
-in-process vllm.LLM is started for the stage on the stage's weights (iteration i generates with
-checkpoint i-1, an ordinary HF directory), and stopped when the stage ends; with `vllm.keep_alive` it
-stays up for the next stage that needs the same weights (one at a time). This restart per new checkpoint
-is how policy updates reach the generator (docs/vllm.md: its cost, and LoRA hot-loading for 7B+ models).
+    with Backends(cfg.vllm_settings()) as backends:
+        with backends.generator(ref, "hf") as (gen, tok): ...
+
+Lifetimes are the owner's: the runner opens one `Backends` for a training process and hands it to every
+stage; a re-score or an audit opens its own; closing it stops every server it started. An hf model
+comes from its model pool, so the stages of one process never reload a model between tasks. A managed
+vLLM server (openai backend) or an in-process vllm.LLM is started for the stage on the stage's weights
+(iteration i generates with checkpoint i-1, an ordinary HF directory), and stopped when the stage ends;
+with `vllm.keep_alive` it stays up for the next stage that needs the same weights (one at a time). This
+restart per new checkpoint is how policy updates reach the generator (docs/vllm.md: its cost, and LoRA
+hot-loading for 7B+ models).
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
+import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 from rlme_pipeline.backends import BackendError
 from rlme_pipeline.config import VllmConfig
 from rlme_pipeline.lineage import ModelRef
-from rlme_pipeline.models import POOL, load_tokenizer
-
-# keep_alive: the one live managed server / LLM, keyed by what it serves
-_LIVE: dict[tuple, object] = {}
-# every server start (seconds to healthy) in this process: the reload cost, reported as a stage metric
-START_SECONDS: list[float] = []
-# the servers/LLMs a stage is using right now (tests kill one mid-stage)
-IN_USE: list[object] = []
+from rlme_pipeline.models import ModelPool, load_tokenizer
 
 
 def eos_ids(model, tok) -> set[int]:
     extra = getattr(model.generation_config, "eos_token_id", None)
     extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
     return {tok.eos_token_id, *extra}
-
-
-@lru_cache(maxsize=8)
-def tokenizer_for(path: str):
-    return load_tokenizer(path)
 
 
 def max_positions_of(path: str) -> int:
@@ -72,14 +66,6 @@ def serving_dir(path: str) -> str:
     return str(view)
 
 
-def close_all() -> None:
-    for key in list(_LIVE):
-        _close(_LIVE.pop(key))
-
-
-atexit.register(close_all)
-
-
 def _close(obj) -> None:
     if hasattr(obj, "stop"):
         obj.stop()
@@ -104,32 +90,6 @@ def _vllm_python(v: VllmConfig) -> str:
     return py
 
 
-@contextmanager
-def _resource(v: VllmConfig, key: tuple, make):
-    """A started server/LLM for the stage: reused from keep_alive, else made, and stopped after unless kept."""
-    if key in _LIVE:
-        obj = _LIVE.pop(key)
-        if hasattr(obj, "alive") and not obj.alive():
-            obj.stop()
-            obj = None
-    else:
-        obj = None
-    close_all()  # one at a time: a different model's server/LLM goes first (memory)
-    obj = obj or make()
-    IN_USE.append(obj)
-    try:
-        yield obj
-    except BaseException:
-        _close(obj)
-        raise
-    finally:
-        IN_USE.remove(obj)
-    if v.keep_alive:
-        _LIVE[key] = obj
-    else:
-        _close(obj)
-
-
 def _check_external(url: str, ref: ModelRef) -> None:
     """An external server serves one fixed model: refuse to use it for different weights."""
     import httpx
@@ -145,79 +105,149 @@ def _check_external(url: str, ref: ModelRef) -> None:
             "server cannot follow the policy's checkpoints: leave vllm.url unset to let the stage manage the server")
 
 
-@contextmanager
-def _openai_client(v: VllmConfig, ref: ModelRef):
-    from rlme_pipeline.backends.openai import Client
-    from rlme_pipeline.backends.server import ManagedServer
+class Backends:
+    """The models and inference servers of one owner (a training process, a re-score, an audit).
 
-    common = dict(max_concurrency=v.max_concurrency, timeout_s=v.timeout_s, retries=v.retries, backoff_s=v.backoff_s)
-    if v.url:
-        _check_external(v.url, ref)
-        yield Client(url=v.url, **common)
-        return
-    python = _vllm_python(v)
-    key = ("server", python, ref.path, ref.version, ref.dtype, tuple(v.server_args))
+    Shared by threads (re-score shards): the model pool is locked, and a managed server or an in-process
+    LLM serves one thread at a time (the next one reuses it when kept alive)."""
 
-    def make():
-        srv = ManagedServer(python, serving_dir(ref.path), dtype=ref.dtype, args=v.server_args, env=v.env,
-                            startup_timeout_s=v.startup_timeout_s, max_restarts=v.max_restarts)
-        srv.start()
-        START_SECONDS.append(srv.startup_seconds[-1])
-        return srv
+    def __init__(self, vllm: VllmConfig | None = None, pool_capacity: int = 4):
+        self.vllm = vllm or VllmConfig()
+        self.pool = ModelPool(pool_capacity)
+        self.in_use: list[object] = []  # the servers/LLMs a stage is using right now (tests kill one mid-stage)
+        self._live: dict[tuple, object] = {}  # keep_alive: the one live server/LLM, keyed by what it serves
+        self._serving = threading.RLock()
+        self._start_watchers: list[list[float]] = []
+        self._tokenizers: dict[str, object] = {}
 
-    with _resource(v, key, make) as srv:
-        srv.restarts = 0  # the restart budget is per stage
-        yield Client(server=srv, **common)
+    def __enter__(self) -> Backends:
+        return self
 
+    def __exit__(self, *exc) -> None:
+        self.close()
 
-@contextmanager
-def _llm(v: VllmConfig, ref: ModelRef):
-    from rlme_pipeline.backends.vllm import load_llm
+    def close(self) -> None:
+        """Stop every kept-alive server/LLM and drop the loaded models."""
+        for key in list(self._live):
+            _close(self._live.pop(key))
+        self.pool.clear()
 
-    key = ("llm", ref.path, ref.version, ref.dtype)
-    with _resource(v, key, lambda: load_llm(serving_dir(ref.path), ref.dtype, **v.engine_kwargs)) as llm:
-        yield llm
+    @contextmanager
+    def starts(self) -> Iterator[list[float]]:
+        """The seconds to healthy of every server started inside the block: a stage's reload cost."""
+        seen: list[float] = []
+        self._start_watchers.append(seen)
+        try:
+            yield seen
+        finally:
+            self._start_watchers.remove(seen)
 
+    @contextmanager
+    def generator(self, ref: ModelRef, backend: str = "hf"):
+        """(generator, tokenizer) for the policy `ref`."""
+        if backend == "hf":
+            from rlme_pipeline.backends.hf import HFGenerator
 
-@contextmanager
-def open_generator(v: VllmConfig, ref: ModelRef, backend: str = "hf"):
-    """(generator, tokenizer) for the policy `ref`."""
-    if backend == "hf":
-        from rlme_pipeline.backends.hf import HFGenerator
+            lm = self.pool.get(ref.path, ref.dtype, ref.device, ref.version)
+            yield HFGenerator(lm.model, eos_ids(lm.model, lm.tokenizer), lm.tokenizer.pad_token_id), lm.tokenizer
+        elif backend == "openai":
+            from rlme_pipeline.backends.openai import OpenAIGenerator
 
-        lm = POOL.get(ref.path, ref.dtype, ref.device, ref.version)
-        yield HFGenerator(lm.model, eos_ids(lm.model, lm.tokenizer), lm.tokenizer.pad_token_id), lm.tokenizer
-    elif backend == "openai":
-        from rlme_pipeline.backends.openai import OpenAIGenerator
+            with self._openai_client(ref) as client:
+                yield OpenAIGenerator(client), self._tokenizer(ref.path)
+        elif backend == "vllm":
+            from rlme_pipeline.backends.vllm import VLLMGenerator
 
-        with _openai_client(v, ref) as client:
-            yield OpenAIGenerator(client), tokenizer_for(ref.path)
-    elif backend == "vllm":
-        from rlme_pipeline.backends.vllm import VLLMGenerator
+            with self._llm(ref) as llm:
+                yield VLLMGenerator(llm), self._tokenizer(ref.path)
+        else:
+            raise ValueError(f"unknown generation backend {backend!r}")
 
-        with _llm(v, ref) as llm:
-            yield VLLMGenerator(llm), tokenizer_for(ref.path)
-    else:
-        raise ValueError(f"unknown generation backend {backend!r}")
+    @contextmanager
+    def judge(self, ref: ModelRef, backend: str = "hf"):
+        """(judge, tokenizer) for the evaluator `ref`."""
+        if backend == "hf":
+            from rlme_pipeline.backends.hf import HFJudge
 
+            lm = self.pool.get(ref.path, ref.dtype, ref.device, ref.version)
+            yield HFJudge(lm.model, lm.tokenizer.pad_token_id), lm.tokenizer
+        elif backend == "openai":
+            from rlme_pipeline.backends.openai import OpenAIJudge
 
-@contextmanager
-def open_judge(v: VllmConfig, ref: ModelRef, backend: str = "hf"):
-    """(judge, tokenizer) for the evaluator `ref`."""
-    if backend == "hf":
-        from rlme_pipeline.backends.hf import HFJudge
+            with self._openai_client(ref) as client:
+                yield OpenAIJudge(client, max_positions_of(ref.path)), self._tokenizer(ref.path)
+        elif backend == "vllm":
+            from rlme_pipeline.backends.vllm import VLLMJudge
 
-        lm = POOL.get(ref.path, ref.dtype, ref.device, ref.version)
-        yield HFJudge(lm.model, lm.tokenizer.pad_token_id), lm.tokenizer
-    elif backend == "openai":
-        from rlme_pipeline.backends.openai import OpenAIJudge
+            with self._llm(ref) as llm:
+                yield VLLMJudge(llm), self._tokenizer(ref.path)
+        else:
+            raise ValueError(f"unknown scoring backend {backend!r}")
 
-        with _openai_client(v, ref) as client:
-            yield OpenAIJudge(client, max_positions_of(ref.path)), tokenizer_for(ref.path)
-    elif backend == "vllm":
-        from rlme_pipeline.backends.vllm import VLLMJudge
+    def _tokenizer(self, path: str):
+        """The tokenizer of a served model (checkpoint paths are attempt-unique: a path names one model)."""
+        if path not in self._tokenizers:
+            self._tokenizers[path] = load_tokenizer(path)
+        return self._tokenizers[path]
 
-        with _llm(v, ref) as llm:
-            yield VLLMJudge(llm), tokenizer_for(ref.path)
-    else:
-        raise ValueError(f"unknown scoring backend {backend!r}")
+    @contextmanager
+    def _resource(self, key: tuple, make):
+        """A started server/LLM for the stage: reused from keep_alive, else made, and stopped after unless kept."""
+        with self._serving:
+            obj = self._live.pop(key, None)
+            if obj is not None and hasattr(obj, "alive") and not obj.alive():
+                obj.stop()
+                obj = None
+            for other in list(self._live):  # one at a time: a different model's server/LLM goes first (memory)
+                _close(self._live.pop(other))
+            obj = obj or make()
+            self.in_use.append(obj)
+            try:
+                yield obj
+            except BaseException:
+                _close(obj)
+                raise
+            finally:
+                self.in_use.remove(obj)
+            if self.vllm.keep_alive:
+                self._live[key] = obj
+            else:
+                _close(obj)
+
+    def _started(self, seconds: float) -> None:
+        for seen in self._start_watchers:
+            seen.append(seconds)
+
+    @contextmanager
+    def _openai_client(self, ref: ModelRef):
+        from rlme_pipeline.backends.openai import Client
+        from rlme_pipeline.backends.server import ManagedServer
+
+        v = self.vllm
+        common = dict(max_concurrency=v.max_concurrency, timeout_s=v.timeout_s, retries=v.retries, backoff_s=v.backoff_s)
+        if v.url:
+            _check_external(v.url, ref)
+            yield Client(url=v.url, **common)
+            return
+        python = _vllm_python(v)
+        key = ("server", python, ref.path, ref.version, ref.dtype, tuple(v.server_args))
+
+        def make():
+            srv = ManagedServer(python, serving_dir(ref.path), dtype=ref.dtype, args=v.server_args, env=v.env,
+                                startup_timeout_s=v.startup_timeout_s, max_restarts=v.max_restarts)
+            srv.start()
+            self._started(srv.startup_seconds[-1])
+            return srv
+
+        with self._resource(key, make) as srv:
+            srv.restarts = 0  # the restart budget is per stage
+            yield Client(server=srv, **common)
+
+    @contextmanager
+    def _llm(self, ref: ModelRef):
+        from rlme_pipeline.backends.vllm import load_llm
+
+        v = self.vllm
+        key = ("llm", ref.path, ref.version, ref.dtype)
+        with self._resource(key, lambda: load_llm(serving_dir(ref.path), ref.dtype, **v.engine_kwargs)) as llm:
+            yield llm

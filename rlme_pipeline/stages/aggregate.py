@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import polars as pl
 
 from rlme_pipeline.config import Config
 from rlme_pipeline.label_reward import mix_label_rewards
 from rlme_pipeline.rewards import component, compute_rewards
-from rlme_pipeline.run import Run, StageRecord
-
-REWARDS = "rewards.parquet"
 
 
 def rewards_for(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame) -> pl.DataFrame:
@@ -46,20 +41,14 @@ def component_metrics(cfg: Config, scores: pl.DataFrame) -> dict[str, float]:
     return out
 
 
-def aggregate(cfg: Config, run: Run, iteration: int) -> StageRecord:
-    t0 = time.perf_counter()
-    rollouts = run.read_table(iteration, "rollouts.parquet")
-    scores = run.read_table(iteration, "scores.parquet")
+def aggregate(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+    """(rewards, metrics): rewards and group-centred advantages, and the numbers a user watches."""
     rewards, label_metrics = rewards_and_metrics(cfg, scores, rollouts)
-    entry = run.write_table(iteration, REWARDS, rewards, "rewards")
     valid = rewards.filter(pl.col("reward").is_not_nan())
-    return StageRecord(
-        stage="aggregate", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0,
-        metrics={
-            "reward_mean": valid["reward"].mean() if valid.height else None,
-            "reward_std": valid["reward"].std(ddof=0) if valid.height else None,
-            "masked_rollouts": rewards.height - valid.height,
-            **component_metrics(cfg, scores),
-            **label_metrics,
-        },
-    )
+    return rewards, {
+        "reward_mean": valid["reward"].mean() if valid.height else None,
+        "reward_std": valid["reward"].std(ddof=0) if valid.height else None,
+        "masked_rollouts": rewards.height - valid.height,
+        **component_metrics(cfg, scores),
+        **label_metrics,
+    }

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import polars as pl
 
 from rlme_pipeline import seeds
-from rlme_pipeline.backends import select
 from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
-from rlme_pipeline.data import load_prompts, prompts_for_iteration
-from rlme_pipeline.lineage import policy_at
 from rlme_pipeline.progress import bar
-from rlme_pipeline.run import Run, StageRecord
-
-ROLLOUTS = "rollouts.parquet"
 
 
 def chat_prompt_ids(tokenizer, prompt: str, system: str | None) -> list[int]:
@@ -26,36 +18,25 @@ def chat_prompt_ids(tokenizer, prompt: str, system: str | None) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def generate(cfg: Config, run: Run, iteration: int) -> StageRecord:
-    t0 = time.perf_counter()
-    g = cfg.generation
-    prompts = prompts_for_iteration(load_prompts(cfg), cfg, iteration)
-    ref = policy_at(run, cfg, iteration)
-    starts_before = len(select.START_SECONDS)
-    with select.open_generator(cfg.vllm_settings(), ref, g.backend) as (gen, tok):
-        rows = _generate(cfg, run, iteration, prompts, ref, gen, tok)
-        client_stats = dict(gen.client.stats) if hasattr(gen, "client") else {}
-    server_start = select.START_SECONDS[starts_before:]
+def generate(cfg: Config, run_id: str, iteration: int, prompts: pl.DataFrame, policy_version: str, gen, tok
+             ) -> tuple[pl.DataFrame, dict]:
+    """(rollouts, metrics): the iteration's prompts sampled with `gen`, the policy whose weights hash is
+    `policy_version`; seeds derive from (run seed, iteration, prompt, sample), so a rerun repeats them."""
+    rows = _generate(cfg, run_id, iteration, prompts, policy_version, gen, tok)
+    client_stats = dict(gen.client.stats) if hasattr(gen, "client") else {}
     df = pl.DataFrame(rows).sort("prompt_id", "sample_index")
-    entry = run.write_table(iteration, ROLLOUTS, df, "rollouts")
     lengths = df["completion_token_ids"].list.len()
     metrics = {
         "completion_tokens_mean": float(lengths.mean()),
         "finish_stop_share": float((df["finish_reason"] == "stop").mean()),
     }
-    if server_start:  # loading this iteration's weights into vLLM: the per-iteration reload cost
-        metrics["backend_start_seconds"] = float(sum(server_start))
     for k in ("retries", "restarts"):  # openai backend: what it took to get every sample
         if k in client_stats:
             metrics[f"backend_{k}"] = client_stats[k]
-    return StageRecord(
-        stage="generate", iteration=iteration, files=[entry], seconds=time.perf_counter() - t0, metrics=metrics,
-        info={"policy": {"ref": cfg.policy.model, "version": ref.version}, "prompt_ids": prompts["prompt_id"].to_list(),
-              "backend": g.backend},
-    )
+    return df, metrics
 
 
-def _generate(cfg: Config, run: Run, iteration: int, prompts: pl.DataFrame, ref, gen, tok) -> list[dict]:
+def _generate(cfg: Config, run_id: str, iteration: int, prompts: pl.DataFrame, policy_version: str, gen, tok) -> list[dict]:
     g = cfg.generation
 
     requests = []  # (prompt row, sample index, prompt ids, seed); sorted by length to waste less padding
@@ -75,13 +56,13 @@ def _generate(cfg: Config, run: Run, iteration: int, prompts: pl.DataFrame, ref,
             )
             for (row, s, ids, _), smp in zip(chunk, samples):
                 rows.append({
-                    "run_id": run.id, "iteration": iteration,
-                    "rollout_id": seeds.rollout_id(run.id, iteration, row["prompt_id"], s),
+                    "run_id": run_id, "iteration": iteration,
+                    "rollout_id": seeds.rollout_id(run_id, iteration, row["prompt_id"], s),
                     "prompt_id": row["prompt_id"], "sample_index": s, "prompt": row["prompt"],
                     "completion": tok.decode(smp.token_ids, skip_special_tokens=True),
                     "prompt_token_ids": ids, "completion_token_ids": smp.token_ids,
                     "behavior_logprobs": smp.logprobs, "finish_reason": smp.finish_reason,
-                    "label": row["label"], "policy_version": ref.version,
+                    "label": row["label"], "policy_version": policy_version,
                 })
             advance(len(chunk))
             crash_point("generate:mid", iteration)

@@ -1,30 +1,24 @@
-"""update: one policy update on this iteration's rollouts and advantages; writes the next checkpoint."""
+"""update: one policy update on this iteration's rollouts and advantages."""
 
 from __future__ import annotations
 
 import contextlib
-import time
 
 import numpy as np
 import polars as pl
 import torch
 
-from rlme_pipeline import checkpoint
 from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
-from rlme_pipeline.lineage import initial_policy, policy_at
 from rlme_pipeline.logprobs import completion_logprobs
 from rlme_pipeline.losses import per_token, token_terms, token_weights
-from rlme_pipeline.models import DTYPES, POOL, Loaded, inference_copy, master_dtype
+from rlme_pipeline.models import DTYPES, Loaded
 from rlme_pipeline.progress import bar
-from rlme_pipeline.run import Run, StageRecord
 from rlme_pipeline.seeds import derive
 
 
-def training_items(run: Run, iteration: int) -> tuple[list[dict], int]:
+def training_items(rollouts: pl.DataFrame, rewards: pl.DataFrame) -> tuple[list[dict], int]:
     """Rollouts with a finite advantage (failed judgements are masked out) and the number masked."""
-    rollouts = run.read_table(iteration, "rollouts.parquet")
-    rewards = run.read_table(iteration, "rewards.parquet")
     df = rollouts.join(rewards.select("rollout_id", "advantage"), on="rollout_id").sort("rollout_id")
     ok = df.filter(pl.col("advantage").is_not_nan() & (pl.col("completion_token_ids").list.len() > 0))
     cols = ["prompt_token_ids", "completion_token_ids", "behavior_logprobs", "advantage"]
@@ -37,31 +31,22 @@ def data_cursor(cfg: Config, next_iteration: int) -> dict:
     return {"next_iteration": next_iteration, "seed": cfg.run.seed, "prompts_per_iteration": cfg.data.prompts_per_iteration}
 
 
-def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
-    t0 = time.perf_counter()
-    a, o = cfg.algorithm, cfg.optimizer
-    items, masked = training_items(run, iteration)
-    ref = policy_at(run, cfg, iteration)
-    # Training changes the weights, so the model leaves the pool. A half-precision policy trains fp32
-    # master weights (models.master_dtype); its half copy that generated this iteration is done with.
-    master = master_dtype(ref.dtype)
-    lm = POOL.take(ref.path, master, ref.device, ref.version)
-    if master != ref.dtype:
-        POOL.discard(ref.path, ref.dtype, ref.device)
-    model, tok = lm.model, lm.tokenizer
-    reference = None
-    if a.beta > 0:  # the KL anchor is the initial policy; loaded only when it is used
-        init = initial_policy(cfg)
-        reference = POOL.get(init.path, init.dtype, init.device, init.version).model
+def update(cfg: Config, iteration: int, rollouts: pl.DataFrame, rewards: pl.DataFrame, lm: Loaded,
+           reference: torch.nn.Module | None, optimizer_state: dict | None) -> tuple[torch.optim.Optimizer, dict, dict]:
+    """Train `lm.model` in place; returns (optimizer, trainer state, metrics) for the checkpoint.
 
+    `reference` is the KL anchor (beta > 0). The optimizer is the one kept beside the model when this
+    process trained the previous iteration, else a new one loaded from `optimizer_state`. Dropout, if a
+    model has it, draws from the global torch RNG, which the caller restores from the previous checkpoint
+    so that a resumed process trains exactly as the uninterrupted one would have."""
+    a, o, g = cfg.algorithm, cfg.optimizer, cfg.generation
+    items, masked = training_items(rollouts, rewards)
+    model, tok = lm.model, lm.tokenizer
     opt = lm.optimizer  # set when this process trained the previous iteration: the state it saved
     if opt is None:
         opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        if iteration > 0 and (state := checkpoint.load_optimizer_state(ref.path)) is not None:
-            opt.load_state_dict(state)
-    # The global torch RNG (dropout, if a model has it) continues from the previous checkpoint, so a
-    # resumed process trains exactly as the uninterrupted one would have.
-    checkpoint.restore_rng(ref.path if iteration > 0 else None, derive(cfg.run.seed, "torch"))
+        if optimizer_state is not None:
+            opt.load_state_dict(optimizer_state)
 
     step_size = o.micro_batch_size * o.grad_accumulation
     n_steps = o.epochs * -(-len(items) // step_size) if items else 0
@@ -91,27 +76,17 @@ def update(cfg: Config, run: Run, iteration: int) -> StageRecord:
 
     state = {"iteration": iteration, "optimizer_steps": n_steps, "trained_rollouts": len(items), "seed": cfg.run.seed,
              "data_cursor": data_cursor(cfg, iteration + 1)}
-    files = checkpoint.save(run, iteration, model, tok, opt, state)
-    new_version = checkpoint.weights_entry(files).sha256
-    new_path = checkpoint.local_dir(run, iteration, files)
-    POOL.put((new_path, master, ref.device), Loaded(model, tok, new_version, new_path, opt))
-    if master != ref.dtype:  # what the next iteration generates (and a live-self evaluator judges) with
-        POOL.put((new_path, ref.dtype, ref.device), Loaded(inference_copy(model, ref.dtype), tok, new_version, new_path))
     tokens = max(sums["tokens"], 1)
-    return StageRecord(
-        stage="update", iteration=iteration, files=files, seconds=time.perf_counter() - t0,
-        metrics={
-            "loss": sums["loss"] / max(n_steps, 1),
-            "clip_ratio": sums["clipped"] / tokens,
-            "kl": sums["kl"] / tokens if a.beta > 0 else None,
-            "grad_norm": sums["grad_norm"] / max(n_steps, 1),
-            "behavior_mismatch": sums["mismatch"] / max(sums["mismatch_tokens"], 1),
-            "optimizer_steps": n_steps,
-            "trained_rollouts": len(items),
-            "masked_rollouts": masked,
-        },
-        info={"policy_before": ref.version, "policy_after": new_version},
-    )
+    return opt, state, {
+        "loss": sums["loss"] / max(n_steps, 1),
+        "clip_ratio": sums["clipped"] / tokens,
+        "kl": sums["kl"] / tokens if a.beta > 0 else None,
+        "grad_norm": sums["grad_norm"] / max(n_steps, 1),
+        "behavior_mismatch": sums["mismatch"] / max(sums["mismatch_tokens"], 1),
+        "optimizer_steps": n_steps,
+        "trained_rollouts": len(items),
+        "masked_rollouts": masked,
+    }
 
 
 def accumulate_step(model, reference, step: list[dict], cfg: Config, pad_id: int, sums: dict, first: bool) -> None:

@@ -36,9 +36,27 @@ def _cfg(tmp_path, vllm_python, max_restarts: int):
     return validate_config(d)
 
 
-def _kill_server_at(monkeypatch, point: str, iteration: int):
+@pytest.fixture
+def opened(monkeypatch):
+    """Every Backends the runner opens, so a test can reach the server a stage is using; all closed after."""
+    from rlme_pipeline import runner
+    from rlme_pipeline.backends.select import Backends
+
+    seen = []
+
+    class Recorded(Backends):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
+
+    monkeypatch.setattr(runner, "Backends", Recorded)
+    yield seen
+    for b in seen:
+        b.close()
+
+
+def _kill_server_at(monkeypatch, opened: list, point: str, iteration: int):
     """Replace generate's crash hook: SIGKILL the vLLM server group the stage is using, once."""
-    from rlme_pipeline.backends import select
     from rlme_pipeline.stages import generate
 
     fired = []
@@ -46,32 +64,24 @@ def _kill_server_at(monkeypatch, point: str, iteration: int):
     def hook(name, it=None):
         if name == point and it == iteration and not fired:
             fired.append(True)
-            select.IN_USE[-1].kill()
+            opened[-1].in_use[-1].kill()
 
     monkeypatch.setattr(generate, "crash_point", hook)
     return fired
 
 
-@pytest.fixture
-def stop_servers():
-    from rlme_pipeline.backends import select
-
-    yield
-    select.close_all()
-
-
-def test_two_iterations_on_vllm_server(tmp_path, vllm_python, tiny_models, monkeypatch, stop_servers):
-    from rlme_pipeline.backends import BackendError, select
-    from rlme_pipeline.iteration import train
+def test_two_iterations_on_vllm_server(tmp_path, vllm_python, tiny_models, monkeypatch, opened, backends):
+    from rlme_pipeline.backends import BackendError
+    from rlme_pipeline.judging import evaluators_at, score_rollouts
     from rlme_pipeline.lineage import policy_at
     from rlme_pipeline.run import Run
-    from rlme_pipeline.stages.score import judges_at, score_rollouts
+    from rlme_pipeline.runner import train
     from rlme_pipeline.storage import Store
 
     # 1. killed mid-stage, no restart allowed: a clear failure and a resumable run
     cfg = _cfg(tmp_path, vllm_python, max_restarts=0)
     run = Run(Store(cfg.run.storage), cfg.run.id)
-    fired = _kill_server_at(monkeypatch, "generate:mid", 1)
+    fired = _kill_server_at(monkeypatch, opened, "generate:mid", 1)
     with pytest.raises(BackendError, match="died"):
         train(cfg, run)
     assert fired and run.committed() == [0]
@@ -79,7 +89,7 @@ def test_two_iterations_on_vllm_server(tmp_path, vllm_python, tiny_models, monke
 
     # 2. resume; killed again, one restart allowed: the stage restarts the server and completes
     cfg = _cfg(tmp_path, vllm_python, max_restarts=1)  # vllm section is not hashed: the same run resumes
-    fired = _kill_server_at(monkeypatch, "generate:mid", 1)
+    fired = _kill_server_at(monkeypatch, opened, "generate:mid", 1)
     train(cfg, run)
     assert fired and run.committed() == [0, 1]
     gen1 = run.stage_record(1, "generate").metrics
@@ -94,7 +104,7 @@ def test_two_iterations_on_vllm_server(tmp_path, vllm_python, tiny_models, monke
         rollouts, served = run.read_table(i, "rollouts.parquet"), run.read_table(i, "scores.parquet")
         assert (served["status"] == "ok").all()
         hf_cfg = cfg.scoring.model_copy(update={"backend": "hf"})
-        ref = score_rollouts(rollouts, judges_at(cfg, run, i), cfg.questions, hf_cfg, scoreset="train")
+        ref = score_rollouts(rollouts, evaluators_at(run, cfg, i), cfg.questions, hf_cfg, "train", backends)
         both = served.join(ref, on=["rollout_id", "evaluator", "question_id"], suffix="_hf")
         assert both.height == served.height == rollouts.height
         worst = both.select(pl.max_horizontal((pl.col("logp_yes") - pl.col("logp_yes_hf")).abs(),
@@ -103,4 +113,4 @@ def test_two_iterations_on_vllm_server(tmp_path, vllm_python, tiny_models, monke
         print(f"iteration {i}: scores |delta logp| vs hf max {worst:.2e}; behavior_mismatch {mismatch:.2e}")
         assert worst < TOL
         assert mismatch < TOL
-    assert select.START_SECONDS  # the per-stage reload cost was measured
+    assert run.stage_record(0, "generate").metrics["backend_start_seconds"] > 0  # the per-stage reload cost was measured

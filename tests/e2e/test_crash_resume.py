@@ -1,7 +1,8 @@
 """SIGKILL the trainer at points inside every stage, during the checkpoint upload and between the data
 files and the manifest; resume each time; the result must equal an uninterrupted run's, file for file.
 
-One chain of processes on S3 (moto): each process resumes what the previous one left and is killed at the
+One chain of `rlme train` processes on S3 (moto), each running the Prefect flow rlme_train against one
+Prefect server, as production does: each process resumes what the previous one left and is killed at the
 next point, so every point is hit on a run that has already been interrupted before.
 """
 
@@ -15,28 +16,36 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect.settings import PREFECT_API_URL
+from prefect.testing.utilities import prefect_test_harness
 
 from rlme_pipeline import gc
 from rlme_pipeline.config import load_config
-from rlme_pipeline.iteration import train
 from rlme_pipeline.run import Run
+from rlme_pipeline.runner import train
 from rlme_pipeline.verify import verify
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAIN = "import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.iteration import train; " \
-        "from rlme_pipeline.run import Run; cfg = load_config(sys.argv[1]); train(cfg, Run.for_config(cfg))"
 
 # (point, iteration): inside generate, score and update, after aggregate's data file (before its stage
 # record), between two checkpoint files, and after every stage record but before MANIFEST.json.
 CRASHES = ["generate:mid@0", "score:mid@0", "aggregate:written@0", "update:mid@0", "upload:mid@1", "commit:before-manifest@1"]
 
 
-def _train_process(config: Path, crash_at: str | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+@pytest.fixture(scope="module")
+def prefect_api():
+    """One Prefect server for the whole chain; a killed flow run is left Running there, as it would be."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def _train_process(config: Path, crash_at: str | None, api_url: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api_url}
     env.pop("RLME_CRASH_AT", None)
     if crash_at:
         env["RLME_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-c", TRAIN, str(config)], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "flows.cli", "train", str(config)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def _contents(run: Run) -> dict[str, str]:
@@ -45,7 +54,7 @@ def _contents(run: Run) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, tmp_path):
+def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, tmp_path, prefect_api):
     # The reference: the same config, uninterrupted, in this process, on local disk.
     ref_cfg = load_config(micro_config(str(tmp_path / "ref"), iterations=2))
     ref = Run.for_config(ref_cfg)
@@ -56,13 +65,14 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, t
     seen_manifests: dict[int, bytes] = {}
     t0 = time.perf_counter()
     for point in CRASHES:
-        p = _train_process(config, point)
+        p = _train_process(config, point, prefect_api)
         assert p.returncode == -signal.SIGKILL, f"{point}: expected SIGKILL, got {p.returncode}\n{p.stderr[-3000:]}"
         for i in run.committed():  # a commit, once made, never changes
             now = run.store.read_bytes(f"iter-{i:06d}/MANIFEST.json")
             assert seen_manifests.setdefault(i, now) == now
-    p = _train_process(config, None)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = _train_process(config, None, prefect_api)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "trained now: [1]" in " ".join(p.stdout.split())  # the flow finished what the kills left
     chain_s = time.perf_counter() - t0
 
     assert run.committed() == [0, 1]

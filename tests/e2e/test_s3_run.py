@@ -8,7 +8,7 @@ import pytest
 
 from rlme_pipeline import gc
 from rlme_pipeline.config import load_config
-from rlme_pipeline.iteration import run_stage, train
+from rlme_pipeline.runner import Runner, train
 from rlme_pipeline.run import CorruptRun, Run
 from rlme_pipeline.verify import verify
 
@@ -70,12 +70,13 @@ def test_train_verify_damage_and_gc_on_s3(s3_run):
     assert verify(run).ok
 
 
-def test_uncommitted_stage_with_a_damaged_file_reruns(s3, micro_config):
+def test_uncommitted_stage_with_a_damaged_file_reruns(s3, micro_config, backends):
     cfg = load_config(micro_config(s3.url(), iterations=1))
     run = Run.for_config(cfg)
     run.open(cfg)
-    rec, _ = run_stage(cfg, run, 0, "generate")
+    runner = Runner(cfg, run, backends)
+    rec, _ = runner.run_stage(0, "generate")
     run.store.write_bytes(rec.files[0].path, b"not parquet")
-    again, ran = run_stage(cfg, run, 0, "generate")
+    again, ran = runner.run_stage(0, "generate")
     assert ran and again.files[0].sha256 == rec.files[0].sha256 and again.files[0].path != rec.files[0].path
     assert gc.plan(run).files == [rec.files[0].path]

@@ -20,12 +20,11 @@ from rlme_pipeline.audit import labels
 from rlme_pipeline.audit.report import audit
 from rlme_pipeline.audit.sources import Scoreset
 from rlme_pipeline.config import ProbeConfig, QuestionConfig, ScoringConfig, load_config
-from rlme_pipeline.iteration import train
 from rlme_pipeline.lineage import ModelRef
 from rlme_pipeline.models import weights_version
-from rlme_pipeline.probe import PROBES, probe_metrics, run_probe
+from rlme_pipeline.judging import PROBES, Evaluator, probe_metrics, run_probe
 from rlme_pipeline.run import Run
-from rlme_pipeline.stages.score import Judge
+from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
 
 from tests.conftest import DEMO
@@ -220,13 +219,13 @@ def _forced(src, dst, token: str):
     return str(dst)
 
 
-def test_probe_flags_an_evaluator_that_always_says_yes(tiny_models, tmp_path):
+def test_probe_flags_an_evaluator_that_always_says_yes(tiny_models, tmp_path, backends):
     yes = _forced(tiny_models["evaluator"], tmp_path / "yes", " Yes")
     no = _forced(tiny_models["evaluator"], tmp_path / "no", " No")
-    judges = [Judge(n, ModelRef(p, weights_version(p), "float32", "cpu")) for n, p in (("yes-man", yes), ("skeptic", no))]
+    judges = [Evaluator(n, ModelRef(p, weights_version(p), "float32", "cpu")) for n, p in (("yes-man", yes), ("skeptic", no))]
     qs = [QuestionConfig(id="correct", text="Is the answer correct?"), QuestionConfig(id="logic", text="Is it logical?")]
     prompts = pl.DataFrame({"prompt_id": ["a", "b"], "prompt": ["What is 2+3?", "What is 11-5?"]})
-    table = run_probe(judges, qs, ScoringConfig(), prompts)
+    table = run_probe(judges, qs, ScoringConfig(), prompts, 0, backends)
     assert table["n"].sum() == 2 * 2 * 2 * len(PROBES)
     m = probe_metrics(table, alarm_share=0.5)
     assert m["probe/yes-man/share"] == 1.0 and m["probe/skeptic/share"] == 0.0

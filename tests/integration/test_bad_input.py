@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from rlme_pipeline.config import ConfigError, load_config
-from rlme_pipeline.models import POOL
 from rlme_pipeline.preflight import preflight
 from rlme_pipeline.storage import Store, StorageError
 from tests.conftest import DEMO, ROOT
@@ -38,12 +37,16 @@ CASES = [
 
 
 @pytest.mark.parametrize("mutate, error, message", CASES)
-def test_preflight_rejects_before_loading_or_writing(tmp_path, tiny_models, mutate, error, message):
+def test_preflight_rejects_before_loading_or_writing(tmp_path, tiny_models, monkeypatch, mutate, error, message):
+    from transformers import AutoModelForCausalLM
+
+    loaded = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(a))
     cfg = load_config(_config(tmp_path, mutate))
     with pytest.raises(error) as e:
         preflight(cfg, Store(cfg.run.storage))
     assert message in str(e.value)
-    assert not POOL._items, "a model was loaded before the input was checked"
+    assert not loaded, "a model was loaded before the input was checked"
     assert not (tmp_path / "runs" / "demo").exists(), "something was written for a run that cannot start"
 
 

@@ -21,7 +21,7 @@ from rlme_pipeline.run import Run, code_version
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = (
-    "import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.iteration import train; "
+    "import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.runner import train; "
     "from rlme_pipeline.run import Run; cfg = load_config(sys.argv[1]); train(cfg, Run.for_config(cfg))"
 )
 

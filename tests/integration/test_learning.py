@@ -12,9 +12,8 @@ from __future__ import annotations
 import pytest
 
 from rlme_pipeline.config import validate_config
-from rlme_pipeline.iteration import train
-from rlme_pipeline.models import POOL
 from rlme_pipeline.run import Run
+from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
 
 pytestmark = pytest.mark.slow
@@ -29,7 +28,6 @@ def _rewards(demo_cfg, tmp_path, lr: float) -> list[float]:
     d["run"].update(iterations=8, seed=0, storage=str(tmp_path / f"lr-{lr}"), id="learn")
     cfg = validate_config(d)
     cfg._base_dir = demo_cfg._base_dir
-    POOL.clear()
     return [m.metrics["reward_mean"] for m in train(cfg, Run(Store(cfg.run.storage), "learn"))]
 
 

@@ -12,8 +12,8 @@ import yaml
 from polars.testing import assert_frame_equal
 
 from rlme_pipeline import scoreset
-from rlme_pipeline.iteration import train
 from rlme_pipeline.run import CorruptRun, Run
+from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
 
 from tests.conftest import DEMO
@@ -134,13 +134,13 @@ def test_rescore_is_complete_and_leaves_training_untouched(run, questions_file):
     assert scoreset.rescore(run, "v2", questions=qs, shard_rows=7, resume=True)["definition_hash"] == m["definition_hash"]
 
 
-def test_interrupted_rescore_resumes_without_duplicates(run, questions_file):
+def test_interrupted_rescore_resumes_without_duplicates(run, questions_file, backends):
     qs = scoreset.load_questions(questions_file)
     defn = scoreset.plan(run, "v3", questions=qs, iterations="1:2", shard_rows=10)
     todo = scoreset.shards(defn)
     assert {i for i, _ in todo} == {1} and len(todo) == 4
-    first = scoreset.score_shard(run, "v3", *todo[0])
-    scoreset.score_shard(run, "v3", *todo[1])
+    first = scoreset.score_shard(run, "v3", *todo[0], backends)
+    scoreset.score_shard(run, "v3", *todo[1], backends)
     # The process dies while writing shard 2: a data file lands, its manifest never does.
     torn = scoreset.shard_unit(run, "v3", *todo[2]).rel("scores.deadbeef.parquet")
     run.store.write_bytes(torn, b"torn")
@@ -149,7 +149,7 @@ def test_interrupted_rescore_resumes_without_duplicates(run, questions_file):
         scoreset.rescore(run, "v3", questions=qs, iterations="1:2", shard_rows=10)
     defn2 = scoreset.plan(run, "v3", questions=qs, iterations="1:2", shard_rows=10, resume=True)
     assert defn2.hash() == defn.hash()
-    again = [scoreset.score_shard(run, "v3", i, s) for i, s in todo]
+    again = [scoreset.score_shard(run, "v3", i, s, backends) for i, s in todo]
     assert [a["ran"] for a in again] == [False, False, True, True]
     assert again[0]["files"] == first["files"]  # the committed shard was not rewritten
     scoreset.finalize(run, "v3")

@@ -9,8 +9,8 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlme_pipeline.iteration import run_stage, train
 from rlme_pipeline.run import Run, iter_dir
+from rlme_pipeline.runner import Runner, train
 from rlme_pipeline.storage import Store, sha256_file
 
 
@@ -82,45 +82,76 @@ def test_resume_continues_instead_of_restarting(demo_cfg):
     assert run.manifest(2).lineage["policy_before"] == run.manifest(1).lineage["policy_after"]
 
 
-def test_finished_stages_are_skipped_on_resume(demo_cfg):
+def test_finished_stages_are_skipped_on_resume(demo_cfg, backends):
     """A run that stopped after two stages of an iteration reruns neither of them."""
     cfg = demo_cfg.with_overrides(iterations=1)
     run = _run(cfg)
     run.open(cfg)
+    runner = Runner(cfg, run, backends)
     for stage in ("generate", "score"):
-        run_stage(cfg, run, 0, stage)
+        runner.run_stage(0, stage)
     rollouts_before = run.store.read_bytes(run.path(0, "rollouts.parquet"))
-    assert run_stage(cfg, run, 0, "generate")[1] is False
-    assert run_stage(cfg, run, 0, "score")[1] is False
+    assert runner.run_stage(0, "generate")[1] is False
+    assert runner.run_stage(0, "score")[1] is False
     train(cfg, run)
     assert run.store.read_bytes(run.path(0, "rollouts.parquet")) == rollouts_before
     assert run.committed() == [0]
 
 
-def test_tampered_stage_output_is_recomputed(demo_cfg):
+def test_tampered_stage_output_is_recomputed(demo_cfg, backends):
     cfg = demo_cfg.with_overrides(iterations=1)
     run = _run(cfg)
     run.open(cfg)
-    rec, _ = run_stage(cfg, run, 0, "generate")
+    runner = Runner(cfg, run, backends)
+    rec, _ = runner.run_stage(0, "generate")
     good = run.store.read_bytes(run.path(0, "rollouts.parquet"))
     run.store.write_bytes(rec.files[0].path, b"garbage")
-    rec2, ran = run_stage(cfg, run, 0, "generate")
+    rec2, ran = runner.run_stage(0, "generate")
     assert ran and rec2.files[0].sha256 == rec.files[0].sha256  # same seed, same rollouts
     assert rec2.files[0].path != rec.files[0].path  # a new attempt file; the damaged one is left for gc
     assert run.store.read_bytes(run.path(0, "rollouts.parquet")) == good
 
 
-def test_reward_nan_masks_rollout(demo_cfg):
+def test_reward_nan_masks_rollout(demo_cfg, backends):
     """A failed judgement (prefix longer than the evaluator's context) is a status and a NaN reward."""
     cfg = demo_cfg.with_overrides(iterations=1)
     long_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"template": "{prompt}\n{completion}\n" + "pad " * 1100})})
     run = _run(long_cfg)
     run.open(long_cfg)
+    runner = Runner(long_cfg, run, backends)
     for stage in ("generate", "score", "aggregate"):
-        run_stage(long_cfg, run, 0, stage)
+        runner.run_stage(0, stage)
     scores = run.read_table(0, "scores.parquet")
     rewards = run.read_table(0, "rewards.parquet")
     assert (scores["status"] == "context_overflow").all() and scores["logp_yes"].is_null().all()
     assert all(math.isnan(r) for r in rewards["reward"]) and (rewards["n_failed"] == 4).all()
-    rec, _ = run_stage(long_cfg, run, 0, "update")
+    rec, _ = runner.run_stage(0, "update")
     assert rec.metrics["masked_rollouts"] == rewards.height and rec.metrics["optimizer_steps"] == 0
+
+
+def test_advance_trains_past_the_last_commit_through_the_wrap_hook(demo_cfg):
+    """What the Prefect flow relies on: every step goes through `wrap`, in order, and `advance` counts from
+    the last committed iteration, whatever `run.iterations` says."""
+    run = _run(demo_cfg)
+    train(demo_cfg.with_overrides(iterations=1), run)
+    calls = []
+
+    def wrap(name, step):
+        def wrapped(iteration):
+            calls.append(f"{name}-iter-{iteration}")
+            return step(iteration)
+        return wrapped
+
+    made = train(demo_cfg.with_overrides(iterations=1), run, wrap=wrap, advance=1)
+    assert [m.iteration for m in made] == [1] and run.committed() == [0, 1]
+    assert calls == [f"{s}-iter-1" for s in ("generate", "score", "aggregate", "update", "commit")]
+
+
+def test_a_held_lease_stops_training_before_anything_is_written(demo_cfg):
+    from rlme_pipeline.lease import Lease, LeaseHeld
+
+    run = _run(demo_cfg)
+    with Lease(run.store, purpose="another trainer"):
+        with pytest.raises(LeaseHeld, match="another trainer"):
+            train(demo_cfg, run)
+    assert [p for p in run.store.ls() if p != "lease"] == []

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from rlme_pipeline import checkpoint
 from rlme_pipeline.config import load_config
-from rlme_pipeline.iteration import train
-from rlme_pipeline.models import POOL, inference_copy, master_dtype
+from rlme_pipeline.models import inference_copy, master_dtype
 from rlme_pipeline.run import Run
+from rlme_pipeline.runner import train
 from rlme_pipeline.stages.update import accumulate_step
 from tests.conftest import DEMO
 from tests.unit.test_update_device import _items
@@ -87,10 +87,10 @@ def test_a_bf16_run_saves_fp32_master_weights_and_resumes_identically(tiny_model
     weights = load_file(run.store.abs(checkpoint.weights_entry(files).path))
     assert {t.dtype for t in weights.values()} == {torch.float32}
 
-    POOL.clear()
     resumed = _bf16_cfg(tmp_path / "b")
     train(resumed.with_overrides(iterations=1), Run.for_config(resumed))
-    POOL.clear()  # a new process: the master and its bf16 copy come back from the checkpoint's files
+    # each train() opens its own Backends (model pool): like a new process, the master and its bf16 copy
+    # come back from the checkpoint's files
     train(resumed, Run.for_config(resumed))
     contents = [{f.logical: f.sha256 for i in (0, 1) for f in Run.for_config(c).manifest(i).files} for c in (straight, resumed)]
     assert contents[0] == contents[1]

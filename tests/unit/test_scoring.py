@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlme_pipeline.backends.hf import judge
 from rlme_pipeline.config import ConfigError, QuestionConfig, ScoringConfig
+from rlme_pipeline.judging import Evaluator, answer_ids, score_rollouts
 from rlme_pipeline.lineage import ModelRef
 from rlme_pipeline.models import weights_version
-from rlme_pipeline.stages.score import Judge, answer_ids, score_rollouts
 
 QUESTIONS = [
     QuestionConfig(id="correct", text="Is the answer correct?"),
@@ -37,10 +37,11 @@ def _direct(model, ids: list[int], yes: list[int], no: list[int]) -> tuple[float
     return torch.logsumexp(lp[yes], 0).item(), torch.logsumexp(lp[no], 0).item()
 
 
-def test_scores_equal_a_direct_forward_pass(evaluator):
+def test_scores_equal_a_direct_forward_pass(evaluator, backends):
     model, tok, path = evaluator
     sc = ScoringConfig()
-    scores = score_rollouts(ROLLOUTS, [Judge("ev", ModelRef(path, weights_version(path), "float32", "cpu"))], QUESTIONS, sc, "train")
+    scores = score_rollouts(ROLLOUTS, [Evaluator("ev", ModelRef(path, weights_version(path), "float32", "cpu"))], QUESTIONS, sc, "train",
+                            backends)
     assert scores.height == 3 * 3 and (scores["status"] == "ok").all()
     for r in scores.iter_rows(named=True):
         row = ROLLOUTS.filter(pl.col("rollout_id") == r["rollout_id"]).row(0, named=True)

@@ -1,0 +1,195 @@
+"""The one training loop: the CLI's Prefect flow, the tests and the benchmarks all train through `train`.
+
+    train(cfg, run)                       a plain process (tests, benchmarks)
+    train(cfg, run, wrap=stage_task)      flows/train.py: each step becomes a Prefect task
+
+For each iteration not yet committed, for each stage: check the lease, read the stage's inputs from the
+run, call the pure stage (stages/), write its outputs under attempt-unique names, then its stage record;
+then commit the iteration (MANIFEST.json, created exclusively; run.py). A stage whose record and files
+check out is not run again, so a killed process resumes at the first unfinished stage. The stages never
+touch storage: the runner owns it, the lease, the backends (models, servers: their settings and
+lifetimes), the judge-hacking probe and the timings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from pydantic import BaseModel
+
+from rlme_pipeline import checkpoint
+from rlme_pipeline.backends.select import Backends
+from rlme_pipeline.config import Config
+from rlme_pipeline.crash import crash_point
+from rlme_pipeline.data import load_prompts, prompts_for_iteration
+from rlme_pipeline.judging import Evaluator, evaluators_at, probe_metrics, run_probe, sample_prompts
+from rlme_pipeline.lease import Lease
+from rlme_pipeline.lineage import initial_policy, policy_at
+from rlme_pipeline.models import Loaded, inference_copy, master_dtype
+from rlme_pipeline.run import STAGES, CorruptRun, Manifest, Run, StageRecord
+from rlme_pipeline.seeds import derive
+from rlme_pipeline.stages.aggregate import aggregate
+from rlme_pipeline.stages.generate import generate
+from rlme_pipeline.stages.score import score
+from rlme_pipeline.stages.update import update
+from rlme_pipeline.storage import FileEntry
+
+ROLLOUTS, SCORES, REWARDS = "rollouts.parquet", "scores.parquet", "rewards.parquet"
+COMMIT = "commit"
+STEPS = (*STAGES, COMMIT)
+
+# A step takes the iteration and returns its small, JSON-able record (StageRecord, or Manifest for commit).
+Step = Callable[[int], BaseModel]
+Wrap = Callable[[str, Step], Step]
+
+log = logging.getLogger(__name__)
+
+
+def no_wrap(name: str, step: Step) -> Step:
+    return step
+
+
+def check_resume_point(run: Run) -> list[int]:
+    """Committed iterations, after proving that what training continues from is intact: every manifest
+    parses, and the newest one's files (the checkpoint the next iteration loads) match their hashes.
+    Older iterations are left to `rlme verify`, which re-hashes everything. On object storage the
+    checkpoint's files are only size-checked here: their download into the cache verifies each sha256,
+    and hashing them here too would fetch a multi-GB checkpoint twice."""
+    committed = run.committed()
+    for i in committed:
+        run.manifest(i)  # raises CorruptRun with the file named
+    hash_if = (lambda f: True) if run.store.is_local else (lambda f: "/checkpoint/" not in f.logical)
+    if committed and (problems := run.check_files(run.manifest(committed[-1]).files, hash_if)):
+        raise CorruptRun(
+            f"run {run.url}: committed iteration {committed[-1]} is damaged, refusing to continue on top of it:\n  "
+            + "\n  ".join(problems) + f"\nSee `rlme verify {run.url}`."
+        )
+    return committed
+
+
+def train(cfg: Config, run: Run, *, wrap: Wrap = no_wrap, advance: int | None = None,
+          on_commit: Callable[[Manifest], None] | None = None, holder: dict | None = None,
+          logger: logging.Logger | logging.LoggerAdapter = log) -> list[Manifest]:
+    """Advance the run to cfg.run.iterations committed iterations (or `advance` past the last committed
+    one); returns the manifests made now. Raises LeaseHeld, touching nothing, while another process
+    trains the run; `holder` adds to what the lease says about this one (e.g. the Prefect flow run)."""
+    with Lease(run.store, purpose="train", **(holder or {})) as lease, Backends(cfg.vllm_settings()) as backends:
+        run.open(cfg)
+        committed = set(check_resume_point(run))
+        if advance is not None:
+            cfg = cfg.with_overrides(iterations=(max(committed) + 1 if committed else 0) + advance)
+        logger.info("run %s: %d committed iterations, target %d", run.url, len(committed), cfg.run.iterations)
+        runner = Runner(cfg, run, backends)
+        steps = {name: wrap(name, runner.step(name)) for name in STEPS}
+        made = []
+        for i in range(cfg.run.iterations):
+            if i in committed:
+                continue
+            for stage in STAGES:
+                lease.check()
+                steps[stage](i)
+            lease.check()
+            made.append(m := steps[COMMIT](i))
+            if on_commit:
+                on_commit(m)
+        return made
+
+
+class Runner:
+    """The stages of one run: inputs read from the run, outputs written to it, models from `backends`."""
+
+    def __init__(self, cfg: Config, run: Run, backends: Backends):
+        self.cfg, self.run, self.backends = cfg, run, backends
+
+    def step(self, name: str) -> Step:
+        if name == COMMIT:
+            return self.commit
+        return lambda iteration: self.run_stage(iteration, name)[0]
+
+    def run_stage(self, iteration: int, stage: str) -> tuple[StageRecord, bool]:
+        """(record, ran): a stage whose record and files check out is not run again."""
+        rec = self.run.stage_record(iteration, stage)
+        if rec is not None:
+            return rec, False
+        t0 = time.perf_counter()
+        with self.backends.starts() as started:
+            files, metrics, info = getattr(self, f"_{stage}")(iteration)
+        if started:  # loading this iteration's weights into vLLM: the per-iteration reload cost
+            metrics["backend_start_seconds"] = float(sum(started))
+        rec = StageRecord(stage=stage, iteration=iteration, files=files, seconds=time.perf_counter() - t0,
+                          metrics=metrics, info=info)
+        crash_point(f"{stage}:written", iteration)
+        self.run.write_stage_record(rec)  # written after its data files: the record is the stage's commit
+        return rec, True
+
+    def commit(self, iteration: int) -> Manifest:
+        if iteration in self.run.committed():
+            return self.run.manifest(iteration)
+        return self.run.commit(iteration, self.cfg, [self.run.read_record(iteration, s) for s in STAGES])
+
+    # --- the stages' I/O: each returns (files, metrics, info) -------------------------------------------
+    def _generate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        cfg, backend = self.cfg, self.cfg.generation.backend
+        prompts = prompts_for_iteration(load_prompts(cfg), cfg, i)
+        ref = policy_at(self.run, cfg, i)
+        with self.backends.generator(ref, backend) as (gen, tok):
+            rollouts, metrics = generate(cfg, self.run.id, i, prompts, ref.version, gen, tok)
+        info = {"policy": {"ref": cfg.policy.model, "version": ref.version}, "prompt_ids": prompts["prompt_id"].to_list(),
+                "backend": backend}
+        return [self.run.write_table(i, ROLLOUTS, rollouts, "rollouts")], metrics, info
+
+    def _score(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        cfg = self.cfg
+        rollouts = self.run.read_table(i, ROLLOUTS)
+        evaluators = evaluators_at(self.run, cfg, i)
+        scores, metrics = score(cfg, rollouts, evaluators, self.backends)
+        entry = self.run.write_table(i, SCORES, scores, "scores")
+        if cfg.probe.every and i % cfg.probe.every == 0:
+            metrics.update(self._probe(rollouts, evaluators, i))
+        info = {
+            "evaluators": [{"name": e.name, "ref": ev.model, "weight": ev.weight, "version": e.ref.version}
+                           for e, ev in zip(evaluators, cfg.evaluators)],
+            "questions": [{"id": q.id, "text": q.text, "weight": q.weight, "sha": q.sha()} for q in cfg.questions],
+            "template_sha": cfg.scoring.template_sha(),
+        }
+        return [entry], metrics, info
+
+    def _probe(self, rollouts, evaluators: list[Evaluator], i: int) -> dict:
+        """Would this iteration's judges say yes to answers that say nothing? (flow: an alarm warning)"""
+        cfg = self.cfg
+        prompts = sample_prompts(rollouts, cfg.probe.prompts, cfg.run.seed)
+        table = run_probe(evaluators, cfg.questions, cfg.scoring, prompts, i, self.backends)
+        return probe_metrics(table, cfg.probe.alarm_share)
+
+    def _aggregate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        rewards, metrics = aggregate(self.cfg, self.run.read_table(i, SCORES), self.run.read_table(i, ROLLOUTS))
+        return [self.run.write_table(i, REWARDS, rewards, "rewards")], metrics, {}
+
+    def _update(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        cfg, run, pool = self.cfg, self.run, self.backends.pool
+        rollouts, rewards = run.read_table(i, ROLLOUTS), run.read_table(i, REWARDS)
+        ref = policy_at(run, cfg, i)
+        # Training changes the weights, so the model leaves the pool. A half-precision policy trains fp32
+        # master weights (models.master_dtype); its half copy that generated this iteration is done with.
+        master = master_dtype(ref.dtype)
+        lm = pool.take(ref.path, master, ref.device, ref.version)
+        if master != ref.dtype:
+            pool.discard(ref.path, ref.dtype, ref.device)
+        reference = None
+        if cfg.algorithm.beta > 0:  # the KL anchor is the initial policy; loaded only when it is used
+            init = initial_policy(cfg)
+            reference = pool.get(init.path, init.dtype, init.device, init.version).model
+        opt_state = checkpoint.load_optimizer_state(ref.path) if lm.optimizer is None and i > 0 else None
+        # The global torch RNG (dropout, if a model has it) continues from the previous checkpoint.
+        checkpoint.restore_rng(ref.path if i > 0 else None, derive(cfg.run.seed, "torch"))
+        opt, state, metrics = update(cfg, i, rollouts, rewards, lm, reference, opt_state)
+        files = checkpoint.save(run, i, lm.model, lm.tokenizer, opt, state)
+        version = checkpoint.weights_entry(files).sha256
+        path = checkpoint.local_dir(run, i, files)
+        # the trained model (and its optimizer) serves the next iteration without a reload
+        pool.put((path, master, ref.device), Loaded(lm.model, lm.tokenizer, version, path, opt))
+        if master != ref.dtype:  # what the next iteration generates (and a live-self evaluator judges) with
+            pool.put((path, ref.dtype, ref.device), Loaded(inference_copy(lm.model, ref.dtype), lm.tokenizer, version, path))
+        return files, metrics, {"policy_before": ref.version, "policy_after": version}
