@@ -79,4 +79,4 @@ def test_cli_train_reaches_the_endpoint_given_only_in_the_config(s3, micro_confi
     assert r.exit_code == 0, r.output
     s3.fs.invalidate_cache()
     assert s3.fs.exists(f"{s3.name}/runs/endpoint-in-config/iter-000000/MANIFEST.json")
-    assert "1 committed iterations" in r.output
+    assert "1 of 1 iterations committed" in r.output

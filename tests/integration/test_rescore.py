@@ -233,12 +233,13 @@ def test_rescore_scores_with_the_runs_vllm_settings(run, questions_file, monkeyp
     run.store.write_json("run.json", meta)
     seen = []
     real = scoreset.score_rollouts
-    monkeypatch.setattr(scoreset, "score_rollouts", lambda *a, vllm=None, **k: seen.append(vllm) or real(*a, **k))
+    # the shards score through the Backends that rescore opened: its vLLM settings are the run's
+    monkeypatch.setattr(scoreset, "score_rollouts", lambda *a: seen.append(a[-1].vllm) or real(*a))
     scoreset.rescore(run, "v4", questions=scoreset.load_questions(questions_file), iterations="1", shard_rows=64)
     assert seen and all(v.url == "http://vllm.example:8000" and v.max_concurrency == 3 for v in seen)
 
 
-def test_verify_and_gc_cover_score_sets(run, questions_file):
+def test_verify_and_gc_cover_score_sets(run, questions_file, backends):
     from rlme_pipeline import gc
     from rlme_pipeline.verify import verify
 
@@ -248,7 +249,7 @@ def test_verify_and_gc_cover_score_sets(run, questions_file):
     assert rep.ok and rep.checked_scoresets == ["v2"], rep.problems
     # A re-score in progress: one shard committed, one killed before its manifest.
     todo = scoreset.shards(scoreset.plan(run, "v5", questions=qs[:1], iterations="1", shard_rows=10))
-    scoreset.score_shard(run, "v5", *todo[0])
+    scoreset.score_shard(run, "v5", *todo[0], backends)
     done, killed = scoreset.shard_unit(run, "v5", *todo[0]), scoreset.shard_unit(run, "v5", *todo[1])
     leftovers = [
         "scoresets/v2/iter-000000/scores.deadbeef.parquet",  # a killed merge of a committed score set
