@@ -166,6 +166,7 @@ def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
     checkpoint has to come down from the bucket."""
     boto3 = pytest.importorskip("boto3")
     moto_server = pytest.importorskip("moto.server")
+    import s3fs
     from typer.testing import CliRunner
 
     from flows.cli import app
@@ -204,6 +205,7 @@ def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
             scoreset.plan(run_s3, "live-v1", questions=scoreset.load_questions(qs))
     finally:
         srv.stop()
+        s3fs.S3FileSystem.clear_instance_cache()  # no later test may reach this stopped endpoint
 
 
 @pytest.mark.parametrize("trained", ["trained_run", "trained_10gt"])
