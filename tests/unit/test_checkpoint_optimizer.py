@@ -73,7 +73,8 @@ def test_saved_optimizer_state_loads_back_bit_identical_and_training_continues_i
     on_disk = {str(p.relative_to(path)) for p in Path(path).rglob("*") if p.is_file()}
     assert on_disk == {f.path.split("/", 2)[2] for f in files}
     for f in files:
-        assert sha256_file(run.store.abs(f.path)) == f.sha256 and f.logical == f"iter-000000/checkpoint/{f.path.split('/', 2)[2]}"
+        assert sha256_file(run.store.abs(f.path)) == f.sha256
+        assert f.logical == f"iter-000000/checkpoint/{f.path.split('/', 2)[2]}"
     shards = sorted(n for n in on_disk if n.startswith("optimizer/tensors-"))
     assert checkpoint.LEGACY_OPTIMIZER not in on_disk and len(shards) > 1, on_disk
     doc = json.loads((Path(path) / checkpoint.OPTIMIZER_STATE).read_text())
