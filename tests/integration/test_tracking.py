@@ -165,7 +165,7 @@ def test_tracking_is_not_part_of_the_experiment(tmp_path):
 def test_trackio_local_run_is_read_back(tmp_path, tiny_models):
     """trackio reads $TRACKIO_DIR when it is first imported, so this runs in a fresh process."""
     pytest.importorskip("trackio", reason="trackio is an optional extra: pip install 'rlme[trackio]'")
-    config = _config_file(tmp_path, ["trackio"])
+    config, result_file = _config_file(tmp_path, ["trackio"]), tmp_path / "trackio-result.json"
     script = textwrap.dedent(f"""
         import json
         from rlme_pipeline.config import load_config
@@ -177,19 +177,24 @@ def test_trackio_local_run_is_read_back(tmp_path, tiny_models):
         made = train(cfg, run) + train(cfg.with_overrides(iterations=3), run)
         from trackio.sqlite_storage import SQLiteStorage
         logs = SQLiteStorage.get_logs("rlme-test", cfg.run.id)
-        print(json.dumps({{"runs": SQLiteStorage.get_runs("rlme-test"), "logs": logs,
-                           "expected": {{m.iteration: metrics_of(m) for m in made}}}}, default=str))
+        result = {{"runs": SQLiteStorage.get_runs("rlme-test"), "logs": logs,
+                  "expected": {{m.iteration: metrics_of(m) for m in made}}}}
+        open({str(result_file)!r}, "w").write(json.dumps(result, default=str))
     """)
-    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(result_file.read_text())  # trackio prints to stdout
     assert result["runs"] == ["tracked"], "the resume started a second trackio run"
-    by_step = {row["step"]: row for row in result["logs"]}
+    by_step = {}
+    for row in result["logs"]:  # the numbers and the samples table are two rows of one step
+        by_step.setdefault(row["step"], {}).update(row)
     assert sorted(by_step) == [0, 1, 2]
     for i, metrics in result["expected"].items():
         for key in ("reward_mean", "loss", "probe/share_max", "seconds/update"):
             assert by_step[int(i)][key] == pytest.approx(metrics[key]), (key, i)
+        rows = by_step[int(i)]["samples"]["_value"]
+        assert len(rows) == SAMPLES and {r["iteration"] for r in rows} == {int(i)}
 
 
 # --- helpers --------------------------------------------------------------------------------------------
