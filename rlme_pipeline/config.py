@@ -305,11 +305,14 @@ class TrackingConfig(Section):
     dir: str = operational("./tracking", (
         "local folder for TensorBoard's event files ({dir}/tensorboard/{run.id}), W&B's files ({dir}/wandb) and "
         "the default MLflow store ({dir}/mlflow.db); relative to the working directory"))
-    project: str = operational("rlme", "MLflow experiment, W&B project and trackio project the run is logged under", min_length=1)
+    project: str = operational(
+        "rlme", "MLflow experiment, W&B project and trackio project the run is logged under", min_length=1)
     mlflow_uri: str | None = operational(
-        None, "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db); null: $MLFLOW_TRACKING_URI, else sqlite:///{dir}/mlflow.db")
+        None, "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db); "
+        "null: $MLFLOW_TRACKING_URI, else sqlite:///{dir}/mlflow.db")
     every: int = operational(1, "log every N-th iteration (iteration % every == 0)", ge=1)
-    samples: int = operational(4, "sample completions (prompt, completion, reward) per logged iteration, as a table; 0: none", ge=0)
+    samples: int = operational(
+        4, "sample completions (prompt, completion, reward) per logged iteration, as a table; 0: none", ge=0)
 
     @field_validator("backends")
     @classmethod

@@ -137,7 +137,8 @@ class Runner:
     def samples(self, iteration: int, n: int) -> list[dict]:
         """A few committed completions for the trackers: n rollouts, different prompts first, chosen by
         rollout id (a hash), so the same rows whoever asks."""
-        rollouts = self.run.read_table(iteration, ROLLOUTS).select("rollout_id", "prompt_id", "iteration", "prompt", "completion")
+        columns = ("rollout_id", "prompt_id", "iteration", "prompt", "completion")
+        rollouts = self.run.read_table(iteration, ROLLOUTS).select(columns)
         rewards = self.run.read_table(iteration, REWARDS).select("rollout_id", "reward")
         picked = (rollouts.join(rewards, on="rollout_id", how="left")
                   .with_columns(nth=pl.col("rollout_id").rank("ordinal").over("prompt_id"))

@@ -110,7 +110,7 @@ class MLflowTracker(Tracker):
         now = int(time.time() * 1000)
         batch = [Metric(mlflow_key(k), v, now, step) for k, v in metrics.items()]
         for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
-            self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
     def log_samples(self, step: int, rows: list[dict]) -> None:
         columns = {c: [r[c] for r in rows] for c in SAMPLE_COLUMNS}
@@ -131,8 +131,15 @@ class WandbTracker(Tracker):
         self.table = wandb.Table
         root = Path(cfg.tracking.dir)
         root.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=cfg.tracking.project, id=cfg.run.id, name=cfg.run.id, resume="allow",
-                              dir=str(root), config=cfg.model_dump(mode="json"), notes=run_url)
+        self.run = wandb.init(
+            project=cfg.tracking.project,
+            id=cfg.run.id,
+            name=cfg.run.id,
+            resume="allow",
+            dir=str(root),
+            config=cfg.model_dump(mode="json"),
+            notes=run_url,
+        )
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
@@ -154,8 +161,15 @@ class TrackioTracker(Tracker):
     def __init__(self, cfg: Config, run_url: str):
         trackio = self.sdk()
         self.table = trackio.Table
-        self.run = trackio.init(project=cfg.tracking.project, name=cfg.run.id, resume="allow", embed=False,
-                                config=cfg.model_dump(mode="json"), auto_log_cpu=False, auto_log_gpu=False)
+        self.run = trackio.init(
+            project=cfg.tracking.project,
+            name=cfg.run.id,
+            resume="allow",
+            embed=False,
+            config=cfg.model_dump(mode="json"),
+            auto_log_cpu=False,
+            auto_log_gpu=False,
+        )
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
@@ -169,12 +183,16 @@ class TrackioTracker(Tracker):
         self.run.finish()
 
 
-TRACKERS: dict[str, type[Tracker]] = {t.backend: t for t in (TensorBoardTracker, MLflowTracker, WandbTracker, TrackioTracker)}
+TRACKERS: dict[str, type[Tracker]] = {
+    t.backend: t for t in (TensorBoardTracker, MLflowTracker, WandbTracker, TrackioTracker)
+}
 
 
 def missing_message(tracker: type[Tracker]) -> str:
-    return (f"tracking.backends: {tracker.backend!r} needs the {tracker.module} package, which is not installed: "
-            f"pip install 'rlme[{tracker.backend}]' (or remove {tracker.backend!r} from tracking.backends)")
+    return (
+        f"tracking.backends: {tracker.backend!r} needs the {tracker.module} package, which is not installed: "
+        f"pip install 'rlme[{tracker.backend}]' (or remove {tracker.backend!r} from tracking.backends)"
+    )
 
 
 def check_installed(tracking: TrackingConfig) -> None:
@@ -222,8 +240,13 @@ class Trackers:
     """The trackers of one `train` call: opened on entry, closed on exit (marked failed where the tracker
     has a run status, when training raised). `read_samples(iteration, n)` gives the sample rows."""
 
-    def __init__(self, cfg: Config, run_url: str, read_samples: Callable[[int, int], list[dict]],
-                 logger: logging.Logger | logging.LoggerAdapter = log):
+    def __init__(
+        self,
+        cfg: Config,
+        run_url: str,
+        read_samples: Callable[[int, int], list[dict]],
+        logger: logging.Logger | logging.LoggerAdapter = log,
+    ):
         self.cfg, self.run_url, self.read_samples, self.log = cfg, run_url, read_samples, logger
         self.open: list[Tracker] = []
 
@@ -261,5 +284,9 @@ class Trackers:
                 if rows:
                     tracker.log_samples(i, rows)
             except Exception as e:
-                self.log.warning("tracker %s: iteration %d not logged (it is committed; rlme status shows it): %r",
-                                 tracker.backend, i, e)
+                self.log.warning(
+                    "tracker %s: iteration %d not logged (it is committed; rlme status shows it): %r",
+                    tracker.backend,
+                    i,
+                    e,
+                )

@@ -33,7 +33,12 @@ def _config_file(tmp_path, backends: list[str], iterations: int = 2) -> str:
     d["data"].update(path=str(ROOT / "data" / "demo_prompts.jsonl"), prompts_per_iteration=2)
     d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
     d["generation"].update(group_size=2, max_new_tokens=8)
-    d["tracking"] = {"backends": backends, "dir": str(tmp_path / "tracking"), "project": "rlme-test", "samples": SAMPLES}
+    d["tracking"] = {
+        "backends": backends,
+        "dir": str(tmp_path / "tracking"),
+        "project": "rlme-test",
+        "samples": SAMPLES,
+    }
     path = tmp_path / "tracked.yaml"
     path.write_text(yaml.safe_dump(d))
     return str(path)
@@ -45,8 +50,8 @@ def trained(tmp_path_factory, tiny_models):
     W&B offline with every folder it writes in the temp dir; MLflow on its default local store."""
     tmp = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as mp:
-        for k, sub in (("WANDB_CACHE_DIR", "wb-cache"), ("WANDB_CONFIG_DIR", "wb-config"), ("WANDB_DATA_DIR", "wb-data")):
-            mp.setenv(k, str(tmp / sub))
+        for k in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+            mp.setenv(k, str(tmp / k.lower()))
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -67,8 +72,17 @@ def test_metrics_of_takes_every_number_of_the_manifest(trained):
     _, _, manifests, _ = trained
     m = manifests[0]
     got = metrics_of(m)
-    for key in ("reward_mean", "loss", "clip_ratio", "behavior_mismatch", "completion_tokens_mean",
-                "other/correct/mean", "other/correct/p_yes", "probe/share_max", "probe/alarm"):
+    for key in (
+        "reward_mean",
+        "loss",
+        "clip_ratio",
+        "behavior_mismatch",
+        "completion_tokens_mean",
+        "other/correct/mean",
+        "other/correct/p_yes",
+        "probe/share_max",
+        "probe/alarm",
+    ):
         assert got[key] == pytest.approx(float(m.metrics[key])), key
     for stage, seconds in m.timings.items():
         assert got[f"seconds/{stage}"] == seconds
@@ -92,7 +106,7 @@ def test_tensorboard_event_files_hold_every_iteration(trained):
     rollouts = {r["completion"].replace("|", "\\|").replace("\n", " ") for r in _rollouts(trained, 2)}
     table_rows = texts[2].splitlines()[2:]
     assert len(table_rows) == SAMPLES
-    assert all(any(c in row for c in rollouts) for row in table_rows), "a sample row that is not a completion of iteration 2"
+    assert all(any(c in row for c in rollouts) for row in table_rows), "a sample that is not from iteration 2"
 
 
 def test_mlflow_store_holds_one_run_continued_across_the_resume(trained):
@@ -130,7 +144,8 @@ def test_wandb_offline_run_files_continue_one_run_id(trained):
             if kind == "run":
                 run_ids.add((record.run.run_id, record.run.project))
             elif kind == "history":
-                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                items = record.history.item
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
                 history[row["_step"]] = row
     assert run_ids == {(cfg.run.id, "rlme-test")}
     assert sorted(history) == [0, 1, 2]
@@ -149,7 +164,8 @@ def test_a_tracker_whose_sdk_is_missing_is_refused_by_preflight(tmp_path, tiny_m
     with the extra to install, before anything is loaded or written."""
     monkeypatch.setitem(sys.modules, "wandb", None)
     cfg = load_config(_config_file(tmp_path, ["tensorboard", "wandb"]))
-    with pytest.raises(ConfigError, match=r"tracking.backends: 'wandb' needs the wandb package.*pip install 'rlme\[wandb\]'"):
+    message = r"tracking.backends: 'wandb' needs the wandb package.*pip install 'rlme\[wandb\]'"
+    with pytest.raises(ConfigError, match=message):
         preflight(cfg, Store(cfg.run.storage))
     assert not (tmp_path / "runs").exists() and not (tmp_path / "tracking").exists()
 
@@ -181,7 +197,8 @@ def test_trackio_local_run_is_read_back(tmp_path, tiny_models):
                   "expected": {{m.iteration: metrics_of(m) for m in made}}}}
         open({str(result_file)!r}, "w").write(json.dumps(result, default=str))
     """)
-    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(result_file.read_text())  # trackio prints to stdout
@@ -215,10 +232,10 @@ def _wandb_records(path: str, record_type):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             break
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # full or last chunk: a record ends here
             record = record_type()
