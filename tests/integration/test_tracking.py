@@ -242,3 +242,11 @@ def _wandb_records(path: str, record_type):
             record.ParseFromString(pending)
             yield record
             pending = b""
+
+
+def test_demo_tracked_is_the_demo_with_trackers_on():
+    """configs/demo_tracked.yaml must not drift from the demo: the same experiment, its own run id."""
+    demo, tracked = load_config(DEMO), load_config(DEMO.parent / "demo_tracked.yaml")
+    assert tracked.tracking.backends and not demo.tracking.backends
+    assert tracked.with_overrides(id=demo.run.id).hash() == demo.hash()
+    assert tracked.run.id != demo.run.id
