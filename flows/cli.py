@@ -198,8 +198,10 @@ def gc(
 def rescore(
     run_uri: str = RUN_URI,
     name: str = typer.Option(..., help="score set name: written to {run}/scoresets/{name}/"),
-    questions: Optional[str] = typer.Option(None, help="YAML list of meta-questions (path or fsspec URL; same shape as config `questions`)"),
-    evaluators: Optional[str] = typer.Option(None, help="YAML list of evaluators (path or fsspec URL; same shape as config `evaluators`)"),
+    questions: Optional[str] = typer.Option(
+        None, help="YAML list of meta-questions, path or fsspec URL (same shape as config `questions`)"),
+    evaluators: Optional[str] = typer.Option(
+        None, help="YAML list of evaluators, path or fsspec URL (same shape as config `evaluators`)"),
     iterations: Optional[str] = typer.Option(None, help="committed iterations, as a slice: 3:7 is 3..6; default all"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted re-score of the same definition"),
     shard_rows: int = typer.Option(256, min=1, help="rollouts per shard: the unit of parallelism, memory and resume"),
@@ -226,8 +228,8 @@ def rescore(
         with local_prefect():
             from flows.rescore import rlme_rescore
 
-            result = rlme_rescore(run_uri=run_uri, name=name, questions=questions, evaluators=evaluators, iterations=iterations,
-                                  resume=resume, shard_rows=shard_rows, storage_options=opts)
+            result = rlme_rescore(run_uri=run_uri, name=name, questions=questions, evaluators=evaluators,
+                                  iterations=iterations, resume=resume, shard_rows=shard_rows, storage_options=opts)
     except ValueError as e:  # a definition that differs on --resume, a score set created meanwhile
         _fail(e)
     console.print(f"[bold green]score set:[/] {run_uri}/scoresets/{name}  "
@@ -257,7 +259,8 @@ def audit(
     try:
         Store(out, opts).check_writable()
     except StorageError:
-        _fail(ValueError(f"--out {out!r} is not writable; give a directory or bucket you can write (and its --storage-option flags)"))
+        _fail(ValueError(f"--out {out!r} is not writable; give a directory or bucket you can write "
+                         "(and its --storage-option flags)"))
     try:
         with local_prefect():
             from flows.audit import rlme_audit

@@ -295,15 +295,15 @@ class Run:
         (its manifests name the run id in run.json, not the directory's), is a user error, said here once."""
         if not self.store.exists("run.json"):
             raise NoRun(
-                f"{self.url}: no rlme run here (no run.json). Check the path ({{storage}}/{{run_id}}, e.g. ./runs/demo) "
-                "and the --storage-option flags, or create the run with `rlme train CONFIG`."
+                f"{self.url}: no rlme run here (no run.json). Check the path ({{storage}}/{{run_id}}, e.g. "
+                "./runs/demo) and the --storage-option flags, or create the run with `rlme train CONFIG`."
             )
         meta = self.store.read_json("run.json")
         if meta.get("run_id") != self.id:
             raise RunMismatch(
-                f"{self.url}/run.json belongs to run {meta.get('run_id')!r}, not {self.id!r}: the run directory was copied "
-                f"or renamed, and every manifest in it names {meta.get('run_id')!r}. Rename the directory back to "
-                f"{meta.get('run_id')!r} (a copy needs its own storage root, e.g. another/{meta.get('run_id')})."
+                f"{self.url}/run.json belongs to run {meta.get('run_id')!r}, not {self.id!r}: the run directory was "
+                f"copied or renamed, and every manifest in it names {meta.get('run_id')!r}. Rename the directory "
+                f"back to {meta.get('run_id')!r} (a copy needs a storage root of its own)."
             )
         return meta
 
@@ -321,7 +321,8 @@ class Run:
             what = "; ".join(changed) if changed else f"config hash {meta['config_hash'][:12]} -> {cfg.hash()[:12]}"
             raise RunMismatch(
                 f"run {self.id} exists with another experiment: {what}; start a new --run-id (run.id) or restore "
-                "those values (only settings outside the experiment, e.g. run.iterations and run.storage, may change; docs/config.md)"
+                "those values (only run.iterations, run.storage and other non-experiment settings may change; "
+                "docs/config.md)"
             )
         return True
 

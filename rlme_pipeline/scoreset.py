@@ -192,7 +192,8 @@ def check_new(run: Run, name: str, resume: bool) -> None:
 def exists_error(run: Run, name: str) -> ScoresetExists:
     complete = unit(run, name).committed()
     return ScoresetExists(
-        f"--name {name!r}: score set already exists in {run.url} ({'complete' if complete else 'interrupted'}); choose another --name"
+        f"--name {name!r}: score set already exists in {run.url} ({'complete' if complete else 'interrupted'}); "
+        "choose another --name"
         + ("" if complete else ", or pass --resume to continue it with the same definition")
     )
 
