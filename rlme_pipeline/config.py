@@ -292,6 +292,36 @@ class LabelRewardConfig(Section):
     weight: float = experiment(1.0, "scale; set it to the sum of v_j*w_k of the judgement it replaces", gt=0)
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]
+
+
+class TrackingConfig(Section):
+    """Experiment trackers that each committed iteration's metrics go to (docs/tracking.md). Each is an
+    optional extra (`pip install 'rlme[wandb]'`). They watch the run and change nothing computed: not
+    part of the hash. A tracker run is named by the run id, so a resumed run continues the same one."""
+
+    backends: list[Tracker] = operational(
+        default_factory=list, description="trackers to log to: tensorboard, mlflow, wandb, trackio; [] logs nowhere")
+    dir: str = operational("./tracking", (
+        "local folder for TensorBoard's event files ({dir}/tensorboard/{run.id}), W&B's files ({dir}/wandb) and "
+        "the default MLflow store ({dir}/mlflow.db); relative to the working directory"))
+    project: str = operational(
+        "rlme", "MLflow experiment, W&B project and trackio project the run is logged under", min_length=1)
+    mlflow_uri: str | None = operational(
+        None, "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db); "
+        "null: $MLFLOW_TRACKING_URI, else sqlite:///{dir}/mlflow.db")
+    every: int = operational(1, "log every N-th iteration (iteration % every == 0)", ge=1)
+    samples: int = operational(
+        4, "sample completions (prompt, completion, reward) per logged iteration, as a table; 0: none", ge=0)
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_backends(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} names a tracker twice; list each once")
+        return v
+
+
 class VllmConfig(Section):
     """How the `vllm` and `openai` backends reach vLLM (docs/vllm.md). Not part of hash(): it says where
     the numbers are computed, not which (keep server_args/engine_kwargs to ones that do not change them)."""
@@ -323,6 +353,7 @@ class Config(Section):
     probe: ProbeConfig = operational(ProbeConfig(), "the judge-hacking probe: observation only")
     label_reward: LabelRewardConfig | None = experiment_if_set(None, "exact-match reward on a share of rollouts; None: labels are never read by training")
     vllm: VllmConfig = operational(VllmConfig(), "how the vllm/openai backends reach vLLM: where, not what")
+    tracking: TrackingConfig = operational(TrackingConfig(), "experiment trackers: observation only")
     # Relative data/model paths are relative to the config file's folder, so a config works from any
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

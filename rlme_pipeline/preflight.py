@@ -9,6 +9,7 @@ from rlme_pipeline.data import load_prompts, prompt_indices
 from rlme_pipeline.judging import answer_ids
 from rlme_pipeline.models import load_tokenizer, resolve_ref
 from rlme_pipeline.storage import Store
+from rlme_pipeline.tracking import check_installed
 
 
 def _tokenizer_for(cfg: Config, ref: str, field: str):
@@ -35,6 +36,7 @@ def _tokenizer_for(cfg: Config, ref: str, field: str):
 
 
 def preflight(cfg: Config, store: Store) -> None:
+    check_installed(cfg.tracking)
     store.check_writable()
     prompts = load_prompts(cfg)
     prompt_indices(prompts.height, cfg.data.prompts_per_iteration, cfg.run.seed, 0)

@@ -8,7 +8,8 @@ run, call the pure stage (stages/), write its outputs under attempt-unique names
 then commit the iteration (MANIFEST.json, created exclusively; run.py). A stage whose record and files
 check out is not run again, so a killed process resumes at the first unfinished stage. The stages never
 touch storage: the runner owns it, the lease, the backends (models, servers: their settings and
-lifetimes), the judge-hacking probe and the timings.
+lifetimes), the judge-hacking probe, the timings and the experiment trackers (tracking.py), which get each
+manifest as it is committed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import polars as pl
 from pydantic import BaseModel
 
 from rlme_pipeline import checkpoint
@@ -35,6 +37,7 @@ from rlme_pipeline.stages.generate import generate
 from rlme_pipeline.stages.score import score
 from rlme_pipeline.stages.update import update
 from rlme_pipeline.storage import FileEntry
+from rlme_pipeline.tracking import Trackers
 
 ROLLOUTS, SCORES, REWARDS = "rollouts.parquet", "scores.parquet", "rewards.parquet"
 COMMIT = "commit"
@@ -84,16 +87,18 @@ def train(cfg: Config, run: Run, *, wrap: Wrap = no_wrap, advance: int | None = 
         runner = Runner(cfg, run, backends)
         steps = {name: wrap(name, runner.step(name)) for name in STEPS}
         made = []
-        for i in range(cfg.run.iterations):
-            if i in committed:
-                continue
-            for stage in STAGES:
+        with Trackers(cfg, run.url, runner.samples, logger) as trackers:
+            for i in range(cfg.run.iterations):
+                if i in committed:
+                    continue
+                for stage in STAGES:
+                    lease.check()
+                    steps[stage](i)
                 lease.check()
-                steps[stage](i)
-            lease.check()
-            made.append(m := steps[COMMIT](i))
-            if on_commit:
-                on_commit(m)
+                made.append(m := steps[COMMIT](i))
+                trackers.record(m)
+                if on_commit:
+                    on_commit(m)
         return made
 
 
@@ -128,6 +133,17 @@ class Runner:
         if iteration in self.run.committed():
             return self.run.manifest(iteration)
         return self.run.commit(iteration, self.cfg, [self.run.read_record(iteration, s) for s in STAGES])
+
+    def samples(self, iteration: int, n: int) -> list[dict]:
+        """A few committed completions for the trackers: n rollouts, different prompts first, chosen by
+        rollout id (a hash), so the same rows whoever asks."""
+        columns = ("rollout_id", "prompt_id", "iteration", "prompt", "completion")
+        rollouts = self.run.read_table(iteration, ROLLOUTS).select(columns)
+        rewards = self.run.read_table(iteration, REWARDS).select("rollout_id", "reward")
+        picked = (rollouts.join(rewards, on="rollout_id", how="left")
+                  .with_columns(nth=pl.col("rollout_id").rank("ordinal").over("prompt_id"))
+                  .sort("nth", "rollout_id").head(n))
+        return picked.select("iteration", "prompt", "completion", "reward").to_dicts()
 
     # --- the stages' I/O: each returns (files, metrics, info) -------------------------------------------
     def _generate(self, i: int) -> tuple[list[FileEntry], dict, dict]:

@@ -99,6 +99,9 @@ def s3(moto_endpoint, monkeypatch) -> S3Bucket:
         monkeypatch.setenv(k, v)
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(k, raising=False)
+    # fsspec caches filesystems by their options, not by the environment: one made while another test's
+    # endpoint was exported would still point there
+    s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
     name = f"rlme-{uuid.uuid4().hex[:12]}"
     fs.mkdir(name)

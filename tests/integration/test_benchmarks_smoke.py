@@ -25,7 +25,8 @@ def _run(module: str, timeout: int = 900) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["benchmarks.scoring", "benchmarks.logprobs", "benchmarks.orchestration",
-                                    "benchmarks.rescore_memory", "benchmarks.sampler"])
+                                    "benchmarks.rescore_memory", "benchmarks.sampler",
+                                    "benchmarks.checkpoint"])
 def test_benchmark_smoke(module):
     _run(module)
 

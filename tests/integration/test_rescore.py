@@ -166,6 +166,7 @@ def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
     checkpoint has to come down from the bucket."""
     boto3 = pytest.importorskip("boto3")
     moto_server = pytest.importorskip("moto.server")
+    import s3fs
     from typer.testing import CliRunner
 
     from flows.cli import app
@@ -204,6 +205,7 @@ def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
             scoreset.plan(run_s3, "live-v1", questions=scoreset.load_questions(qs))
     finally:
         srv.stop()
+        s3fs.S3FileSystem.clear_instance_cache()  # no later test may reach this stopped endpoint
 
 
 @pytest.mark.parametrize("trained", ["trained_run", "trained_10gt"])
@@ -233,12 +235,13 @@ def test_rescore_scores_with_the_runs_vllm_settings(run, questions_file, monkeyp
     run.store.write_json("run.json", meta)
     seen = []
     real = scoreset.score_rollouts
-    monkeypatch.setattr(scoreset, "score_rollouts", lambda *a, vllm=None, **k: seen.append(vllm) or real(*a, **k))
+    # the shards score through the Backends that rescore opened: its vLLM settings are the run's
+    monkeypatch.setattr(scoreset, "score_rollouts", lambda *a: seen.append(a[-1].vllm) or real(*a))
     scoreset.rescore(run, "v4", questions=scoreset.load_questions(questions_file), iterations="1", shard_rows=64)
     assert seen and all(v.url == "http://vllm.example:8000" and v.max_concurrency == 3 for v in seen)
 
 
-def test_verify_and_gc_cover_score_sets(run, questions_file):
+def test_verify_and_gc_cover_score_sets(run, questions_file, backends):
     from rlme_pipeline import gc
     from rlme_pipeline.verify import verify
 
@@ -248,7 +251,7 @@ def test_verify_and_gc_cover_score_sets(run, questions_file):
     assert rep.ok and rep.checked_scoresets == ["v2"], rep.problems
     # A re-score in progress: one shard committed, one killed before its manifest.
     todo = scoreset.shards(scoreset.plan(run, "v5", questions=qs[:1], iterations="1", shard_rows=10))
-    scoreset.score_shard(run, "v5", *todo[0])
+    scoreset.score_shard(run, "v5", *todo[0], backends)
     done, killed = scoreset.shard_unit(run, "v5", *todo[0]), scoreset.shard_unit(run, "v5", *todo[1])
     leftovers = [
         "scoresets/v2/iter-000000/scores.deadbeef.parquet",  # a killed merge of a committed score set

@@ -60,7 +60,8 @@ def test_every_iteration_is_complete_and_consistent(trained):
         for f in manifest.files:
             assert sha256_file(run.store.abs(f.path)) == f.sha256, f.path
         names = {f.logical.rsplit("/", 1)[-1] for f in manifest.files}
-        assert {"rollouts.parquet", "scores.parquet", "rewards.parquet", "model.safetensors", "optimizer.pt"} <= names
+        assert {"rollouts.parquet", "scores.parquet", "rewards.parquet", "model.safetensors"} <= names
+        assert f"{iter_dir(i)}/checkpoint/optimizer/state.json" in {f.logical for f in manifest.files}
         assert manifest.lineage["policy_after"] != manifest.lineage["policy_before"]
 
         ckpt = run.store.abs(run.path(i, "checkpoint/model.safetensors")).rpartition("/")[0]

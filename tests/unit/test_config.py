@@ -128,6 +128,7 @@ def legacy_hash(cfg) -> str:
         d.pop("label_reward", None)
     d["optimizer"].pop("logprob_chunk_tokens")
     d["optimizer"].pop("gradient_checkpointing")  # added after the legacy hash; operational
+    d.pop("tracking")  # added after the legacy hash; operational
     return sha256_json(d)
 
 
