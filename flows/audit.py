@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.config_io import public_options
 from flows.train import artifact_key
 from rlme_pipeline.run import split_run_url
 from tasks.audit import audit_task, read_tables
@@ -12,9 +13,11 @@ from tasks.audit import audit_task, read_tables
 
 @flow(name="rlme_audit", log_prints=True)
 def rlme_audit(run_uri: str, out: str, scoreset: str | None = None, compare: str | None = None,
-               probe_prompts: int = 4, alarm_share: float = 0.5) -> dict:
-    digest = audit_task(run_uri, out, scoreset, compare, probe_prompts)
-    tables = read_tables(out)
+               probe_prompts: int = 4, alarm_share: float = 0.5, storage_options: dict | None = None) -> dict:
+    """storage_options: non-secret fsspec options, for the run and for `out`."""
+    opts = public_options(storage_options)
+    digest = audit_task(run_uri, out, scoreset, compare, probe_prompts, opts)
+    tables = read_tables(out, opts)
     key = artifact_key(split_run_url(run_uri)[1]) + "-audit"
     create_table_artifact(key=key, table=tables["summary"], description=f"audit of {run_uri} / {digest['scoreset']}")
     lines = [f"# rlme audit: `{run_uri}` / `{digest['scoreset']}`", f"Report: `{out}/report.html`", ""]

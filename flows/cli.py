@@ -67,7 +67,9 @@ def train(
         # Fail fast, before Prefect starts a server; the flow checks again for deployments. The store is
         # the run's own (run.storage_options included), so the check writes where training will.
         cfg = load(config, iterations=iterations, storage=storage, id=run_id)
-        preflight(cfg, Run.for_config(cfg).root)
+        run = Run.for_config(cfg)
+        preflight(cfg, run.root)
+        run.check(cfg)  # a changed experiment on an existing run id: the fields that differ, old -> new
         with local_prefect():  # before Prefect's import: it reads its settings then
             from flows.train import rlme_train
 
@@ -107,17 +109,18 @@ STORAGE_OPTION = typer.Option([], "--storage-option", "-o", help="fsspec option 
 def _options(pairs: list[str]) -> dict:
     import yaml
 
-    from rlme_pipeline.storage import secret_option_keys
+    from flows.config_io import public_options
 
     opts = {}
     for p in pairs:
         k, sep, v = p.partition("=")
-        if not sep:
-            _fail(ValueError(f"--storage-option {p!r}: expected KEY=VALUE"))
+        if not sep or not k:
+            _fail(ValueError(f"--storage-option {p!r}: expected KEY=VALUE, e.g. endpoint_url=http://minio:9000"))
         opts[k] = yaml.safe_load(v)
-    if bad := secret_option_keys(opts):
-        _fail(ValueError(f"--storage-option {bad}: pass credentials through the environment, not the command line"))
-    return opts
+    try:
+        return public_options(opts, "--storage-option")
+    except ValueError as e:
+        _fail(e)
 
 
 def _open(run_uri: str, options: dict | None = None):
@@ -127,6 +130,18 @@ def _open(run_uri: str, options: dict | None = None):
         return Run.from_url(run_uri, options)
     except ValueError as e:
         _fail(e)
+
+
+def _existing(run_uri: str, options: dict):
+    """The run at run_uri, which must exist under its own name (run.json), checked before Prefect starts."""
+    from rlme_pipeline.storage import StorageError
+
+    run = _open(run_uri, options)
+    try:
+        run.meta()
+    except (ValueError, StorageError, PermissionError) as e:  # NoRun, RunMismatch (a copied run directory)
+        _fail(e)
+    return run
 
 
 @app.command()
@@ -181,28 +196,41 @@ def gc(
 
 @app.command()
 def rescore(
-    run_uri: str = typer.Argument(..., help="{storage}/{run_id}, e.g. ./runs/demo or s3://bucket/runs/demo"),
+    run_uri: str = RUN_URI,
     name: str = typer.Option(..., help="score set name: written to {run}/scoresets/{name}/"),
-    questions: Optional[Path] = typer.Option(None, help="YAML list of meta-questions (same shape as config `questions`)"),
-    evaluators: Optional[Path] = typer.Option(None, help="YAML list of evaluators (same shape as config `evaluators`)"),
+    questions: Optional[str] = typer.Option(
+        None, help="YAML list of meta-questions, path or fsspec URL (same shape as config `questions`)"),
+    evaluators: Optional[str] = typer.Option(
+        None, help="YAML list of evaluators, path or fsspec URL (same shape as config `evaluators`)"),
     iterations: Optional[str] = typer.Option(None, help="committed iterations, as a slice: 3:7 is 3..6; default all"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted re-score of the same definition"),
     shard_rows: int = typer.Option(256, min=1, help="rollouts per shard: the unit of parallelism, memory and resume"),
+    storage_option: list[str] = STORAGE_OPTION,
 ):
     """Re-score stored rollouts with new meta-questions and/or evaluators (Prefect flow rlme_rescore)."""
-    from rlme_pipeline.config import ConfigError
-    from rlme_pipeline.scoreset import ScoresetExists
+    from rlme_pipeline import scoreset
+    from rlme_pipeline.storage import StorageError
 
+    opts = _options(storage_option)
     if questions is None and evaluators is None:
         _fail(ValueError("give --questions, --evaluators, or both"))
+    run = _existing(run_uri, opts)
+    try:  # the flow's own checks, run here first: a user error never becomes a failed flow run
+        if questions:
+            scoreset.load_questions(questions, opts)
+        if evaluators:
+            scoreset.load_evaluators(evaluators, opts)
+        scoreset.check_new(run, name, resume)
+        scoreset.parse_iterations(iterations, run.committed())
+    except (ValueError, StorageError) as e:  # ConfigError and ScoresetExists are ValueErrors
+        _fail(e)
     try:
         with local_prefect():
             from flows.rescore import rlme_rescore
 
-            result = rlme_rescore(run_uri=run_uri, name=name, questions=str(questions) if questions else None,
-                                  evaluators=str(evaluators) if evaluators else None, iterations=iterations,
-                                  resume=resume, shard_rows=shard_rows)
-    except (ConfigError, ScoresetExists, ValueError) as e:
+            result = rlme_rescore(run_uri=run_uri, name=name, questions=questions, evaluators=evaluators,
+                                  iterations=iterations, resume=resume, shard_rows=shard_rows, storage_options=opts)
+    except ValueError as e:  # a definition that differs on --resume, a score set created meanwhile
         _fail(e)
     console.print(f"[bold green]score set:[/] {run_uri}/scoresets/{name}  "
                   f"({result['shards_scored_now']} of {result['shards']} shards scored now)")
@@ -212,24 +240,51 @@ def rescore(
 
 @app.command()
 def audit(
-    run_uri: str = typer.Argument(..., help="{storage}/{run_id}"),
+    run_uri: str = RUN_URI,
     out: str = typer.Option(..., help="output directory (or fsspec URL) for the Parquet tables and report.html"),
     scoreset: Optional[str] = typer.Option(None, help="score set to audit; default: the training scores"),
     compare: Optional[str] = typer.Option(None, help="second score set to compare with ('train' for the training scores)"),
     probe_prompts: int = typer.Option(4, min=0, help="prompts for the judge-hacking probe; 0 skips it"),
     alarm_share: float = typer.Option(0.5, help="probe alarm when an evaluator judges more than this share positive"),
+    storage_option: list[str] = STORAGE_OPTION,
 ):
     """Audit a run's reward data (Prefect flow rlme_audit): tables in OUT/*.parquet, OUT/report.html."""
+    from rlme_pipeline.storage import StorageError, Store
+
+    opts = _options(storage_option)
+    run = _existing(run_uri, opts)
+    for flag, name in (("--scoreset", scoreset), ("--compare", compare)):
+        if flag == "--scoreset" or name is not None:
+            _check_scoreset(run, flag, name)
+    try:
+        Store(out, opts).check_writable()
+    except StorageError:
+        _fail(ValueError(f"--out {out!r} is not writable; give a directory or bucket you can write "
+                         "(and its --storage-option flags)"))
     try:
         with local_prefect():
             from flows.audit import rlme_audit
 
-            d = rlme_audit(run_uri=run_uri, out=out, scoreset=scoreset, compare=compare, probe_prompts=probe_prompts, alarm_share=alarm_share)
+            d = rlme_audit(run_uri=run_uri, out=out, scoreset=scoreset, compare=compare, probe_prompts=probe_prompts,
+                           alarm_share=alarm_share, storage_options=opts)
     except ValueError as e:
         _fail(e)
     console.print(f"[bold green]audit:[/] {d['out']}/report.html")
     for ev, share in d.get("probe_share", {}).items():
         console.print(f"  probe {ev}: {share:.2f} judged positive" + ("  [bold red]ALARM[/]" if share > alarm_share else ""))
+
+
+def _check_scoreset(run, flag: str, name: str | None) -> None:
+    """What the audit reads, looked up as the audit does (audit/sources.py), before Prefect starts."""
+    from rlme_pipeline.audit.sources import load
+    from rlme_pipeline.scoreset import TRAIN, committed_scoresets
+    from rlme_pipeline.storage import StorageError
+
+    try:
+        load(run, name)
+    except (ValueError, StorageError) as e:
+        have = ", ".join([TRAIN, *committed_scoresets(run)])
+        _fail(ValueError(f"{flag} {name or TRAIN}: {e}; choose one of: {have} (`rlme rescore` makes score sets)"))
 
 
 @models_app.command("make-tiny")

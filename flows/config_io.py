@@ -19,3 +19,15 @@ def load(config_uri: str, **run_overrides) -> Config:
     else:
         cfg = load_config(config_uri.removeprefix("file://"))
     return cfg.with_overrides(**run_overrides)
+
+
+def public_options(options: dict | None, flag: str = "storage_options") -> dict:
+    """Storage options given to a command or flow run: Prefect records flow parameters and the run may
+    copy them, so a key that looks like a credential is refused (credentials come from the environment)."""
+    from rlme_pipeline.storage import secret_option_keys
+
+    options = dict(options or {})
+    if bad := secret_option_keys(options):
+        raise ValueError(f"{flag} {bad}: pass credentials through the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
+                         "...), never as an option: options are recorded")
+    return options

@@ -14,22 +14,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from rlme_pipeline.run import STAGES, Run, iter_dir
-
-
-class NoRun(ValueError):
-    """The URL holds no run."""
+from rlme_pipeline.run import STAGES, NoRun, Run, iter_dir  # noqa: F401 (NoRun: what collect raises)
 
 
 def collect(run: Run) -> dict:
     """Everything status shows, JSON-ready: the run, its committed iterations (metrics, seconds per stage)
     and the iterations with finished stages but no commit (running now, or interrupted)."""
-    if not run.store.exists("run.json"):
-        raise NoRun(
-            f"{run.url}: no rlme run here (no run.json). Check the path ({{storage}}/{{run_id}}, e.g. ./runs/demo) "
-            "and the --storage-option flags, or create the run with `rlme train CONFIG`."
-        )
-    meta = run.store.read_json("run.json")
+    meta = run.meta()  # NoRun when the URL holds no run; RunMismatch for a copied run directory
     committed = run.committed()
     manifests = [run.manifest(i) for i in committed]
     return {

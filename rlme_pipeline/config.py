@@ -416,16 +416,42 @@ def validate_config(data: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field; check its spelling against the configuration reference (docs/config.md)"
-            elif err["type"] == "missing":
-                msg = "required field is missing"
-            lines.append(f"  {loc}: {msg}")
-        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+        raise ConfigError(describe_errors(e, source)) from None
+
+
+def describe_errors(e: ValidationError, source: str, prefix: str = "") -> str:
+    """A pydantic error as one line: `source is invalid: field: what is wrong; field: ...`."""
+    lines = []
+    for err in e.errors():
+        loc = prefix + ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; check its spelling against the configuration reference (docs/config.md)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"{loc}: {msg}")
+    return f"{source} is invalid: " + "; ".join(lines)
+
+
+def experiment_diff(old: Config, new: Config) -> list[str]:
+    """The experiment fields that differ, as `optimizer.lr 0.0001 -> 0.0003`: why a resume is refused."""
+    return _diff(experiment_part(old), experiment_part(new), "")
+
+
+_ABSENT = object()
+
+
+def _diff(a: Any, b: Any, at: str) -> list[str]:
+    if a == b:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = list(a) + [k for k in b if k not in a]  # the config's own order
+        return [line for k in keys for line in _diff(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{at}.{k}" if at else k)]
+    if isinstance(a, list) and isinstance(b, list):
+        return [line for i in range(max(len(a), len(b)))
+                for line in _diff(a[i] if i < len(a) else _ABSENT, b[i] if i < len(b) else _ABSENT, f"{at}[{i}]")]
+    show = lambda v: "(absent)" if v is _ABSENT else json.dumps(v)  # noqa: E731
+    return [f"{at} {show(a)} -> {show(b)}"]
 
 
 def load_config(path: str | Path) -> Config:

@@ -35,7 +35,7 @@ from typing import Generic, TypeVar
 import polars as pl
 from pydantic import BaseModel, Field
 
-from rlme_pipeline.config import Config, check_run_id, validate_config
+from rlme_pipeline.config import Config, check_run_id, experiment_diff, validate_config
 from rlme_pipeline.crash import crash_point
 from rlme_pipeline.storage import FileEntry, Store
 
@@ -45,6 +45,10 @@ MANIFEST = "MANIFEST.json"
 
 class RunMismatch(ValueError):
     pass
+
+
+class NoRun(ValueError):
+    """The URL holds no run."""
 
 
 class CorruptRun(RuntimeError):
@@ -286,16 +290,45 @@ class Run:
         return self.store.url
 
     # --- run.json --------------------------------------------------------------------------------
+    def meta(self) -> dict:
+        """run.json, checked against the URL: a path without a run, or a run directory copied or renamed
+        (its manifests name the run id in run.json, not the directory's), is a user error, said here once."""
+        if not self.store.exists("run.json"):
+            raise NoRun(
+                f"{self.url}: no rlme run here (no run.json). Check the path ({{storage}}/{{run_id}}, e.g. "
+                "./runs/demo) and the --storage-option flags, or create the run with `rlme train CONFIG`."
+            )
+        meta = self.store.read_json("run.json")
+        if meta.get("run_id") != self.id:
+            raise RunMismatch(
+                f"{self.url}/run.json belongs to run {meta.get('run_id')!r}, not {self.id!r}: the run directory was "
+                f"copied or renamed, and every manifest in it names {meta.get('run_id')!r}. Rename the directory "
+                f"back to {meta.get('run_id')!r} (a copy needs a storage root of its own)."
+            )
+        return meta
+
+    def check(self, cfg: Config) -> bool:
+        """True when the run exists and computes the same thing as `cfg`, False when there is no run yet;
+        a different experiment raises, naming each changed field (nothing is written either way)."""
+        if not self.store.exists("run.json"):
+            return False
+        meta = self.meta()
+        if meta["config_hash"] != cfg.hash():
+            try:
+                changed = experiment_diff(self.config(), cfg)
+            except ValueError:  # a snapshot this code no longer reads: only the hashes can say it differs
+                changed = []
+            what = "; ".join(changed) if changed else f"config hash {meta['config_hash'][:12]} -> {cfg.hash()[:12]}"
+            raise RunMismatch(
+                f"run {self.id} exists with another experiment: {what}; start a new --run-id (run.id) or restore "
+                "those values (only run.iterations, run.storage and other non-experiment settings may change; "
+                "docs/config.md)"
+            )
+        return True
+
     def open(self, cfg: Config) -> None:
         """Create run.json, or check that the stored run computes the same thing as `cfg`."""
-        if self.store.exists("run.json"):
-            meta = self.store.read_json("run.json")
-            if meta["config_hash"] != cfg.hash():
-                raise RunMismatch(
-                    f"run {self.url} was created with a different configuration (hash {meta['config_hash'][:12]} "
-                    f"vs {cfg.hash()[:12]}); only settings outside the hash (run.iterations, run.storage, ...; "
-                    "docs/config.md) may change on resume. Use a new run id (run.id or --run-id) for a new experiment."
-                )
+        if self.check(cfg):
             return
         self.store.write_json(
             "run.json",

@@ -39,6 +39,7 @@ from rlme_pipeline.config import (
     LabelRewardConfig,
     QuestionConfig,
     ScoringConfig,
+    describe_errors,
     sha256_json,
 )
 from rlme_pipeline.judging import evaluators_at, score_rollouts
@@ -47,6 +48,7 @@ from rlme_pipeline.parquet_io import iter_batches
 from rlme_pipeline.run import MANIFEST, Commit, Run, Unit, code_version, iter_dir, now
 from rlme_pipeline.schemas import OK, ROLLOUTS, SCORES
 from rlme_pipeline.stages.aggregate import rewards_and_metrics
+from rlme_pipeline.storage import Store
 
 DEFINITION = "DEFINITION.json"
 ROLLOUT_COLUMNS = ["rollout_id", "iteration", "prompt_id", "prompt", "completion", "label"]
@@ -118,52 +120,82 @@ class ScoresetManifest(Commit):
 
 
 # --- inputs --------------------------------------------------------------------------------------
-def _load_list(path: str | Path, what: str) -> list:
-    try:
-        if "://" in str(path) and not str(path).startswith("file://"):  # s3://... from a deployment's parameters
-            import fsspec
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
 
-            with fsspec.open(str(path), "rt", encoding="utf-8") as f:
-                text = f.read()
-        else:
-            text = Path(str(path).removeprefix("file://")).read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file {str(path)!r} does not exist") from None
+
+def _read_text(path: str, storage_options: dict | None) -> str:
+    """A file at a local path or any fsspec URL, read through a Store so the storage options apply."""
+    if _is_url(path):
+        parent, _, leaf = path.rstrip("/").rpartition("/")
+    else:
+        local = Path(path.removeprefix("file://")).expanduser().absolute()
+        parent, leaf = str(local.parent), local.name
+    return Store(parent, storage_options).read_bytes(leaf).decode("utf-8")
+
+
+def _load_list(path: str, what: str, storage_options: dict | None) -> list:
+    fix = f"give a YAML list of {what} (the shape of the config's `{what}`, docs/config.md)"
+    try:
+        data = yaml.safe_load(_read_text(path, storage_options))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ConfigError(f"--{what} {path}: no such file; {fix}") from None
+    except PermissionError as e:
+        raise ConfigError(f"--{what} {path}: access denied ({e}); check the credentials in the environment") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--{what} {path}: not UTF-8 text; {fix}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(f"--{what} {path}: not valid YAML ({' '.join(str(e).split())}); {fix}") from None
     if isinstance(data, dict) and what in data:  # also accept a config-shaped file {questions: [...]}
         data = data[what]
     if not isinstance(data, list) or not data:
-        raise ConfigError(f"{path}: expected a non-empty YAML list of {what}")
+        raise ConfigError(f"--{what} {path}: expected a non-empty list; {fix}")
     return data
 
 
-def _validate(items: list, model, path, what: str) -> list:
+def _validate(items: list, model, path: str, what: str) -> list:
     try:
         out = TypeAdapter(list[model]).validate_python(items)
     except ValidationError as e:
-        lines = [f"  {what}[{'.'.join(map(str, err['loc']))}]: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{path} is invalid:\n" + "\n".join(lines)) from None
+        raise ConfigError(describe_errors(e, f"--{what} {path}", prefix=f"{what}.")) from None
     key = "id" if model is QuestionConfig else "name"
     names = [getattr(x, key) for x in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ConfigError(f"{path}: duplicate {what} {dup}; each {key} must be unique")
+        raise ConfigError(f"--{what} {path}: duplicate {what} {dup}; each {key} must be unique")
     return out
 
 
-def load_questions(path: str | Path) -> list[QuestionConfig]:
-    return _validate(_load_list(path, "questions"), QuestionConfig, path, "questions")
+def load_questions(path: str | Path, storage_options: dict | None = None) -> list[QuestionConfig]:
+    """Meta-questions from a local path or any fsspec URL; each mistake names the field and the fix."""
+    return _validate(_load_list(str(path), "questions", storage_options), QuestionConfig, str(path), "questions")
 
 
-def load_evaluators(path: str | Path) -> list[EvaluatorConfig]:
+def load_evaluators(path: str | Path, storage_options: dict | None = None) -> list[EvaluatorConfig]:
     """Relative model paths are relative to the evaluators file, like paths in a config."""
-    evs = _validate(_load_list(path, "evaluators"), EvaluatorConfig, path, "evaluators")
-    if "://" in str(path) and not str(path).startswith("file://"):
+    path = str(path)
+    evs = _validate(_load_list(path, "evaluators", storage_options), EvaluatorConfig, path, "evaluators")
+    if _is_url(path):
         return evs  # model references in a remote file are used as written
-    base = Path(str(path).removeprefix("file://")).resolve().parent
+    base = Path(path.removeprefix("file://")).resolve().parent
     return [ev.model_copy(update={"model": str((base / ev.model).resolve())}) if (base / ev.model).exists() else ev for ev in evs]
+
+
+def check_new(run: Run, name: str, resume: bool) -> None:
+    """The score set's name is usable: well formed, and new unless resuming (what `plan` checks first)."""
+    if not RUN_ID.match(name) or ".." in name or name == TRAIN:
+        raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (and not {TRAIN!r})")
+    if not resume and scoreset_store(run, name).exists(DEFINITION):
+        raise exists_error(run, name)
+
+
+def exists_error(run: Run, name: str) -> ScoresetExists:
+    complete = unit(run, name).committed()
+    return ScoresetExists(
+        f"--name {name!r}: score set already exists in {run.url} ({'complete' if complete else 'interrupted'}); "
+        "choose another --name"
+        + ("" if complete else ", or pass --resume to continue it with the same definition")
+    )
 
 
 def parse_iterations(spec: str | None, committed: list[int]) -> list[int]:
@@ -204,8 +236,7 @@ def plan(
     iterations: str | None = None, shard_rows: int = 256, resume: bool = False,
 ) -> Definition:
     """Check the inputs, pin the sources, and write DEFINITION.json (or check it, on resume)."""
-    if not RUN_ID.match(name) or ".." in name or name == TRAIN:
-        raise ValueError(f"score set name {name!r}: use letters, digits, '.', '_' and '-' (and not {TRAIN!r})")
+    check_new(run, name, resume=True)  # existence is decided below, by the exclusive create
     if questions is None and evaluators is None:
         raise ValueError("give new questions, new evaluators, or both: otherwise the score set would repeat training's")
     cfg = run.config()
@@ -230,11 +261,7 @@ def plan(
     if store.create_json(DEFINITION, record):  # exclusive: of two planners, one defines the score set
         return defn
     if not resume:
-        state = "complete" if unit(run, name).committed() else "interrupted"
-        raise ScoresetExists(
-            f"score set {name!r} already exists in {run.url} ({state}); choose another --name"
-            + ("" if state == "complete" else ", or pass --resume to continue it with the same definition")
-        )
+        raise exists_error(run, name)
     if store.read_json(DEFINITION)["hash"] != defn.hash():
         raise ScoresetExists(
             f"score set {name!r} was started with a different definition (questions, evaluators, iterations "

@@ -1,5 +1,6 @@
-"""Re-score tasks: plan, one task per shard, finalize. Inputs are URLs and names (and the flow's Backends:
-the shard tasks run in the flow's process and share its models and servers); outputs small dicts.
+"""Re-score tasks: plan, one task per shard, finalize. Inputs are URLs, names and non-secret storage
+options (and the flow's Backends: the shard tasks run in the flow's process and share its models and
+servers); outputs small dicts.
 
 Resumability lives in storage (shard records), not in Prefect's cache, hence cache_policy=NONE.
 """
@@ -16,12 +17,14 @@ from rlme_pipeline.run import Run
 
 @task(name="rescore-plan", cache_policy=NONE)
 def plan_task(run_uri: str, name: str, questions_file: str | None, evaluators_file: str | None,
-              iterations: str | None, shard_rows: int, resume: bool) -> list[tuple[int, int]]:
-    run = Run.from_url(run_uri)
+              iterations: str | None, shard_rows: int, resume: bool,
+              storage_options: dict | None = None) -> list[tuple[int, int]]:
+    run = Run.from_url(run_uri, storage_options)
+    run.meta()  # a missing or copied run says so in one line
     defn = scoreset.plan(
         run, name,
-        questions=scoreset.load_questions(questions_file) if questions_file else None,
-        evaluators=scoreset.load_evaluators(evaluators_file) if evaluators_file else None,
+        questions=scoreset.load_questions(questions_file, storage_options) if questions_file else None,
+        evaluators=scoreset.load_evaluators(evaluators_file, storage_options) if evaluators_file else None,
         iterations=iterations, shard_rows=shard_rows, resume=resume,
     )
     return scoreset.shards(defn)
@@ -29,11 +32,12 @@ def plan_task(run_uri: str, name: str, questions_file: str | None, evaluators_fi
 
 @task(name="rescore-shard", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],
       task_run_name="rescore-{name}-iter-{iteration}-shard-{shard}")
-def shard_task(run_uri: str, name: str, iteration: int, shard: int, backends: Backends) -> dict:
-    rec = scoreset.score_shard(Run.from_url(run_uri), name, iteration, shard, backends)
+def shard_task(run_uri: str, name: str, iteration: int, shard: int, backends: Backends,
+               storage_options: dict | None = None) -> dict:
+    rec = scoreset.score_shard(Run.from_url(run_uri, storage_options), name, iteration, shard, backends)
     return {k: rec.get(k) for k in ("iteration", "shard", "rollouts", "seconds", "ran")}
 
 
 @task(name="rescore-finalize", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10])
-def finalize_task(run_uri: str, name: str) -> dict:
-    return scoreset.finalize(Run.from_url(run_uri), name)
+def finalize_task(run_uri: str, name: str, storage_options: dict | None = None) -> dict:
+    return scoreset.finalize(Run.from_url(run_uri, storage_options), name)

@@ -78,6 +78,6 @@ def test_changed_experiment_on_an_existing_run_is_refused(demo_cfg):
     run = Run(Store(demo_cfg.run.storage), demo_cfg.run.id)
     run.open(demo_cfg)
     before = json.loads(run.store.read_bytes("run.json"))
-    with pytest.raises(RunMismatch, match="different configuration"):
+    with pytest.raises(RunMismatch, match="exists with another experiment: run.seed 0 -> 7; start a new --run-id"):
         run.open(demo_cfg.with_overrides(seed=7))
     assert json.loads(run.store.read_bytes("run.json")) == before
