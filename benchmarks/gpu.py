@@ -198,6 +198,9 @@ def main() -> None:
                     if out.get("prefect_imported") or out.get("s3fs_imported"):
                         sys.exit(f"benchmarks.gpu: the {impl} case imported prefect or s3fs; it must need neither")
                     res[impl].append(out)
+                    # one line per finished case, so a run cut off by its time limit still says what it measured
+                    print(f"# {name} {impl}: " + (out.get("error") or f"steady {out.get('steady', float('nan')):.3g} s/iter"),
+                          file=sys.stderr, flush=True)
             results.append((name, res))
 
     j = job
