@@ -4,11 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-<<<<<<< HEAD
-.PHONY: demo test lint test-vllm vllm-venv install clean bench
-=======
-.PHONY: demo test test-vllm vllm-venv install clean bench bench-gpu
->>>>>>> wt-gpu
+.PHONY: demo test lint test-vllm vllm-venv install clean bench bench-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -12,7 +12,7 @@ training run starts from, so both trainers keep fp32 master weights and compute 
           filler tokens to Qwen's size, so every id the models can sample decodes.
 The job (issue 14): 16 prompts x G=8, 128 new tokens, K=4 questions (each reward = the evaluator's
 log P(yes)), micro-batch 32 x 4 accumulation = one optimizer step per iteration, CISPO, beta 0.
-  rlme   `iteration.train` (no Prefect), policy and evaluator `dtype: bfloat16` on the card, hf backends,
+  rlme   `runner.train` (no Prefect), policy and evaluator `dtype: bfloat16` on the card, hf backends,
          every artifact written to local storage (rollouts/scores/rewards Parquet, checkpoint, manifest);
   TRL    GRPOTrainer(loss_type="cispo", beta=0, bf16=True, epsilon_high=5, scale_rewards="none", its
          defaults otherwise), one reward function per question (benchmarks/vs_trl.py, shared code).
