@@ -4,8 +4,8 @@
 
 Each case is a fresh subprocess with a fresh storage dir and PREFECT_HOME. "direct" does what the flow
 does without Prefect: load the config, `preflight`, `rlme_pipeline.runner.train(cfg, run)`. "prefect"
-runs under the Prefect settings `rlme train` uses (flows.local_prefect): an empty flow first (it starts
-Prefect's temporary local server; reported as startup), then `flows.train.rlme_train` for the same
+runs under the Prefect settings `rlme train` uses (rlme_flows.local_prefect): an empty flow first (it starts
+Prefect's temporary local server; reported as startup), then `rlme_flows.train.rlme_train` for the same
 config. Per-iteration time is the wall time of the training call divided by the iterations; the first
 iteration (model loads) is included in both. Cases alternate direct/prefect; overhead = median over
 pairs of prefect/direct - 1.
@@ -56,13 +56,13 @@ def _direct(c: dict) -> tuple[float, float, float]:
 
 
 def _prefect(c: dict) -> tuple[float, float, float]:
-    from flows.local_prefect import local_prefect
+    from rlme_flows.local_prefect import local_prefect
 
     t0 = time.perf_counter()
     with local_prefect():  # the settings `rlme train` runs its flow under
         from prefect import flow
 
-        from flows.train import rlme_train
+        from rlme_flows.train import rlme_train
 
         @flow
         def noop():

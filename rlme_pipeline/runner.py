@@ -1,7 +1,7 @@
 """The one training loop: the CLI's Prefect flow, the tests and the benchmarks all train through `train`.
 
     train(cfg, run)                       a plain process (tests, benchmarks)
-    train(cfg, run, wrap=stage_task)      flows/train.py: each step becomes a Prefect task
+    train(cfg, run, wrap=stage_task)      rlme_flows/train.py: each step becomes a Prefect task
 
 For each iteration not yet committed, for each stage: check the lease, read the stage's inputs from the
 run, call the pure stage (stages/), write its outputs under attempt-unique names, then its stage record;

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def rlme(*args: str, prefect_home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(prefect_home), "COLUMNS": "200"}
-    code = "from flows.cli import app; app()"
+    code = "from rlme_flows.cli import app; app()"
     return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=400)
 
 
@@ -40,7 +40,7 @@ def test_cli_on_s3_lease_and_no_secret_anywhere(s3, micro_config, tmp_path):
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from rlme_flows.cli import app
 
     for args in (("verify", run_url), ("gc", run_url), ("status", run_url)):  # in-process: no train, no Prefect
         r = CliRunner().invoke(app, list(args), terminal_width=200)

@@ -44,7 +44,7 @@ def _train_process(config: Path, crash_at: str | None, api_url: str) -> subproce
     env.pop("RLME_CRASH_AT", None)
     if crash_at:
         env["RLME_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-m", "flows.cli", "train", str(config)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "rlme_flows.cli", "train", str(config)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

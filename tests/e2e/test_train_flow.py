@@ -9,7 +9,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.train import artifact_key, rlme_train
+from rlme_flows.train import artifact_key, rlme_train
 from tests.conftest import DEMO
 
 

@@ -66,7 +66,7 @@ def test_empty_question_list_is_a_config_error(tmp_path):
 def test_cli_reports_and_exits_2_without_starting_prefect(tmp_path, tiny_models):
     path = _config(tmp_path, lambda d: d["data"].update(prompt_column="nope"))
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # any server contact would fail loudly
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "rlme_flows.cli", "train", path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "data.prompt_column: column 'nope' is not in" in " ".join(out.stdout.split())
     assert not (tmp_path / "runs" / "demo").exists()

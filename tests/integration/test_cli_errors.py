@@ -15,8 +15,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import flows.cli
-from flows.cli import app
+import rlme_flows.cli
+from rlme_flows.cli import app
 from rlme_pipeline import scoreset
 from rlme_pipeline.config import load_config
 from rlme_pipeline.run import Run
@@ -54,7 +54,7 @@ def no_prefect(monkeypatch):
         raise AssertionError("Prefect was started for a user error")
         yield  # pragma: no cover
 
-    monkeypatch.setattr(flows.cli, "local_prefect", refuse)
+    monkeypatch.setattr(rlme_flows.cli, "local_prefect", refuse)
     return entered
 
 
@@ -174,7 +174,7 @@ def test_s3_questions_file_with_the_endpoint_only_in_storage_options(s3, run, tm
     run_url, opt = f"s3://{s3.name}/runs/demo", ["-o", f"endpoint_url={s3.endpoint}"]
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": "http://127.0.0.1:9/api", "RLME_STORE_ATTEMPTS": "1"}
-    cmd = [sys.executable, "-m", "flows.cli", "rescore", run_url, "--name", "v2", "--questions", f"s3://{s3.name}/q/bad.yaml"]
+    cmd = [sys.executable, "-m", "rlme_flows.cli", "rescore", run_url, "--name", "v2", "--questions", f"s3://{s3.name}/q/bad.yaml"]
     p = subprocess.run([*cmd, *opt], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
     assert p.stdout.startswith("error: --questions s3://") and "questions.0.weight" in p.stdout and p.stdout.count("\n") == 1
@@ -188,7 +188,7 @@ def test_s3_questions_file_with_the_endpoint_only_in_storage_options(s3, run, tm
     s3.fs.invalidate_cache()
     assert s3.fs.exists(f"{s3.name}/runs/demo/scoresets/v2/MANIFEST.json")
     out = f"s3://{s3.name}/audit"
-    p = subprocess.run([sys.executable, "-m", "flows.cli", "audit", run_url, "--out", out, "--scoreset", "v2",
+    p = subprocess.run([sys.executable, "-m", "rlme_flows.cli", "audit", run_url, "--out", out, "--scoreset", "v2",
                         "--compare", "train", "--probe-prompts", "0", *opt], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     s3.fs.invalidate_cache()

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.status import NoRun, duration, number
+from rlme_flows.cli import app
+from rlme_flows.status import NoRun, duration, number
 from rlme_pipeline.run import Run, code_version
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def _rlme(*args: str, columns: int | None = None) -> subprocess.CompletedProcess
     env.pop("COLUMNS", None)
     if columns:
         env["COLUMNS"] = str(columns)
-    cmd = [sys.executable, "-m", "flows.cli", *args]
+    cmd = [sys.executable, "-m", "rlme_flows.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 

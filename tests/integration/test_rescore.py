@@ -169,7 +169,7 @@ def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
     import s3fs
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from rlme_flows.cli import app
 
     srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     srv.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from flows.train import split_run_uri, stage_tasks
+from rlme_flows.train import split_run_uri, stage_tasks
 from rlme_pipeline.config import ConfigError, load_config
 from tests.conftest import DEMO, ROOT
 
@@ -15,7 +15,7 @@ def test_prefect_yaml_deployments():
     deps = {x["name"]: x for x in d["deployments"]}
     assert set(deps) == {"scheduled", "rescore", "audit"}
     train = deps["scheduled"]
-    assert train["entrypoint"] == "flows.train:rlme_train" and train["work_pool"]["name"] == "rlme-process"
+    assert train["entrypoint"] == "rlme_flows.train:rlme_train" and train["work_pool"]["name"] == "rlme-process"
     assert train["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     assert train["schedules"][0]["cron"] and set(train["parameters"]) == {"config", "run_uri", "advance"}
     assert d["definitions"]["work_pools"]["gpu"]["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"]
@@ -52,14 +52,14 @@ def test_rescore_questions_file_from_s3(s3):
     uri = f"s3://{s3.name}/defs/questions.yaml"
     s3.fs.pipe(uri.removeprefix("s3://"), b"- id: brief\n  text: Is the answer brief?\n")
     assert [q.id for q in load_questions(uri)] == ["brief"]
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="missing.yaml: no such file"):
         load_questions(f"s3://{s3.name}/defs/missing.yaml")
 
 
 def test_local_prefect_turns_heartbeats_off_only_without_an_api_url():
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-    from flows.local_prefect import local_prefect
+    from rlme_flows.local_prefect import local_prefect
 
     default = get_current_settings().flows.heartbeat_frequency
     assert default  # Prefect's default: a heartbeat every few minutes
@@ -74,7 +74,7 @@ def test_local_prefect_turns_heartbeats_off_only_without_an_api_url():
 def test_background_reports_keep_order_and_a_failed_report_is_a_warning(caplog):
     import logging
 
-    from flows.train import background_reports
+    from rlme_flows.train import background_reports
 
     done = []
 

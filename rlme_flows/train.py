@@ -13,12 +13,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from flows.config_io import load
+from rlme_flows.config_io import load
 from rlme_pipeline.lease import LeaseHeld
 from rlme_pipeline.preflight import preflight
 from rlme_pipeline.run import Manifest, Run
 from rlme_pipeline.runner import STEPS, train
-from tasks.stages import stage_task, wrap_in
+from rlme_tasks.stages import stage_task, wrap_in
 
 
 def metrics_rows(manifest: Manifest) -> list[dict]:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from flows.local_prefect import local_prefect
+from rlme_flows.local_prefect import local_prefect
 
 app = typer.Typer(help="Reinforcement Learning from Meta-Evaluation.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
@@ -56,7 +56,7 @@ def train(
     run_id: Optional[str] = typer.Option(None, help="run id (overrides run.id)"),
 ):
     """Train (or continue) a run through the Prefect flow rlme_train."""
-    from flows.config_io import load
+    from rlme_flows.config_io import load
     from rlme_pipeline.config import ConfigError
     from rlme_pipeline.lease import LeaseHeld, LeaseLost
     from rlme_pipeline.preflight import preflight
@@ -71,7 +71,7 @@ def train(
         preflight(cfg, run.root)
         run.check(cfg)  # a changed experiment on an existing run id: the fields that differ, old -> new
         with local_prefect():  # before Prefect's import: it reads its settings then
-            from flows.train import rlme_train
+            from rlme_flows.train import rlme_train
 
             state = rlme_train(config=config, iterations=iterations, storage=storage, run_id=run_id, return_state=True)
         if state.is_cancelled():  # another process holds the run's lease: the flow touched nothing
@@ -84,10 +84,10 @@ def train(
 
 
 def _print_status(run, as_json: bool = False) -> None:
-    """The run's iterations (flows/status.py); a path without a run is a user error."""
+    """The run's iterations (rlme_flows/status.py); a path without a run is a user error."""
     import json
 
-    from flows.status import collect, render
+    from rlme_flows.status import collect, render
     from rlme_pipeline.run import CorruptRun
     from rlme_pipeline.storage import StorageError
 
@@ -109,7 +109,7 @@ STORAGE_OPTION = typer.Option([], "--storage-option", "-o", help="fsspec option 
 def _options(pairs: list[str]) -> dict:
     import yaml
 
-    from flows.config_io import public_options
+    from rlme_flows.config_io import public_options
 
     opts = {}
     for p in pairs:
@@ -226,7 +226,7 @@ def rescore(
         _fail(e)
     try:
         with local_prefect():
-            from flows.rescore import rlme_rescore
+            from rlme_flows.rescore import rlme_rescore
 
             result = rlme_rescore(run_uri=run_uri, name=name, questions=questions, evaluators=evaluators,
                                   iterations=iterations, resume=resume, shard_rows=shard_rows, storage_options=opts)
@@ -263,7 +263,7 @@ def audit(
                          "(and its --storage-option flags)"))
     try:
         with local_prefect():
-            from flows.audit import rlme_audit
+            from rlme_flows.audit import rlme_audit
 
             d = rlme_audit(run_uri=run_uri, out=out, scoreset=scoreset, compare=compare, probe_prompts=probe_prompts,
                            alarm_share=alarm_share, storage_options=opts)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.config_io import public_options
-from flows.train import artifact_key
+from rlme_flows.config_io import public_options
+from rlme_flows.train import artifact_key
 from rlme_pipeline.run import split_run_url
-from tasks.audit import audit_task, read_tables
+from rlme_tasks.audit import audit_task, read_tables
 
 
 @flow(name="rlme_audit", log_prints=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.config_io import public_options
-from flows.train import artifact_key
+from rlme_flows.config_io import public_options
+from rlme_flows.train import artifact_key
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.run import Run
-from tasks.rescore import finalize_task, plan_task, shard_task
+from rlme_tasks.rescore import finalize_task, plan_task, shard_task
 
 
 @flow(name="rlme_rescore", log_prints=True)
