@@ -7,6 +7,10 @@
     iter-000003/checkpoint.5d0e71aa/rng.safetensors     torch RNG states at the end of the update
     iter-000003/checkpoint.5d0e71aa/trainer_state.json  step counts, data cursor, seed
 
+A LoRA policy (policy.lora, adapters.py) writes adapter_model.safetensors + adapter_config.json (a peft
+adapter directory) in place of model.safetensors + config.json, its optimizer state covers the adapter
+only, and trainer_state.json records the base's weights hash under `base`.
+
 The directory name is attempt-unique (see run.py); manifests list its files under the logical names
 iter-000003/checkpoint/{file}. Prompts and sampling seeds derive from (seed, iteration, ...), so the
 data cursor is recorded for audits but never needed to resume. The learning rate is constant (there is
@@ -44,6 +48,8 @@ OPTIMIZER_STATE = "optimizer/state.json"
 LEGACY_OPTIMIZER = "optimizer.pt"  # read only: checkpoints written before optimizer/state.json
 RNG = "rng.safetensors"
 STATE = "trainer_state.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a LoRA policy's checkpoint: a peft adapter directory
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def cache_dir() -> Path:
@@ -101,10 +107,14 @@ def save(run: Run, iteration: int, model, tokenizer, optimizer, state: dict) -> 
         crash_point("upload:mid", iteration)
         return entry
 
-    weights = weights_of(model)
+    if is_adapted(model):
+        weights_name, weights = ADAPTER_WEIGHTS, adapter_tensors(model)
+        meta = {**_tokenizer_files(tokenizer), ADAPTER_CONFIG: adapter_config_bytes(model)}
+    else:
+        weights_name, weights, meta = WEIGHTS, weights_of(model), _metadata_files(model, tokenizer)
     structure, shards = optimizer_files(optimizer.state_dict(), target_bytes=_nbytes(weights.values()))
-    big = {WEIGHTS: weights, **shards}
-    small = {**_metadata_files(model, tokenizer), RNG: safetensors.torch.save(rng_state()),
+    big = {weights_name: weights, **shards}
+    small = {**meta, RNG: safetensors.torch.save(rng_state()),
              STATE: json.dumps(state, indent=2, sort_keys=True).encode(), OPTIMIZER_STATE: structure}
     try:
         with ThreadPoolExecutor(max_workers=len(big)) as pool:
@@ -131,6 +141,30 @@ def weights_of(model) -> dict[str, torch.Tensor]:
             seen.add(key)
             tensors[name] = t.detach()
     return tensors
+
+
+def is_adapted(model) -> bool:
+    """A peft model (a LoRA policy): its checkpoint is the adapter, not the weights."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # the `lora` extra is not installed: nothing can be adapted
+        return False
+
+    return isinstance(model, PeftModel)
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """The adapter's weights under peft's own names (what save_pretrained writes)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: t.detach() for k, t in get_peft_model_state_dict(model).items()}
+
+
+def adapter_config_bytes(model) -> bytes:
+    """adapter_config.json exactly as peft writes it, so the checkpoint is a directory peft can load."""
+    with tempfile.TemporaryDirectory(prefix="rlme-adapter-") as tmp:
+        model.peft_config["default"].save_pretrained(tmp)
+        return (Path(tmp) / ADAPTER_CONFIG).read_bytes()
 
 
 # --- the optimizer state: JSON for the structure, safetensors shards for the tensors -----------------
@@ -335,6 +369,13 @@ def _metadata_files(model, tokenizer) -> dict[str, bytes]:
         return {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
 
 
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The tokenizer files alone (an adapter directory has no config.json: it is not a full model)."""
+    with tempfile.TemporaryDirectory(prefix="rlme-ckpt-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {f.name: f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
+
+
 def _checkpoints_cache() -> Path:
     d = cache_dir() / "checkpoints"
     d.mkdir(parents=True, exist_ok=True)
@@ -366,7 +407,8 @@ def files_of(entries: list[FileEntry], iteration: int) -> list[FileEntry]:
 
 
 def weights_entry(files: list[FileEntry]) -> FileEntry:
-    return next(f for f in files if f.logical.endswith("/" + WEIGHTS))
+    """The policy's weights file (its hash is the policy version): the model's, or a LoRA adapter's."""
+    return next(f for f in files if f.logical.endswith(("/" + WEIGHTS, "/" + ADAPTER_WEIGHTS)))
 
 
 def local_dir(run: Run, iteration: int, files: list[FileEntry]) -> str:

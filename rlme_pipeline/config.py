@@ -153,6 +153,25 @@ class ModelConfig(Section):
     device: str = experiment("cpu", "torch device for the hf backend, e.g. cpu, cuda, cuda:1")
 
 
+class LoraConfig(Section):
+    """LoRA adapters on the policy (peft): only they train; the base weights stay frozen (rlme_pipeline/adapters.py)."""
+
+    r: int = experiment(16, "adapter rank: each adapted weight W (out x in) gains B (out x r) @ A (r x in)", ge=1)
+    alpha: float = experiment(32.0, "scale: the adapter adds (alpha / r) * B @ A to W", gt=0)
+    dropout: float = experiment(0.0, "dropout on the adapters' input while training (draws from the checkpointed torch RNG)", ge=0, lt=1)
+    target_modules: list[str] = experiment(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="names of the Linear modules to adapt (the last part of their module path, e.g. q_proj, "
+        "gate_proj); each must exist in the policy (checked before anything loads)", min_length=1)
+
+
+class PolicyConfig(ModelConfig):
+    """The model being trained."""
+
+    lora: LoraConfig | None = experiment_if_set(
+        None, "LoRA adapters (r, alpha, dropout, target_modules); null: full fine-tuning of every weight")
+
+
 class EvaluatorConfig(ModelConfig):
     """One evaluator j: a model whose answers to the meta-questions make the reward."""
 
@@ -343,7 +362,7 @@ class VllmConfig(Section):
 class Config(Section):
     run: RunConfig = experiment(RunConfig(), "which run, where, how far (only run.id and run.seed are hashed)")
     data: DataConfig = experiment(description="the prompts")
-    policy: ModelConfig = experiment(description="the model being trained")
+    policy: PolicyConfig = experiment(description="the model being trained (see PolicyConfig)")
     evaluators: list[EvaluatorConfig] = experiment(default_factory=list, description="the evaluators j (see EvaluatorConfig)")
     questions: list[QuestionConfig] = experiment(description="the meta-questions k (see QuestionConfig)", min_length=1)
     generation: GenerationConfig = experiment(GenerationConfig(), "sampling completions")

@@ -16,6 +16,7 @@ class ModelRef:
     version: str  # content hash of the weights
     dtype: str
     device: str
+    base: str | None = None  # set when `path` is a LoRA adapter checkpoint: the base model it adapts (adapters.py)
 
 
 def initial_policy(cfg: Config) -> ModelRef:
@@ -31,7 +32,8 @@ def policy_at(run: Run, cfg: Config, iteration: int) -> ModelRef:
     if not files:
         raise FileNotFoundError(f"{run.url}: iteration {iteration - 1} has no checkpoint yet; run its update stage first")
     path = checkpoint.local_dir(run, iteration - 1, files)
-    return ModelRef(path, checkpoint.weights_entry(files).sha256, cfg.policy.dtype, cfg.policy.device)
+    base = initial_policy(cfg).path if cfg.policy.lora is not None else None
+    return ModelRef(path, checkpoint.weights_entry(files).sha256, cfg.policy.dtype, cfg.policy.device, base)
 
 
 def evaluator_at(run: Run, cfg: Config, ev: EvaluatorConfig, iteration: int) -> ModelRef:

@@ -35,8 +35,42 @@ def _tokenizer_for(cfg: Config, ref: str, field: str):
         ) from None
 
 
+def _check_devices(cfg: Config) -> None:
+    import torch
+
+    models = [("policy.device", cfg.policy.device)]
+    models += [(f"evaluators[{i}].device", ev.device) for i, ev in enumerate(cfg.evaluators)
+               if ev.model not in (LIVE_SELF, FROZEN_SELF)]  # the self evaluators run on the policy's device
+    for field, device in models:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ConfigError(f"{field}: {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{field}: {device!r} but torch sees no CUDA device on this machine; use cpu "
+                              "(or install a CUDA build of torch on a machine with a GPU)")
+
+
+def _check_lora(cfg: Config) -> None:
+    if cfg.policy.lora is None:
+        return
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError("policy.lora needs peft: pip install 'rlme[lora]'") from None
+    from rlme_pipeline.adapters import check
+
+    try:
+        path = resolve_ref(cfg.resolve(cfg.policy.model))
+    except ValueError as e:
+        raise ConfigError(f"policy.model: {e}") from None
+    check(cfg, path)
+
+
 def preflight(cfg: Config, store: Store) -> None:
     check_installed(cfg.tracking)
+    _check_devices(cfg)
+    _check_lora(cfg)
     store.check_writable()
     prompts = load_prompts(cfg)
     prompt_indices(prompts.height, cfg.data.prompts_per_iteration, cfg.run.seed, 0)

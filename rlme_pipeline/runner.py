@@ -21,14 +21,14 @@ from collections.abc import Callable
 import polars as pl
 from pydantic import BaseModel
 
-from rlme_pipeline import checkpoint
+from rlme_pipeline import adapters, checkpoint
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
 from rlme_pipeline.data import load_prompts, prompts_for_iteration
 from rlme_pipeline.judging import Evaluator, evaluators_at, probe_metrics, run_probe, sample_prompts
 from rlme_pipeline.lease import Lease
-from rlme_pipeline.lineage import initial_policy, policy_at
+from rlme_pipeline.lineage import ModelRef, initial_policy, policy_at
 from rlme_pipeline.models import Loaded, inference_copy, master_dtype
 from rlme_pipeline.run import STAGES, CorruptRun, Manifest, Run, StageRecord
 from rlme_pipeline.seeds import derive
@@ -187,25 +187,45 @@ class Runner:
         cfg, run, pool = self.cfg, self.run, self.backends.pool
         rollouts, rewards = run.read_table(i, ROLLOUTS), run.read_table(i, REWARDS)
         ref = policy_at(run, cfg, i)
-        # Training changes the weights, so the model leaves the pool. A half-precision policy trains fp32
-        # master weights (models.master_dtype); its half copy that generated this iteration is done with.
-        master = master_dtype(ref.dtype)
-        lm = pool.take(ref.path, master, ref.device, ref.version)
-        if master != ref.dtype:
-            pool.discard(ref.path, ref.dtype, ref.device)
-        reference = None
-        if cfg.algorithm.beta > 0:  # the KL anchor is the initial policy; loaded only when it is used
-            init = initial_policy(cfg)
-            reference = pool.get(init.path, init.dtype, init.device, init.version).model
+        lora = cfg.policy.lora is not None
+        lm, reference = self._trainee(ref, i) if not lora else self._adapted_trainee(ref, i)
         opt_state = checkpoint.load_optimizer_state(ref.path) if lm.optimizer is None and i > 0 else None
         # The global torch RNG (dropout, if a model has it) continues from the previous checkpoint.
         checkpoint.restore_rng(ref.path if i > 0 else None, derive(cfg.run.seed, "torch"))
         opt, state, metrics = update(cfg, i, rollouts, rewards, lm, reference, opt_state)
+        if lora:
+            state["base"] = adapters.base_record(cfg)
         files = checkpoint.save(run, i, lm.model, lm.tokenizer, opt, state)
         version = checkpoint.weights_entry(files).sha256
-        path = checkpoint.local_dir(run, i, files)
-        # the trained model (and its optimizer) serves the next iteration without a reload
+        if lora:
+            adapters.trained(pool, cfg, lm, opt, version)
+        else:
+            self._keep_trained(ref, lm, opt, version, checkpoint.local_dir(run, i, files))
+        return files, metrics, {"policy_before": ref.version, "policy_after": version}
+
+    def _trainee(self, ref: ModelRef, i: int) -> tuple[Loaded, object]:
+        """(the policy to train, the KL reference or None). Training changes the weights, so the model
+        leaves the pool. A half-precision policy trains fp32 master weights (models.master_dtype); its
+        half copy that generated this iteration is done with."""
+        pool, master = self.backends.pool, master_dtype(ref.dtype)
+        lm = pool.take(ref.path, master, ref.device, ref.version)
+        if master != ref.dtype:
+            pool.discard(ref.path, ref.dtype, ref.device)
+        reference = None
+        if self.cfg.algorithm.beta > 0:  # the KL anchor is the initial policy; loaded only when it is used
+            init = initial_policy(self.cfg)
+            reference = pool.get(init.path, init.dtype, init.device, init.version).model
+        return lm, reference
+
+    def _adapted_trainee(self, ref: ModelRef, i: int) -> tuple[Loaded, object]:
+        """A LoRA policy trains its adapter in the pool's one copy of the base; the KL anchor is that same
+        model with the adapters off."""
+        lm = adapters.trainable(self.backends.pool, self.cfg, ref, i)
+        return lm, adapters.AdaptersOff(lm.model) if self.cfg.algorithm.beta > 0 else None
+
+    def _keep_trained(self, ref: ModelRef, lm: Loaded, opt, version: str, path: str) -> None:
+        """The trained model (and its optimizer) serves the next iteration without a reload."""
+        pool, master = self.backends.pool, master_dtype(ref.dtype)
         pool.put((path, master, ref.device), Loaded(lm.model, lm.tokenizer, version, path, opt))
         if master != ref.dtype:  # what the next iteration generates (and a live-self evaluator judges) with
             pool.put((path, ref.dtype, ref.device), Loaded(inference_copy(lm.model, ref.dtype), lm.tokenizer, version, path))
-        return files, metrics, {"policy_before": ref.version, "policy_after": version}

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rlme_pipeline import adapters
 from rlme_pipeline.backends import BackendError
 from rlme_pipeline.config import VllmConfig
 from rlme_pipeline.lineage import ModelRef
@@ -148,7 +149,7 @@ class Backends:
         if backend == "hf":
             from rlme_pipeline.backends.hf import HFGenerator
 
-            lm = self.pool.get(ref.path, ref.dtype, ref.device, ref.version)
+            lm = adapters.load(self.pool, ref)
             yield HFGenerator(lm.model, eos_ids(lm.model, lm.tokenizer), lm.tokenizer.pad_token_id), lm.tokenizer
         elif backend == "openai":
             from rlme_pipeline.backends.openai import OpenAIGenerator
@@ -169,7 +170,7 @@ class Backends:
         if backend == "hf":
             from rlme_pipeline.backends.hf import HFJudge
 
-            lm = self.pool.get(ref.path, ref.dtype, ref.device, ref.version)
+            lm = adapters.load(self.pool, ref)
             yield HFJudge(lm.model, lm.tokenizer.pad_token_id), lm.tokenizer
         elif backend == "openai":
             from rlme_pipeline.backends.openai import OpenAIJudge

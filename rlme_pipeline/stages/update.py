@@ -44,7 +44,8 @@ def update(cfg: Config, iteration: int, rollouts: pl.DataFrame, rewards: pl.Data
     model, tok = lm.model, lm.tokenizer
     opt = lm.optimizer  # set when this process trained the previous iteration: the state it saved
     if opt is None:
-        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        # Over the trainable parameters only: all of them in full fine-tuning, the adapter's with LoRA.
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr, weight_decay=o.weight_decay)
         if optimizer_state is not None:
             opt.load_state_dict(optimizer_state)
 
@@ -65,7 +66,7 @@ def update(cfg: Config, iteration: int, rollouts: pl.DataFrame, rewards: pl.Data
                               key=lambda it: len(it["prompt_token_ids"]) + len(it["completion_token_ids"]))
                 opt.zero_grad(set_to_none=True)
                 accumulate_step(model, reference, step, cfg, tok.pad_token_id, sums, first=epoch == 0 and s == 0)
-                sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+                sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], o.max_grad_norm)
                 opt.step()
                 advance()
                 crash_point("update:mid", iteration)
