@@ -112,12 +112,17 @@ def test_rescore_and_audit_of_a_lora_run_reproduce_training_judgements(tiny_mode
     # re-score with training's own questions and evaluators, in a fresh process's pool: the live self of
     # iteration 1 is the base plus checkpoint 0's adapter, the frozen self the base with adapters off
     scoreset.rescore(run, "again", questions=list(cfg.questions), shard_rows=10)
-    key = ["rollout_id", "evaluator", "question_id"]
+    key = ["rollout_id", "question_id"]
     for i in (0, 1):
-        trained = run.read_table(i, "scores.parquet").sort(key)
-        again = scoreset.read_table(run, "again", i, "scores.parquet").sort(key)
+        trained = run.read_table(i, "scores.parquet")
+        again = scoreset.read_table(run, "again", i, "scores.parquet")
         assert again.height == trained.height
-        assert again["logp_yes"].to_list() == trained["logp_yes"].to_list(), i
+        logp = {(src, ev): t.filter(pl.col("evaluator") == ev).sort(key)["logp_yes"].to_numpy()
+                for src, t in (("train", trained), ("again", again)) for ev in ("frozen", "live", "other")}
+        for ev in ("frozen", "live", "other"):  # equal up to float summation order (other batch shapes)
+            assert abs(logp["again", ev] - logp["train", ev]).max() < 1e-5, (i, ev)
+        if i == 1:  # and the live self is not the base: its difference from the frozen self is real
+            assert abs(logp["again", "live"] - logp["again", "frozen"]).max() > 1e-3
     digest = audit(run, Store(str(tmp_path / "audit")), "again", compare_to="train", probe_prompts=1)
     assert digest
 
