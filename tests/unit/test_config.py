@@ -126,6 +126,8 @@ def legacy_hash(cfg) -> str:
     d.pop("probe")
     if d.get("label_reward") is None:
         d.pop("label_reward", None)
+    if d["policy"].get("lora") is None:  # added after the legacy hash; hashed only when set
+        d["policy"].pop("lora", None)
     d["optimizer"].pop("logprob_chunk_tokens")
     d["optimizer"].pop("gradient_checkpointing")  # added after the legacy hash; operational
     d.pop("tracking")  # added after the legacy hash; operational
@@ -143,6 +145,7 @@ def legacy_hash(cfg) -> str:
         lambda d: d["optimizer"].update(logprob_chunk_tokens=1024, lr=3e-4),
         lambda d: d["data"].update(system_prompt="Be brief.", id_column=None),
         lambda d: d["evaluators"][0].update(dtype="bfloat16", device="cuda"),
+        lambda d: d["policy"].update(lora={"r": 8, "target_modules": ["q_proj"]}),
     ],
 )
 def test_hash_is_the_legacy_hash_so_existing_runs_resume(mutate):
