@@ -161,10 +161,16 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def adapter_config_bytes(model) -> bytes:
-    """adapter_config.json exactly as peft writes it, so the checkpoint is a directory peft can load."""
+    """adapter_config.json as peft writes it (the checkpoint is a directory peft can load), made stable."""
     with tempfile.TemporaryDirectory(prefix="rlme-adapter-") as tmp:
         model.peft_config["default"].save_pretrained(tmp)
-        return (Path(tmp) / ADAPTER_CONFIG).read_bytes()
+        doc = json.loads((Path(tmp) / ADAPTER_CONFIG).read_text())
+    # peft keeps target_modules as a set: its order follows the process's string hash seed, so a resumed
+    # process would write different bytes. Sorted, the file is a function of the config alone.
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(doc.get(key), list):
+            doc[key] = sorted(doc[key])
+    return json.dumps(doc, indent=2, sort_keys=True).encode()
 
 
 # --- the optimizer state: JSON for the structure, safetensors shards for the tensors -----------------

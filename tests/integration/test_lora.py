@@ -182,3 +182,37 @@ def test_the_config_hash_is_unchanged_without_a_lora_block(tiny_models):
     assert validate_config(d).hash() != plain.hash()
     d["policy"]["lora"] = None
     assert validate_config(d).hash() == plain.hash()
+
+
+def _train_process(config_path, crash_at: str | None):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.run import Run; "
+            "from rlme_pipeline.runner import train; c = load_config(sys.argv[1]); train(c, Run.for_config(c))")
+    env = {**os.environ, "PYTHONPATH": str(DEMO.parent.parent), "OMP_NUM_THREADS": "1"}
+    env.pop("RLME_CRASH_AT", None)
+    if crash_at:
+        env["RLME_CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, "-c", code, str(config_path)], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_lora_run_killed_anywhere_resumes_to_the_uninterrupted_result(tiny_models, tmp_path):
+    import signal
+
+    ref_cfg = lora_cfg(tmp_path / "ref")
+    train(ref_cfg, Run.for_config(ref_cfg))
+    cfg = lora_cfg(tmp_path / "killed")
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    # inside the first adapter's training and its checkpoint write, then inside iteration 1 (whose
+    # process loads the base from the config and the adapter, optimizer and RNG from checkpoint 0)
+    for point in ["update:mid@0", "upload:mid@0", "score:mid@1", "update:mid@1"]:
+        p = _train_process(path, point)
+        assert p.returncode == -signal.SIGKILL, f"{point}: {p.returncode}\n{p.stderr[-3000:]}"
+    p = _train_process(path, None)
+    assert p.returncode == 0, p.stderr[-3000:]
+    contents = [{f.logical: f.sha256 for i in (0, 1) for f in Run.for_config(c).manifest(i).files} for c in (ref_cfg, cfg)]
+    assert contents[0] == contents[1]
