@@ -12,7 +12,6 @@ that same model with its adapters switched off (`AdaptersOff`), never a second c
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch

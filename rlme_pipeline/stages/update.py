@@ -45,7 +45,8 @@ def update(cfg: Config, iteration: int, rollouts: pl.DataFrame, rewards: pl.Data
     opt = lm.optimizer  # set when this process trained the previous iteration: the state it saved
     if opt is None:
         # Over the trainable parameters only: all of them in full fine-tuning, the adapter's with LoRA.
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr, weight_decay=o.weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay)
         if optimizer_state is not None:
             opt.load_state_dict(optimizer_state)
 

@@ -29,7 +29,8 @@ def lora_cfg(root, lora=LORA, iterations=2, **over):
     d["run"].update(storage=str(root / "runs"), iterations=iterations)
     d["data"].update(path=str(DEMO.parent.parent / "data" / "demo_prompts.jsonl"), prompts_per_iteration=4)
     d["policy"]["lora"] = lora
-    d["evaluators"] = [{"name": "other", "model": "tiny:evaluator"}, {"name": "frozen", "model": "policy@initial", "weight": 0.5},
+    d["evaluators"] = [{"name": "other", "model": "tiny:evaluator"},
+                       {"name": "frozen", "model": "policy@initial", "weight": 0.5},
                        {"name": "live", "model": "policy", "weight": 0.5}]
     d["algorithm"]["beta"] = 0.05  # the KL reference is the base with the adapters off
     d["probe"]["every"] = 0
@@ -52,6 +53,11 @@ class Loads:
         monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(counting))
 
 
+def _contents(cfg) -> dict[str, str]:
+    """logical name -> sha256 of every committed file of iterations 0 and 1."""
+    return {f.logical: f.sha256 for i in (0, 1) for f in Run.for_config(cfg).manifest(i).files}
+
+
 def _ckpt(run: Run, i: int) -> dict[str, str]:
     files = checkpoint.files_of(run.manifest(i).files, i)
     return {f.logical.rpartition("/checkpoint/")[2]: run.store.abs(f.path) for f in files}
@@ -67,7 +73,8 @@ def test_lora_run_trains_the_adapter_on_one_base_in_memory(tiny_models, tmp_path
     assert sorted(loads.paths) == sorted([str(tiny_models["policy"]), str(tiny_models["evaluator"])]), loads.paths
 
     base_hash = weights_version(str(tiny_models["policy"]))
-    for i, m in enumerate(made):
+    assert len(made) == 2
+    for i in (0, 1):
         files = _ckpt(run, i)
         assert "adapter_model.safetensors" in files and "adapter_config.json" in files
         assert "model.safetensors" not in files and "config.json" not in files
@@ -86,7 +93,8 @@ def test_lora_run_trains_the_adapter_on_one_base_in_memory(tiny_models, tmp_path
     assert run.read_record(1, "update").info["policy_before"] == run.read_record(0, "update").info["policy_after"]
 
     scores = pl.concat([run.read_table(i, "scores.parquet").with_columns(it=pl.lit(i)) for i in (0, 1)])
-    by = {(r["it"], r["evaluator"]): r for r in scores.group_by("it", "evaluator").agg(pl.col("logp_yes").sort_by("rollout_id", "question_id")).to_dicts()}
+    per = scores.group_by("it", "evaluator").agg(pl.col("logp_yes").sort_by("rollout_id", "question_id"))
+    by = {(r["it"], r["evaluator"]): r for r in per.to_dicts()}
     # iteration 0: the policy is the base, so the live self judges exactly as the frozen self
     assert by[(0, "live")]["logp_yes"] == by[(0, "frozen")]["logp_yes"]
     # iteration 1: the live self has a trained adapter, the frozen self has it switched off
@@ -101,8 +109,7 @@ def test_lora_resume_in_a_new_process_is_byte_identical(tiny_models, tmp_path):
     # each train() opens its own Backends (model pool): like a new process, iteration 1 loads the base
     # from the config and the adapter (and its optimizer state, and the RNG for dropout) from checkpoint 0
     train(resumed, Run.for_config(resumed))
-    contents = [{f.logical: f.sha256 for i in (0, 1) for f in Run.for_config(c).manifest(i).files} for c in (straight, resumed)]
-    assert contents[0] == contents[1]
+    assert _contents(straight) == _contents(resumed)
 
 
 def test_rescore_and_audit_of_a_lora_run_reproduce_training_judgements(tiny_models, tmp_path):
@@ -195,7 +202,8 @@ def _train_process(config_path, crash_at: str | None):
     env.pop("RLME_CRASH_AT", None)
     if crash_at:
         env["RLME_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-c", code, str(config_path)], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, str(config_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.slow
@@ -214,5 +222,4 @@ def test_a_lora_run_killed_anywhere_resumes_to_the_uninterrupted_result(tiny_mod
         assert p.returncode == -signal.SIGKILL, f"{point}: {p.returncode}\n{p.stderr[-3000:]}"
     p = _train_process(path, None)
     assert p.returncode == 0, p.stderr[-3000:]
-    contents = [{f.logical: f.sha256 for i in (0, 1) for f in Run.for_config(c).manifest(i).files} for c in (ref_cfg, cfg)]
-    assert contents[0] == contents[1]
+    assert _contents(ref_cfg) == _contents(cfg)
