@@ -64,8 +64,12 @@ class Lease:
         self.store = store
         self.ttl = ttl or ttl_default()
         self.token = uuid.uuid4().hex
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                       **{k: v for k, v in holder_info.items() if v is not None}}
+        self.holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self.token,
+            **{k: v for k, v in holder_info.items() if v is not None},
+        }
         self.gen: int | None = None
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -85,8 +89,14 @@ class Lease:
             return None  # unreadable: treated as expired rather than blocking the run forever
 
     def _record(self, released: bool = False) -> dict:
-        return {"holder": self.holder, "acquired_at": self._acquired_at, "renewed_at": time.time(),
-                "expires_at": 0.0 if released else time.time() + self.ttl, "released": released, "ttl_s": self.ttl}
+        return {
+            "holder": self.holder,
+            "acquired_at": self._acquired_at,
+            "renewed_at": time.time(),
+            "expires_at": 0.0 if released else time.time() + self.ttl,
+            "released": released,
+            "ttl_s": self.ttl,
+        }
 
     # --- protocol ----------------------------------------------------------------------------------
     def acquire(self) -> Lease:

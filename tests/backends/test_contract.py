@@ -26,9 +26,9 @@ BACKENDS = ["hf", "openai", "vllm"]
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_models):
-    from rlme_pipeline.models import load_tokenizer
-
     from transformers import AutoModelForCausalLM
+
+    from rlme_pipeline.models import load_tokenizer
 
     path = str(tiny_models["policy"])
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), load_tokenizer(path)

@@ -17,23 +17,35 @@ from tests.conftest import ROOT
 
 def _run(module: str, timeout: int = 900) -> str:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    p = subprocess.run([sys.executable, "-m", module, "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", module, "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert p.returncode == 0, f"{module} --tiny failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     assert "| --- |" in p.stdout, p.stdout  # printed its table
     return p.stdout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["benchmarks.scoring", "benchmarks.logprobs", "benchmarks.orchestration",
-                                    "benchmarks.rescore_memory", "benchmarks.sampler",
-                                    "benchmarks.checkpoint"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "benchmarks.scoring",
+        "benchmarks.logprobs",
+        "benchmarks.orchestration",
+        "benchmarks.rescore_memory",
+        "benchmarks.sampler",
+        "benchmarks.checkpoint",
+    ],
+)
 def test_benchmark_smoke(module):
     _run(module)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
-                    reason="TRL is a benchmark-only extra (pip install -e '.[bench]'); the default test env has none")
+@pytest.mark.skipif(
+    importlib.util.find_spec("trl") is None,
+    reason="TRL is a benchmark-only extra (pip install -e '.[bench]'); the default test env has none",
+)
 def test_vs_trl_smoke():
     out = _run("benchmarks.vs_trl", timeout=1500)
     assert "k1 (K=1)" in out
@@ -45,8 +57,14 @@ def test_gpu_benchmark_dry_cpu():
     master weights), TRL runs or is skipped with its reason, and neither case imports prefect or s3fs (the
     script exits non-zero if one does)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--dry-cpu"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=1500)
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--dry-cpu"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert p.returncode == 0, f"benchmarks.gpu --dry-cpu failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     assert "| --- |" in p.stdout and "| pair | rlme |" in p.stdout and "| qwen05 | rlme |" in p.stdout, p.stdout
     assert "qwen05: policy" in p.stdout

@@ -39,6 +39,18 @@ def test_paper_mini_smoke(tmp_path):
         return
     assert (out / "curves.png").stat().st_size > 1000
     # rerun reuses the cached models (no SFT) and starts the RL runs afresh
-    again = bench.main(["--size", "smoke", "--out", str(out), "--cache", str(tmp_path / "cache"), "--threads", "1",
-                        "--methods", "rlvr"])
+    again = bench.main(
+        [
+            "--size",
+            "smoke",
+            "--out",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--threads",
+            "1",
+            "--methods",
+            "rlvr",
+        ]
+    )
     assert again["judge"] == result["judge"]
