@@ -1,13 +1,34 @@
-"""One trainer per run: the lease on local disk and on S3."""
+"""One trainer per run: the lease on local disk and on S3.
+
+Expiry is judged on a clock the test advances by hand (`Clock`), so no test races a deadline: a lease is
+expired exactly when the test says so, however slow the machine or the store's retries.
+"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
 
-from rlme_pipeline.lease import Lease, LeaseHeld, LeaseLost
+from rlme_pipeline.lease import Lease, LeaseHeld, LeaseLost, describe
 from rlme_pipeline.storage import Store
+
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    """Seconds since the epoch that move only when told."""
+
+    def __init__(self, t: float = T0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> None:
+        self.t += s
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -17,32 +38,90 @@ def run_store(request, tmp_path):
     return Store(request.getfixturevalue("s3").url("runs/r1"))
 
 
+def _current(store: Store) -> dict:
+    gens = sorted(n for n in store.ls("lease") if n.endswith(".json"))
+    return store.read_json(f"lease/{gens[-1]}")
+
+
 def test_second_holder_is_refused_with_the_holders_name(run_store):
-    with Lease(run_store, ttl=60, flow_run="flow-123"):
-        with pytest.raises(LeaseHeld, match=r"being trained by pid \d+ on .*flow_run flow-123"):
-            Lease(run_store, ttl=60).acquire()
-    # released: the next one gets it at once
-    with Lease(run_store, ttl=60) as again:
+    clock = Clock()
+    with Lease(run_store, ttl=60, clock=clock, flow_run="flow-123") as first:
+        assert first.gen == 1
+        rec = _current(run_store)
+        assert (rec["acquired_at"], rec["renewed_at"], rec["expires_at"], rec["released"]) == (T0, T0, T0 + 60, False)
+        clock.advance(59)  # one second before expiry: still held
+        with pytest.raises(LeaseHeld, match=r"being trained by pid \d+ on .*flow_run flow-123.*expires in 1s"):
+            Lease(run_store, ttl=60, clock=clock).acquire()
+    assert _current(run_store)["released"] is True and _current(run_store)["expires_at"] == 0.0
+    # released: the next one gets it at once, long before the old expiry, and older generations are removed
+    with Lease(run_store, ttl=60, clock=clock) as again:
         assert again.gen == 2
+        assert sorted(run_store.ls("lease")) == ["00000002.json"]
 
 
 def test_expired_lease_is_taken_over_and_the_old_holder_notices(run_store):
-    crashed = Lease(run_store, ttl=0.5).acquire()  # acquired and never renewed: a killed process
-    time.sleep(0.6)
-    taker = Lease(run_store, ttl=60).acquire()
+    clock = Clock()
+    crashed = Lease(run_store, ttl=30, clock=clock).acquire()  # acquired and never renewed: a killed process
+    clock.advance(30)  # expires_at == now: no longer live
+    taker = Lease(run_store, ttl=60, clock=clock).acquire()
     assert taker.gen == crashed.gen + 1
+    crashed.check()  # nothing noticed until its next renewal
     crashed.renew()  # the "crashed" holder wakes up: its renewal sees the newer generation
     with pytest.raises(LeaseLost, match="created by another process"):
         crashed.check()
     crashed.release()  # must not release the taker's lease
+    assert _current(run_store)["holder"]["token"] == taker.token and not _current(run_store)["released"]
     with pytest.raises(LeaseHeld):
-        Lease(run_store, ttl=60).acquire()
+        Lease(run_store, ttl=60, clock=clock).acquire()
     taker.release()
 
 
+def test_renewal_moves_the_expiry_forward(run_store):
+    clock = Clock()
+    holder = Lease(run_store, ttl=60, clock=clock).acquire()
+    clock.advance(50)
+    holder.renew()
+    assert _current(run_store)["expires_at"] == T0 + 110 and _current(run_store)["renewed_at"] == T0 + 50
+    clock.advance(50)  # past the first expiry, before the renewed one
+    with pytest.raises(LeaseHeld):
+        Lease(run_store, ttl=60, clock=clock).acquire()
+    holder.check()
+    clock.advance(10)  # now == the renewed expiry: free
+    assert Lease(run_store, ttl=60, clock=clock).acquire().gen == holder.gen + 1
+
+
 def test_renewal_keeps_a_live_holder(run_store):
-    with Lease(run_store, ttl=1.0) as holder:
-        time.sleep(2.5)  # several TTLs: the background thread renews every ttl/3
+    """The background thread renews on its own: frozen clock far past the first expiry, and the holder
+    still holds the run once the thread has written a record dated on that clock."""
+    clock = Clock()
+    with Lease(run_store, ttl=0.3, clock=clock) as holder:  # the thread renews every ttl/3 = 0.1 s (real time)
+        clock.advance(1000)
+        deadline = time.monotonic() + 30  # a wait for an event, not a timing assertion
+        while _current(run_store)["expires_at"] != T0 + 1000.3:
+            assert time.monotonic() < deadline, "the background thread never renewed the lease"
+            time.sleep(0.05)
         with pytest.raises(LeaseHeld):
-            Lease(run_store, ttl=60).acquire()
+            Lease(run_store, ttl=60, clock=clock).acquire()
         holder.check()
+    assert _current(run_store)["released"] is True
+
+
+def test_a_dead_local_holder_is_taken_over_before_expiry(tmp_path):
+    clock = Clock()
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    here, there = Store(str(tmp_path / "here")), Store(str(tmp_path / "there"))
+    dead = Lease(here, ttl=600, clock=clock)
+    dead.holder["pid"] = gone  # a process of this host that has exited
+    dead.acquire()
+    assert Lease(here, ttl=60, clock=clock).acquire().gen == 2
+    # a holder on another host is not judged by this host's process table: it keeps the run until expiry
+    remote = Lease(there, ttl=600, clock=clock)
+    remote.holder.update(host="elsewhere", pid=gone)
+    remote.acquire()
+    with pytest.raises(LeaseHeld, match="on elsewhere"):
+        Lease(there, ttl=60, clock=clock).acquire()
+
+
+def test_describe_names_host_pid_and_extras():
+    assert describe({"host": "h", "pid": 7, "token": "t", "flow_run": "f", "purpose": "gc"}) == "pid 7 on h (flow_run f, purpose gc)"
+    assert describe({"host": "h", "pid": 7, "token": "t"}) == "pid 7 on h"
