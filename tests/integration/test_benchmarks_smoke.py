@@ -5,7 +5,6 @@ The benchmarks themselves are not part of the test run (`make bench` runs them a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from tests.requires import require
 
 
 def _run(module: str, timeout: int = 900) -> str:
@@ -30,8 +30,7 @@ def test_benchmark_smoke(module):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
-                    reason="TRL is a benchmark-only extra (pip install -e '.[bench]'); the default test env has none")
 def test_vs_trl_smoke():
+    require("trl", "accelerate")  # in the dev extra: the TRL comparison runs in CI so it cannot rot
     out = _run("benchmarks.vs_trl", timeout=1500)
     assert "k1 (K=1)" in out
