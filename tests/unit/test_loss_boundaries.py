@@ -39,6 +39,8 @@ def test_ppo_clip_at_and_past_both_edges(kind):
              (0.75, -1.0, 0.75, 0.0, True),   # lower edge, A < 0
              (0.5, -1.0, 0.75, 1.0, False),   # past it: clipped at 1 - eps
              (0.5, 1.0, -0.5, 0.0, True),     # past it with A > 0: unclipped wins
+             (1.5, 2.0, -2.5, 1.0, False),    # |A| != 1: the clipped objective is (1 + eps) * A
+             (0.5, -4.0, 3.0, 1.0, False),    # and (1 - eps) * A on the other side
              (1.0, 0.0, 0.0, 0.0, True)]      # no advantage: no loss
     logp, old = _at([c[0] for c in cases])
     adv = _t([c[1] for c in cases])
@@ -79,7 +81,7 @@ def test_kl_only_with_a_positive_beta():
     d = math.log(2.0)  # ref - logp for the second token; 0 for the first
     assert st["kl"].tolist() == pytest.approx([0.0, 2.0 - d - 1.0], abs=1e-15)
     assert terms.tolist() == pytest.approx([0.0, 0.5 * (2.0 - d - 1.0)], abs=1e-15)
-    with pytest.raises(AssertionError, match="reference"):
+    with pytest.raises(AssertionError, match=r"^beta > 0 needs reference log-probs$"):
         token_terms("cispo", logp, old, _t([0.0, 0.0]), eps=EPS, eps_high=EPS_HIGH, beta=0.1)
 
 
