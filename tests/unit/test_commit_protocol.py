@@ -81,3 +81,21 @@ def test_attempt_names_are_unique_per_attempt():
     assert attempt_name("run.json", "ff") == "run.ff.json"
     a, b = attempt_name("iter-000001/x.parquet"), attempt_name("iter-000001/x.parquet")
     assert a != b and a.startswith("iter-000001/x.") and a.endswith(".parquet")
+
+
+def test_before_the_commit_readers_see_finished_stages_only(run):
+    cfg = validate_config(BASE)
+    assert run.iterations() == [] and run.files(0) == []
+    recs = _records(run, 0, "a")
+    run.store.write_bytes("iter-000000/stray.bin", b"left by a killed attempt")
+    run.store.write_bytes("iter-x/whatever.bin", b"not an iteration")
+    assert run.iterations() == [0] and run.committed() == []
+    assert run.path(0, "aggregate.bin") == recs[1].files[0].path
+    with pytest.raises(FileNotFoundError, match="iter-000000/stray.bin is listed by no manifest or stage record"):
+        run.path(0, "stray.bin")
+    run.commit(0, cfg, recs[:1])  # the manifest decides from now on, not the stage records
+    assert [f.logical for f in run.files(0)] == ["iter-000000/generate.bin"]
+    with pytest.raises(FileNotFoundError):
+        run.path(0, "aggregate.bin")
+    _records(run, 11, "b")
+    assert run.iterations() == [0, 11] and run.committed() == [0]

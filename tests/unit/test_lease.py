@@ -125,3 +125,74 @@ def test_a_dead_local_holder_is_taken_over_before_expiry(tmp_path):
 def test_describe_names_host_pid_and_extras():
     assert describe({"host": "h", "pid": 7, "token": "t", "flow_run": "f", "purpose": "gc"}) == "pid 7 on h (flow_run f, purpose gc)"
     assert describe({"host": "h", "pid": 7, "token": "t"}) == "pid 7 on h"
+
+
+def test_the_record_says_who_and_until_when(tmp_path, monkeypatch):
+    store, clock = Store(str(tmp_path / "r")), Clock()
+    lease = Lease(store, ttl=45, clock=clock, flow_run="f1", purpose=None).acquire()  # None extras are left out
+    rec = _current(store)
+    assert set(rec["holder"]) == {"host", "pid", "token", "flow_run"} and rec["holder"]["token"] == lease.token
+    assert rec["ttl_s"] == 45 and rec["holder"]["flow_run"] == "f1"
+    monkeypatch.setenv("RLME_LEASE_TTL", "7.5")
+    assert Lease(store).ttl == 7.5  # the default TTL comes from the environment when set
+    monkeypatch.delenv("RLME_LEASE_TTL")
+    assert Lease(store).ttl == 120.0
+
+
+def test_an_unreadable_or_foreign_generation_does_not_block_the_run(tmp_path):
+    store, clock = Store(str(tmp_path / "r")), Clock()
+    store.write_bytes("lease/00000003.json", b'{"holder": {"pid"')  # torn write of a crashed holder
+    store.write_bytes("lease/notes.txt", b"x")
+    store.write_bytes("lease/abc.json", b"{}")
+    lease = Lease(store, ttl=60, clock=clock).acquire()
+    assert lease.gen == 4
+    assert sorted(store.ls("lease")) == ["00000004.json", "abc.json", "notes.txt"]  # older generations removed
+
+
+def test_a_create_whose_reply_was_lost_is_recognised_as_ours(tmp_path):
+    store, clock = Store(str(tmp_path / "r")), Clock()
+    lease = Lease(store, ttl=60, clock=clock)
+    lease._acquired_at = clock()
+    assert store.create_json("lease/00000001.json", lease._record())  # landed; the caller never heard back
+    assert lease.acquire().gen == 1  # a retry finds its own token instead of refusing itself
+
+
+def test_contention_gives_up_with_a_clear_error(tmp_path, monkeypatch):
+    store, clock = Store(str(tmp_path / "r")), Clock()
+    monkeypatch.setattr(store, "create_json", lambda rel, obj: False)  # every create loses the race
+    with pytest.raises(LeaseHeld, match="could not acquire the lease .contended."):
+        Lease(store, ttl=60, clock=clock).acquire()
+
+
+def test_a_lost_lease_is_neither_renewed_nor_released(tmp_path):
+    store, clock = Store(str(tmp_path / "r")), Clock()
+    old = Lease(store, ttl=10, clock=clock).acquire()
+    clock.advance(11)
+    new = Lease(store, ttl=60, clock=clock).acquire()
+    old.renew()  # notices
+    before = store.read_bytes(f"lease/{new.gen:08d}.json")
+    old.renew()  # lost: writes nothing more
+    old.release()
+    assert store.read_bytes(f"lease/{new.gen:08d}.json") == before
+    assert _current(store)["holder"]["token"] == new.token and not _current(store)["released"]
+
+
+def test_a_failed_renewal_is_a_warning_and_the_next_one_retries(tmp_path, caplog):
+    store, clock = Store(str(tmp_path / "r")), Clock()
+    calls = []
+    with Lease(store, ttl=0.3, clock=clock) as lease:
+        real = lease.renew
+
+        def flaky():
+            calls.append(1)
+            if len(calls) == 1:
+                raise ConnectionError("store unreachable")
+            real()
+
+        lease.renew = flaky
+        clock.advance(100)
+        deadline = time.monotonic() + 30
+        while _current(store)["expires_at"] != T0 + 100.3:
+            assert time.monotonic() < deadline, "no renewal after the failed one"
+            time.sleep(0.05)
+    assert "lease renewal" in caplog.text and "store unreachable" in caplog.text
