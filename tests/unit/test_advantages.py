@@ -140,3 +140,17 @@ def test_with_advantages_keeps_other_columns():
     assert out["x"].to_list() == [7, 8, 9] and out["advantage"].to_list()[:2] == [-1.0, 1.0]
     assert math.isnan(out["advantage"][2])
     assert with_advantages(df, scale_std=True)["advantage"].to_list()[:2] == [-1.0 / (1.0 + EPS), 1.0 / (1.0 + EPS)]
+
+
+def test_three_weight_pairs_and_a_rollout_nobody_judged():
+    """Three (evaluator, question) pairs: a weights table as square as its schema (polars must not read
+    its rows as columns); a rollout with no scores at all has every component failed, not zero."""
+    rollouts = pl.DataFrame({"rollout_id": ["a", "b", "z"], "prompt_id": ["p", "p", "p"], "iteration": [0, 0, 0]})
+    rows = [(rid, q, ly) for rid, base in (("a", -1.0), ("b", -2.0)) for q, ly in (("x", base), ("y", base * 2), ("w", base * 4))]
+    scores = pl.DataFrame({"rollout_id": [r[0] for r in rows], "evaluator": ["e"] * 6, "question_id": [r[1] for r in rows],
+                           "logp_yes": [r[2] for r in rows], "logp_no": [-1.0] * 6, "p_yes": [0.5] * 6, "status": ["ok"] * 6})
+    out = _by_id(compute_rewards(scores, rollouts, {"e": 1.0}, {"x": 1.0, "y": 0.5, "w": 0.25}, form="logp", floor=FLOOR))
+    assert (out["a"]["reward"], out["b"]["reward"]) == (-3.0, -6.0)
+    assert (out["a"]["advantage"], out["b"]["advantage"]) == (1.5, -1.5)
+    assert math.isnan(out["z"]["reward"]) and math.isnan(out["z"]["advantage"])
+    assert (out["z"]["n_components"], out["z"]["n_failed"]) == (3, 3)
