@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -159,9 +160,43 @@ def test_a_create_whose_reply_was_lost_is_recognised_as_ours(tmp_path):
 
 def test_contention_gives_up_with_a_clear_error(tmp_path, monkeypatch):
     store, clock = Store(str(tmp_path / "r")), Clock()
-    monkeypatch.setattr(store, "create_json", lambda rel, obj: False)  # every create loses the race
-    with pytest.raises(LeaseHeld, match="could not acquire the lease .contended."):
+    tries = []
+    monkeypatch.setattr(store, "create_json", lambda rel, obj: tries.append(rel) and False)  # every create loses
+    with pytest.raises(LeaseHeld, match=r"^run .* could not acquire the lease \(contended\)$"):
         Lease(store, ttl=60, clock=clock).acquire()
+    assert tries == ["lease/00000001.json"] * 5  # five rounds, each aiming at the next generation
+
+
+def test_renewal_runs_every_third_of_the_ttl(tmp_path):
+    """The cadence that keeps a live holder's lease from expiring between renewals: ttl/3."""
+    waits = []
+
+    class Recording(threading.Event):
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            return super().wait(timeout)
+
+    lease = Lease(Store(str(tmp_path / "r")), ttl=0.375, clock=Clock())  # ttl/3 = 0.125 exactly
+    lease._stop = Recording()
+    with lease:
+        deadline = time.monotonic() + 30
+        while len(waits) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert set(waits) == {0.125}
+
+
+def test_a_local_pid_owned_by_another_user_is_alive(tmp_path, monkeypatch):
+    import rlme_pipeline.lease as lease_module
+
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(lease_module.os, "kill", kill)
+    assert not lease_module.dead_here({"host": lease_module.socket.gethostname(), "pid": 12345})
+    monkeypatch.setattr(lease_module.os, "kill", lambda pid, sig: None)
+    assert not lease_module.dead_here({"host": lease_module.socket.gethostname(), "pid": 12345})
+    assert not lease_module.dead_here({"host": lease_module.socket.gethostname(), "pid": "12345"})  # not a pid
 
 
 def test_a_lost_lease_is_neither_renewed_nor_released(tmp_path):
