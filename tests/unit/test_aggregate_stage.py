@@ -5,6 +5,7 @@ the run, writes the rewards table under an attempt-unique name, and records the 
 from __future__ import annotations
 
 import math
+import time
 
 import polars as pl
 import pytest
@@ -58,7 +59,9 @@ def _run(tmp_path) -> Run:
 
 def test_the_stage_writes_the_rewards_and_records_its_metrics(tmp_path):
     run, cfg = _run(tmp_path), validate_config(BASE)
+    t0 = time.perf_counter()
     rec = aggregate(cfg, run, 2)
+    assert 0 <= rec.seconds <= time.perf_counter() - t0  # its own duration, within the call's
     assert (rec.stage, rec.iteration, [f.logical for f in rec.files]) == ("aggregate", 2, ["iter-000002/rewards.parquet"])
     assert rec.files[0].path != rec.files[0].logical  # an attempt-unique physical name
     want = compute_rewards(_scores(), _rollouts(), {"e": 1.0, "f": 0.5}, {"k": 1.0}, form="logp", floor=FLOOR)
@@ -94,3 +97,11 @@ def test_the_stage_mixes_label_rewards_when_configured(tmp_path):
     got = run.store.read_parquet(rec.files[0].path)
     assert got["reward"].to_list() == [0.0, FLOOR, 0.0, 0.0]  # exact match replaces every labelled reward
     assert rec.metrics["label_rewarded_share"] == 1.0 and rec.metrics["masked_rollouts"] == 0
+
+
+def test_component_metrics_are_listed_by_evaluator_then_question():
+    rows = [(ev, q) for ev in ("zeta", "alpha") for q in ("q3", "q1", "q2")]
+    scores = pl.DataFrame({"evaluator": [r[0] for r in rows], "question_id": [r[1] for r in rows],
+                           "logp_yes": [-1.0] * 6, "p_yes": [0.5] * 6, "status": ["ok"] * 6})
+    keys = list(component_metrics(validate_config(BASE), scores))
+    assert keys[::3] == [f"{ev}/{q}/mean" for ev in ("alpha", "zeta") for q in ("q1", "q2", "q3")]
