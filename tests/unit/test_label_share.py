@@ -92,3 +92,32 @@ def test_aggregate_mixes_by_the_configured_share_and_not_at_zero():
 def test_label_values_per_form():
     assert values("logp", FLOOR) == (0.0, FLOOR) and values("norm_logp", FLOOR) == (0.0, FLOOR)
     assert values("p", FLOOR) == (1.0, 0.0)
+
+
+def test_mixing_honours_the_extractor_std_scaling_and_component_counts():
+    rollouts = pl.DataFrame({"rollout_id": ["x", "y", "z"], "prompt_id": ["p"] * 3, "iteration": [0] * 3,
+                             "completion": [" The answer is 3. \\boxed{5}", " \\boxed{4}", " The answer is 5."],
+                             "label": ["5", "5", None]})
+    scores = pl.DataFrame({"rollout_id": [r for r in "xyz" for _ in range(2)], "evaluator": ["e"] * 6,
+                           "question_id": ["k", "k2"] * 3, "logp_yes": [-1.0, -1.0, -1.0, -1.0, -5.0, -5.0],
+                           "logp_no": [-1.0] * 6, "p_yes": [0.5] * 6, "status": ["ok"] * 6})
+    judged = compute_rewards(scores, rollouts, {"e": 1.0}, {"k": 1.0, "k2": 1.0}, form="logp", floor=FLOOR, scale_std=True)
+    lc = LabelRewardConfig(share=1.0, extractor="boxed")
+    out, metrics = mix_label_rewards(judged, rollouts, lc, form="logp", floor=FLOOR, scale_std=True)
+    got = {r["rollout_id"]: r for r in out.iter_rows(named=True)}
+    rewards = {"x": 0.0, "y": FLOOR, "z": -10.0}  # x is right by its box, though "The answer is 3" comes first
+    mean = sum(rewards.values()) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in rewards.values()) / 3)
+    for rid, want in rewards.items():
+        assert got[rid]["reward"] == want, rid
+        assert got[rid]["advantage"] == pytest.approx((want - mean) / (std + 1e-6), rel=1e-12), rid
+    assert [(got[r]["n_components"], got[r]["n_failed"]) for r in "xyz"] == [(1, 0), (1, 0), (2, 0)]
+    assert metrics == {"label_rewarded_share": 2 / 3}
+    one, m1 = mix_label_rewards(judged.head(1), rollouts.head(1), lc, form="logp", floor=FLOOR)
+    assert one["reward"].to_list() == [0.0] and m1 == {"label_rewarded_share": 1.0}
+
+
+def test_a_rollout_exactly_at_the_share_is_not_selected():
+    for rid in U:
+        u = int(hashlib.sha256(f"label-reward/{rid}".encode()).hexdigest()[:15], 16) / 16**15
+        assert not selected(rid, u) and selected(rid, math.nextafter(u, 1.0))  # u < share, strictly
