@@ -5,8 +5,16 @@ standing, byte for byte, and gets that manifest back."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+import rlme_pipeline
 
 from rlme_pipeline.config import validate_config
 from rlme_pipeline.run import MANIFEST, CorruptRun, Run, StageRecord, attempt_name
@@ -79,8 +87,33 @@ def test_attempt_names_are_unique_per_attempt():
     assert attempt_name("iter-000001/rollouts.parquet", "ab12") == "iter-000001/rollouts.ab12.parquet"
     assert attempt_name("iter-000001/checkpoint", "ab12") == "iter-000001/checkpoint.ab12"
     assert attempt_name("run.json", "ff") == "run.ff.json"
+    # the token goes after the first dot of the file name, never into a directory name
+    assert attempt_name("scoresets/v1.2/iter-000001/scores.parquet", "ab") == "scoresets/v1.2/iter-000001/scores.ab.parquet"
+    assert attempt_name("iter-000001/model.safetensors.index.json", "ab") == "iter-000001/model.ab.safetensors.index.json"
     a, b = attempt_name("iter-000001/x.parquet"), attempt_name("iter-000001/x.parquet")
-    assert a != b and a.startswith("iter-000001/x.") and a.endswith(".parquet")
+    assert a != b and re.fullmatch(r"iter-000001/x\.[0-9a-f]{8}\.parquet", a)  # 32 random bits per attempt
+
+
+def test_a_crash_just_before_the_manifest_leaves_the_iteration_uncommitted(tmp_path):
+    """The crash hook the resume tests use sits between the data and the commit point."""
+    run = Run(Store(str(tmp_path / "runs")), "exp")
+    _records(run, 4, "x")
+    script = (
+        "import sys; from rlme_pipeline.config import validate_config; from rlme_pipeline.run import Run, StageRecord; "
+        "from rlme_pipeline.storage import Store; import json\n"
+        f"run = Run(Store({str(tmp_path / 'runs')!r}), 'exp'); base = json.loads({json.dumps(json.dumps(BASE))})\n"
+        "recs = [run.read_record(4, s) for s in ('generate', 'aggregate')]\n"
+        "run.commit(4, validate_config(base), recs); print('committed')\n"
+    )
+    package_root = str(Path(rlme_pipeline.__file__).resolve().parents[1])  # the code under test, mutated or not
+    env = {**os.environ, "PYTHONPATH": package_root, "RLME_CRASH_AT": "commit:before-manifest@4"}
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert run.committed() == []
+    env["RLME_CRASH_AT"] = "commit:before-manifest@5"  # another iteration's crash point: this one commits
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "committed" in p.stdout, p.stderr[-2000:]
+    assert run.committed() == [4]
 
 
 def test_before_the_commit_readers_see_finished_stages_only(run):
