@@ -75,12 +75,18 @@ def test_a_manifest_of_another_iteration_or_a_torn_one_is_refused(run):
     cfg = validate_config(BASE)
     m = run.commit(2, cfg, _records(run, 2, "x"))
     run.store.write_bytes(f"iter-000005/{MANIFEST}", json.dumps(m.model_dump(mode="json")).encode())
-    with pytest.raises(CorruptRun, match="iteration 2, not 'exp' 5"):
+    where5, where6 = (re.escape(run.store.where(f"iter-00000{i}/{MANIFEST}")) for i in (5, 6))
+    with pytest.raises(CorruptRun, match=rf"^{where5} belongs to run 'exp' iteration 2, not 'exp' 5$"):
         run.manifest(5)
     run.store.write_bytes(f"iter-000006/{MANIFEST}", b'{"run_id": "exp", "iter')
-    with pytest.raises(CorruptRun, match="not a valid manifest.*rlme verify"):
+    fix = (r"\. The iteration's commit is damaged; nothing was changed\. Inspect it with `rlme verify "
+           + re.escape(run.url) + r"`; to recompute the iteration, delete that MANIFEST\.json and run `rlme train` again\.$")
+    with pytest.raises(CorruptRun, match=rf"^{where6} is not a valid manifest \(JSONDecodeError: Unterminated string[^\n]*\){fix}"):
         run.manifest(6)
-    assert run.committed() == [2, 5, 6]  # committed means: a manifest exists; verify judges its contents
+    run.store.write_bytes(f"iter-000007/{MANIFEST}", b'{"run_id": "exp"}\n')
+    with pytest.raises(CorruptRun, match=r"is not a valid manifest \(ValidationError: \d+ validation errors for Manifest\)"):
+        run.manifest(7)  # only the first line of pydantic's report
+    assert run.committed() == [2, 5, 6, 7]  # committed means: a manifest exists; verify judges its contents
 
 
 def test_attempt_names_are_unique_per_attempt():
