@@ -127,7 +127,7 @@ def test_before_the_commit_readers_see_finished_stages_only(run):
     assert run.iterations() == [] and run.files(0) == []
     recs = _records(run, 0, "a")
     run.store.write_bytes("iter-000000/stray.bin", b"left by a killed attempt")
-    run.store.write_bytes("iter-x/whatever.bin", b"not an iteration")
+    run.store.write_bytes("iter-x7/whatever.bin", b"not an iteration")
     assert run.iterations() == [0] and run.committed() == []
     assert run.path(0, "aggregate.bin") == recs[1].files[0].path
     with pytest.raises(FileNotFoundError, match="iter-000000/stray.bin is listed by no manifest or stage record"):
