@@ -96,6 +96,8 @@ def test_renewal_keeps_a_live_holder(run_store):
     still holds the run once the thread has written a record dated on that clock."""
     clock = Clock()
     with Lease(run_store, ttl=0.3, clock=clock) as holder:  # the thread renews every ttl/3 = 0.1 s (real time)
+        # a daemon, so a process that dies without releasing is not kept alive by it; named for stack dumps
+        assert holder._thread.daemon and holder._thread.name == "rlme-lease"
         clock.advance(1000)
         deadline = time.monotonic() + 30  # a wait for an event, not a timing assertion
         while _current(run_store)["expires_at"] != T0 + 1000.3:
@@ -230,4 +232,4 @@ def test_a_failed_renewal_is_a_warning_and_the_next_one_retries(tmp_path, caplog
         while _current(store)["expires_at"] != T0 + 100.3:
             assert time.monotonic() < deadline, "no renewal after the failed one"
             time.sleep(0.05)
-    assert "lease renewal" in caplog.text and "store unreachable" in caplog.text
+    assert f"lease renewal for {store.url} failed: ConnectionError: store unreachable" in caplog.text
