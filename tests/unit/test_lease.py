@@ -6,6 +6,8 @@ expired exactly when the test says so, however slow the machine or the store's r
 
 from __future__ import annotations
 
+import logging
+import socket
 import subprocess
 import sys
 import threading
@@ -109,14 +111,16 @@ def test_renewal_keeps_a_live_holder(run_store):
     assert _current(run_store)["released"] is True
 
 
-def test_a_dead_local_holder_is_taken_over_before_expiry(tmp_path):
+def test_a_dead_local_holder_is_taken_over_before_expiry(tmp_path, caplog):
     clock = Clock()
     gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
     here, there = Store(str(tmp_path / "here")), Store(str(tmp_path / "there"))
     dead = Lease(here, ttl=600, clock=clock)
     dead.holder["pid"] = gone  # a process of this host that has exited
     dead.acquire()
-    assert Lease(here, ttl=60, clock=clock).acquire().gen == 2
+    with caplog.at_level(logging.WARNING, logger="rlme_pipeline.lease"):
+        assert Lease(here, ttl=60, clock=clock).acquire().gen == 2
+    assert f"taking over the lease of pid {gone} on {socket.gethostname()}: that process is gone" in caplog.text
     # a holder on another host is not judged by this host's process table: it keeps the run until expiry
     remote = Lease(there, ttl=600, clock=clock)
     remote.holder.update(host="elsewhere", pid=gone)
@@ -145,11 +149,29 @@ def test_the_record_says_who_and_until_when(tmp_path, monkeypatch):
 def test_an_unreadable_or_foreign_generation_does_not_block_the_run(tmp_path):
     store, clock = Store(str(tmp_path / "r")), Clock()
     store.write_bytes("lease/00000003.json", b'{"holder": {"pid"')  # torn write of a crashed holder
-    store.write_bytes("lease/notes.txt", b"x")
-    store.write_bytes("lease/abc.json", b"{}")
+    for name in ("notes.txt", "abc.json", "12345x.json", "1x.json"):  # not generations
+        store.write_bytes(f"lease/{name}", b"{}")
     lease = Lease(store, ttl=60, clock=clock).acquire()
     assert lease.gen == 4
-    assert sorted(store.ls("lease")) == ["00000004.json", "abc.json", "notes.txt"]  # older generations removed
+    assert sorted(store.ls("lease")) == ["00000004.json", "12345x.json", "1x.json", "abc.json", "notes.txt"]
+
+
+def test_records_of_other_writers_are_judged_by_their_fields(tmp_path):
+    store, clock = Store(str(tmp_path / "r")), Clock()
+    store.write_bytes("lease/00000001.json", b"{}")  # no holder, no expiry: not live
+    assert Lease(store, ttl=60, clock=clock).acquire().gen == 2
+    other = {"holder": {"host": "elsewhere", "pid": 1, "token": "t"}, "expires_at": T0 + 1000}
+    store.write_json("lease/00000003.json", {**other, "released": True})  # released, whatever its expiry says
+    assert Lease(store, ttl=60, clock=clock).acquire().gen == 4
+    store.write_json("lease/00000005.json", {**other, "released": False})
+    with pytest.raises(LeaseHeld, match="pid 1 on elsewhere"):
+        Lease(store, ttl=60, clock=clock).acquire()
+
+
+def test_releasing_a_lease_never_acquired_does_nothing(tmp_path):
+    store = Store(str(tmp_path / "r"))
+    Lease(store, ttl=60).release()
+    assert not store.exists("lease")
 
 
 def test_a_create_whose_reply_was_lost_is_recognised_as_ours(tmp_path):
@@ -208,9 +230,11 @@ def test_a_lost_lease_is_neither_renewed_nor_released(tmp_path):
     new = Lease(store, ttl=60, clock=clock).acquire()
     old.renew()  # notices
     before = store.read_bytes(f"lease/{new.gen:08d}.json")
+    stale = store.read_bytes(f"lease/{old.gen:08d}.json")
     old.renew()  # lost: writes nothing more
     old.release()
     assert store.read_bytes(f"lease/{new.gen:08d}.json") == before
+    assert store.read_bytes(f"lease/{old.gen:08d}.json") == stale  # not even "released" on its own generation
     assert _current(store)["holder"]["token"] == new.token and not _current(store)["released"]
 
 
