@@ -10,7 +10,7 @@ from rlme_pipeline.answers import EXTRACTORS, extract_answer, is_correct, normal
 
 @pytest.mark.parametrize("raw,want", [
     (" 42. ", "42"), ("1,000.50", "1000.5"), ("10.0", "10"), ("100", "100"), ("-0.50", "-0.5"), ("7.", "7"),
-    ("Paris", "paris"), (" New York. ", "new york"), ("1,5 apples", "1,5 apples"), ("3.10", "3.1"),
+    ("Paris", "paris"), (" New York. ", "new york"), ("Xavier.", "xavier"), ("1,5 apples", "1,5 apples"), ("3.10", "3.1"),
 ])
 def test_normalize(raw, want):
     assert normalize(raw) == want
