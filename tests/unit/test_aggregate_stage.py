@@ -105,3 +105,14 @@ def test_component_metrics_are_listed_by_evaluator_then_question():
                            "logp_yes": [-1.0] * 6, "p_yes": [0.5] * 6, "status": ["ok"] * 6})
     keys = list(component_metrics(validate_config(BASE), scores))
     assert keys[::3] == [f"{ev}/{q}/mean" for ev in ("alpha", "zeta") for q in ("q1", "q2", "q3")]
+
+
+def test_label_mixing_in_the_stage_uses_the_reward_form_and_std_switch(tmp_path):
+    run = _run(tmp_path)
+    cfg = validate_config({**BASE, "label_reward": {"share": 1.0}, "algorithm": {"scale_advantage_std": True},
+                           "scoring": {"logp_floor": FLOOR, "reward_form": "p"}})
+    got = run.store.read_parquet(aggregate(cfg, run, 2).files[0].path)
+    assert got["reward"].to_list() == [1.0, 0.0, 1.0, 1.0]  # p form: 1 right, 0 wrong
+    # group p: rewards 1, 0, 1 -> mean 2/3, population std sqrt(2)/3; group q: one rollout -> 0
+    std = math.sqrt(2) / 3
+    assert got["advantage"].to_list() == pytest.approx([(1 / 3) / (std + 1e-6), (-2 / 3) / (std + 1e-6), (1 / 3) / (std + 1e-6), 0.0])
