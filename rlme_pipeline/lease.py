@@ -110,7 +110,7 @@ class Lease:
                 if live:
                     left = cur["expires_at"] - self.clock()
                     raise LeaseHeld(
-                        f"run {self.store.url} is being trained by {describe(cur['holder'])}; its lease expires "
+                        f"run {self.store.url} is being trained by {describe(cur.get('holder', {}))}; its lease expires "
                         f"in {left:.0f}s unless renewed. Wait for it to finish, or stop it; a crashed holder's "
                         f"lease can be taken over after expiry (lease/{gens[-1]:08d}.json)."
                     )

@@ -166,6 +166,9 @@ def test_records_of_other_writers_are_judged_by_their_fields(tmp_path):
     store.write_json("lease/00000005.json", {**other, "released": False})
     with pytest.raises(LeaseHeld, match="pid 1 on elsewhere"):
         Lease(store, ttl=60, clock=clock).acquire()
+    store.write_json("lease/00000006.json", {"expires_at": T0 + 1000})  # live, but names no holder
+    with pytest.raises(LeaseHeld, match="being trained by pid None on None; its lease expires in 1000s"):
+        Lease(store, ttl=60, clock=clock).acquire()
 
 
 def test_releasing_a_lease_never_acquired_does_nothing(tmp_path):
