@@ -8,13 +8,8 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-import rlme_pipeline
 
 from rlme_pipeline.config import validate_config
 from rlme_pipeline.run import MANIFEST, CorruptRun, Run, StageRecord, attempt_name
@@ -100,25 +95,27 @@ def test_attempt_names_are_unique_per_attempt():
     assert a != b and re.fullmatch(r"iter-000001/x\.[0-9a-f]{8}\.parquet", a)  # 32 random bits per attempt
 
 
-def test_a_crash_just_before_the_manifest_leaves_the_iteration_uncommitted(tmp_path):
-    """The crash hook the resume tests use sits between the data and the commit point."""
-    run = Run(Store(str(tmp_path / "runs")), "exp")
-    _records(run, 4, "x")
-    script = (
-        "import sys; from rlme_pipeline.config import validate_config; from rlme_pipeline.run import Run, StageRecord; "
-        "from rlme_pipeline.storage import Store; import json\n"
-        f"run = Run(Store({str(tmp_path / 'runs')!r}), 'exp'); base = json.loads({json.dumps(json.dumps(BASE))})\n"
-        "recs = [run.read_record(4, s) for s in ('generate', 'aggregate')]\n"
-        "run.commit(4, validate_config(base), recs); print('committed')\n"
-    )
-    package_root = str(Path(rlme_pipeline.__file__).resolve().parents[1])  # the code under test, mutated or not
-    env = {**os.environ, "PYTHONPATH": package_root, "RLME_CRASH_AT": "commit:before-manifest@4"}
-    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+def test_a_crash_just_before_the_manifest_leaves_the_iteration_uncommitted(tmp_path, monkeypatch):
+    """The crash hook the resume tests use (RLME_CRASH_AT, a SIGKILL of the process) sits after every
+    data file and before the commit point. Here the kill is caught in-process: os.kill raises instead."""
+    from rlme_pipeline import crash
+
+    class Killed(BaseException):
+        pass
+
+    def kill(pid, sig):
+        assert (pid, sig) == (os.getpid(), signal.SIGKILL)
+        raise Killed
+
+    monkeypatch.setattr(crash.os, "kill", kill)
+    run, cfg = Run(Store(str(tmp_path / "runs")), "exp"), validate_config(BASE)
+    recs = _records(run, 4, "x")
+    monkeypatch.setenv("RLME_CRASH_AT", "commit:before-manifest@4")
+    with pytest.raises(Killed):
+        run.commit(4, cfg, recs)
     assert run.committed() == []
-    env["RLME_CRASH_AT"] = "commit:before-manifest@5"  # another iteration's crash point: this one commits
-    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and "committed" in p.stdout, p.stderr[-2000:]
+    monkeypatch.setenv("RLME_CRASH_AT", "commit:before-manifest@5")  # another iteration's crash point
+    run.commit(4, cfg, recs)
     assert run.committed() == [4]
 
 

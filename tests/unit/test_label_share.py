@@ -82,7 +82,7 @@ def test_aggregate_mixes_by_the_configured_share_and_not_at_zero():
     judged = compute_rewards(scores, rollouts, {"e": 1.0}, {"k": 1.0}, form="logp", floor=FLOOR)
     cfg = validate_config({**base, "label_reward": {"share": SHARE}})
     mixed, metrics = rewards_and_metrics(cfg, scores, rollouts)
-    want, want_metrics = mix_label_rewards(judged, rollouts, LabelRewardConfig(share=SHARE), form="logp", floor=FLOOR)
+    want, _ = mix_label_rewards(judged, rollouts, LabelRewardConfig(share=SHARE), form="logp", floor=FLOOR)
     assert_frame_equal(mixed, want)
     assert metrics["label_rewarded_share"] == 0.5
     off, m0 = rewards_and_metrics(validate_config({**base, "label_reward": {"share": 0.0}}), scores, rollouts)

@@ -113,14 +113,14 @@ def test_renewal_keeps_a_live_holder(run_store):
 
 def test_a_dead_local_holder_is_taken_over_before_expiry(tmp_path, caplog):
     clock = Clock()
-    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout)
     here, there = Store(str(tmp_path / "here")), Store(str(tmp_path / "there"))
     dead = Lease(here, ttl=600, clock=clock)
     dead.holder["pid"] = gone  # a process of this host that has exited
     dead.acquire()
     with caplog.at_level(logging.WARNING, logger="rlme_pipeline.lease"):
         assert Lease(here, ttl=60, clock=clock).acquire().gen == 2
-    assert f"taking over the lease of pid {gone} on {socket.gethostname()}: that process is gone" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [f"taking over the lease of pid {gone} on {socket.gethostname()}: that process is gone"]
     # a holder on another host is not judged by this host's process table: it keeps the run until expiry
     remote = Lease(there, ttl=600, clock=clock)
     remote.holder.update(host="elsewhere", pid=gone)
@@ -259,4 +259,4 @@ def test_a_failed_renewal_is_a_warning_and_the_next_one_retries(tmp_path, caplog
         while _current(store)["expires_at"] != T0 + 100.3:
             assert time.monotonic() < deadline, "no renewal after the failed one"
             time.sleep(0.05)
-    assert f"lease renewal for {store.url} failed: ConnectionError: store unreachable" in caplog.text
+    assert f"lease renewal for {store.url} failed: ConnectionError: store unreachable" in [r.getMessage() for r in caplog.records]
