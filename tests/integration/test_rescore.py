@@ -172,9 +172,9 @@ def test_interrupted_rescore_resumes_without_duplicates(run, questions_file, bac
 def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
     """The CLI drives the Prefect flow against a real S3 endpoint, with a live-self evaluator whose
     checkpoint has to come down from the bucket."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
+    import boto3
     import s3fs
+    from moto import server as moto_server
     from typer.testing import CliRunner
 
     from rlme_flows.cli import app
