@@ -16,7 +16,7 @@ from prefect.states import Cancelled
 from rlme_flows.config_io import load
 from rlme_pipeline.lease import LeaseHeld
 from rlme_pipeline.preflight import preflight
-from rlme_pipeline.run import Manifest, Run
+from rlme_pipeline.run import Manifest, Run, split_run_url
 from rlme_pipeline.runner import STEPS, train
 from rlme_tasks.stages import stage_task, wrap_in
 
@@ -54,14 +54,6 @@ def background_reports(log) -> Iterator[Callable[..., None]]:
                 log.warning("a Prefect artifact was not created: %r", f.exception())
 
 
-def split_run_uri(run_uri: str) -> tuple[str, str]:
-    """`s3://bucket/runs/exp-42` -> (`s3://bucket/runs`, `exp-42`): a deployment names the run by one URI."""
-    root, sep, run_id = run_uri.rstrip("/").rpartition("/")
-    if not sep or not root or not run_id:
-        raise ValueError(f"run_uri {run_uri!r}: expected {{storage}}/{{run_id}}, e.g. s3://bucket/runs/exp-42")
-    return root, run_id
-
-
 def stage_tasks(cfg) -> dict:
     """The step tasks by name, each with its `run.stage_timeout_s` limit."""
     timeouts = cfg.run.stage_timeout_s
@@ -91,7 +83,7 @@ def rlme_train(
     if run_uri is not None:
         if storage is not None or run_id is not None:
             raise ValueError("give either run_uri or storage/run_id, not both")
-        storage, run_id = split_run_uri(run_uri)
+        storage, run_id = split_run_url(run_uri)
     cfg = load(config, iterations=iterations, storage=storage, id=run_id)
     run = Run.for_config(cfg)
     preflight(cfg, run.root)
