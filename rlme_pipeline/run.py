@@ -41,6 +41,8 @@ from rlme_pipeline.storage import FileEntry, Store
 
 STAGES = ("generate", "score", "aggregate", "update")
 MANIFEST = "MANIFEST.json"
+# The logical names of an iteration's (and a score-set shard's) tables; physical names add an attempt token.
+ROLLOUTS_FILE, SCORES_FILE, REWARDS_FILE = "rollouts.parquet", "scores.parquet", "rewards.parquet"
 
 
 class RunMismatch(ValueError):

@@ -30,7 +30,7 @@ from rlme_pipeline.judging import Evaluator, evaluators_at, probe_metrics, run_p
 from rlme_pipeline.lease import Lease
 from rlme_pipeline.lineage import initial_policy, policy_at
 from rlme_pipeline.models import Loaded, inference_copy, master_dtype
-from rlme_pipeline.run import STAGES, CorruptRun, Manifest, Run, StageRecord
+from rlme_pipeline.run import REWARDS_FILE, ROLLOUTS_FILE, SCORES_FILE, STAGES, CorruptRun, Manifest, Run, StageRecord
 from rlme_pipeline.seeds import derive
 from rlme_pipeline.stages.aggregate import aggregate
 from rlme_pipeline.stages.generate import generate
@@ -39,7 +39,6 @@ from rlme_pipeline.stages.update import update
 from rlme_pipeline.storage import FileEntry
 from rlme_pipeline.tracking import Trackers
 
-ROLLOUTS, SCORES, REWARDS = "rollouts.parquet", "scores.parquet", "rewards.parquet"
 COMMIT = "commit"
 STEPS = (*STAGES, COMMIT)
 
@@ -147,8 +146,8 @@ class Runner:
         """A few committed completions for the trackers: n rollouts, different prompts first, chosen by
         rollout id (a hash), so the same rows whoever asks."""
         columns = ("rollout_id", "prompt_id", "iteration", "prompt", "completion")
-        rollouts = self.run.read_table(iteration, ROLLOUTS).select(columns)
-        rewards = self.run.read_table(iteration, REWARDS).select("rollout_id", "reward")
+        rollouts = self.run.read_table(iteration, ROLLOUTS_FILE).select(columns)
+        rewards = self.run.read_table(iteration, REWARDS_FILE).select("rollout_id", "reward")
         picked = (
             rollouts.join(rewards, on="rollout_id", how="left")
             .with_columns(nth=pl.col("rollout_id").rank("ordinal").over("prompt_id"))
@@ -169,14 +168,14 @@ class Runner:
             "prompt_ids": prompts["prompt_id"].to_list(),
             "backend": backend,
         }
-        return [self.run.write_table(i, ROLLOUTS, rollouts, "rollouts")], metrics, info
+        return [self.run.write_table(i, ROLLOUTS_FILE, rollouts, "rollouts")], metrics, info
 
     def _score(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         cfg = self.cfg
-        rollouts = self.run.read_table(i, ROLLOUTS)
+        rollouts = self.run.read_table(i, ROLLOUTS_FILE)
         evaluators = evaluators_at(self.run, cfg, i)
         scores, metrics = score(cfg, rollouts, evaluators, self.backends)
-        entry = self.run.write_table(i, SCORES, scores, "scores")
+        entry = self.run.write_table(i, SCORES_FILE, scores, "scores")
         if cfg.probe.every and i % cfg.probe.every == 0:
             metrics.update(self._probe(rollouts, evaluators, i))
         info = {
@@ -197,12 +196,14 @@ class Runner:
         return probe_metrics(table, cfg.probe.alarm_share)
 
     def _aggregate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
-        rewards, metrics = aggregate(self.cfg, self.run.read_table(i, SCORES), self.run.read_table(i, ROLLOUTS))
-        return [self.run.write_table(i, REWARDS, rewards, "rewards")], metrics, {}
+        rewards, metrics = aggregate(
+            self.cfg, self.run.read_table(i, SCORES_FILE), self.run.read_table(i, ROLLOUTS_FILE)
+        )
+        return [self.run.write_table(i, REWARDS_FILE, rewards, "rewards")], metrics, {}
 
     def _update(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         cfg, run, pool = self.cfg, self.run, self.backends.pool
-        rollouts, rewards = run.read_table(i, ROLLOUTS), run.read_table(i, REWARDS)
+        rollouts, rewards = run.read_table(i, ROLLOUTS_FILE), run.read_table(i, REWARDS_FILE)
         ref = policy_at(run, cfg, i)
         # Training changes the weights, so the model leaves the pool. A half-precision policy trains fp32
         # master weights (models.master_dtype); its half copy that generated this iteration is done with.

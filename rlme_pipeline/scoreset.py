@@ -45,7 +45,18 @@ from rlme_pipeline.config import (
 from rlme_pipeline.judging import evaluators_at, score_rollouts
 from rlme_pipeline.lineage import evaluator_at
 from rlme_pipeline.parquet_io import iter_batches
-from rlme_pipeline.run import MANIFEST, Commit, Run, Unit, code_version, iter_dir, now
+from rlme_pipeline.run import (
+    MANIFEST,
+    REWARDS_FILE,
+    ROLLOUTS_FILE,
+    SCORES_FILE,
+    Commit,
+    Run,
+    Unit,
+    code_version,
+    iter_dir,
+    now,
+)
 from rlme_pipeline.schemas import OK, ROLLOUTS, SCORES
 from rlme_pipeline.stages.aggregate import rewards_and_metrics
 from rlme_pipeline.storage import Store
@@ -260,7 +271,7 @@ def plan(
     its = parse_iterations(iterations, run.committed())
     sources, versions, n_shards = {}, {}, {}
     for i in its:
-        entry = run.unit(i).entry("rollouts.parquet")
+        entry = run.unit(i).entry(ROLLOUTS_FILE)
         if run.store.sha256(entry.path) != entry.sha256:
             raise ValueError(f"{run.url}/{entry.path} does not match its committed manifest; the run is damaged")
         sources[str(i)] = {
@@ -382,8 +393,8 @@ def score_shard(run: Run, name: str, i: int, s: int, backends: Backends) -> dict
         scores = pl.DataFrame(schema=SCORES)
     rewards, _ = rewards_and_metrics(defn.config(cfg), scores, rollouts)
     files = [
-        shard.write_table("scores.parquet", scores, "scores"),
-        shard.write_table("rewards.parquet", rewards, "rewards"),
+        shard.write_table(SCORES_FILE, scores, "scores"),
+        shard.write_table(REWARDS_FILE, rewards, "rewards"),
     ]
     m = shard.commit(
         ShardManifest(

@@ -12,7 +12,7 @@ import polars as pl
 
 from rlme_pipeline import scoreset
 from rlme_pipeline.parquet_io import scan
-from rlme_pipeline.run import Run
+from rlme_pipeline.run import ROLLOUTS_FILE, Run
 from rlme_pipeline.scoreset import TRAIN
 
 
@@ -61,7 +61,7 @@ def load(run: Run, name: str | None) -> Scoreset:
         name,
         scan(run.store, pick("/scores.parquet")),
         scan(run.store, pick("/rewards.parquet")),
-        scan(run.store, [run.path(i, "rollouts.parquet") for i in m.iterations]).select(ROLLOUT_COLUMNS),
+        scan(run.store, [run.path(i, ROLLOUTS_FILE) for i in m.iterations]).select(ROLLOUT_COLUMNS),
         {e["name"]: e["weight"] for e in m.evaluators},
         {q["id"]: q["weight"] for q in m.questions},
         {q["id"]: q["text"] for q in m.questions},
