@@ -35,12 +35,24 @@ def process_seconds() -> float:
 def run_case(module: str, case: dict, env: dict | None = None, timeout: float = 1800) -> dict:
     """Run `python -m module --case JSON` in a fresh interpreter; its last stdout line is a JSON result.
     `env` overrides the environment; a None value removes the variable."""
-    e = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-         "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    e = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
     e = {k: v for k, v in e.items() if v is not None}  # None in env: unset the variable
-    p = subprocess.run([sys.executable, "-m", module, "--case", json.dumps(case)], cwd=ROOT, env=e,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", module, "--case", json.dumps(case)],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if p.returncode != 0:
         raise RuntimeError(f"{module} {case} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -69,6 +81,7 @@ def table(headers: list[str], rows: list[list]) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
         return str(v)
+
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(out)
@@ -77,8 +90,14 @@ def table(headers: list[str], rows: list[list]) -> str:
 def machine() -> str:
     import platform
 
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     import torch
 
     return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} torch threads"

@@ -35,10 +35,20 @@ from rlme_pipeline import checkpoint
 from rlme_pipeline.run import Run
 from rlme_pipeline.storage import Store
 
-SHAPE = {"vocab_size": 32000, "hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 3072,
-         "num_attention_heads": 12}
-TINY = {"vocab_size": 2048, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-        "num_attention_heads": 4}
+SHAPE = {
+    "vocab_size": 32000,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+}
+TINY = {
+    "vocab_size": 2048,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+}
 
 
 def build(shape: dict, device: str):
@@ -60,15 +70,25 @@ def old_save(run: Run, model, optimizer, tokenizer) -> list:
     """The checkpoint writer before the optimizer went to safetensors shards (a measurement baseline only):
     the same small files, then the weights and optimizer.pt in two threads."""
     _, physical = run.new_path(0, "checkpoint")
-    small = {**checkpoint._metadata_files(model, tokenizer), checkpoint.RNG: save(checkpoint.rng_state()),
-             checkpoint.STATE: json.dumps({"iteration": 0}).encode()}
+    small = {
+        **checkpoint._metadata_files(model, tokenizer),
+        checkpoint.RNG: save(checkpoint.rng_state()),
+        checkpoint.STATE: json.dumps({"iteration": 0}).encode(),
+    }
     with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = [pool.submit(run.store.write_stream, f"{physical}/model.safetensors",
-                            lambda f: _old_write_safetensors(f, checkpoint.weights_of(model))),
-                pool.submit(run.store.write_stream, f"{physical}/optimizer.pt",
-                            lambda f: torch.save(optimizer.state_dict(), f))]
-        files = [run.store.write_stream(f"{physical}/{name}", lambda f, d=data: f.write(d))
-                 for name, data in small.items()]
+        jobs = [
+            pool.submit(
+                run.store.write_stream,
+                f"{physical}/model.safetensors",
+                lambda f: _old_write_safetensors(f, checkpoint.weights_of(model)),
+            ),
+            pool.submit(
+                run.store.write_stream, f"{physical}/optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f)
+            ),
+        ]
+        files = [
+            run.store.write_stream(f"{physical}/{name}", lambda f, d=data: f.write(d)) for name, data in small.items()
+        ]
         return files + [j.result() for j in jobs]
 
 
@@ -78,8 +98,11 @@ def _old_write_safetensors(f, tensors: dict) -> None:
     offset = 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": checkpoint._SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": checkpoint._SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
@@ -137,8 +160,10 @@ def main() -> None:
     try:
         run = Run(Store(str(root)), "bench")
         check_new_format(run, model, opt, tokenizer)
-        variants = {"old": lambda: old_save(run, model, opt, tokenizer),
-                    "new": lambda: new_save(run, model, opt, tokenizer)}
+        variants = {
+            "old": lambda: old_save(run, model, opt, tokenizer),
+            "new": lambda: new_save(run, model, opt, tokenizer),
+        }
         times: dict[str, list[float]] = {k: [] for k in variants}
         written: dict[str, int] = {}
         for fn in variants.values():  # warm-up: pinned buffers, page cache, thread pools
@@ -152,11 +177,15 @@ def main() -> None:
 
     gpu = f"{torch.cuda.get_device_name()}, " if args.device.startswith("cuda") else ""
     print(f"machine: {gpu}{machine()}")
-    print(f"model: {n_params / 1e6:.0f}M fp32 parameters on {args.device}, AdamW state after one step; "
-          f"{repeats} alternating runs after one warm-up each")
+    print(
+        f"model: {n_params / 1e6:.0f}M fp32 parameters on {args.device}, AdamW state after one step; "
+        f"{repeats} alternating runs after one warm-up each"
+    )
     old = median(times["old"])
-    rows = [[k, len(v), median(v), spread(v), written[k] / 1e9, written[k] / 1e9 / median(v), old / median(v)]
-            for k, v in times.items()]
+    rows = [
+        [k, len(v), median(v), spread(v), written[k] / 1e9, written[k] / 1e9 / median(v), old / median(v)]
+        for k, v in times.items()
+    ]
     print(table(["writer", "runs", "seconds", "spread", "GB written", "GB/s", "speed-up vs old"], rows))
 
 

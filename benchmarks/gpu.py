@@ -36,21 +36,61 @@ from pathlib import Path
 from benchmarks._common import machine, median, run_case, table
 
 QWEN_VOCAB = 151_936
-POLICY_LLAMA = dict(arch="llama", hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
-                    intermediate_size=2496, tie_word_embeddings=False)
-EVALUATOR_QWEN2 = dict(arch="qwen2", hidden_size=1024, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=16,
-                       intermediate_size=3072, tie_word_embeddings=False)
-POLICY_QWEN05 = dict(arch="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                     intermediate_size=4864, tie_word_embeddings=True, rope_theta=1_000_000.0)
+POLICY_LLAMA = dict(
+    arch="llama",
+    hidden_size=1024,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    intermediate_size=2496,
+    tie_word_embeddings=False,
+)
+EVALUATOR_QWEN2 = dict(
+    arch="qwen2",
+    hidden_size=1024,
+    num_hidden_layers=20,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    intermediate_size=3072,
+    tie_word_embeddings=False,
+)
+POLICY_QWEN05 = dict(
+    arch="qwen2",
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    tie_word_embeddings=True,
+    rope_theta=1_000_000.0,
+)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=128)
 CONFIGS = {
     "pair": dict(policy=POLICY_LLAMA, evaluator=EVALUATOR_QWEN2, vocab=None),
     "qwen05": dict(policy=POLICY_QWEN05, evaluator=EVALUATOR_QWEN2, vocab=QWEN_VOCAB),
 }
-JOB = dict(prompts=16, group_size=8, max_new_tokens=128, temperature=1.0, lr=1e-6, micro=32, accum=4,
-           generation_batch=128, scoring_batch=64)
-DRY_JOB = dict(prompts=2, group_size=2, max_new_tokens=6, temperature=1.0, lr=1e-6, micro=2, accum=2,
-               generation_batch=4, scoring_batch=4)
+JOB = dict(
+    prompts=16,
+    group_size=8,
+    max_new_tokens=128,
+    temperature=1.0,
+    lr=1e-6,
+    micro=32,
+    accum=4,
+    generation_batch=128,
+    scoring_batch=64,
+)
+DRY_JOB = dict(
+    prompts=2,
+    group_size=2,
+    max_new_tokens=6,
+    temperature=1.0,
+    lr=1e-6,
+    micro=2,
+    accum=2,
+    generation_batch=4,
+    scoring_batch=4,
+)
 
 
 def tokenizer(vocab: int | None):
@@ -67,9 +107,15 @@ def tokenizer(vocab: int | None):
     spec = json.loads(tok.backend_tokenizer.to_str())
     n = len(tok)
     spec["model"]["vocab"].update({f"<|filler_{i}|>": n + i for i in range(vocab - n)})
-    wide = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=tok.bos_token,
-                                   eos_token=tok.eos_token, pad_token=tok.pad_token, padding_side="left",
-                                   model_max_length=tok.model_max_length, chat_template=tok.chat_template)
+    wide = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        pad_token=tok.pad_token,
+        padding_side="left",
+        model_max_length=tok.model_max_length,
+        chat_template=tok.chat_template,
+    )
     assert len(wide) == vocab, (len(wide), vocab)
     return wide
 
@@ -86,7 +132,9 @@ def build(out: Path, shape: dict, tok, seed: int, dry: bool) -> str:
     if (out / "model.safetensors").exists():
         return str(out)
     arch = {**shape, **(TINY if dry else {})}
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch.pop("arch")]
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        arch.pop("arch")
+    ]
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config = config_cls(vocab_size=len(tok), max_position_embeddings=4096, dtype="float32", **ids, **arch)
     torch.manual_seed(seed)
@@ -105,8 +153,10 @@ def build_models(root: Path, name: str, dry: bool) -> dict[str, str]:
     spec = CONFIGS[name]
     tok = tokenizer(spec["vocab"])
     suffix = "-dry" if dry else ""
-    return {"policy": build(root / f"{name}-policy{suffix}", spec["policy"], tok, 1, dry),
-            "evaluator": build(root / f"{name}-evaluator{suffix}", spec["evaluator"], tok, 2, dry)}
+    return {
+        "policy": build(root / f"{name}-policy{suffix}", spec["policy"], tok, 1, dry),
+        "evaluator": build(root / f"{name}-evaluator{suffix}", spec["evaluator"], tok, 2, dry),
+    }
 
 
 def n_params(path: str) -> float:
@@ -150,8 +200,19 @@ def row(name: str, impl: str, rs: list[dict], dry: bool) -> list:
         update, ckpt = steady - gen - score, None
     tok_s = median([s["tokens"] / s["generate"] for s in st if s["generate"]])
     mem = median([r["gpu_peak_mib"] / 1024 for r in rs]) if not dry else median([r["peak_mib"] / 1024 for r in rs])
-    return [name, impl, steady, gen, score, update, ckpt, tok_s, mem, median([r["reward_mean"] for r in rs]),
-            median([r["per_iter"] for r in rs])]
+    return [
+        name,
+        impl,
+        steady,
+        gen,
+        score,
+        update,
+        ckpt,
+        tok_s,
+        mem,
+        median([r["reward_mean"] for r in rs]),
+        median([r["per_iter"] for r in rs]),
+    ]
 
 
 def main() -> None:
@@ -169,8 +230,10 @@ def main() -> None:
         a.steps, a.repeats = 2, 1
     missing = trl_missing()
     if missing and not a.dry_cpu:
-        sys.exit(f"benchmarks.gpu: the TRL side cannot run: {missing}. Install the bench extra, or add --dry-cpu "
-                 "for a smoke run that skips TRL.")
+        sys.exit(
+            f"benchmarks.gpu: the TRL side cannot run: {missing}. Install the bench extra, or add --dry-cpu "
+            "for a smoke run that skips TRL."
+        )
     if not a.dry_cpu:
         import torch
 
@@ -188,8 +251,16 @@ def main() -> None:
                 for impl in ("rlme", "trl") if r % 2 == 0 else ("trl", "rlme"):
                     if impl == "trl" and missing:
                         continue
-                    c = {"impl": impl, "k": a.k, "steps": a.steps, "device": device, "dtype": dtype, "job": job,
-                         **models, "storage": os.path.join(tmp, f"{name}-{impl}-{r}")}
+                    c = {
+                        "impl": impl,
+                        "k": a.k,
+                        "steps": a.steps,
+                        "device": device,
+                        "dtype": dtype,
+                        "job": job,
+                        **models,
+                        "storage": os.path.join(tmp, f"{name}-{impl}-{r}"),
+                    }
                     env = {"CUDA_VISIBLE_DEVICES": ""} if a.dry_cpu else {}
                     try:
                         out = run_case("benchmarks.vs_trl", c, env=env, timeout=a.case_timeout)
@@ -199,14 +270,20 @@ def main() -> None:
                         sys.exit(f"benchmarks.gpu: the {impl} case imported prefect or s3fs; it must need neither")
                     res[impl].append(out)
                     # one line per finished case, so a run cut off by its time limit still says what it measured
-                    print(f"# {name} {impl}: " + (out.get("error") or f"steady {out.get('steady', float('nan')):.3g} s/iter"),
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"# {name} {impl}: "
+                        + (out.get("error") or f"steady {out.get('steady', float('nan')):.3g} s/iter"),
+                        file=sys.stderr,
+                        flush=True,
+                    )
             results.append((name, res))
 
     j = job
-    print(f"rlme vs TRL GRPOTrainer (cispo, beta 0, bf16 compute, fp32 master weights, full fine-tune): {j['prompts']} prompts "
-          f"x G={j['group_size']}, {j['max_new_tokens']} new tokens, K={a.k}, micro-batch {j['micro']} x {j['accum']} (one "
-          f"optimizer step per iteration), {a.steps} iterations per case, {a.repeats} pair(s), fresh subprocess per case")
+    print(
+        f"rlme vs TRL GRPOTrainer (cispo, beta 0, bf16 compute, fp32 master weights, full fine-tune): {j['prompts']} prompts "
+        f"x G={j['group_size']}, {j['max_new_tokens']} new tokens, K={a.k}, micro-batch {j['micro']} x {j['accum']} (one "
+        f"optimizer step per iteration), {a.steps} iterations per case, {a.repeats} pair(s), fresh subprocess per case"
+    )
     card = next((x.get("card") for _, res in results for rs in res.values() for x in rs if x.get("card")), None)
     print(f"device: {card or 'CPU (--dry-cpu)'}; {machine()}")
     for name in sizes:
@@ -218,10 +295,28 @@ def main() -> None:
         rows += [row(name, impl, res[impl], a.dry_cpu) for impl in ("rlme", "trl") if res[impl] or impl == "rlme"]
         r, t = res["rlme"], res["trl"]
         if r and t and "error" not in r[0] and "error" not in t[0]:
-            rows.append([name, "rlme/TRL", median([x["steady"] for x in r]) / median([x["steady"] for x in t])] + [None] * 8)
+            rows.append(
+                [name, "rlme/TRL", median([x["steady"] for x in r]) / median([x["steady"] for x in t])] + [None] * 8
+            )
     mem = "peak RSS GiB" if a.dry_cpu else "peak GPU GiB"
-    print(table(["config", "impl", "steady s/iter", "generate s", "score s", "update s", "of which checkpoint s",
-                 "gen tokens/s", mem, "reward", "process s/iter"], rows))
+    print(
+        table(
+            [
+                "config",
+                "impl",
+                "steady s/iter",
+                "generate s",
+                "score s",
+                "update s",
+                "of which checkpoint s",
+                "gen tokens/s",
+                mem,
+                "reward",
+                "process s/iter",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -26,13 +26,26 @@ def case(c: dict) -> dict:
     from rlme_pipeline.logprobs import completion_logprobs
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c["vocab"], hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=c["vocab"],
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            pad_token_id=0,
+        )
+    )
     g = torch.Generator().manual_seed(1)
-    pairs = [(torch.randint(1, c["vocab"], (c["prompt"],), generator=g).tolist(),
-              torch.randint(1, c["vocab"], (c["completion"],), generator=g).tolist()) for _ in range(c["batch"])]
+    pairs = [
+        (
+            torch.randint(1, c["vocab"], (c["prompt"],), generator=g).tolist(),
+            torch.randint(1, c["vocab"], (c["completion"],), generator=g).tolist(),
+        )
+        for _ in range(c["batch"])
+    ]
     for p in model.parameters():  # gradients exist in both variants: allocate them before the baseline
         p.grad = torch.zeros_like(p)
 
@@ -82,8 +95,17 @@ def main() -> None:
     for _ in range(a.repeats):
         for v in [int(x) for x in a.vocabs.split(",")]:
             for m in ("rlme", "naive"):
-                r = run_case("benchmarks.logprobs", {"vocab": v, "method": m, "batch": a.batch, "prompt": a.prompt,
-                                                     "completion": a.completion, "chunk": a.chunk_tokens})
+                r = run_case(
+                    "benchmarks.logprobs",
+                    {
+                        "vocab": v,
+                        "method": m,
+                        "batch": a.batch,
+                        "prompt": a.prompt,
+                        "completion": a.completion,
+                        "chunk": a.chunk_tokens,
+                    },
+                )
                 res.setdefault((v, m), []).append(r)
     rows = []
     for v in [int(x) for x in a.vocabs.split(",")]:
@@ -91,11 +113,26 @@ def main() -> None:
         pm_o, pm_n = median([r["peak_mib"] for r in ours]), median([r["peak_mib"] for r in nv])
         t_o, t_n = median([r["seconds"] for r in ours]), median([r["seconds"] for r in nv])
         rows.append([v, pm_o, pm_n, pm_o / pm_n, t_o, t_n, t_o / t_n, spread([r["seconds"] for r in ours + nv])])
-    print(f"update log-probs, forward+backward of one micro-batch: {a.batch} x ({a.prompt} prompt + {a.completion} completion) "
-          f"tokens, Llama hidden 256 / 2 layers, chunk {a.chunk_tokens} tokens; fresh subprocess per case, median of {a.repeats}")
+    print(
+        f"update log-probs, forward+backward of one micro-batch: {a.batch} x ({a.prompt} prompt + {a.completion} completion) "
+        f"tokens, Llama hidden 256 / 2 layers, chunk {a.chunk_tokens} tokens; fresh subprocess per case, median of {a.repeats}"
+    )
     print(f"machine: {machine()}")
-    print(table(["vocab", "peak MiB rlme", "peak MiB naive", "peak ratio rlme/naive", "s rlme", "s naive",
-                 "time ratio", "time spread"], rows))
+    print(
+        table(
+            [
+                "vocab",
+                "peak MiB rlme",
+                "peak MiB naive",
+                "peak ratio rlme/naive",
+                "s rlme",
+                "s naive",
+                "time ratio",
+                "time spread",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,13 @@ from benchmarks._common import ROOT, emit, machine, median, run_case, spread, ta
 def case(c: dict) -> dict:
     seconds, cpu, startup = _direct(c) if c["mode"] == "direct" else _prefect(c)
     n = c["iterations"]
-    return {"seconds": seconds, "per_iteration": seconds / n, "cpu_per_iteration": cpu / n, "startup": startup,
-            "steady": _steady(c)}
+    return {
+        "seconds": seconds,
+        "per_iteration": seconds / n,
+        "cpu_per_iteration": cpu / n,
+        "startup": startup,
+        "steady": _steady(c),
+    }
 
 
 def _steady(c: dict) -> float | None:
@@ -42,9 +47,9 @@ def _steady(c: dict) -> float | None:
 
 def _direct(c: dict) -> tuple[float, float, float]:
     from rlme_pipeline.config import load_config
-    from rlme_pipeline.runner import train
     from rlme_pipeline.preflight import preflight
     from rlme_pipeline.run import Run
+    from rlme_pipeline.runner import train
 
     t0, c0 = time.perf_counter(), time.process_time()
     # what rlme_train does, minus Prefect: load the config, check every input, train
@@ -96,12 +101,26 @@ def main() -> None:
             for mode in ("direct", "prefect") if r % 2 == 0 else ("prefect", "direct"):
                 home = os.path.join(tmp, f"prefect-{mode}-{r}")
                 # PREFECT_API_URL unset (not empty: an empty URL silently stops event delivery) = the temporary server
-                env = {"PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": None,
-                       "PREFECT_LOGGING_LEVEL": "WARNING",
-                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
-                res[mode].append(run_case("benchmarks.orchestration", {
-                    "mode": mode, "config": a.config, "iterations": a.iterations,
-                    "storage": os.path.join(tmp, f"runs-{mode}-{r}")}, env=env))
+                env = {
+                    "PREFECT_HOME": home,
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_API_URL": None,
+                    "PREFECT_LOGGING_LEVEL": "WARNING",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
+                }
+                res[mode].append(
+                    run_case(
+                        "benchmarks.orchestration",
+                        {
+                            "mode": mode,
+                            "config": a.config,
+                            "iterations": a.iterations,
+                            "storage": os.path.join(tmp, f"runs-{mode}-{r}"),
+                        },
+                        env=env,
+                    )
+                )
+
     def col(key: str) -> tuple[float | None, float | None, str]:
         """direct median, prefect median, overhead (median over pairs of prefect/direct - 1)"""
         d, p = [x[key] for x in res["direct"]], [x[key] for x in res["prefect"]]
@@ -110,16 +129,45 @@ def main() -> None:
         return median(d), median(p), f"{100 * median([pp / dd - 1 for pp, dd in zip(p, d)]):+.1f}%"
 
     (wd, wp, wo), (sd, sp, so), (cd, cp, co) = col("per_iteration"), col("steady"), col("cpu_per_iteration")
-    rows = [["direct (runner.train)", wd, "-", sd, "-", cd, "-", "-", spread([x["per_iteration"] for x in res["direct"]])],
-            ["prefect flow (rlme_train)", wp, wo, sp, so, cp, co, median([x["startup"] for x in res["prefect"]]),
-             spread([x["per_iteration"] for x in res["prefect"]])]]
-    print(f"orchestration: {os.path.relpath(a.config, ROOT)}, {a.iterations} iterations per run, fresh subprocess and "
-          f"storage per case, alternating, median of {a.repeats} pairs")
+    rows = [
+        ["direct (runner.train)", wd, "-", sd, "-", cd, "-", "-", spread([x["per_iteration"] for x in res["direct"]])],
+        [
+            "prefect flow (rlme_train)",
+            wp,
+            wo,
+            sp,
+            so,
+            cp,
+            co,
+            median([x["startup"] for x in res["prefect"]]),
+            spread([x["per_iteration"] for x in res["prefect"]]),
+        ],
+    ]
+    print(
+        f"orchestration: {os.path.relpath(a.config, ROOT)}, {a.iterations} iterations per run, fresh subprocess and "
+        f"storage per case, alternating, median of {a.repeats} pairs"
+    )
     print(f"machine: {machine()}")
-    print(table(["mode", "wall s / iteration", "wall overhead", "steady s / iteration", "steady overhead",
-                 "CPU s / iteration", "CPU overhead", "server startup s (once)", "spread"], rows))
-    print("overheads: median over pairs of prefect/direct - 1. steady: median time between consecutive commits from "
-          "iteration 1 on (no model loads, no flow start or end)")
+    print(
+        table(
+            [
+                "mode",
+                "wall s / iteration",
+                "wall overhead",
+                "steady s / iteration",
+                "steady overhead",
+                "CPU s / iteration",
+                "CPU overhead",
+                "server startup s (once)",
+                "spread",
+            ],
+            rows,
+        )
+    )
+    print(
+        "overheads: median over pairs of prefect/direct - 1. steady: median time between consecutive commits from "
+        "iteration 1 on (no model loads, no flow start or end)"
+    )
 
 
 if __name__ == "__main__":

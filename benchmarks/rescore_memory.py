@@ -27,8 +27,8 @@ def build(base: Path, n: int, tokens: int) -> str:
     import polars as pl
 
     from rlme_pipeline.config import load_config
-    from rlme_pipeline.runner import train
     from rlme_pipeline.run import Run
+    from rlme_pipeline.runner import train
     from rlme_pipeline.storage import Store
 
     seed_run = base / "seed"
@@ -40,9 +40,16 @@ def build(base: Path, n: int, tokens: int) -> str:
     run = Run(Store(str(base / f"n{n}")), "demo")
     src = run.read_table(0, "rollouts.parquet")
     reps = -(-n // src.height)
-    big = pl.concat([src.with_columns(prompt_id=pl.col("prompt_id") + f"-{r}", rollout_id=pl.col("rollout_id") + f"-{r}") for r in range(reps)]).head(n)
-    big = big.with_columns(completion_token_ids=pl.lit(list(range(tokens)), pl.List(pl.Int32)),
-                           behavior_logprobs=pl.lit([-1.0] * tokens, pl.List(pl.Float32)))
+    big = pl.concat(
+        [
+            src.with_columns(prompt_id=pl.col("prompt_id") + f"-{r}", rollout_id=pl.col("rollout_id") + f"-{r}")
+            for r in range(reps)
+        ]
+    ).head(n)
+    big = big.with_columns(
+        completion_token_ids=pl.lit(list(range(tokens)), pl.List(pl.Int32)),
+        behavior_logprobs=pl.lit([-1.0] * tokens, pl.List(pl.Float32)),
+    )
     # Swap the committed rollouts for the big table: a new attempt file, listed by a rewritten manifest.
     entry = run.write_table(0, "rollouts.parquet", big, "rollouts")
     m = run.store.read_json("iter-000000/MANIFEST.json")
@@ -67,14 +74,24 @@ def child(run_url: str, mode: str, shard_rows: int) -> None:
         return
     import torch  # noqa: F401  (imported before measuring so both modes share the baseline)
 
-    m = rescore(run, "bench", questions=[QuestionConfig(id="q", text="Is the answer correct?")],
-                evaluators=[EvaluatorConfig(name="other", model="tiny:evaluator")], shard_rows=shard_rows)
+    m = rescore(
+        run,
+        "bench",
+        questions=[QuestionConfig(id="q", text="Is the answer correct?")],
+        evaluators=[EvaluatorConfig(name="other", model="tiny:evaluator")],
+        shard_rows=shard_rows,
+    )
     print(json.dumps({"rows": m["files"][1]["rows"], "maxrss_mb": peak_mb()}))
 
 
 def measure(run_url: str, mode: str, shard_rows: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", run_url, mode, str(shard_rows)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", run_url, mode, str(shard_rows)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -97,8 +114,12 @@ def main() -> None:
             url = build(Path(tmp), n, a.tokens)
             rows.append((n, measure(url, "rescore", a.shard_rows), measure(url, "naive", a.shard_rows)))
     print(f"re-score with shards of {a.shard_rows} rollouts, {a.tokens} token ids per rollout")
-    print(table(["stored rollouts", "re-score peak RSS MB", "read whole file peak RSS MB"],
-                [[n, round(r["maxrss_mb"]), round(nv["maxrss_mb"])] for n, r, nv in rows]))
+    print(
+        table(
+            ["stored rollouts", "re-score peak RSS MB", "read whole file peak RSS MB"],
+            [[n, round(r["maxrss_mb"]), round(nv["maxrss_mb"])] for n, r, nv in rows],
+        )
+    )
     (n0, r0, _), (n1, r1, _) = rows
     print(f"re-score peak ratio {n1}/{n0} rollouts: {r1['maxrss_mb'] / r0['maxrss_mb']:.3f}")
 

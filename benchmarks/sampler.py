@@ -25,18 +25,36 @@ import torch
 
 from benchmarks._common import machine, median, spread, table
 
-QWEN_05B = {"vocab_size": 151936, "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
-                "num_key_value_heads": 2, "intermediate_size": 4864}
-TINY = {"vocab_size": 2048, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "intermediate_size": 128}
+QWEN_05B = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "intermediate_size": 4864,
+}
+TINY = {
+    "vocab_size": 2048,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+}
 
 
 def build(shape: dict, device: str, dtype: torch.dtype):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(**shape, max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=0,
-                      eos_token_id=shape["vocab_size"] - 1, bos_token_id=1)
+    cfg = Qwen2Config(
+        **shape,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=shape["vocab_size"] - 1,
+        bos_token_id=1,
+    )
     with torch.device(device):
         return Qwen2ForCausalLM(cfg).to(dtype).eval()
 
@@ -50,11 +68,20 @@ def old_sample(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos
     width = max(len(s) for s in prompts)
     ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in prompts], device=device)
-    positions = lambda m: (m.cumsum(-1) - 1).clamp(min=0)
+
+    def positions(m):
+        return (m.cumsum(-1) - 1).clamp(min=0)
+
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions(mask),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     pos = positions(mask)[:, -1:]
     B = len(prompts)
     tokens, done = [[] for _ in range(B)], [False] * B
@@ -94,9 +121,18 @@ def generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_i
     device = next(model.parameters()).device
     ids = torch.tensor(prompts, device=device)  # all of one length: no padding
     (eos,) = eos_ids
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
-                         top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_id)
-    new = out[:, ids.shape[1]:].tolist()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad_id,
+    )
+    new = out[:, ids.shape[1] :].tolist()
     return [next((i + 1 for i, t in enumerate(row) if t == eos), len(row)) for row in new]
 
 
@@ -134,9 +170,13 @@ def checks(model, prompts, seeds, device, kw) -> list[str]:
     few = sample(model, prompts[:k], seeds[:k], **short)
     every = sample(model, prompts, seeds, **short)[:k]
     same = sum(a.token_ids == b.token_ids for a, b in zip(few, every))
-    return [f"uniforms on {device} equal the CPU's bit for bit: {same_u}",
-            (f"rows with identical tokens in a batch of {k} and of {len(prompts)} ({short['max_new_tokens']} tokens): "
-            f"{same}/{k} (the model's own forward pass need not be batch-invariant in low precision on a GPU)")]
+    return [
+        f"uniforms on {device} equal the CPU's bit for bit: {same_u}",
+        (
+            f"rows with identical tokens in a batch of {k} and of {len(prompts)} ({short['max_new_tokens']} tokens): "
+            f"{same}/{k} (the model's own forward pass need not be batch-invariant in low precision on a GPU)"
+        ),
+    ]
 
 
 def main() -> None:
@@ -154,8 +194,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--old-repeats", type=int, default=1, help="the old sampler is slow at full size: fewer runs")
     ap.add_argument("--methods", default="rlme,generate,old")
-    ap.add_argument("--eos-check-every", type=int, default=None,
-                    help="rlme's host sync interval (default: 1 on the CPU, 8 on a GPU); set 8 on the CPU to dry-run the GPU path")
+    ap.add_argument(
+        "--eos-check-every",
+        type=int,
+        default=None,
+        help="rlme's host sync interval (default: 1 on the CPU, 8 on a GPU); set 8 on the CPU to dry-run the GPU path",
+    )
     a = ap.parse_args()
     shape = {k: getattr(a, k) for k in QWEN_05B}
     if a.tiny:
@@ -174,7 +218,7 @@ def main() -> None:
         timed(m, model, prompts, seeds, a.device, **dict(kw, max_new_tokens=min(8, a.new)), **extra.get(m, {}))
     res: dict[str, list[dict]] = {m: [] for m in methods}
     for i in range(a.repeats):
-        for m in methods[i % len(methods):] + methods[: i % len(methods)]:
+        for m in methods[i % len(methods) :] + methods[: i % len(methods)]:
             if m == "old" and i >= a.old_repeats:
                 continue
             res[m].append(timed(m, model, prompts, seeds, a.device, **kw, **extra.get(m, {})))
@@ -186,16 +230,20 @@ def main() -> None:
         peak = res[m][0]["peak_gib"]
         rows.append([m, len(secs), t, spread(secs), tok, tok / t, t / base if base else None, peak])
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"sampling {a.batch} prompts x {a.prompt} tokens, {a.new} new tokens, T={a.temperature}, top_p={a.top_p}; "
-          f"Qwen2 random weights {n_params:.3g}M params, vocab {V}, hidden {shape['hidden_size']}, "
-          f"{shape['num_hidden_layers']} layers, {dtype}; device {a.device}")
+    print(
+        f"sampling {a.batch} prompts x {a.prompt} tokens, {a.new} new tokens, T={a.temperature}, top_p={a.top_p}; "
+        f"Qwen2 random weights {n_params:.3g}M params, vocab {V}, hidden {shape['hidden_size']}, "
+        f"{shape['num_hidden_layers']} layers, {dtype}; device {a.device}"
+    )
     gpu = f"{torch.cuda.get_device_name()}; " if a.device.startswith("cuda") else ""
     print(f"machine: {gpu}{machine()}")
     for n in notes:
         print(n)
     print(table(["method", "runs", "seconds", "spread", "tokens", "tokens/s", "x generate()", "peak GiB"], rows))
     if "old" in res and "rlme" in res:
-        print(f"old / rlme: {median([r['seconds'] for r in res['old']]) / median([r['seconds'] for r in res['rlme']]):.2f}x")
+        print(
+            f"old / rlme: {median([r['seconds'] for r in res['old']]) / median([r['seconds'] for r in res['rlme']]):.2f}x"
+        )
 
 
 if __name__ == "__main__":

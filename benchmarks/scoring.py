@@ -22,29 +22,43 @@ import time
 from benchmarks._common import machine, median, spread, table
 
 QUESTIONS = [
-    "Is the answer correct?", "Does the whole solution logically lead from the question to an answer?",
-    "Is the response polite?", "Is the final answer stated clearly?", "Is the arithmetic right?",
-    "Is the response free of repetition?", "Does the response answer the question that was asked?",
-    "Is the response concise?", "Is every step justified?", "Is the response in English?",
-    "Does the response avoid making things up?", "Is the tone appropriate?", "Is the format easy to read?",
-    "Would an expert agree with the answer?", "Is the answer a number?", "Is the response complete?",
+    "Is the answer correct?",
+    "Does the whole solution logically lead from the question to an answer?",
+    "Is the response polite?",
+    "Is the final answer stated clearly?",
+    "Is the arithmetic right?",
+    "Is the response free of repetition?",
+    "Does the response answer the question that was asked?",
+    "Is the response concise?",
+    "Is every step justified?",
+    "Is the response in English?",
+    "Does the response avoid making things up?",
+    "Is the tone appropriate?",
+    "Is the format easy to read?",
+    "Would an expert agree with the answer?",
+    "Is the answer a number?",
+    "Is the response complete?",
 ]
 
 
 def rollouts(n: int, words: int, seed: int = 0):
-    import polars as pl
-
-    from rlme_pipeline.tiny import resolve_tiny
-
     from importlib.resources import files
+
+    import polars as pl
 
     vocab = files("rlme_pipeline").joinpath("assets/corpus.txt").read_text().split()
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         a, b = rng.randint(1, 50), rng.randint(1, 50)
-        rows.append({"rollout_id": f"r{i}", "iteration": 0, "prompt": f"What is {a}+{b}?",
-                     "completion": " ".join(rng.choice(vocab) for _ in range(rng.randint(words // 2, words)))})
+        rows.append(
+            {
+                "rollout_id": f"r{i}",
+                "iteration": 0,
+                "prompt": f"What is {a}+{b}?",
+                "completion": " ".join(rng.choice(vocab) for _ in range(rng.randint(words // 2, words))),
+            }
+        )
     return pl.DataFrame(rows)
 
 
@@ -60,28 +74,40 @@ def main() -> None:
     if a.tiny:
         a.rollouts, a.completion_words, a.ks, a.repeats = 4, "10", "1,2", 1
 
-    from rlme_pipeline.config import QuestionConfig, ScoringConfig
-    from rlme_pipeline.lineage import ModelRef
     from rlme_pipeline.backends.select import Backends
+    from rlme_pipeline.config import QuestionConfig, ScoringConfig
     from rlme_pipeline.judging import Evaluator, score_rollouts
+    from rlme_pipeline.lineage import ModelRef
     from rlme_pipeline.tiny import resolve_tiny
 
     path = str(resolve_tiny("evaluator"))
     judge = Evaluator("ev", ModelRef(path=path, dtype="float32", device="cpu", version="bench"))
     sc = ScoringConfig(batch_size=a.batch_size)
     ks = [int(k) for k in a.ks.split(",")]
-    qs = [QuestionConfig(id=f"q{i}", text=QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f" ({i})")) for i in range(max(ks))]
+    qs = [
+        QuestionConfig(id=f"q{i}", text=QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f" ({i})"))
+        for i in range(max(ks))
+    ]
     backends = Backends()
     tok = backends.pool.get(path, "float32", "cpu", "bench").tokenizer  # loaded once, outside the timings
-    q_tokens = [len(tok(sc.question_template.format(question=q.text), add_special_tokens=False)["input_ids"]) for q in qs]
-    print(f"scoring: {a.rollouts} rollouts, scoring batch {a.batch_size}, tiny evaluator (hidden 256, 3 layers); "
-          f"median of {a.repeats} alternating runs")
+    q_tokens = [
+        len(tok(sc.question_template.format(question=q.text), add_special_tokens=False)["input_ids"]) for q in qs
+    ]
+    print(
+        f"scoring: {a.rollouts} rollouts, scoring batch {a.batch_size}, tiny evaluator (hidden 256, 3 layers); "
+        f"median of {a.repeats} alternating runs"
+    )
     print(f"machine: {machine()}")
     for words in [int(w) for w in a.completion_words.split(",")]:
         df = rollouts(a.rollouts, words)
         score_rollouts(df.head(min(4, df.height)), [judge], qs[:2], sc, "warm", backends)  # warm-up
-        prefix = sum(len(tok(sc.template.format(prompt=r["prompt"], completion=r["completion"]))["input_ids"])
-                     for r in df.iter_rows(named=True)) / df.height
+        prefix = (
+            sum(
+                len(tok(sc.template.format(prompt=r["prompt"], completion=r["completion"]))["input_ids"])
+                for r in df.iter_rows(named=True)
+            )
+            / df.height
+        )
         times: dict[tuple[int, str], list[float]] = {}
         for _ in range(a.repeats):
             for k in ks:
@@ -101,10 +127,25 @@ def main() -> None:
             n = df.height * k
             bound = (prefix + sum(q_tokens[:k])) / (prefix + sum(q_tokens[: ks[0]]))
             rows.append([k, n / sh, n / se, se / sh, sh / base, bound, spread(times[(k, "shared")])])
-        print(f"\ncompletions of {words // 2}-{words} words: prefix {prefix:.0f} tokens on average; "
-              f"question suffixes {min(q_tokens)}-{max(q_tokens)} tokens each")
-        print(table(["K", "judgements/s shared", "judgements/s separate", "speed-up shared/separate",
-                     f"time(K)/time(K={ks[0]}) shared", "token bound", "spread (shared)"], rows))
+        print(
+            f"\ncompletions of {words // 2}-{words} words: prefix {prefix:.0f} tokens on average; "
+            f"question suffixes {min(q_tokens)}-{max(q_tokens)} tokens each"
+        )
+        print(
+            table(
+                [
+                    "K",
+                    "judgements/s shared",
+                    "judgements/s separate",
+                    "speed-up shared/separate",
+                    f"time(K)/time(K={ks[0]}) shared",
+                    "token bound",
+                    "spread (shared)",
+                ],
+                rows,
+            )
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -34,13 +34,22 @@ from pathlib import Path
 from benchmarks._common import ROOT, emit, machine, median, process_seconds, run_case, spread, table, vm_kib
 
 QUESTIONS = [
-    "Is the answer correct?", "Does the whole solution logically lead from the question to an answer?",
-    "Is the final answer stated clearly?", "Is the arithmetic right?", "Does the response answer the question that was asked?",
-    "Is the response concise?", "Is every step justified?", "Is the response complete?",
+    "Is the answer correct?",
+    "Does the whole solution logically lead from the question to an answer?",
+    "Is the final answer stated clearly?",
+    "Is the arithmetic right?",
+    "Does the response answer the question that was asked?",
+    "Is the response concise?",
+    "Is every step justified?",
+    "Is the response complete?",
 ]
 HP = dict(prompts=8, group_size=4, max_new_tokens=24, temperature=1.0, lr=1e-4, micro=8, accum=4)
-CONFIGS = {"k1": dict(k=1, large=False), "k4": dict(k=4, large=False), "k8": dict(k=8, large=False),
-           "large": dict(k=4, large=True)}
+CONFIGS = {
+    "k1": dict(k=1, large=False),
+    "k4": dict(k=4, large=False),
+    "k8": dict(k=8, large=False),
+    "large": dict(k=4, large=True),
+}
 
 
 def build_models(out: Path, large: bool) -> dict[str, str]:
@@ -56,8 +65,14 @@ def build_models(out: Path, large: bool) -> dict[str, str]:
 
         tok = build_tokenizer()
         base = build_model(tok, "policy", 0).config.to_dict()
-        base.update(hidden_size=512, num_attention_heads=8, num_key_value_heads=8, head_dim=64,
-                    intermediate_size=1024, num_hidden_layers=4)
+        base.update(
+            hidden_size=512,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            head_dim=64,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+        )
         torch.manual_seed(7)
         LlamaForCausalLM(LlamaConfig(**base)).save_pretrained(pol)
         tok.save_pretrained(pol)
@@ -74,13 +89,21 @@ def rlme_config(c: dict, storage: str) -> dict:
     device, dtype = c.get("device", "cpu"), c.get("dtype", "float32")
     return {
         "run": {"id": "bench", "storage": storage, "iterations": c["steps"], "seed": 0},
-        "data": {"path": str(ROOT / "data" / "demo_prompts.jsonl"), "prompt_column": "question", "id_column": "id",
-                 "prompts_per_iteration": j["prompts"]},
+        "data": {
+            "path": str(ROOT / "data" / "demo_prompts.jsonl"),
+            "prompt_column": "question",
+            "id_column": "id",
+            "prompts_per_iteration": j["prompts"],
+        },
         "policy": {"model": c["policy"], "dtype": dtype, "device": device},
         "evaluators": [{"name": "ev", "model": c["evaluator"], "weight": 1.0, "dtype": dtype, "device": device}],
         "questions": [{"id": f"q{i}", "text": QUESTIONS[i], "weight": 1.0} for i in range(c["k"])],
-        "generation": {"group_size": j["group_size"], "max_new_tokens": j["max_new_tokens"],
-                       "temperature": j["temperature"], "batch_size": j.get("generation_batch", 32)},
+        "generation": {
+            "group_size": j["group_size"],
+            "max_new_tokens": j["max_new_tokens"],
+            "temperature": j["temperature"],
+            "batch_size": j.get("generation_batch", 32),
+        },
         "scoring": {"batch_size": j.get("scoring_batch", 16), "reward_form": "logp"},
         "algorithm": {"loss": "cispo", "eps_high": 5.0, "beta": 0.0},
         "optimizer": {"lr": j["lr"], "micro_batch_size": j["micro"], "grad_accumulation": j["accum"]},
@@ -92,8 +115,8 @@ def run_rlme(c: dict) -> dict:
     seconds spent in checkpoint.save (part of the update stage)."""
     from rlme_pipeline import checkpoint
     from rlme_pipeline.config import Config
-    from rlme_pipeline.runner import train
     from rlme_pipeline.run import Run
+    from rlme_pipeline.runner import train
 
     cfg = Config.model_validate(rlme_config(c, c["storage"]))
     stamps, stages, saves = [], [], []
@@ -108,8 +131,13 @@ def run_rlme(c: dict) -> dict:
     def committed(m):
         stamps.append(time.perf_counter())
         rollouts = cfg.data.prompts_per_iteration * cfg.generation.group_size
-        stages.append({**m.timings, "checkpoint": saves[-1] if saves else 0.0,
-                       "tokens": m.metrics["completion_tokens_mean"] * rollouts})
+        stages.append(
+            {
+                **m.timings,
+                "checkpoint": saves[-1] if saves else 0.0,
+                "tokens": m.metrics["completion_tokens_mean"] * rollouts,
+            }
+        )
 
     checkpoint.save = timed_save
     try:
@@ -118,8 +146,12 @@ def run_rlme(c: dict) -> dict:
         total = time.perf_counter() - t0
     finally:
         checkpoint.save = save
-    return {"seconds": total, "stamps": [s - t0 for s in stamps], "stages": stages,
-            "reward_mean": made[-1].metrics["reward_mean"]}
+    return {
+        "seconds": total,
+        "stamps": [s - t0 for s in stamps],
+        "stages": stages,
+        "reward_mean": made[-1].metrics["reward_mean"],
+    }
 
 
 def run_trl(c: dict) -> dict:
@@ -149,17 +181,27 @@ def run_trl(c: dict) -> dict:
 
         @torch.no_grad()
         def reward(prompts, completions, question_text, **kw):
-            texts = [DEFAULT_TEMPLATE.format(prompt=p, completion=cm[0]["content"]) + q
-                     for p, cm in zip(question_text, completions)]
+            texts = [
+                DEFAULT_TEMPLATE.format(prompt=p, completion=cm[0]["content"]) + q
+                for p, cm in zip(question_text, completions)
+            ]
             enc = [ev_tok(t)["input_ids"] for t in texts]
             width = max(map(len, enc))
             ids = torch.full((len(enc), width), ev_tok.pad_token_id)
             mask = torch.zeros_like(ids)
             for r, e in enumerate(enc):  # left padding: the last position is each row's next-token slot
-                ids[r, width - len(e):], mask[r, width - len(e):] = torch.tensor(e), 1
+                ids[r, width - len(e) :], mask[r, width - len(e) :] = torch.tensor(e), 1
             ids, mask = ids.to(device), mask.to(device)
-            logits = ev(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        logits_to_keep=1).logits[:, -1].float()
+            logits = (
+                ev(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    logits_to_keep=1,
+                )
+                .logits[:, -1]
+                .float()
+            )
             lp = torch.logsumexp(torch.log_softmax(logits, -1)[:, yes], -1)
             return [max(float(x), floor) for x in lp.cpu()]
 
@@ -167,15 +209,37 @@ def run_trl(c: dict) -> dict:
         return reward
 
     rows = pl.read_ndjson(ROOT / "data" / "demo_prompts.jsonl").to_dicts()
-    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}], "question_text": r["question"]} for r in rows])
+    ds = datasets.Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["question"]}], "question_text": r["question"]} for r in rows]
+    )
     args = GRPOConfig(
-        output_dir=c["storage"], loss_type="cispo", beta=0.0, epsilon_high=5.0, scale_rewards="none",
-        num_generations=j["group_size"], max_completion_length=j["max_new_tokens"], temperature=j["temperature"],
-        learning_rate=j["lr"], per_device_train_batch_size=j["micro"], gradient_accumulation_steps=j["accum"],
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        max_steps=c["steps"], num_iterations=1, reward_weights=[1.0] * c["k"], use_cpu=device == "cpu",
-        bf16=dtype == "bfloat16", report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
-        remove_unused_columns=False, dataloader_num_workers=0,
+        output_dir=c["storage"],
+        loss_type="cispo",
+        beta=0.0,
+        epsilon_high=5.0,
+        scale_rewards="none",
+        num_generations=j["group_size"],
+        max_completion_length=j["max_new_tokens"],
+        temperature=j["temperature"],
+        learning_rate=j["lr"],
+        per_device_train_batch_size=j["micro"],
+        gradient_accumulation_steps=j["accum"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=c["steps"],
+        num_iterations=1,
+        reward_weights=[1.0] * c["k"],
+        use_cpu=device == "cpu",
+        bf16=dtype == "bfloat16",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
     )
     stamps, spent = [], {"generate": [], "score": []}
 
@@ -183,9 +247,14 @@ def run_trl(c: dict) -> dict:
         def on_step_end(self, *a, **k):
             stamps.append(time.perf_counter())
 
-    trainer = GRPOTrainer(model=c["policy"], reward_funcs=[make_reward(QUESTIONS[i]) for i in range(c["k"])],
-                          args=args, train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(c["policy"]),
-                          callbacks=[Stamp()])
+    trainer = GRPOTrainer(
+        model=c["policy"],
+        reward_funcs=[make_reward(QUESTIONS[i]) for i in range(c["k"])],
+        args=args,
+        train_dataset=ds,
+        processing_class=AutoTokenizer.from_pretrained(c["policy"]),
+        callbacks=[Stamp()],
+    )
 
     def timed(name, fn):
         def call(*a, **k):
@@ -195,6 +264,7 @@ def run_trl(c: dict) -> dict:
             sync()
             spent[name].append(time.perf_counter() - t)
             return out
+
         return call
 
     trainer._generate = timed("generate", trainer._generate)
@@ -203,20 +273,32 @@ def run_trl(c: dict) -> dict:
     total = time.perf_counter() - t0
     history = [h for h in trainer.state.log_history if "reward" in h]
     rollouts = j["prompts"] * j["group_size"]
-    stages = [{"generate": g, "score": r, "tokens": h.get("completions/mean_length", 0.0) * rollouts}
-              for g, r, h in zip(spent["generate"], spent["score"], history)]
-    return {"seconds": total, "stamps": [s - t0 for s in stamps], "stages": stages,
-            "reward_mean": history[-1]["reward"] if history else None}
+    stages = [
+        {"generate": g, "score": r, "tokens": h.get("completions/mean_length", 0.0) * rollouts}
+        for g, r, h in zip(spent["generate"], spent["score"], history)
+    ]
+    return {
+        "seconds": total,
+        "stamps": [s - t0 for s in stamps],
+        "stages": stages,
+        "reward_mean": history[-1]["reward"] if history else None,
+    }
 
 
 def case(c: dict) -> dict:
     r = run_rlme(c) if c["impl"] == "rlme" else run_trl(c)
     st = r["stamps"]
     steady = median([b - a for a, b in zip(st, st[1:])]) if len(st) > 1 else r["seconds"]
-    out = {**r, "per_iter": process_seconds() / c["steps"], "steady": steady, "peak_mib": vm_kib("VmHWM") / 1024,
-           "process_cpu": sum(os.times()[:2]),
-           # benchmarks/gpu.py runs where neither is installed: the library loop must need neither
-           "prefect_imported": "prefect" in sys.modules, "s3fs_imported": "s3fs" in sys.modules}
+    out = {
+        **r,
+        "per_iter": process_seconds() / c["steps"],
+        "steady": steady,
+        "peak_mib": vm_kib("VmHWM") / 1024,
+        "process_cpu": sum(os.times()[:2]),
+        # benchmarks/gpu.py runs where neither is installed: the library loop must need neither
+        "prefect_imported": "prefect" in sys.modules,
+        "s3fs_imported": "s3fs" in sys.modules,
+    }
     if c.get("device", "cpu").startswith("cuda"):
         import torch
 
@@ -246,28 +328,70 @@ def main() -> None:
             res = {"rlme": [], "trl": []}
             for r in range(a.repeats):
                 for impl in ("rlme", "trl") if r % 2 == 0 else ("trl", "rlme"):
-                    res[impl].append(run_case("benchmarks.vs_trl", {
-                        "impl": impl, "k": spec["k"], "steps": a.steps, **models,
-                        "storage": os.path.join(tmp, f"{name}-{impl}-{r}")}))
+                    res[impl].append(
+                        run_case(
+                            "benchmarks.vs_trl",
+                            {
+                                "impl": impl,
+                                "k": spec["k"],
+                                "steps": a.steps,
+                                **models,
+                                "storage": os.path.join(tmp, f"{name}-{impl}-{r}"),
+                            },
+                        )
+                    )
             results.append((name, spec, res))
     rows = []
     for name, spec, res in results:
         R, T = res["rlme"], res["trl"]
 
-        def both(key):
-            return [median([x[key] for x in R]), median([x[key] for x in T]), median([x[key] / y[key] for x, y in zip(R, T)])]
+        def both(key, R=R, T=T):
+            return [
+                median([x[key] for x in R]),
+                median([x[key] for x in T]),
+                median([x[key] / y[key] for x, y in zip(R, T)]),
+            ]
 
-        rows.append([f"{name} (K={spec['k']}{', policy 512x4' if spec['large'] else ''})", *both("steady"), *both("per_iter"),
-                     both("process_cpu")[2], median([x["peak_mib"] for x in R]), median([x["peak_mib"] for x in T]),
-                     median([x["reward_mean"] for x in R]), median([x["reward_mean"] for x in T]),
-                     spread([x["steady"] for x in R + T])])
-    print(f"rlme vs TRL GRPOTrainer (cispo, beta 0): {a.steps} iterations per run, {HP['prompts']} prompts x G={HP['group_size']}, "
-          f"{HP['max_new_tokens']} new tokens, lr {HP['lr']}, one optimizer step (8 x 4) per iteration; fresh subprocess per "
-          f"case, alternating, median of {a.repeats} pairs")
+        rows.append(
+            [
+                f"{name} (K={spec['k']}{', policy 512x4' if spec['large'] else ''})",
+                *both("steady"),
+                *both("per_iter"),
+                both("process_cpu")[2],
+                median([x["peak_mib"] for x in R]),
+                median([x["peak_mib"] for x in T]),
+                median([x["reward_mean"] for x in R]),
+                median([x["reward_mean"] for x in T]),
+                spread([x["steady"] for x in R + T]),
+            ]
+        )
+    print(
+        f"rlme vs TRL GRPOTrainer (cispo, beta 0): {a.steps} iterations per run, {HP['prompts']} prompts x G={HP['group_size']}, "
+        f"{HP['max_new_tokens']} new tokens, lr {HP['lr']}, one optimizer step (8 x 4) per iteration; fresh subprocess per "
+        f"case, alternating, median of {a.repeats} pairs"
+    )
     print(f"machine: {machine()}")
-    print(table(["config", "rlme steady s/iter", "TRL steady s/iter", "steady ratio rlme/TRL", "rlme process s/iter",
-                 "TRL process s/iter", "process ratio", "CPU ratio", "rlme peak MiB", "TRL peak MiB",
-                 f"rlme reward@{a.steps}", f"TRL reward@{a.steps}", "steady spread"], rows))
+    print(
+        table(
+            [
+                "config",
+                "rlme steady s/iter",
+                "TRL steady s/iter",
+                "steady ratio rlme/TRL",
+                "rlme process s/iter",
+                "TRL process s/iter",
+                "process ratio",
+                "CPU ratio",
+                "rlme peak MiB",
+                "TRL peak MiB",
+                f"rlme reward@{a.steps}",
+                f"TRL reward@{a.steps}",
+                "steady spread",
+            ],
+            rows,
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

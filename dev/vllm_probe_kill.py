@@ -61,14 +61,24 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [a.python, "-m", "vllm.entrypoints.openai.api_server", "--model", a.model_dir,
-           "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
-           *shlex.split(a.extra_args)]
+    cmd = [
+        a.python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        a.model_dir,
+        "--dtype",
+        "float32",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *shlex.split(a.extra_args),
+    ]
     log = open(a.log, "w")
     t0 = time.time()
     # own session/process group: the API server forks EngineCore + Worker processes
-    proc = subprocess.Popen(cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while True:
             if proc.poll() is not None:
@@ -84,21 +94,22 @@ def main() -> None:
             time.sleep(0.5)
         print(f"startup: /health 200 after {time.time() - t0:.1f}s (args: {a.extra_args!r})")
 
-        body = json.dumps({"prompt": [0, 5, 6, 7], "n": 16, "max_tokens": 1000,
-                           "ignore_eos": True, "temperature": 1.0, "seed": 0}).encode()
+        body = json.dumps(
+            {"prompt": [0, 5, 6, 7], "n": 16, "max_tokens": 1000, "ignore_eos": True, "temperature": 1.0, "seed": 0}
+        ).encode()
         results: dict[str, str] = {}
         t_sig = time.time() + 3.0  # approximate signal time, corrected below
 
         def via_urllib() -> None:
-            req = urllib.request.Request(url + "/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+            )
             try:
                 with urllib.request.urlopen(req, timeout=90) as r:
                     r.read()
                 results["urllib"] = "completed (not killed in time)"
             except urllib.error.HTTPError as e:
-                results["urllib"] = (f"after {time.time() - t_sig:.1f}s HTTPError {e.code} "
-                                     f"{e.read()[:200]!r}")
+                results["urllib"] = f"after {time.time() - t_sig:.1f}s HTTPError {e.code} {e.read()[:200]!r}"
             except Exception as e:  # noqa: BLE001 - we want the type
                 results["urllib"] = f"after {time.time() - t_sig:.1f}s {describe(e)}"
 
@@ -107,10 +118,10 @@ def main() -> None:
                 results["httpx"] = "not installed"
                 return
             try:
-                r = httpx.post(url + "/v1/completions", content=body,
-                               headers={"Content-Type": "application/json"}, timeout=90)
-                results["httpx"] = (f"after {time.time() - t_sig:.1f}s HTTP {r.status_code} "
-                                    f"{r.text[:200]}")
+                r = httpx.post(
+                    url + "/v1/completions", content=body, headers={"Content-Type": "application/json"}, timeout=90
+                )
+                results["httpx"] = f"after {time.time() - t_sig:.1f}s HTTP {r.status_code} {r.text[:200]}"
             except Exception as e:  # noqa: BLE001
                 results["httpx"] = f"after {time.time() - t_sig:.1f}s {describe(e)}"
 
@@ -138,8 +149,7 @@ def main() -> None:
         for wait_s in (5, 30):
             time.sleep(wait_s)
             left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
-            print(f"processes left in the server's group +{wait_s}s after reaping it:",
-                  left.stdout.split() or "none")
+            print(f"processes left in the server's group +{wait_s}s after reaping it:", left.stdout.split() or "none")
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

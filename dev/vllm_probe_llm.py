@@ -46,18 +46,23 @@ def main() -> None:
 
     # ---- sampling ----
     T = 0.7
-    sp = SamplingParams(n=4, seed=1234, temperature=T, top_p=0.9, max_tokens=8, logprobs=0,
-                        ignore_eos=True)
+    sp = SamplingParams(n=4, seed=1234, temperature=T, top_p=0.9, max_tokens=8, logprobs=0, ignore_eos=True)
     t0 = time.time()
     outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)
     print(f"generate n=4 x 8: {time.time() - t0:.3f}s")
     ro = outs[0]
-    print("RequestOutput fields: prompt_token_ids", ro.prompt_token_ids[:4], "...; outputs:",
-          len(ro.outputs))
+    print("RequestOutput fields: prompt_token_ids", ro.prompt_token_ids[:4], "...; outputs:", len(ro.outputs))
     c = ro.outputs[0]
-    print("CompletionOutput: token_ids", list(c.token_ids), "cumulative_logprob",
-          c.cumulative_logprob, "finish_reason", c.finish_reason)
+    print(
+        "CompletionOutput: token_ids",
+        list(c.token_ids),
+        "cumulative_logprob",
+        c.cumulative_logprob,
+        "finish_reason",
+        c.finish_reason,
+    )
     print("CompletionOutput.logprobs[0] (dict[int, Logprob]):", c.logprobs[0])
+
     def top_p_renorm(lp: torch.Tensor, p: float) -> torch.Tensor:
         srt, idx = lp.sort(descending=True)
         keep = (srt.exp().cumsum(0) - srt.exp()) < p  # smallest set with mass >= p
@@ -72,12 +77,17 @@ def main() -> None:
         d_raw = max(d_raw, abs(hf_lp(ctx)[t].item() - lp))
         d_proc = max(d_proc, abs(hf_lp(ctx, T)[t].item() - lp))
         d_topp = max(d_topp, abs(top_p_renorm(hf_lp(ctx, T), 0.9)[t].item() - lp))
-    print(f"sampled-token logprob vs HF raw: {d_raw:.3g}; vs HF logits/T: {d_proc:.3g}; "
-          f"vs logits/T renormalised over the top-p=0.9 nucleus: {d_topp:.3g}")
+    print(
+        f"sampled-token logprob vs HF raw: {d_raw:.3g}; vs HF logits/T: {d_proc:.3g}; "
+        f"vs logits/T renormalised over the top-p=0.9 nucleus: {d_topp:.3g}"
+    )
     again = llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)
-    print("seeded resample identical:",
-          [list(o.token_ids) for o in ro.outputs] == [list(o.token_ids) for o in again[0].outputs],
-          "| n samples distinct:", len({tuple(o.token_ids) for o in ro.outputs}))
+    print(
+        "seeded resample identical:",
+        [list(o.token_ids) for o in ro.outputs] == [list(o.token_ids) for o in again[0].outputs],
+        "| n samples distinct:",
+        len({tuple(o.token_ids) for o in ro.outputs}),
+    )
 
     # ---- scoring: logprob_token_ids on the first generated position ----
     ref = hf_lp(prompt)
@@ -86,16 +96,20 @@ def main() -> None:
     o = llm.generate([TokensPrompt(prompt_token_ids=prompt)], sc, use_tqdm=False)[0]
     d = o.outputs[0].logprobs[0]
     print(f"logprob_token_ids: {d}  ({time.time() - t0:.3f}s)")
-    print(f"|d| vs HF: Yes={abs(d[yes].logprob - ref[yes].item()):.3g} "
-          f"No={abs(d[no].logprob - ref[no].item()):.3g}")
+    print(f"|d| vs HF: Yes={abs(d[yes].logprob - ref[yes].item()):.3g} No={abs(d[no].logprob - ref[no].item()):.3g}")
 
     # ---- scoring: prompt_logprobs with the answer appended ----
     sp2 = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-    o2 = llm.generate([TokensPrompt(prompt_token_ids=prompt + [yes]),
-                       TokensPrompt(prompt_token_ids=prompt + [no])], sp2, use_tqdm=False)
+    o2 = llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt + [yes]), TokensPrompt(prompt_token_ids=prompt + [no])],
+        sp2,
+        use_tqdm=False,
+    )
     print("prompt_logprobs[-1]:", o2[0].prompt_logprobs[-1], "| [0]:", o2[0].prompt_logprobs[0])
-    print(f"|d| vs HF: Yes={abs(o2[0].prompt_logprobs[-1][yes].logprob - ref[yes].item()):.3g} "
-          f"No={abs(o2[1].prompt_logprobs[-1][no].logprob - ref[no].item()):.3g}")
+    print(
+        f"|d| vs HF: Yes={abs(o2[0].prompt_logprobs[-1][yes].logprob - ref[yes].item()):.3g} "
+        f"No={abs(o2[1].prompt_logprobs[-1][no].logprob - ref[no].item()):.3g}"
+    )
 
     # ---- prefix cache: K suffixes after one long shared prefix, one batch ----
     prefix = (prompt * 30)[:256]
@@ -103,10 +117,13 @@ def main() -> None:
     batch = [TokensPrompt(prompt_token_ids=prefix + [100 + k]) for k in range(K)]
     t0 = time.time()
     res = llm.generate(batch, sc, use_tqdm=False)
-    print(f"{K} scorings after a 256-token shared prefix in one generate(): "
-          f"{time.time() - t0:.3f}s; num_cached_tokens:", [r.num_cached_tokens for r in res])
-    worst = max(abs(r.outputs[0].logprobs[0][yes].logprob - hf_lp(prefix + [100 + k])[yes].item())
-                for k, r in enumerate(res))
+    print(
+        f"{K} scorings after a 256-token shared prefix in one generate(): {time.time() - t0:.3f}s; num_cached_tokens:",
+        [r.num_cached_tokens for r in res],
+    )
+    worst = max(
+        abs(r.outputs[0].logprobs[0][yes].logprob - hf_lp(prefix + [100 + k])[yes].item()) for k, r in enumerate(res)
+    )
     print(f"max |d| Yes vs HF over the {K} (with cache hits): {worst:.3g}")
 
 

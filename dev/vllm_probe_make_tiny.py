@@ -65,8 +65,7 @@ def main() -> None:
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(OUT)
     hf_tok.save_pretrained(OUT)
-    print("wrote", OUT, "tokenizer vocab", len(hf_tok),
-          "yes/no ids", hf_tok.encode(" Yes"), hf_tok.encode(" No"))
+    print("wrote", OUT, "tokenizer vocab", len(hf_tok), "yes/no ids", hf_tok.encode(" Yes"), hf_tok.encode(" No"))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
 
@@ -85,8 +83,7 @@ def main() -> None:
     print("(a) choice[0] keys:", sorted(r1["choices"][0]))
     print("(a) logprobs keys:", sorted(r1["choices"][0]["logprobs"]))
     print("(a) choice[0].logprobs.tokens:", r1["choices"][0]["logprobs"]["tokens"])
-    print("(a) choice[0].logprobs.top_logprobs[0]:",
-          r1["choices"][0]["logprobs"]["top_logprobs"][0])
+    print("(a) choice[0].logprobs.top_logprobs[0]:", r1["choices"][0]["logprobs"]["top_logprobs"][0])
     # raw or temperature-processed?
     c0 = r1["choices"][0]
     d_raw = d_proc = 0.0
@@ -94,26 +91,39 @@ def main() -> None:
         ctx = prompt + c0["token_ids"][:i]
         d_raw = max(d_raw, abs(hf_logprobs(ctx, 1.0)[t].item() - lp))
         d_proc = max(d_proc, abs(hf_logprobs(ctx, T)[t].item() - lp))
-    print(f"(a) sampled-token logprob vs HF log_softmax(logits): max|d|={d_raw:.3g}; "
-          f"vs log_softmax(logits/T): max|d|={d_proc:.3g}")
+    print(
+        f"(a) sampled-token logprob vs HF log_softmax(logits): max|d|={d_raw:.3g}; "
+        f"vs log_softmax(logits/T): max|d|={d_proc:.3g}"
+    )
 
     # batch of token-id prompts + n: order of choices
-    rb = post(comp, {"prompt": [prompt, prompt[:3]], "n": 2, "max_tokens": 2, "seed": 1,
-                     "return_token_ids": True})
-    print("(a) batch of 2 prompts x n=2 -> choice (index, prompt_token_ids):",
-          [(c["index"], c["prompt_token_ids"]) for c in rb["choices"]])
+    rb = post(comp, {"prompt": [prompt, prompt[:3]], "n": 2, "max_tokens": 2, "seed": 1, "return_token_ids": True})
+    print(
+        "(a) batch of 2 prompts x n=2 -> choice (index, prompt_token_ids):",
+        [(c["index"], c["prompt_token_ids"]) for c in rb["choices"]],
+    )
 
     # ---- (b) exact answer-token log-probs ---------------------------------------------
     ref = hf_logprobs(prompt)
     ref_yes, ref_no = ref[yes].item(), ref[no].item()
-    print(f"(b) HF float32: logp(Yes)={ref_yes:.6f} logp(No)={ref_no:.6f}; "
-          f"ranks: Yes={int((ref > ref[yes]).sum())} No={int((ref > ref[no]).sum())}")
+    print(
+        f"(b) HF float32: logp(Yes)={ref_yes:.6f} logp(No)={ref_no:.6f}; "
+        f"ranks: Yes={int((ref > ref[yes]).sum())} No={int((ref > ref[no]).sum())}"
+    )
 
     # B1: logprob_token_ids on the first generated position (uses the prefix cache)
     t0 = time.time()
-    rA = post(comp, {"prompt": prompt, "max_tokens": 1, "temperature": 0.0,
-                     "logprobs": 2, "logprob_token_ids": [yes, no],
-                     "return_tokens_as_token_ids": True})
+    rA = post(
+        comp,
+        {
+            "prompt": prompt,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": 2,
+            "logprob_token_ids": [yes, no],
+            "return_tokens_as_token_ids": True,
+        },
+    )
     dtA = time.time() - t0
     top = rA["choices"][0]["logprobs"]["top_logprobs"][0]
     print("(b1) logprob_token_ids top_logprobs[0]:", top)
@@ -122,8 +132,16 @@ def main() -> None:
 
     # B2: answer appended to the prompt, echo + prompt_logprobs (skips prefix-cache reads)
     t0 = time.time()
-    rB = post(comp, {"prompt": [prompt + [yes], prompt + [no]], "max_tokens": 1,
-                     "temperature": 0.0, "prompt_logprobs": 0, "return_token_ids": True})
+    rB = post(
+        comp,
+        {
+            "prompt": [prompt + [yes], prompt + [no]],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": 0,
+            "return_token_ids": True,
+        },
+    )
     dtB = time.time() - t0
     pl = [c["prompt_logprobs"] for c in rB["choices"]]
     print("(b2) prompt_logprobs[-1] shape:", pl[0][-1], "| prompt_logprobs[0]:", pl[0][0])
@@ -131,19 +149,39 @@ def main() -> None:
     print(f"(b2) |d| Yes={abs(b_yes - ref_yes):.3g} No={abs(b_no - ref_no):.3g}  ({dtB:.3f}s)")
 
     # B2': echo=true + max_tokens=0 (no generation, prompt_logprobs defaults to logprobs)
-    rB0 = post(comp, {"prompt": prompt + [yes], "echo": True, "max_tokens": 0, "logprobs": 0,
-                      "return_tokens_as_token_ids": True})
+    rB0 = post(
+        comp,
+        {"prompt": prompt + [yes], "echo": True, "max_tokens": 0, "logprobs": 0, "return_tokens_as_token_ids": True},
+    )
     lp0 = rB0["choices"][0]["logprobs"]
-    print("(b2') echo+max_tokens=0 tokens/token_logprobs tail:", lp0["tokens"][-2:],
-          lp0["token_logprobs"][-2:], "| |d| Yes=", abs(lp0["token_logprobs"][-1] - ref_yes))
+    print(
+        "(b2') echo+max_tokens=0 tokens/token_logprobs tail:",
+        lp0["tokens"][-2:],
+        lp0["token_logprobs"][-2:],
+        "| |d| Yes=",
+        abs(lp0["token_logprobs"][-1] - ref_yes),
+    )
 
     # B3: allowed_token_ids=[yes, no]: which distribution are the logprobs of?
-    rC = post(comp, {"prompt": prompt, "max_tokens": 1, "temperature": 1.0, "seed": 0,
-                     "logprobs": 2, "allowed_token_ids": [yes, no],
-                     "return_tokens_as_token_ids": True})
+    rC = post(
+        comp,
+        {
+            "prompt": prompt,
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "seed": 0,
+            "logprobs": 2,
+            "allowed_token_ids": [yes, no],
+            "return_tokens_as_token_ids": True,
+        },
+    )
     topC = rC["choices"][0]["logprobs"]["top_logprobs"][0]
-    print("(b3) allowed_token_ids top_logprobs[0]:", topC,
-          "| HF raw top-2:", {int(i): round(v.item(), 6) for v, i in zip(*ref.topk(2))})
+    print(
+        "(b3) allowed_token_ids top_logprobs[0]:",
+        topC,
+        "| HF raw top-2:",
+        {int(i): round(v.item(), 6) for v, i in zip(*ref.topk(2))},
+    )
     renorm = ref[[yes, no]] - torch.logsumexp(ref[[yes, no]], 0)
     print(f"(b3) HF renormalised over {{Yes,No}}: {renorm.tolist()}")
 
@@ -152,12 +190,22 @@ def main() -> None:
     long_prefix = prompt * 20
     t0 = time.time()
     for k in range(8):
-        post(comp, {"prompt": long_prefix + [100 + k], "max_tokens": 1, "temperature": 0.0,
-                    "logprobs": 2, "logprob_token_ids": [yes, no]})
+        post(
+            comp,
+            {
+                "prompt": long_prefix + [100 + k],
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": 2,
+                "logprob_token_ids": [yes, no],
+            },
+        )
     dt8 = time.time() - t0
     m1 = metrics(url)
-    print(f"(c) 8 scoring calls, shared {len(long_prefix)}-token prefix: {dt8:.3f}s; "
-          f"prefix-cache metric deltas:", {k: m1[k] - m0.get(k, 0.0) for k in m1})
+    print(
+        f"(c) 8 scoring calls, shared {len(long_prefix)}-token prefix: {dt8:.3f}s; prefix-cache metric deltas:",
+        {k: m1[k] - m0.get(k, 0.0) for k in m1},
+    )
     assert math.isfinite(a_yes)
 
 

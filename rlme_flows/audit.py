@@ -12,8 +12,15 @@ from rlme_tasks.audit import audit_task, read_tables
 
 
 @flow(name="rlme_audit", log_prints=True)
-def rlme_audit(run_uri: str, out: str, scoreset: str | None = None, compare: str | None = None,
-               probe_prompts: int = 4, alarm_share: float = 0.5, storage_options: dict | None = None) -> dict:
+def rlme_audit(
+    run_uri: str,
+    out: str,
+    scoreset: str | None = None,
+    compare: str | None = None,
+    probe_prompts: int = 4,
+    alarm_share: float = 0.5,
+    storage_options: dict | None = None,
+) -> dict:
     """storage_options: non-secret fsspec options, for the run and for `out`."""
     opts = public_options(storage_options)
     digest = audit_task(run_uri, out, scoreset, compare, probe_prompts, opts)
@@ -23,12 +30,18 @@ def rlme_audit(run_uri: str, out: str, scoreset: str | None = None, compare: str
     lines = [f"# rlme audit: `{run_uri}` / `{digest['scoreset']}`", f"Report: `{out}/report.html`", ""]
     for ev, share in digest.get("probe_share", {}).items():
         flag = "**ALARM**" if share > alarm_share else "ok"
-        lines.append(f"- probe `{ev}`: {share:.2f} of empty answers judged positive ({flag}, alarm above {alarm_share})")
+        lines.append(
+            f"- probe `{ev}`: {share:.2f} of empty answers judged positive ({flag}, alarm above {alarm_share})"
+        )
     for row in tables.get("labels", []):
-        lines.append(f"- labels `{row['evaluator']}/{row['question_id']}`: AUROC {row['auroc']}, accuracy@0.5 {row['accuracy_at_0_5']}")
+        lines.append(
+            f"- labels `{row['evaluator']}/{row['question_id']}`: AUROC {row['auroc']}, accuracy@0.5 {row['accuracy_at_0_5']}"
+        )
     for row in tables.get("compare", []):
-        lines.append(f"- vs `{compare}` iteration {row['iteration']}: advantage sign changes {row['sign_change_share']}, "
-                     f"collapsed groups {row['collapsed_groups']}")
+        lines.append(
+            f"- vs `{compare}` iteration {row['iteration']}: advantage sign changes {row['sign_change_share']}, "
+            f"collapsed groups {row['collapsed_groups']}"
+        )
     create_markdown_artifact(key=key + "-md", markdown="\n".join(lines))
     digest["alarm"] = any(s > alarm_share for s in digest.get("probe_share", {}).values())
     return digest

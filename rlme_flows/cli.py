@@ -80,7 +80,9 @@ def train(
     except (ConfigError, RunMismatch, StorageError, LeaseHeld, LeaseLost, CorruptRun) as e:
         _fail(e)
     _print_status(_open(result["run"], result.get("storage_options")))
-    console.print(f"\n[bold green]outputs:[/] {result['run']}  (trained now: {result['trained_now'] or 'nothing, already there'})")
+    console.print(
+        f"\n[bold green]outputs:[/] {result['run']}  (trained now: {result['trained_now'] or 'nothing, already there'})"
+    )
 
 
 def _print_status(run, as_json: bool = False) -> None:
@@ -103,7 +105,9 @@ def _print_status(run, as_json: bool = False) -> None:
 
 RUN_URI = typer.Argument(..., help="{storage}/{run_id}, e.g. ./runs/demo or s3://bucket/runs/demo")
 # Non-secret fsspec options, as in run.storage_options; credentials come from the environment.
-STORAGE_OPTION = typer.Option([], "--storage-option", "-o", help="fsspec option KEY=VALUE, e.g. endpoint_url=http://minio:9000")
+STORAGE_OPTION = typer.Option(
+    [], "--storage-option", "-o", help="fsspec option KEY=VALUE, e.g. endpoint_url=http://minio:9000"
+)
 
 
 def _options(pairs: list[str]) -> dict:
@@ -160,8 +164,10 @@ def verify(run_uri: str = RUN_URI, storage_option: list[str] = STORAGE_OPTION):
     from rlme_pipeline.verify import verify as check
 
     rep = check(_open(run_uri, _options(storage_option)))
-    console.print(f"{rep.run}: {len(rep.checked_iterations)} committed iterations, {rep.checked_files} files, "
-                  f"{rep.checked_bytes / 1e6:.1f} MB re-hashed")
+    console.print(
+        f"{rep.run}: {len(rep.checked_iterations)} committed iterations, {rep.checked_files} files, "
+        f"{rep.checked_bytes / 1e6:.1f} MB re-hashed"
+    )
     for p in rep.problems:
         console.print(f"[bold red]problem:[/] {p}", soft_wrap=True)
     if not rep.ok:
@@ -190,8 +196,10 @@ def gc(
         console.print(f"{verb} {run.store.where(rel)}", soft_wrap=True)
     for u in p.uploads:
         console.print(f"{'aborted' if apply else 'would abort'} open multipart upload of {u['Key']}", soft_wrap=True)
-    console.print(f"{verb} {len(p.files)} files ({p.bytes / 1e6:.1f} MB), {len(p.uploads)} open uploads"
-                  + ("" if apply else "; pass --apply to delete"))
+    console.print(
+        f"{verb} {len(p.files)} files ({p.bytes / 1e6:.1f} MB), {len(p.uploads)} open uploads"
+        + ("" if apply else "; pass --apply to delete")
+    )
 
 
 @app.command()
@@ -199,9 +207,11 @@ def rescore(
     run_uri: str = RUN_URI,
     name: str = typer.Option(..., help="score set name: written to {run}/scoresets/{name}/"),
     questions: Optional[str] = typer.Option(
-        None, help="YAML list of meta-questions, path or fsspec URL (same shape as config `questions`)"),
+        None, help="YAML list of meta-questions, path or fsspec URL (same shape as config `questions`)"
+    ),
     evaluators: Optional[str] = typer.Option(
-        None, help="YAML list of evaluators, path or fsspec URL (same shape as config `evaluators`)"),
+        None, help="YAML list of evaluators, path or fsspec URL (same shape as config `evaluators`)"
+    ),
     iterations: Optional[str] = typer.Option(None, help="committed iterations, as a slice: 3:7 is 3..6; default all"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted re-score of the same definition"),
     shard_rows: int = typer.Option(256, min=1, help="rollouts per shard: the unit of parallelism, memory and resume"),
@@ -228,12 +238,22 @@ def rescore(
         with local_prefect():
             from rlme_flows.rescore import rlme_rescore
 
-            result = rlme_rescore(run_uri=run_uri, name=name, questions=questions, evaluators=evaluators,
-                                  iterations=iterations, resume=resume, shard_rows=shard_rows, storage_options=opts)
+            result = rlme_rescore(
+                run_uri=run_uri,
+                name=name,
+                questions=questions,
+                evaluators=evaluators,
+                iterations=iterations,
+                resume=resume,
+                shard_rows=shard_rows,
+                storage_options=opts,
+            )
     except ValueError as e:  # a definition that differs on --resume, a score set created meanwhile
         _fail(e)
-    console.print(f"[bold green]score set:[/] {run_uri}/scoresets/{name}  "
-                  f"({result['shards_scored_now']} of {result['shards']} shards scored now)")
+    console.print(
+        f"[bold green]score set:[/] {run_uri}/scoresets/{name}  "
+        f"({result['shards_scored_now']} of {result['shards']} shards scored now)"
+    )
     for f in result["files"]:
         console.print(f"  {f}")
 
@@ -243,7 +263,9 @@ def audit(
     run_uri: str = RUN_URI,
     out: str = typer.Option(..., help="output directory (or fsspec URL) for the Parquet tables and report.html"),
     scoreset: Optional[str] = typer.Option(None, help="score set to audit; default: the training scores"),
-    compare: Optional[str] = typer.Option(None, help="second score set to compare with ('train' for the training scores)"),
+    compare: Optional[str] = typer.Option(
+        None, help="second score set to compare with ('train' for the training scores)"
+    ),
     probe_prompts: int = typer.Option(4, min=0, help="prompts for the judge-hacking probe; 0 skips it"),
     alarm_share: float = typer.Option(0.5, help="probe alarm when an evaluator judges more than this share positive"),
     storage_option: list[str] = STORAGE_OPTION,
@@ -259,19 +281,32 @@ def audit(
     try:
         Store(out, opts).check_writable()
     except StorageError:
-        _fail(ValueError(f"--out {out!r} is not writable; give a directory or bucket you can write "
-                         "(and its --storage-option flags)"))
+        _fail(
+            ValueError(
+                f"--out {out!r} is not writable; give a directory or bucket you can write "
+                "(and its --storage-option flags)"
+            )
+        )
     try:
         with local_prefect():
             from rlme_flows.audit import rlme_audit
 
-            d = rlme_audit(run_uri=run_uri, out=out, scoreset=scoreset, compare=compare, probe_prompts=probe_prompts,
-                           alarm_share=alarm_share, storage_options=opts)
+            d = rlme_audit(
+                run_uri=run_uri,
+                out=out,
+                scoreset=scoreset,
+                compare=compare,
+                probe_prompts=probe_prompts,
+                alarm_share=alarm_share,
+                storage_options=opts,
+            )
     except ValueError as e:
         _fail(e)
     console.print(f"[bold green]audit:[/] {d['out']}/report.html")
     for ev, share in d.get("probe_share", {}).items():
-        console.print(f"  probe {ev}: {share:.2f} judged positive" + ("  [bold red]ALARM[/]" if share > alarm_share else ""))
+        console.print(
+            f"  probe {ev}: {share:.2f} judged positive" + ("  [bold red]ALARM[/]" if share > alarm_share else "")
+        )
 
 
 def _check_scoreset(run, flag: str, name: str | None) -> None:
@@ -288,7 +323,9 @@ def _check_scoreset(run, flag: str, name: str | None) -> None:
 
 
 @models_app.command("make-tiny")
-def make_tiny(out_dir: Path = typer.Argument(..., help="directory to write policy/ and evaluator/ into"), seed: int = 0):
+def make_tiny(
+    out_dir: Path = typer.Argument(..., help="directory to write policy/ and evaluator/ into"), seed: int = 0
+):
     """Write a tiny policy and evaluator (random Llama, byte-level BPE) as ordinary HF directories."""
     from rlme_pipeline.tiny import make_tiny as build
 

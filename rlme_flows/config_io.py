@@ -28,6 +28,8 @@ def public_options(options: dict | None, flag: str = "storage_options") -> dict:
 
     options = dict(options or {})
     if bad := secret_option_keys(options):
-        raise ValueError(f"{flag} {bad}: pass credentials through the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
-                         "...), never as an option: options are recorded")
+        raise ValueError(
+            f"{flag} {bad}: pass credentials through the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
+            "...), never as an option: options are recorded"
+        )
     return options

@@ -13,9 +13,16 @@ from rlme_tasks.rescore import finalize_task, plan_task, shard_task
 
 
 @flow(name="rlme_rescore", log_prints=True)
-def rlme_rescore(run_uri: str, name: str, questions: str | None = None, evaluators: str | None = None,
-                 iterations: str | None = None, resume: bool = False, shard_rows: int = 256,
-                 storage_options: dict | None = None) -> dict:
+def rlme_rescore(
+    run_uri: str,
+    name: str,
+    questions: str | None = None,
+    evaluators: str | None = None,
+    iterations: str | None = None,
+    resume: bool = False,
+    shard_rows: int = 256,
+    storage_options: dict | None = None,
+) -> dict:
     """Shards are submitted together and run in parallel on the flow's task runner; each commits on
     its own, so a re-run with resume=True only scores the shards that did not finish. storage_options
     (non-secret fsspec options) apply to the run and to the questions/evaluators files."""
@@ -33,5 +40,10 @@ def rlme_rescore(run_uri: str, name: str, questions: str | None = None, evaluato
         table=[{"iteration": int(i), **m} for i, m in manifest["metrics"].items()],
         description=f"score set {name} of {run_uri}: reward per iteration under the new questions/evaluators",
     )
-    return {"run": run_uri, "scoreset": name, "shards_scored_now": sum(1 for d in done if d["ran"]),
-            "shards": len(done), "files": [f"{run_uri.rstrip('/')}/{f['path']}" for f in manifest["files"]]}
+    return {
+        "run": run_uri,
+        "scoreset": name,
+        "shards_scored_now": sum(1 for d in done if d["ran"]),
+        "shards": len(done),
+        "files": [f"{run_uri.rstrip('/')}/{f['path']}" for f in manifest["files"]],
+    }

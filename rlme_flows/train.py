@@ -16,7 +16,7 @@ from prefect.states import Cancelled
 from rlme_flows.config_io import load
 from rlme_pipeline.lease import LeaseHeld
 from rlme_pipeline.preflight import preflight
-from rlme_pipeline.run import Manifest, Run
+from rlme_pipeline.run import Manifest, Run, split_run_url
 from rlme_pipeline.runner import STEPS, train
 from rlme_tasks.stages import stage_task, wrap_in
 
@@ -54,14 +54,6 @@ def background_reports(log) -> Iterator[Callable[..., None]]:
                 log.warning("a Prefect artifact was not created: %r", f.exception())
 
 
-def split_run_uri(run_uri: str) -> tuple[str, str]:
-    """`s3://bucket/runs/exp-42` -> (`s3://bucket/runs`, `exp-42`): a deployment names the run by one URI."""
-    root, sep, run_id = run_uri.rstrip("/").rpartition("/")
-    if not sep or not root or not run_id:
-        raise ValueError(f"run_uri {run_uri!r}: expected {{storage}}/{{run_id}}, e.g. s3://bucket/runs/exp-42")
-    return root, run_id
-
-
 def stage_tasks(cfg) -> dict:
     """The step tasks by name, each with its `run.stage_timeout_s` limit."""
     timeouts = cfg.run.stage_timeout_s
@@ -69,8 +61,14 @@ def stage_tasks(cfg) -> dict:
 
 
 @flow(name="rlme_train", log_prints=True)
-def rlme_train(config: str, iterations: int | None = None, storage: str | None = None, run_id: str | None = None,
-               run_uri: str | None = None, advance: int | None = None):
+def rlme_train(
+    config: str,
+    iterations: int | None = None,
+    storage: str | None = None,
+    run_id: str | None = None,
+    run_uri: str | None = None,
+    advance: int | None = None,
+):
     """`iterations` is the total the run should reach; `advance` instead trains that many iterations past
     the last committed one (what a schedule wants: each scheduled run moves the same run forward by N).
     Committed iterations are never redone. `run_uri` ({storage}/{run_id}) replaces storage and run_id.
@@ -79,11 +77,13 @@ def rlme_train(config: str, iterations: int | None = None, storage: str | None =
     nothing and ends Cancelled with a message naming the holder, so an overlap is never a failure."""
     log = get_run_logger()
     if advance is not None and (iterations is not None or advance < 1):
-        raise ValueError("give either iterations (the total to reach) or advance (>= 1 iterations past the last committed one)")
+        raise ValueError(
+            "give either iterations (the total to reach) or advance (>= 1 iterations past the last committed one)"
+        )
     if run_uri is not None:
         if storage is not None or run_id is not None:
             raise ValueError("give either run_uri or storage/run_id, not both")
-        storage, run_id = split_run_uri(run_uri)
+        storage, run_id = split_run_url(run_uri)
     cfg = load(config, iterations=iterations, storage=storage, id=run_id)
     run = Run.for_config(cfg)
     preflight(cfg, run.root)
@@ -91,25 +91,43 @@ def rlme_train(config: str, iterations: int | None = None, storage: str | None =
     # run on the same run id stops before touching anything, naming this one.
     with background_reports(log) as send:
         try:
-            made = train(cfg, run, wrap=wrap_in(stage_tasks(cfg)), advance=advance, holder={"flow_run": flow_run.id},
-                         on_commit=lambda m: _report(cfg, run, m, send, log), logger=log)
+            made = train(
+                cfg,
+                run,
+                wrap=wrap_in(stage_tasks(cfg)),
+                advance=advance,
+                holder={"flow_run": flow_run.id},
+                on_commit=lambda m: _report(cfg, run, m, send, log),
+                logger=log,
+            )
         except LeaseHeld as e:
             log.warning("not training: %s", e)
             return Cancelled(message=f"skipped, run is busy: {e}")
-    return {"run": run.url, "storage_options": cfg.run.storage_options, "committed": run.committed(),
-            "trained_now": [m.iteration for m in made]}
+    return {
+        "run": run.url,
+        "storage_options": cfg.run.storage_options,
+        "committed": run.committed(),
+        "trained_now": [m.iteration for m in made],
+    }
 
 
 def _report(cfg, run: Run, manifest: Manifest, send, log) -> None:
     """An iteration is committed: its metrics as an artifact, and a warning if the probe raised the alarm."""
     i, metrics = manifest.iteration, manifest.metrics
-    send(create_table_artifact, key=artifact_key(cfg.run.id), table=metrics_rows(manifest),
-         description=f"{run.url} iteration {i} (reward, judgements, loss, seconds per stage)")
+    send(
+        create_table_artifact,
+        key=artifact_key(cfg.run.id),
+        table=metrics_rows(manifest),
+        description=f"{run.url} iteration {i} (reward, judgements, loss, seconds per stage)",
+    )
     if metrics.get("probe/alarm"):
         # The judges call the probe's vacuous answers good: the policy can be rewarded for them.
         shares = {k: v for k, v in metrics.items() if k.startswith("probe/")}
         log.warning("iteration %d: judge-hacking probe alarm %s", i, shares)
-        send(create_markdown_artifact, key=f"{artifact_key(cfg.run.id)}-probe-alarm",
-             markdown=f"**Judge-hacking probe alarm** at iteration {i} of `{run.url}`: "
-             f"max share of master-key / vacuous answers judged positive {shares['probe/share_max']:.2f} "
-             f"> alarm_share {cfg.probe.alarm_share}. Run `rlme audit` and consider stopping.")
+        send(
+            create_markdown_artifact,
+            key=f"{artifact_key(cfg.run.id)}-probe-alarm",
+            markdown=f"**Judge-hacking probe alarm** at iteration {i} of `{run.url}`: "
+            f"max share of master-key / vacuous answers judged positive {shares['probe/share_max']:.2f} "
+            f"> alarm_share {cfg.probe.alarm_share}. Run `rlme audit` and consider stopping.",
+        )

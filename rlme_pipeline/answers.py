@@ -29,7 +29,7 @@ def normalize(answer: str) -> str:
 
 def _after_answer_is(text: str) -> str | None:
     marks = list(_ANSWER_IS.finditer(text))
-    return text[marks[-1].end():] if marks else None
+    return text[marks[-1].end() :] if marks else None
 
 
 def extract_answer(text: str | None, extractor: str = "auto") -> str | None:

@@ -93,7 +93,11 @@ def save(run: Run, iteration: int, model, tokenizer, optimizer, state: dict) -> 
     the next iteration (or a live-self evaluator) never fetches what was just uploaded.
     """
     logical, physical = run.new_path(iteration, "checkpoint")
-    cache = None if run.store.local_path(physical) else Path(tempfile.mkdtemp(prefix="rlme-ckpt-", dir=_checkpoints_cache()))
+    cache = (
+        None
+        if run.store.local_path(physical)
+        else Path(tempfile.mkdtemp(prefix="rlme-ckpt-", dir=_checkpoints_cache()))
+    )
 
     def write(name: str, fill) -> FileEntry:
         def tee(out):
@@ -114,12 +118,17 @@ def save(run: Run, iteration: int, model, tokenizer, optimizer, state: dict) -> 
         weights_name, weights, meta = WEIGHTS, weights_of(model), _metadata_files(model, tokenizer)
     structure, shards = optimizer_files(optimizer.state_dict(), target_bytes=_nbytes(weights.values()))
     big = {weights_name: weights, **shards}
-    small = {**meta, RNG: safetensors.torch.save(rng_state()),
-             STATE: json.dumps(state, indent=2, sort_keys=True).encode(), OPTIMIZER_STATE: structure}
+    small = {
+        **meta,
+        RNG: safetensors.torch.save(rng_state()),
+        STATE: json.dumps(state, indent=2, sort_keys=True).encode(),
+        OPTIMIZER_STATE: structure,
+    }
     try:
         with ThreadPoolExecutor(max_workers=len(big)) as pool:
-            futures = [pool.submit(write, name, lambda f, t=tensors: write_safetensors(f, t))
-                       for name, tensors in big.items()]
+            futures = [
+                pool.submit(write, name, lambda f, t=tensors: write_safetensors(f, t)) for name, tensors in big.items()
+            ]
             files = [write(name, lambda f, data=data: f.write(data)) for name, data in sorted(small.items())]
             files += [f.result() for f in futures]
         if cache is not None:
@@ -194,8 +203,10 @@ def optimizer_files(state_dict: dict, target_bytes: int) -> tuple[bytes, dict[st
         groups[i].add(name)
         loads[i] += _nbytes([tensors[name]])
     groups = [g for g in groups if g]
-    shards = {f"optimizer/tensors-{i + 1:05d}-of-{len(groups):05d}.safetensors":
-              {k: t for k, t in tensors.items() if k in g} for i, g in enumerate(groups)}
+    shards = {
+        f"optimizer/tensors-{i + 1:05d}-of-{len(groups):05d}.safetensors": {k: t for k, t in tensors.items() if k in g}
+        for i, g in enumerate(groups)
+    }
     doc = {"format": "rlme-optimizer/1", "shards": [name.rpartition("/")[2] for name in shards], "state_dict": encoded}
     return json.dumps(doc, indent=1).encode(), shards
 
@@ -231,13 +242,17 @@ def _encode(obj, tensors: dict[str, torch.Tensor], path: str):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: _encode(v, tensors, f"{path}/{k}") for k, v in obj.items()}
         if not all(k is None or isinstance(k, (str, int, float)) for k in obj):
-            raise TypeError(f"optimizer state: a dict key at {path or '/'} is a {type(next(iter(obj))).__name__}; "
-                            "only strings and numbers can be saved")
+            raise TypeError(
+                f"optimizer state: a dict key at {path or '/'} is a {type(next(iter(obj))).__name__}; "
+                "only strings and numbers can be saved"
+            )
         return {"__items__": [[k, _encode(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(f"optimizer state: {path or '/'} is a {type(obj).__name__}; only tensors, numbers, strings, "
-                    "None, lists, tuples and dicts can be saved (without pickle)")
+    raise TypeError(
+        f"optimizer state: {path or '/'} is a {type(obj).__name__}; only tensors, numbers, strings, "
+        "None, lists, tuples and dicts can be saved (without pickle)"
+    )
 
 
 def _decode(obj, tensors: dict[str, torch.Tensor], where: Path):
@@ -261,9 +276,18 @@ def _nbytes(tensors) -> int:
 
 
 # --- streaming tensors to a file ---------------------------------------------------------------------
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                       torch.uint8: "U8", torch.bool: "BOOL"}
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 CHUNK_BYTES = 64 * 2**20  # one staging buffer: ~3 ms of PCIe, ~40 ms of sha256 + write
 
 
@@ -277,7 +301,11 @@ def write_safetensors(f, tensors: dict[str, torch.Tensor], metadata: dict[str, s
         if t.dtype not in _SAFETENSORS_DTYPES:
             raise TypeError(f"{name}: dtype {t.dtype} cannot be written to safetensors by rlme")
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
@@ -432,10 +460,10 @@ def local_dir(run: Run, iteration: int, files: list[FileEntry]) -> str:
             run.store.get_file(f.path, local)
             if sha256_file(local) != f.sha256:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise CorruptRun(f"checkpoint file {run.store.where(f.path)} does not match its recorded sha256; "
-                              f"run `rlme verify {run.url}`")
+                raise CorruptRun(
+                    f"checkpoint file {run.store.where(f.path)} does not match its recorded sha256; "
+                    f"run `rlme verify {run.url}`"
+                )
         _install(tmp, target)
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
-
-

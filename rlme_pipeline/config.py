@@ -56,8 +56,10 @@ def hash_rule(model: type[BaseModel], name: str) -> str:
     extra = model.model_fields[name].json_schema_extra
     rule = extra.get(HASH_KEY) if isinstance(extra, dict) else None
     if rule not in (EXPERIMENT, OPERATIONAL, EXPERIMENT_IF_SET):
-        raise TypeError(f"{model.__name__}.{name} does not say whether it is part of the experiment: declare it "
-                        "with experiment(...), operational(...) or experiment_if_set(...) (rlme_pipeline/config.py)")
+        raise TypeError(
+            f"{model.__name__}.{name} does not say whether it is part of the experiment: declare it "
+            "with experiment(...), operational(...) or experiment_if_set(...) (rlme_pipeline/config.py)"
+        )
     return rule
 
 
@@ -89,7 +91,9 @@ class RunConfig(Section):
     """Which run, where it is stored, and how far it goes."""
 
     id: str = experiment("demo", "the run's name: one path segment under run.storage ({storage}/{id})")
-    storage: str = operational("./runs", "where runs live: any fsspec URL, e.g. ./runs, file:///data/runs, s3://bucket/prefix")
+    storage: str = operational(
+        "./runs", "where runs live: any fsspec URL, e.g. ./runs, file:///data/runs, s3://bucket/prefix"
+    )
     storage_options: dict[str, Any] = operational(
         default_factory=dict,
         description="fsspec/s3fs options that are not secrets, e.g. {endpoint_url: http://minio:9000, client_kwargs: "
@@ -98,7 +102,9 @@ class RunConfig(Section):
     )
     iterations: int = operational(5, "total iterations the run should reach", ge=1)
     seed: int = experiment(0, "seeds prompt sampling, generation and the update, per iteration")
-    stage_timeout_s: dict[Literal["generate", "score", "aggregate", "update", "commit"], Annotated[float, Field(gt=0)]] = operational(
+    stage_timeout_s: dict[
+        Literal["generate", "score", "aggregate", "update", "commit"], Annotated[float, Field(gt=0)]
+    ] = operational(
         default_factory=dict,
         description="wall-clock limit per stage task in seconds (keys: generate, score, aggregate, update, commit); "
         "a stage that runs past it fails that try and is retried",
@@ -140,8 +146,12 @@ class DataConfig(Section):
     split: str = experiment("train", "the data set split to read (hub data sets)")
     prompt_column: str = experiment("prompt", "column holding the prompt text")
     id_column: str | None = experiment(None, "column of stable prompt ids; the row number when absent")
-    label_column: str | None = experiment(None, "reference answers: read by the audit, and by training only through label_reward")
-    prompts_per_iteration: int = experiment(8, "prompts sampled per iteration (each gets generation.group_size completions)", ge=1)
+    label_column: str | None = experiment(
+        None, "reference answers: read by the audit, and by training only through label_reward"
+    )
+    prompts_per_iteration: int = experiment(
+        8, "prompts sampled per iteration (each gets generation.group_size completions)", ge=1
+    )
     system_prompt: str | None = experiment(None, "system message of the policy's chat template")
 
 
@@ -190,7 +200,9 @@ class QuestionConfig(Section):
     text: str = experiment(description="the question, inserted into scoring.question_template", min_length=1)
     weight: float = experiment(1.0, "w_k: the question's weight in the reward; negative penalises")
     positive: list[str] = experiment(
-        default_factory=lambda: [" Yes", "Yes"], description="answer variants read as yes (each one token)", min_length=1
+        default_factory=lambda: [" Yes", "Yes"],
+        description="answer variants read as yes (each one token)",
+        min_length=1,
     )
     negative: list[str] = experiment(
         default_factory=lambda: [" No", "No"], description="answer variants read as no (each one token)", min_length=1
@@ -232,8 +244,12 @@ class ScoringConfig(Section):
 
     backend: Backend = experiment("hf", "hf (transformers), vllm (in-process) or openai (a vLLM server)")
     batch_size: int = experiment(16, "rollouts per forward pass; each carries all K questions", ge=1)
-    template: str = experiment(DEFAULT_TEMPLATE, "the rollout as the evaluator reads it; must contain {prompt} and {completion}")
-    question_template: str = experiment(DEFAULT_QUESTION_TEMPLATE, "each question after the prefix; must contain {question}")
+    template: str = experiment(
+        DEFAULT_TEMPLATE, "the rollout as the evaluator reads it; must contain {prompt} and {completion}"
+    )
+    question_template: str = experiment(
+        DEFAULT_QUESTION_TEMPLATE, "each question after the prefix; must contain {question}"
+    )
     reward_form: Literal["logp", "norm_logp", "p"] = experiment("logp", "f(p) summed into the reward (rewards.py)")
     logp_floor: float = experiment(math.log(1e-6), "lower bound of log-probability rewards (bounds log 0)", lt=0)
 
@@ -263,7 +279,9 @@ class AlgorithmConfig(Section):
     eps_high: float = experiment(5.0, "CISPO: absolute cap on the IS weight", gt=0)
     eps: float = experiment(0.2, "GRPO/Dr.GRPO: PPO clip range", gt=0)
     beta: float = experiment(0.0, "k3 KL weight; 0 loads no reference model", ge=0)
-    scale_advantage_std: bool = experiment(False, "divide advantages by the group std (GRPO); Dr. GRPO (the paper) centres only")
+    scale_advantage_std: bool = experiment(
+        False, "divide advantages by the group std (GRPO); Dr. GRPO (the paper) centres only"
+    )
 
 
 class OptimizerConfig(Section):
@@ -278,13 +296,19 @@ class OptimizerConfig(Section):
     # Operational: every token's log-prob is the same whatever the chunking (and runs made when its default
     # was 1024 still resume now that it is 256).
     logprob_chunk_tokens: int = operational(
-        256, "tokens per lm-head chunk in the update (256: peak at a 150k vocab ~0.2x the naive log_softmax, benchmarks/logprobs.py)", ge=1
+        256,
+        "tokens per lm-head chunk in the update (256: peak at a 150k vocab ~0.2x the naive log_softmax, benchmarks/logprobs.py)",
+        ge=1,
     )
     # Operational: the gradients are the same with or without recomputation (a memory/speed knob).
-    gradient_checkpointing: bool = operational(False, (
-        "recompute each decoder layer's activations in the backward pass instead of keeping them: activation "
-        "memory of the update drops from all layers to about one, for about a third more update compute; the "
-        "gradients are the same (docs/gpu.md)"))
+    gradient_checkpointing: bool = operational(
+        False,
+        (
+            "recompute each decoder layer's activations in the backward pass instead of keeping them: activation "
+            "memory of the update drops from all layers to about one, for about a third more update compute; the "
+            "gradients are the same (docs/gpu.md)"
+        ),
+    )
 
 
 class ProbeConfig(Section):
@@ -308,7 +332,9 @@ class LabelRewardConfig(Section):
     """
 
     share: float = experiment(1.0, "share of rollouts rewarded by exact match", ge=0, le=1)
-    extractor: Literal["answer_is", "boxed", "last_number", "auto"] = experiment("answer_is", "how the answer is read off a completion (answers.py)")
+    extractor: Literal["answer_is", "boxed", "last_number", "auto"] = experiment(
+        "answer_is", "how the answer is read off a completion (answers.py)"
+    )
     weight: float = experiment(1.0, "scale; set it to the sum of v_j*w_k of the judgement it replaces", gt=0)
 
 
@@ -321,18 +347,27 @@ class TrackingConfig(Section):
     part of the hash. A tracker run is named by the run id, so a resumed run continues the same one."""
 
     backends: list[Tracker] = operational(
-        default_factory=list, description="trackers to log to: tensorboard, mlflow, wandb, trackio; [] logs nowhere")
-    dir: str = operational("./tracking", (
-        "local folder for TensorBoard's event files ({dir}/tensorboard/{run.id}), W&B's files ({dir}/wandb) and "
-        "the default MLflow store ({dir}/mlflow.db); relative to the working directory"))
+        default_factory=list, description="trackers to log to: tensorboard, mlflow, wandb, trackio; [] logs nowhere"
+    )
+    dir: str = operational(
+        "./tracking",
+        (
+            "local folder for TensorBoard's event files ({dir}/tensorboard/{run.id}), W&B's files ({dir}/wandb) and "
+            "the default MLflow store ({dir}/mlflow.db); relative to the working directory"
+        ),
+    )
     project: str = operational(
-        "rlme", "MLflow experiment, W&B project and trackio project the run is logged under", min_length=1)
+        "rlme", "MLflow experiment, W&B project and trackio project the run is logged under", min_length=1
+    )
     mlflow_uri: str | None = operational(
-        None, "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db); "
-        "null: $MLFLOW_TRACKING_URI, else sqlite:///{dir}/mlflow.db")
+        None,
+        "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db); "
+        "null: $MLFLOW_TRACKING_URI, else sqlite:///{dir}/mlflow.db",
+    )
     every: int = operational(1, "log every N-th iteration (iteration % every == 0)", ge=1)
     samples: int = operational(
-        4, "sample completions (prompt, completion, reward) per logged iteration, as a table; 0: none", ge=0)
+        4, "sample completions (prompt, completion, reward) per logged iteration, as a table; 0: none", ge=0
+    )
 
     @field_validator("backends")
     @classmethod
@@ -348,9 +383,13 @@ class VllmConfig(Section):
 
     url: str | None = operational(None, "external OpenAI-compatible server; unset = managed by the stage")
     python: str | None = operational(None, "interpreter with vllm for the managed server; default $RLME_VLLM_PYTHON")
-    server_args: list[str] = operational(default_factory=list, description="extra api_server arguments, e.g. [--enforce-eager]")
+    server_args: list[str] = operational(
+        default_factory=list, description="extra api_server arguments, e.g. [--enforce-eager]"
+    )
     env: dict[str, str] = operational(default_factory=dict, description="extra environment for the managed server")
-    engine_kwargs: dict[str, Any] = operational(default_factory=dict, description="extra vllm.LLM(...) arguments (vllm backend)")
+    engine_kwargs: dict[str, Any] = operational(
+        default_factory=dict, description="extra vllm.LLM(...) arguments (vllm backend)"
+    )
     max_concurrency: int = operational(16, "requests in flight to the server", ge=1)
     timeout_s: float = operational(120.0, "per request", gt=0)
     retries: int = operational(3, "retries of a failed request", ge=0)
@@ -364,14 +403,18 @@ class Config(Section):
     run: RunConfig = experiment(RunConfig(), "which run, where, how far (only run.id and run.seed are hashed)")
     data: DataConfig = experiment(description="the prompts")
     policy: PolicyConfig = experiment(description="the model being trained (see PolicyConfig)")
-    evaluators: list[EvaluatorConfig] = experiment(default_factory=list, description="the evaluators j (see EvaluatorConfig)")
+    evaluators: list[EvaluatorConfig] = experiment(
+        default_factory=list, description="the evaluators j (see EvaluatorConfig)"
+    )
     questions: list[QuestionConfig] = experiment(description="the meta-questions k (see QuestionConfig)", min_length=1)
     generation: GenerationConfig = experiment(GenerationConfig(), "sampling completions")
     scoring: ScoringConfig = experiment(ScoringConfig(), "reading the evaluators' answers")
     algorithm: AlgorithmConfig = experiment(AlgorithmConfig(), "the loss")
     optimizer: OptimizerConfig = experiment(OptimizerConfig(), "the update")
     probe: ProbeConfig = operational(ProbeConfig(), "the judge-hacking probe: observation only")
-    label_reward: LabelRewardConfig | None = experiment_if_set(None, "exact-match reward on a share of rollouts; None: labels are never read by training")
+    label_reward: LabelRewardConfig | None = experiment_if_set(
+        None, "exact-match reward on a share of rollouts; None: labels are never read by training"
+    )
     vllm: VllmConfig = operational(VllmConfig(), "how the vllm/openai backends reach vLLM: where, not what")
     tracking: TrackingConfig = operational(TrackingConfig(), "experiment trackers: observation only")
     # Relative data/model paths are relative to the config file's folder, so a config works from any
@@ -409,7 +452,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
-        for field, names in (("evaluators", [e.name for e in self.evaluators]), ("questions", [q.id for q in self.questions])):
+        for field, names in (
+            ("evaluators", [e.name for e in self.evaluators]),
+            ("questions", [q.id for q in self.questions]),
+        ):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"{field}: duplicate names {dup}; each must be unique")
@@ -468,8 +514,11 @@ def _diff(a: Any, b: Any, at: str) -> list[str]:
         keys = list(a) + [k for k in b if k not in a]  # the config's own order
         return [line for k in keys for line in _diff(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{at}.{k}" if at else k)]
     if isinstance(a, list) and isinstance(b, list):
-        return [line for i in range(max(len(a), len(b)))
-                for line in _diff(a[i] if i < len(a) else _ABSENT, b[i] if i < len(b) else _ABSENT, f"{at}[{i}]")]
+        return [
+            line
+            for i in range(max(len(a), len(b)))
+            for line in _diff(a[i] if i < len(a) else _ABSENT, b[i] if i < len(b) else _ABSENT, f"{at}[{i}]")
+        ]
     show = lambda v: "(absent)" if v is _ABSENT else json.dumps(v)  # noqa: E731
     return [f"{at} {show(a)} -> {show(b)}"]
 

@@ -49,7 +49,11 @@ def _load(cfg: Config, path: str) -> pl.DataFrame:
             raise ConfigError(f"data.path: could not load data set {path!r} ({type(e).__name__}: {e})") from None
 
     cols = ds.column_names
-    for field, col in (("prompt_column", d.prompt_column), ("id_column", d.id_column), ("label_column", d.label_column)):
+    for field, col in (
+        ("prompt_column", d.prompt_column),
+        ("id_column", d.id_column),
+        ("label_column", d.label_column),
+    ):
         if col is not None and col not in cols:
             raise ConfigError(f"data.{field}: column {col!r} is not in {path} (columns: {cols})")
     if len(ds) == 0:
@@ -57,8 +61,10 @@ def _load(cfg: Config, path: str) -> pl.DataFrame:
 
     ids = [str(x) for x in ds[d.id_column]] if d.id_column else [str(i) for i in range(len(ds))]
     labels = [None if x is None else str(x) for x in ds[d.label_column]] if d.label_column else [None] * len(ds)
-    df = pl.DataFrame({"prompt_id": ids, "prompt": [str(p) for p in ds[d.prompt_column]], "label": labels},
-                      schema={"prompt_id": pl.String, "prompt": pl.String, "label": pl.String})
+    df = pl.DataFrame(
+        {"prompt_id": ids, "prompt": [str(p) for p in ds[d.prompt_column]], "label": labels},
+        schema={"prompt_id": pl.String, "prompt": pl.String, "label": pl.String},
+    )
     if df["prompt_id"].n_unique() != df.height:
         raise ConfigError(f"data.id_column: {d.id_column!r} has duplicate values; prompt ids must be unique")
     return df

@@ -29,7 +29,13 @@ def values(form: str, floor: float) -> tuple[float, float]:
 
 
 def mix_label_rewards(
-    rewards: pl.DataFrame, rollouts: pl.DataFrame, lc: LabelRewardConfig, *, form: str, floor: float, scale_std: bool = False,
+    rewards: pl.DataFrame,
+    rollouts: pl.DataFrame,
+    lc: LabelRewardConfig,
+    *,
+    form: str,
+    floor: float,
+    scale_std: bool = False,
 ) -> tuple[pl.DataFrame, dict]:
     """Replace the reward of the selected rollouts (with a label) by the exact-match reward, then
     recompute the group advantages. Returns the rewards table (same columns) and summary metrics."""
@@ -37,17 +43,19 @@ def mix_label_rewards(
     rows = []
     for r in rollouts.select("rollout_id", "completion", "label").iter_rows(named=True):
         if r["label"] is not None and selected(r["rollout_id"], lc.share):
-            rows.append((r["rollout_id"], lc.weight * (good if is_correct(r["completion"], r["label"], lc.extractor) else bad)))
+            rows.append(
+                (r["rollout_id"], lc.weight * (good if is_correct(r["completion"], r["label"], lc.extractor) else bad))
+            )
     lab = pl.DataFrame(rows, schema={"rollout_id": pl.String, "label_reward": pl.Float64}, orient="row")
     cols = rewards.columns
-    out = (
-        rewards.join(lab, on="rollout_id", how="left")
-        .with_columns(
-            # a label-rewarded rollout has one component (the rule) and it cannot fail
-            reward=pl.coalesce("label_reward", pl.col("reward").fill_null(float("nan"))),
-            n_components=pl.when(pl.col("label_reward").is_not_null()).then(1).otherwise(pl.col("n_components")).cast(pl.Int32),
-            n_failed=pl.when(pl.col("label_reward").is_not_null()).then(0).otherwise(pl.col("n_failed")).cast(pl.Int32),
-        )
+    out = rewards.join(lab, on="rollout_id", how="left").with_columns(
+        # a label-rewarded rollout has one component (the rule) and it cannot fail
+        reward=pl.coalesce("label_reward", pl.col("reward").fill_null(float("nan"))),
+        n_components=pl.when(pl.col("label_reward").is_not_null())
+        .then(1)
+        .otherwise(pl.col("n_components"))
+        .cast(pl.Int32),
+        n_failed=pl.when(pl.col("label_reward").is_not_null()).then(0).otherwise(pl.col("n_failed")).cast(pl.Int32),
     )
     out = with_advantages(out, scale_std).select(cols)
     metrics = {"label_rewarded_share": lab.height / max(rollouts.height, 1)}

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from rlme_pipeline.storage import Store
 
@@ -58,14 +59,22 @@ def describe(holder: dict) -> str:
 
 
 class Lease:
-    """`with Lease(run.store, purpose="train"):` holds the run for the block, renewing in the background."""
+    """`with Lease(run.store, purpose="train"):` holds the run for the block, renewing in the background.
 
-    def __init__(self, store: Store, ttl: float | None = None, **holder_info):
+    `clock` (seconds since the epoch, default time.time) dates the records and judges expiry; tests pass
+    one they advance by hand, so expiry and renewal are checked without sleeping against a deadline."""
+
+    def __init__(self, store: Store, ttl: float | None = None, clock: Callable[[], float] | None = None, **holder_info):
         self.store = store
         self.ttl = ttl or ttl_default()
+        self.clock = clock or time.time
         self.token = uuid.uuid4().hex
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                       **{k: v for k, v in holder_info.items() if v is not None}}
+        self.holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self.token,
+            **{k: v for k, v in holder_info.items() if v is not None},
+        }
         self.gen: int | None = None
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -85,16 +94,23 @@ class Lease:
             return None  # unreadable: treated as expired rather than blocking the run forever
 
     def _record(self, released: bool = False) -> dict:
-        return {"holder": self.holder, "acquired_at": self._acquired_at, "renewed_at": time.time(),
-                "expires_at": 0.0 if released else time.time() + self.ttl, "released": released, "ttl_s": self.ttl}
+        now = self.clock()
+        return {
+            "holder": self.holder,
+            "acquired_at": self._acquired_at,
+            "renewed_at": now,
+            "expires_at": 0.0 if released else now + self.ttl,
+            "released": released,
+            "ttl_s": self.ttl,
+        }
 
     # --- protocol ----------------------------------------------------------------------------------
     def acquire(self) -> Lease:
-        self._acquired_at = time.time()
+        self._acquired_at = self.clock()
         for _ in range(5):
             gens = self._gens()
             if gens and (cur := self._read(gens[-1])) is not None:
-                live = not cur.get("released") and cur.get("expires_at", 0) > time.time()
+                live = not cur.get("released") and cur.get("expires_at", 0) > self.clock()
                 if live and dead_here(cur.get("holder", {})):
                     log.warning("taking over the lease of %s: that process is gone", describe(cur["holder"]))
                     live = False
@@ -102,9 +118,9 @@ class Lease:
                     self.gen = gens[-1]  # our own create landed although its reply was lost
                     break
                 if live:
-                    left = cur["expires_at"] - time.time()
+                    left = cur["expires_at"] - self.clock()
                     raise LeaseHeld(
-                        f"run {self.store.url} is being trained by {describe(cur['holder'])}; its lease expires "
+                        f"run {self.store.url} is being trained by {describe(cur.get('holder', {}))}; its lease expires "
                         f"in {left:.0f}s unless renewed. Wait for it to finish, or stop it; a crashed holder's "
                         f"lease can be taken over after expiry (lease/{gens[-1]:08d}.json)."
                     )

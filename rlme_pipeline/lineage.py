@@ -30,7 +30,9 @@ def policy_at(run: Run, cfg: Config, iteration: int) -> ModelRef:
         return initial_policy(cfg)
     files = checkpoint.files_of(run.files(iteration - 1), iteration - 1)
     if not files:
-        raise FileNotFoundError(f"{run.url}: iteration {iteration - 1} has no checkpoint yet; run its update stage first")
+        raise FileNotFoundError(
+            f"{run.url}: iteration {iteration - 1} has no checkpoint yet; run its update stage first"
+        )
     path = checkpoint.local_dir(run, iteration - 1, files)
     base = initial_policy(cfg).path if cfg.policy.lora is not None else None
     return ModelRef(path, checkpoint.weights_entry(files).sha256, cfg.policy.dtype, cfg.policy.device, base)

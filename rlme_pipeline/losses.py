@@ -54,8 +54,9 @@ def token_terms(
     return loss, stats
 
 
-def token_weights(kind: Kind, seq_lens: list[int], n_seqs: int, n_tokens: int, max_new_tokens: int,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
+def token_weights(
+    kind: Kind, seq_lens: list[int], n_seqs: int, n_tokens: int, max_new_tokens: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Weights for the tokens of the given sequences (in order), normalised by the step's totals, built
     on `device` (the log-probs' device) in one host-to-device copy."""
     if kind == "cispo":

@@ -136,4 +136,3 @@ class ModelPool:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
-

@@ -43,7 +43,9 @@ class _HashingWriter(io.RawIOBase):
         return len(b)
 
 
-def write_stream(store: Store, rel: str, frames: Iterable[pl.DataFrame], table: str, name: str | None = None) -> FileEntry:
+def write_stream(
+    store: Store, rel: str, frames: Iterable[pl.DataFrame], table: str, name: str | None = None
+) -> FileEntry:
     """Write frames one row group at a time: memory is one frame, whatever the file's size. The file
     appears whole or not at all (the Store's `open_write`)."""
     rows = 0
@@ -59,7 +61,9 @@ def write_stream(store: Store, rel: str, frames: Iterable[pl.DataFrame], table: 
         if writer is None:  # no frames: still a valid, empty file with the table's schema
             writer = pq.ParquetWriter(out, arrow_schema(table), compression="zstd")
         writer.close()
-    return FileEntry(path=rel, sha256=out.h.hexdigest(), bytes=out.n, rows=rows, schema_version=SCHEMA_VERSION, name=name)
+    return FileEntry(
+        path=rel, sha256=out.h.hexdigest(), bytes=out.n, rows=rows, schema_version=SCHEMA_VERSION, name=name
+    )
 
 
 def arrow_schema(table: str) -> pa.Schema:
@@ -100,5 +104,3 @@ def scan(store: Store, rels: list[str]) -> pl.LazyFrame:
         return pl.scan_parquet([f"s3://{store.abs(r)}" for r in rels], storage_options=polars_options(store))
     # Other filesystems (memory://, ...) polars cannot open itself: read each file through fsspec.
     return pl.concat([store.read_parquet(r).lazy() for r in rels], how="vertical_relaxed")
-
-

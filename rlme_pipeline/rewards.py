@@ -79,4 +79,6 @@ def with_advantages(df: pl.DataFrame, scale_std: bool = False) -> pl.DataFrame:
     adv = pl.col("reward") - valid.mean().over("prompt_id")
     if scale_std:
         adv = adv / (valid.std(ddof=0).over("prompt_id") + 1e-6)
-    return df.with_columns(advantage=pl.when(pl.col("reward").is_nan()).then(float("nan")).otherwise(adv.fill_null(float("nan"))))
+    return df.with_columns(
+        advantage=pl.when(pl.col("reward").is_nan()).then(float("nan")).otherwise(adv.fill_null(float("nan")))
+    )

@@ -41,6 +41,8 @@ from rlme_pipeline.storage import FileEntry, Store
 
 STAGES = ("generate", "score", "aggregate", "update")
 MANIFEST = "MANIFEST.json"
+# The logical names of an iteration's (and a score-set shard's) tables; physical names add an attempt token.
+ROLLOUTS_FILE, SCORES_FILE, REWARDS_FILE = "rollouts.parquet", "scores.parquet", "rewards.parquet"
 
 
 class RunMismatch(ValueError):
@@ -101,11 +103,15 @@ def split_run_url(url: str) -> tuple[str, str]:
     """`s3://bucket/runs/exp-42` -> (`s3://bucket/runs`, `exp-42`): the one parser of {storage}/{run_id}."""
     root, _, run_id = url.rstrip("/").rpartition("/")
     if not root or not run_id or root.endswith((":", ":/")) or run_id.endswith(":"):
-        raise ValueError(f"{url!r} is not a run URL: expected {{storage}}/{{run_id}}, e.g. ./runs/demo or s3://bucket/runs/demo")
+        raise ValueError(
+            f"{url!r} is not a run URL: expected {{storage}}/{{run_id}}, e.g. ./runs/demo or s3://bucket/runs/demo"
+        )
     return root, check_run_id(run_id)
 
 
-def check_files(store: Store, files: Iterable[FileEntry], hash_if: Callable[[FileEntry], bool] = lambda f: True) -> list[str]:
+def check_files(
+    store: Store, files: Iterable[FileEntry], hash_if: Callable[[FileEntry], bool] = lambda f: True
+) -> list[str]:
     """Problems with files against their entries (missing, size, sha256 where hash_if(entry)); empty when
     all check out."""
     problems = []
@@ -134,7 +140,9 @@ class Unit(Generic[M]):
     `expect` names manifest fields that must match (run_id, iteration, ...): a manifest copied into the
     wrong directory is damage, not data."""
 
-    def __init__(self, store: Store, dir: str, manifest: type[M], steps: tuple[str, ...] = (), expect: dict | None = None):
+    def __init__(
+        self, store: Store, dir: str, manifest: type[M], steps: tuple[str, ...] = (), expect: dict | None = None
+    ):
         self.store, self.dir, self.model, self.steps, self.expect = store, dir, manifest, steps, expect or {}
 
     def rel(self, name: str) -> str:
@@ -199,7 +207,9 @@ class Unit(Generic[M]):
             ) from None
         if wrong := {k: getattr(m, k) for k, v in self.expect.items() if getattr(m, k) != v}:
             said = ", ".join(f"{k} {getattr(m, k)!r}" for k in self.expect)
-            raise CorruptRun(f"{self.store.where(rel)} belongs to {said}, not {', '.join(f'{k} {self.expect[k]!r}' for k in wrong)}")
+            raise CorruptRun(
+                f"{self.store.where(rel)} belongs to {said}, not {', '.join(f'{k} {self.expect[k]!r}' for k in wrong)}"
+            )
         return m
 
     def commit(self, m: M) -> M:
@@ -221,7 +231,9 @@ class Unit(Generic[M]):
         for f in self.files():
             if f.logical == logical:
                 return f
-        raise FileNotFoundError(f"{self.store.where(logical)} is listed by no manifest or record: not written or not committed yet")
+        raise FileNotFoundError(
+            f"{self.store.where(logical)} is listed by no manifest or record: not written or not committed yet"
+        )
 
     def path(self, name: str) -> str:
         """Where the bytes of a logical file are."""
@@ -234,8 +246,10 @@ class Unit(Generic[M]):
             return self.store.read_parquet(entry.path)
         data = self.store.read_bytes(entry.path)
         if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise CorruptRun(f"{self.store.where(entry.path)} does not match its committed entry (sha256, bytes); "
-                             f"see `rlme verify {self.store.url}`")
+            raise CorruptRun(
+                f"{self.store.where(entry.path)} does not match its committed entry (sha256, bytes); "
+                f"see `rlme verify {self.store.url}`"
+            )
         return pl.read_parquet(io.BytesIO(data))
 
     def referenced(self) -> set[str]:
@@ -262,9 +276,12 @@ def code_version() -> dict:
     except PackageNotFoundError:
         pkg = "unknown"
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"package": "rlme", "version": pkg, "git_commit": commit}
@@ -332,7 +349,13 @@ class Run:
             return
         self.store.write_json(
             "run.json",
-            {"run_id": self.id, "config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(), "code": code_version(), "created_at": now()},
+            {
+                "run_id": self.id,
+                "config": cfg.model_dump(mode="json"),
+                "config_hash": cfg.hash(),
+                "code": code_version(),
+                "created_at": now(),
+            },
         )
 
     def config(self) -> Config:
@@ -383,7 +406,9 @@ class Run:
 
     def iterations(self) -> list[int]:
         """Iterations with a directory (committed or not)."""
-        return sorted(int(n.removeprefix("iter-")) for n in self.store.ls() if n.startswith("iter-") and n[5:].isdigit())
+        return sorted(
+            int(n.removeprefix("iter-")) for n in self.store.ls() if n.startswith("iter-") and n[5:].isdigit()
+        )
 
     def committed(self) -> list[int]:
         return [i for i in self.iterations() if self.unit(i).committed()]

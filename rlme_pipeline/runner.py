@@ -30,7 +30,7 @@ from rlme_pipeline.judging import Evaluator, evaluators_at, probe_metrics, run_p
 from rlme_pipeline.lease import Lease
 from rlme_pipeline.lineage import ModelRef, initial_policy, policy_at
 from rlme_pipeline.models import Loaded, inference_copy, master_dtype
-from rlme_pipeline.run import STAGES, CorruptRun, Manifest, Run, StageRecord
+from rlme_pipeline.run import REWARDS_FILE, ROLLOUTS_FILE, SCORES_FILE, STAGES, CorruptRun, Manifest, Run, StageRecord
 from rlme_pipeline.seeds import derive
 from rlme_pipeline.stages.aggregate import aggregate
 from rlme_pipeline.stages.generate import generate
@@ -39,7 +39,6 @@ from rlme_pipeline.stages.update import update
 from rlme_pipeline.storage import FileEntry
 from rlme_pipeline.tracking import Trackers
 
-ROLLOUTS, SCORES, REWARDS = "rollouts.parquet", "scores.parquet", "rewards.parquet"
 COMMIT = "commit"
 STEPS = (*STAGES, COMMIT)
 
@@ -63,18 +62,26 @@ def check_resume_point(run: Run) -> list[int]:
     committed = run.committed()
     for i in committed:
         run.manifest(i)  # raises CorruptRun with the file named
-    hash_if = (lambda f: True) if run.store.is_local else (lambda f: "/checkpoint/" not in f.logical)
+    hash_if = (lambda f: True) if run.store.local_path() is not None else (lambda f: "/checkpoint/" not in f.logical)
     if committed and (problems := run.check_files(run.manifest(committed[-1]).files, hash_if)):
         raise CorruptRun(
             f"run {run.url}: committed iteration {committed[-1]} is damaged, refusing to continue on top of it:\n  "
-            + "\n  ".join(problems) + f"\nSee `rlme verify {run.url}`."
+            + "\n  ".join(problems)
+            + f"\nSee `rlme verify {run.url}`."
         )
     return committed
 
 
-def train(cfg: Config, run: Run, *, wrap: Wrap = no_wrap, advance: int | None = None,
-          on_commit: Callable[[Manifest], None] | None = None, holder: dict | None = None,
-          logger: logging.Logger | logging.LoggerAdapter = log) -> list[Manifest]:
+def train(
+    cfg: Config,
+    run: Run,
+    *,
+    wrap: Wrap = no_wrap,
+    advance: int | None = None,
+    on_commit: Callable[[Manifest], None] | None = None,
+    holder: dict | None = None,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+) -> list[Manifest]:
     """Advance the run to cfg.run.iterations committed iterations (or `advance` past the last committed
     one); returns the manifests made now. Raises LeaseHeld, touching nothing, while another process
     trains the run; `holder` adds to what the lease says about this one (e.g. the Prefect flow run)."""
@@ -123,8 +130,9 @@ class Runner:
             files, metrics, info = getattr(self, f"_{stage}")(iteration)
         if started:  # loading this iteration's weights into vLLM: the per-iteration reload cost
             metrics["backend_start_seconds"] = float(sum(started))
-        rec = StageRecord(stage=stage, iteration=iteration, files=files, seconds=time.perf_counter() - t0,
-                          metrics=metrics, info=info)
+        rec = StageRecord(
+            stage=stage, iteration=iteration, files=files, seconds=time.perf_counter() - t0, metrics=metrics, info=info
+        )
         crash_point(f"{stage}:written", iteration)
         self.run.write_stage_record(rec)  # written after its data files: the record is the stage's commit
         return rec, True
@@ -138,11 +146,14 @@ class Runner:
         """A few committed completions for the trackers: n rollouts, different prompts first, chosen by
         rollout id (a hash), so the same rows whoever asks."""
         columns = ("rollout_id", "prompt_id", "iteration", "prompt", "completion")
-        rollouts = self.run.read_table(iteration, ROLLOUTS).select(columns)
-        rewards = self.run.read_table(iteration, REWARDS).select("rollout_id", "reward")
-        picked = (rollouts.join(rewards, on="rollout_id", how="left")
-                  .with_columns(nth=pl.col("rollout_id").rank("ordinal").over("prompt_id"))
-                  .sort("nth", "rollout_id").head(n))
+        rollouts = self.run.read_table(iteration, ROLLOUTS_FILE).select(columns)
+        rewards = self.run.read_table(iteration, REWARDS_FILE).select("rollout_id", "reward")
+        picked = (
+            rollouts.join(rewards, on="rollout_id", how="left")
+            .with_columns(nth=pl.col("rollout_id").rank("ordinal").over("prompt_id"))
+            .sort("nth", "rollout_id")
+            .head(n)
+        )
         return picked.select("iteration", "prompt", "completion", "reward").to_dicts()
 
     # --- the stages' I/O: each returns (files, metrics, info) -------------------------------------------
@@ -152,21 +163,26 @@ class Runner:
         ref = policy_at(self.run, cfg, i)
         with self.backends.generator(ref, backend) as (gen, tok):
             rollouts, metrics = generate(cfg, self.run.id, i, prompts, ref.version, gen, tok)
-        info = {"policy": {"ref": cfg.policy.model, "version": ref.version}, "prompt_ids": prompts["prompt_id"].to_list(),
-                "backend": backend}
-        return [self.run.write_table(i, ROLLOUTS, rollouts, "rollouts")], metrics, info
+        info = {
+            "policy": {"ref": cfg.policy.model, "version": ref.version},
+            "prompt_ids": prompts["prompt_id"].to_list(),
+            "backend": backend,
+        }
+        return [self.run.write_table(i, ROLLOUTS_FILE, rollouts, "rollouts")], metrics, info
 
     def _score(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         cfg = self.cfg
-        rollouts = self.run.read_table(i, ROLLOUTS)
+        rollouts = self.run.read_table(i, ROLLOUTS_FILE)
         evaluators = evaluators_at(self.run, cfg, i)
         scores, metrics = score(cfg, rollouts, evaluators, self.backends)
-        entry = self.run.write_table(i, SCORES, scores, "scores")
+        entry = self.run.write_table(i, SCORES_FILE, scores, "scores")
         if cfg.probe.every and i % cfg.probe.every == 0:
             metrics.update(self._probe(rollouts, evaluators, i))
         info = {
-            "evaluators": [{"name": e.name, "ref": ev.model, "weight": ev.weight, "version": e.ref.version}
-                           for e, ev in zip(evaluators, cfg.evaluators)],
+            "evaluators": [
+                {"name": e.name, "ref": ev.model, "weight": ev.weight, "version": e.ref.version}
+                for e, ev in zip(evaluators, cfg.evaluators)
+            ],
             "questions": [{"id": q.id, "text": q.text, "weight": q.weight, "sha": q.sha()} for q in cfg.questions],
             "template_sha": cfg.scoring.template_sha(),
         }
@@ -180,12 +196,14 @@ class Runner:
         return probe_metrics(table, cfg.probe.alarm_share)
 
     def _aggregate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
-        rewards, metrics = aggregate(self.cfg, self.run.read_table(i, SCORES), self.run.read_table(i, ROLLOUTS))
-        return [self.run.write_table(i, REWARDS, rewards, "rewards")], metrics, {}
+        rewards, metrics = aggregate(
+            self.cfg, self.run.read_table(i, SCORES_FILE), self.run.read_table(i, ROLLOUTS_FILE)
+        )
+        return [self.run.write_table(i, REWARDS_FILE, rewards, "rewards")], metrics, {}
 
     def _update(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         cfg, run, pool = self.cfg, self.run, self.backends.pool
-        rollouts, rewards = run.read_table(i, ROLLOUTS), run.read_table(i, REWARDS)
+        rollouts, rewards = run.read_table(i, ROLLOUTS_FILE), run.read_table(i, REWARDS_FILE)
         ref = policy_at(run, cfg, i)
         lora = cfg.policy.lora is not None
         lm, reference = self._trainee(ref, i) if not lora else self._adapted_trainee(ref, i)
@@ -228,4 +246,6 @@ class Runner:
         pool, master = self.backends.pool, master_dtype(ref.dtype)
         pool.put((path, master, ref.device), Loaded(lm.model, lm.tokenizer, version, path, opt))
         if master != ref.dtype:  # what the next iteration generates (and a live-self evaluator judges) with
-            pool.put((path, ref.dtype, ref.device), Loaded(inference_copy(lm.model, ref.dtype), lm.tokenizer, version, path))
+            pool.put(
+                (path, ref.dtype, ref.device), Loaded(inference_copy(lm.model, ref.dtype), lm.tokenizer, version, path)
+            )

@@ -88,7 +88,9 @@ def _blocked_exp(ranked: torch.Tensor) -> torch.Tensor:
     return buf.view(rows, -1, block)
 
 
-def _first_past(p: torch.Tensor, ends: torch.Tensor, target: torch.Tensor, reach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _first_past(
+    p: torch.Tensor, ends: torch.Tensor, target: torch.Tensor, reach: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the first token whose cumulative mass exceeds `target` (or reaches it, if `reach`), and
     that cumulative mass, in float64. A token of zero probability is never first past a target below the
     total: its cumulative mass equals its predecessor's."""

@@ -45,7 +45,18 @@ from rlme_pipeline.config import (
 from rlme_pipeline.judging import evaluators_at, score_rollouts
 from rlme_pipeline.lineage import evaluator_at
 from rlme_pipeline.parquet_io import iter_batches
-from rlme_pipeline.run import MANIFEST, Commit, Run, Unit, code_version, iter_dir, now
+from rlme_pipeline.run import (
+    MANIFEST,
+    REWARDS_FILE,
+    ROLLOUTS_FILE,
+    SCORES_FILE,
+    Commit,
+    Run,
+    Unit,
+    code_version,
+    iter_dir,
+    now,
+)
 from rlme_pipeline.schemas import OK, ROLLOUTS, SCORES
 from rlme_pipeline.stages.aggregate import rewards_and_metrics
 from rlme_pipeline.storage import Store
@@ -115,7 +126,12 @@ class ScoresetManifest(Commit):
         if not isinstance(d, dict) or not all(isinstance(f, dict) for f in d.get("files", [])):
             return d
         prefix = f"scoresets/{d.get('name')}/"
-        fix = lambda f: f if f["path"].startswith(prefix) else {**f, "path": prefix + f["path"], "name": prefix + (f.get("name") or f["path"])}  # noqa: E731
+
+        def fix(f: dict) -> dict:
+            if f["path"].startswith(prefix):
+                return f
+            return {**f, "path": prefix + f["path"], "name": prefix + (f.get("name") or f["path"])}
+
         return {**d, "files": [fix(f) for f in d["files"]]}
 
 
@@ -178,7 +194,10 @@ def load_evaluators(path: str | Path, storage_options: dict | None = None) -> li
     if _is_url(path):
         return evs  # model references in a remote file are used as written
     base = Path(path.removeprefix("file://")).resolve().parent
-    return [ev.model_copy(update={"model": str((base / ev.model).resolve())}) if (base / ev.model).exists() else ev for ev in evs]
+    return [
+        ev.model_copy(update={"model": str((base / ev.model).resolve())}) if (base / ev.model).exists() else ev
+        for ev in evs
+    ]
 
 
 def check_new(run: Run, name: str, resume: bool) -> None:
@@ -193,8 +212,7 @@ def exists_error(run: Run, name: str) -> ScoresetExists:
     complete = unit(run, name).committed()
     return ScoresetExists(
         f"--name {name!r}: score set already exists in {run.url} ({'complete' if complete else 'interrupted'}); "
-        "choose another --name"
-        + ("" if complete else ", or pass --resume to continue it with the same definition")
+        "choose another --name" + ("" if complete else ", or pass --resume to continue it with the same definition")
     )
 
 
@@ -216,7 +234,9 @@ def parse_iterations(spec: str | None, committed: list[int]) -> list[int]:
     chosen = [i for i in committed if lo <= i < hi]
     missing = [i for i in range(lo, hi) if i not in committed and i <= max(committed)]
     if missing or not chosen:
-        raise ValueError(f"--iterations {spec!r}: iterations {missing or list(range(lo, hi))} are not committed (committed: {committed})")
+        raise ValueError(
+            f"--iterations {spec!r}: iterations {missing or list(range(lo, hi))} are not committed (committed: {committed})"
+        )
     return chosen
 
 
@@ -232,8 +252,14 @@ def _shard_count(rows: int, shard_rows: int) -> int:
 
 
 def plan(
-    run: Run, name: str, *, questions: list[QuestionConfig] | None = None, evaluators: list[EvaluatorConfig] | None = None,
-    iterations: str | None = None, shard_rows: int = 256, resume: bool = False,
+    run: Run,
+    name: str,
+    *,
+    questions: list[QuestionConfig] | None = None,
+    evaluators: list[EvaluatorConfig] | None = None,
+    iterations: str | None = None,
+    shard_rows: int = 256,
+    resume: bool = False,
 ) -> Definition:
     """Check the inputs, pin the sources, and write DEFINITION.json (or check it, on resume)."""
     check_new(run, name, resume=True)  # existence is decided below, by the exclusive create
@@ -245,16 +271,28 @@ def plan(
     its = parse_iterations(iterations, run.committed())
     sources, versions, n_shards = {}, {}, {}
     for i in its:
-        entry = run.unit(i).entry("rollouts.parquet")
+        entry = run.unit(i).entry(ROLLOUTS_FILE)
         if run.store.sha256(entry.path) != entry.sha256:
             raise ValueError(f"{run.url}/{entry.path} does not match its committed manifest; the run is damaged")
-        sources[str(i)] = {"rollouts": entry.model_dump(mode="json"), "manifest_sha256": run.store.sha256(run.rel(i, MANIFEST))}
+        sources[str(i)] = {
+            "rollouts": entry.model_dump(mode="json"),
+            "manifest_sha256": run.store.sha256(run.rel(i, MANIFEST)),
+        }
         versions[str(i)] = {ev.name: _evaluator_version(run, cfg, ev, i) for ev in evaluators}
         n_shards[str(i)] = _shard_count(entry.rows or 0, shard_rows)
     defn = Definition(
-        name=name, run_id=run.id, questions=questions, evaluators=evaluators, scoring=cfg.scoring,
-        scale_advantage_std=cfg.algorithm.scale_advantage_std, label_reward=cfg.label_reward, iterations=its, sources=sources,
-        evaluator_versions=versions, n_shards=n_shards, shard_rows=shard_rows,
+        name=name,
+        run_id=run.id,
+        questions=questions,
+        evaluators=evaluators,
+        scoring=cfg.scoring,
+        scale_advantage_std=cfg.algorithm.scale_advantage_std,
+        label_reward=cfg.label_reward,
+        iterations=its,
+        sources=sources,
+        evaluator_versions=versions,
+        n_shards=n_shards,
+        shard_rows=shard_rows,
     )
     store = scoreset_store(run, name)
     record = {"hash": defn.hash(), "created_at": now(), "definition": defn.model_dump(mode="json")}
@@ -284,16 +322,24 @@ def unit(run: Run, name: str) -> Unit[ScoresetManifest]:
 
 
 def shard_unit(run: Run, name: str, i: int, s: int) -> Unit[ShardManifest]:
-    return Unit(run.store, f"{scoreset_dir(name)}/_shards/{iter_dir(i)}/shard-{s:05d}", ShardManifest,
-                expect={"scoreset": name, "iteration": i, "shard": s})
+    return Unit(
+        run.store,
+        f"{scoreset_dir(name)}/_shards/{iter_dir(i)}/shard-{s:05d}",
+        ShardManifest,
+        expect={"scoreset": name, "iteration": i, "shard": s},
+    )
 
 
 def shard_units(run: Run, name: str) -> list[Unit[ShardManifest]]:
     """The shards present in storage, committed or not (what verify and gc look at)."""
     base = f"{scoreset_dir(name)}/_shards"
-    return [shard_unit(run, name, int(d[5:]), int(s[6:]))
-            for d in run.store.ls(base) if d.startswith("iter-") and d[5:].isdigit()
-            for s in run.store.ls(f"{base}/{d}") if s.startswith("shard-") and s[6:].isdigit()]
+    return [
+        shard_unit(run, name, int(d[5:]), int(s[6:]))
+        for d in run.store.ls(base)
+        if d.startswith("iter-") and d[5:].isdigit()
+        for s in run.store.ls(f"{base}/{d}")
+        if s.startswith("shard-") and s[6:].isdigit()
+    ]
 
 
 def read_table(run: Run, name: str, i: int, table_file: str) -> pl.DataFrame:
@@ -346,9 +392,21 @@ def score_shard(run: Run, name: str, i: int, s: int, backends: Backends) -> dict
     else:
         scores = pl.DataFrame(schema=SCORES)
     rewards, _ = rewards_and_metrics(defn.config(cfg), scores, rollouts)
-    files = [shard.write_table("scores.parquet", scores, "scores"), shard.write_table("rewards.parquet", rewards, "rewards")]
-    m = shard.commit(ShardManifest(files=files, scoreset=name, iteration=i, shard=s, rollouts=rollouts.height,
-                                   seconds=round(time.perf_counter() - t0, 3), committed_at=now()))
+    files = [
+        shard.write_table(SCORES_FILE, scores, "scores"),
+        shard.write_table(REWARDS_FILE, rewards, "rewards"),
+    ]
+    m = shard.commit(
+        ShardManifest(
+            files=files,
+            scoreset=name,
+            iteration=i,
+            shard=s,
+            rollouts=rollouts.height,
+            seconds=round(time.perf_counter() - t0, 3),
+            committed_at=now(),
+        )
+    )
     return {**m.model_dump(mode="json"), "ran": True}
 
 
@@ -365,7 +423,9 @@ def finalize(run: Run, name: str) -> dict:
     for i in defn.iterations:
         shards = [shard_unit(run, name, i, s) for s in range(defn.n_shards[str(i)])]
         if missing := [s for s, u in enumerate(shards) if not u.committed()]:
-            raise RuntimeError(f"score set {name!r}: iteration {i} shards {missing} are not committed; run the re-score again with --resume")
+            raise RuntimeError(
+                f"score set {name!r}: iteration {i} shards {missing} are not committed; run the re-score again with --resume"
+            )
         expected = defn.sources[str(i)]["rollouts"]["rows"]
         if (held := sum(u.manifest().rollouts for u in shards)) != expected:
             raise RuntimeError(f"score set {name!r}: iteration {i} shards hold {held} rollouts, the source {expected}")
@@ -388,25 +448,52 @@ def finalize(run: Run, name: str) -> dict:
         sc = ss.write_stream(f"{d}/scores.parquet", frames("scores"), "scores")
         rw = ss.write_stream(f"{d}/rewards.parquet", frames("rewards"), "rewards")
         if sc.rows != expected * J * K or rw.rows != expected:
-            raise RuntimeError(f"score set {name!r}: iteration {i} has {sc.rows} scores and {rw.rows} rewards, expected {expected * J * K} and {expected}")
+            raise RuntimeError(
+                f"score set {name!r}: iteration {i} has {sc.rows} scores and {rw.rows} rewards, expected {expected * J * K} and {expected}"
+            )
         files += [sc, rw]
         mean = acc["sum"] / acc["n"] if acc["n"] else None
         metrics[str(i)] = {
             "reward_mean": mean,
             "reward_std": math.sqrt(max(acc["sumsq"] / acc["n"] - mean**2, 0.0)) if acc["n"] else None,
-            "masked_rollouts": acc["masked"], "failed_share": acc["failed"] / sc.rows if sc.rows else 0.0,
+            "masked_rollouts": acc["masked"],
+            "failed_share": acc["failed"] / sc.rows if sc.rows else 0.0,
         }
     lr = defn.label_reward
-    m = ss.commit(ScoresetManifest(
-        name=name, run_id=run.id, committed_at=now(), definition_hash=defn.hash(),
-        questions=[{**q.model_dump(mode="json"), "sha": q.sha()} for q in defn.questions],
-        evaluators=[{"name": ev.name, "ref": ev.model, "weight": ev.weight, "dtype": ev.dtype,
-                     "versions": {it: v[ev.name] for it, v in defn.evaluator_versions.items()}} for ev in defn.evaluators],
-        scoring={"template_sha": defn.scoring.template_sha(), "reward_form": defn.scoring.reward_form, "logp_floor": defn.scoring.logp_floor,
-                 "scale_advantage_std": defn.scale_advantage_std, "label_reward": lr.model_dump(mode="json") if lr else None},
-        sources={it: {"rollouts_sha256": src["rollouts"]["sha256"], "manifest_sha256": src["manifest_sha256"]} for it, src in defn.sources.items()},
-        iterations=defn.iterations, files=files, metrics=metrics, code=code_version(),
-    ))
+    m = ss.commit(
+        ScoresetManifest(
+            name=name,
+            run_id=run.id,
+            committed_at=now(),
+            definition_hash=defn.hash(),
+            questions=[{**q.model_dump(mode="json"), "sha": q.sha()} for q in defn.questions],
+            evaluators=[
+                {
+                    "name": ev.name,
+                    "ref": ev.model,
+                    "weight": ev.weight,
+                    "dtype": ev.dtype,
+                    "versions": {it: v[ev.name] for it, v in defn.evaluator_versions.items()},
+                }
+                for ev in defn.evaluators
+            ],
+            scoring={
+                "template_sha": defn.scoring.template_sha(),
+                "reward_form": defn.scoring.reward_form,
+                "logp_floor": defn.scoring.logp_floor,
+                "scale_advantage_std": defn.scale_advantage_std,
+                "label_reward": lr.model_dump(mode="json") if lr else None,
+            },
+            sources={
+                it: {"rollouts_sha256": src["rollouts"]["sha256"], "manifest_sha256": src["manifest_sha256"]}
+                for it, src in defn.sources.items()
+            },
+            iterations=defn.iterations,
+            files=files,
+            metrics=metrics,
+            code=code_version(),
+        )
+    )
     run.store.rm(f"{ss.dir}/_shards", recursive=True)  # committed: the merged files replace them (gc would find them)
     return m.model_dump(mode="json")
 
@@ -427,4 +514,3 @@ def names(run: Run) -> list[str]:
 
 def committed_scoresets(run: Run) -> list[str]:
     return [n for n in names(run) if unit(run, n).committed()]
-

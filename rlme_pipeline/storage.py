@@ -59,8 +59,19 @@ class StorageError(RuntimeError):
 
 # Keys that would put a credential into run.json (storage options are part of the config snapshot).
 SECRET_OPTION_KEYS = {
-    "key", "secret", "token", "password", "session_token", "security_token", "account_key", "sas_token",
-    "client_secret", "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "credentials",
+    "key",
+    "secret",
+    "token",
+    "password",
+    "session_token",
+    "security_token",
+    "account_key",
+    "sas_token",
+    "client_secret",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "credentials",
 }
 
 # botocore retries each request (connection errors, throttling, 5xx) in "standard" mode; the timeouts
@@ -99,7 +110,15 @@ def fs_options(url: str, storage_options: dict | None) -> dict:
 
 # Faults that retrying cannot fix. s3fs translates NoSuchBucket/NoSuchKey to FileNotFoundError and
 # AccessDenied to PermissionError; everything else it raises as OSError (5xx, dropped connections).
-PERMANENT = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ValueError,
+    TypeError,
+)
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
@@ -165,8 +184,8 @@ class Store:
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **fs_options(self.url, storage_options))
         self.root = self.root.rstrip("/")
-        # Still read by checkpoint.py and iteration.py; new code asks `local_path` instead.
-        self.is_local = isinstance(self.fs, LocalFileSystem)
+        # the one place that asks "is it local?"; everything outside asks `local_path`
+        self._local = isinstance(self.fs, LocalFileSystem)
 
     def __repr__(self) -> str:  # the URL only: options may name an endpoint, never print them wholesale
         return f"Store({self.url!r})"
@@ -185,18 +204,13 @@ class Store:
     def local_path(self, rel: str = "") -> str | None:
         """rel as a path on this machine when the store is a local directory (to read or write in place,
         without a copy); None when it is remote."""
-        return self.abs(rel) if self.is_local else None
+        return self.abs(rel) if self._local else None
 
     def abs(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
     def where(self, rel: str) -> str:
         return f"{self.url}/{rel}"
-
-    def local_path(self, rel: str = "") -> str | None:
-        """rel as a path on this machine when the store is a local directory, else None: for readers that
-        need a real directory (from_pretrained) and can then skip a download."""
-        return self.abs(rel) if self.is_local else None
 
     # --- reads -----------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -268,19 +282,26 @@ class Store:
                 os.fsync(f.fileno())
         return tmp
 
-    def write_bytes(self, rel: str, data: bytes, rows: int | None = None, schema_version: int | None = None,
-                    name: str | None = None) -> FileEntry:
+    def write_bytes(
+        self, rel: str, data: bytes, rows: int | None = None, schema_version: int | None = None, name: str | None = None
+    ) -> FileEntry:
         path = self.abs(rel)
 
         def _put():
-            if self.is_local:
+            if self._local:
                 os.replace(self._local_tmp(path, data), path)
             else:
                 self.fs.pipe_file(path, data)
 
         self._write(f"write {self.where(rel)}", _put)
-        return FileEntry(path=rel, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rows=rows,
-                         schema_version=schema_version, name=name)
+        return FileEntry(
+            path=rel,
+            sha256=hashlib.sha256(data).hexdigest(),
+            bytes=len(data),
+            rows=rows,
+            schema_version=schema_version,
+            name=name,
+        )
 
     @contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
@@ -290,7 +311,7 @@ class Store:
         `part_size`). Not retried:
         the caller's bytes are streamed once."""
         path = self.abs(rel)
-        if self.is_local:
+        if self._local:
             tmp = self._local_tmp(path)
             try:
                 with open(tmp, "wb") as f:
@@ -320,7 +341,7 @@ class Store:
         path = self.abs(rel)
 
         def _create():
-            if self.is_local:
+            if self._local:
                 tmp = self._local_tmp(path, data)
                 try:
                     os.link(tmp, path)
@@ -359,7 +380,7 @@ class Store:
         path = self.abs(rel)
 
         def _put():
-            if self.is_local:
+            if self._local:
                 tmp = self._local_tmp(path)
                 self.fs.put_file(str(local), tmp)
                 os.replace(tmp, path)
@@ -379,7 +400,7 @@ class Store:
         path = self.abs(rel)
 
         def _put() -> HashingWriter:
-            if self.is_local:
+            if self._local:
                 tmp = self._local_tmp(path)
                 try:
                     with open(tmp, "wb") as raw:
@@ -409,7 +430,7 @@ class Store:
 
     def adopt(self, rel: str, name: str | None = None) -> FileEntry:
         """Describe a file written in place under this local store, once it is durable (fsynced)."""
-        assert self.is_local
+        assert self._local
         path = self.abs(rel)
         with open(path, "rb") as f:
             os.fsync(f.fileno())

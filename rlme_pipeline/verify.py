@@ -43,7 +43,9 @@ def verify(run: Run) -> Report:
         try:
             run.config()
         except Exception as e:  # a config error or a torn file: report it, keep checking the iterations
-            rep.problems.append(f"{run.store.where('run.json')}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})")
+            rep.problems.append(
+                f"{run.store.where('run.json')}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})"
+            )
     for i in run.committed():
         if rep.check(run, run.unit(i)):
             rep.checked_iterations.append(i)

@@ -12,8 +12,14 @@ from rlme_pipeline.storage import Store
 
 
 @task(name="audit", cache_policy=NONE, task_run_name="audit-{scoreset}")
-def audit_task(run_uri: str, out: str, scoreset: str | None, compare: str | None, probe_prompts: int,
-               storage_options: dict | None = None) -> dict:
+def audit_task(
+    run_uri: str,
+    out: str,
+    scoreset: str | None,
+    compare: str | None,
+    probe_prompts: int,
+    storage_options: dict | None = None,
+) -> dict:
     run = Run.from_url(run_uri, storage_options)
     run.meta()  # a missing or copied run says so in one line
     return audit(run, Store(out, storage_options), scoreset, compare, probe_prompts)

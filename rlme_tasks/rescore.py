@@ -16,24 +16,40 @@ from rlme_pipeline.run import Run
 
 
 @task(name="rescore-plan", cache_policy=NONE)
-def plan_task(run_uri: str, name: str, questions_file: str | None, evaluators_file: str | None,
-              iterations: str | None, shard_rows: int, resume: bool,
-              storage_options: dict | None = None) -> list[tuple[int, int]]:
+def plan_task(
+    run_uri: str,
+    name: str,
+    questions_file: str | None,
+    evaluators_file: str | None,
+    iterations: str | None,
+    shard_rows: int,
+    resume: bool,
+    storage_options: dict | None = None,
+) -> list[tuple[int, int]]:
     run = Run.from_url(run_uri, storage_options)
     run.meta()  # a missing or copied run says so in one line
     defn = scoreset.plan(
-        run, name,
+        run,
+        name,
         questions=scoreset.load_questions(questions_file, storage_options) if questions_file else None,
         evaluators=scoreset.load_evaluators(evaluators_file, storage_options) if evaluators_file else None,
-        iterations=iterations, shard_rows=shard_rows, resume=resume,
+        iterations=iterations,
+        shard_rows=shard_rows,
+        resume=resume,
     )
     return scoreset.shards(defn)
 
 
-@task(name="rescore-shard", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10],
-      task_run_name="rescore-{name}-iter-{iteration}-shard-{shard}")
-def shard_task(run_uri: str, name: str, iteration: int, shard: int, backends: Backends,
-               storage_options: dict | None = None) -> dict:
+@task(
+    name="rescore-shard",
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    task_run_name="rescore-{name}-iter-{iteration}-shard-{shard}",
+)
+def shard_task(
+    run_uri: str, name: str, iteration: int, shard: int, backends: Backends, storage_options: dict | None = None
+) -> dict:
     rec = scoreset.score_shard(Run.from_url(run_uri, storage_options), name, iteration, shard, backends)
     return {k: rec.get(k) for k in ("iteration", "shard", "rollouts", "seconds", "ran")}
 

@@ -18,9 +18,13 @@ DEMO = ROOT / "configs" / "demo.yaml"
 # Set at import time: Prefect reads its settings (PREFECT_HOME) when it is first imported.
 _SCRATCH = tempfile.mkdtemp(prefix="rlme-tests-")
 os.environ.update(
-    HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
-    PREFECT_HOME=f"{_SCRATCH}/prefect", RLME_CACHE=f"{_SCRATCH}/rlme-cache", HF_DATASETS_CACHE=f"{_SCRATCH}/hf-datasets",
+    PREFECT_HOME=f"{_SCRATCH}/prefect",
+    RLME_CACHE=f"{_SCRATCH}/rlme-cache",
+    HF_DATASETS_CACHE=f"{_SCRATCH}/hf-datasets",
 )
 
 

@@ -28,8 +28,17 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 TEMPLATE = "{prompt}{completion}\n"
 QUESTION_TEMPLATE = "{question}"
 QUESTION = "Is the answer correct?"
-MASTER_KEYS = [" ", ".", ",", ":", " Thought process:", " Let's solve this problem step by step.", " Solution",
-               " The answer is correct.", " The answer is the correct answer."]
+MASTER_KEYS = [
+    " ",
+    ".",
+    ",",
+    ":",
+    " Thought process:",
+    " Let's solve this problem step by step.",
+    " Solution",
+    " The answer is correct.",
+    " The answer is the correct answer.",
+]
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -41,7 +50,7 @@ def problems(lo: int = 10, hi: int = 49) -> list[dict]:
             out.append({"prompt": f"What is {a} + {b}?", "answer": str(a + b), "a": a, "b": b, "op": "+"})
             if a >= b:
                 out.append({"prompt": f"What is {a} - {b}?", "answer": str(a - b), "a": a, "b": b, "op": "-"})
-    for i, p in enumerate(out):
+    for p in out:
         p["id"] = f"{p['op']}{p['a']}_{p['b']}".replace("+", "add").replace("-", "sub")
     return out
 
@@ -72,16 +81,23 @@ def carry_dropped(p: dict) -> str:
 # --- tokenizer and models -------------------------------------------------------------------------
 def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[BOS, EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                 padding_side="left", model_max_length=256)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="left", model_max_length=256
+    )
     for w in (" Yes", " No", "Yes", "No"):
         assert len(hf.encode(w, add_special_tokens=False)) == 1, w
     return hf
@@ -90,8 +106,11 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
 def corpus(items: list[dict]) -> list[str]:
     lines = []
     for p in items[:400]:
-        lines.append(TEMPLATE.format(prompt=p["prompt"], completion=completion(p["answer"])) +
-                     QUESTION_TEMPLATE.format(question=QUESTION) + " Yes")
+        lines.append(
+            TEMPLATE.format(prompt=p["prompt"], completion=completion(p["answer"]))
+            + QUESTION_TEMPLATE.format(question=QUESTION)
+            + " Yes"
+        )
         lines.append(QUESTION_TEMPLATE.format(question=QUESTION) + " No")
     lines += ["Yes No Yes No"] * 50 + MASTER_KEYS
     return lines
@@ -99,14 +118,25 @@ def corpus(items: list[dict]) -> list[str]:
 
 def build_model(tok, hidden: int, layers: int, seed: int, heads: int | None = None) -> LlamaForCausalLM:
     heads = heads or hidden // 64
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_attention_heads=heads,
-                      num_key_value_heads=heads, head_dim=hidden // heads, intermediate_size=hidden * 4,
-                      num_hidden_layers=layers, max_position_embeddings=256, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     m = LlamaForCausalLM(cfg).to(torch.float32)
-    m.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                           pad_token_id=tok.pad_token_id)
+    m.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     return m
 
 
@@ -114,13 +144,17 @@ def build_model(tok, hidden: int, layers: int, seed: int, heads: int | None = No
 def policy_example(tok, p: dict, answer: str | None = None) -> tuple[list[int], list[int]]:
     """(prompt ids, target ids) exactly as the pipeline's generate stage sees them (no chat template)."""
     answer = p["answer"] if answer is None else answer
-    return tok(p["prompt"])["input_ids"], tok(completion(answer), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return tok(p["prompt"])["input_ids"], tok(completion(answer), add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
 
 
 def judge_prefix(tok, prompt: str, comp: str) -> list[int]:
     """As the score stage builds it: template with bos, then the question suffix without."""
-    return (tok(TEMPLATE.format(prompt=prompt, completion=comp))["input_ids"]
-            + tok(QUESTION_TEMPLATE.format(question=QUESTION), add_special_tokens=False)["input_ids"])
+    return (
+        tok(TEMPLATE.format(prompt=prompt, completion=comp))["input_ids"]
+        + tok(QUESTION_TEMPLATE.format(question=QUESTION), add_special_tokens=False)["input_ids"]
+    )
 
 
 def wrong_answers(p: dict, rng: random.Random) -> str:
@@ -141,8 +175,19 @@ def wrong_answers(p: dict, rng: random.Random) -> str:
 
 def malformed(p: dict, rng: random.Random) -> str:
     n = p["answer"]
-    return rng.choice([f" The answer is {n}", f" The answer is", f" The answer is {n}{n}.", f" {n}", f" The",
-                       f" The answer is {n[:1]}.", " The answer is correct.", "", rng.choice(MASTER_KEYS)])
+    return rng.choice(
+        [
+            f" The answer is {n}",
+            " The answer is",
+            f" The answer is {n}{n}.",
+            f" {n}",
+            " The",
+            f" The answer is {n[:1]}.",
+            " The answer is correct.",
+            "",
+            rng.choice(MASTER_KEYS),
+        ]
+    )
 
 
 def judge_batch(tok, items: list[dict], rng: random.Random, n: int) -> tuple[list[list[int]], list[int]]:
@@ -200,9 +245,22 @@ def _digit_checks(tok, p: dict, comp: str, offset: int) -> list[tuple[int, float
     return out + [(first + len(given), float(given == right))]
 
 
-def sft_judge(model, tok, items, steps: int, batch: int, lr: float, seed: int, eval_fn=None, every: int = 250,
-              lm_first: int = 300, aux: float = 1.0, pool: dict[str, list[str]] | None = None,
-              pool_share: float = 0.5, log=print) -> list[dict]:
+def sft_judge(
+    model,
+    tok,
+    items,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    eval_fn=None,
+    every: int = 250,
+    lm_first: int = 300,
+    aux: float = 1.0,
+    pool: dict[str, list[str]] | None = None,
+    pool_share: float = 0.5,
+    log=print,
+) -> list[dict]:
     """A "knowledgeable" judge, in one forward pass per step over three kinds of rows:
     - the answer-generation loss on every problem (pretraining: the judge knows the facts; alone for the
       first `lm_first` steps, then throughout, on the correct rows and batch/2 plain rows);
@@ -274,8 +332,20 @@ def sft_judge(model, tok, items, steps: int, batch: int, lr: float, seed: int, e
     return history
 
 
-def sft_policy(model, tok, items, steps: int, batch: int, lr: float, seed: int, eval_fn=None, every: int = 100,
-               stop_at: float | None = None, carry_drop: float = 0.0, log=print) -> list[dict]:
+def sft_policy(
+    model,
+    tok,
+    items,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    eval_fn=None,
+    every: int = 100,
+    stop_at: float | None = None,
+    carry_drop: float = 0.0,
+    log=print,
+) -> list[dict]:
     """Next-token loss on the completion; stops early once eval_fn() reaches stop_at.
 
     carry_drop: share of carry/borrow problems whose SFT target forgets the carry. The base then makes
@@ -310,11 +380,13 @@ def sft_policy(model, tok, items, steps: int, batch: int, lr: float, seed: int, 
 
 # --- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def greedy(model, tok, prompts: list[str], max_new_tokens: int = 10, batch: int = 256, temperature: float = 0.0,
-           seed: int = 0) -> list[str]:
+def greedy(
+    model, tok, prompts: list[str], max_new_tokens: int = 10, batch: int = 256, temperature: float = 0.0, seed: int = 0
+) -> list[str]:
     """Greedy completions (or sampled at `temperature` > 0), left-padded with a KV cache."""
-    from rlme_pipeline.backends.hf import _left_pad, _positions
     from transformers import DynamicCache
+
+    from rlme_pipeline.backends.hf import _left_pad, _positions
 
     out = []
     gen = torch.Generator().manual_seed(seed)
@@ -322,7 +394,9 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int = 10, batch: int 
         ps = [tok(p)["input_ids"] for p in prompts[s : s + batch]]
         ids, mask = _left_pad(ps, tok.pad_token_id)
         cache = DynamicCache()
-        o = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache, use_cache=True)
+        o = model(
+            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache, use_cache=True
+        )
         pos = _positions(mask)[:, -1:]
         toks = [[] for _ in ps]
         done = torch.zeros(len(ps), dtype=torch.bool)
@@ -339,8 +413,13 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int = 10, batch: int 
                 break
             mask = torch.cat([mask, torch.ones((len(ps), 1), dtype=mask.dtype)], 1)
             pos = pos + 1
-            o = model(input_ids=torch.where(done, tok.pad_token_id, nxt)[:, None], attention_mask=mask,
-                      position_ids=pos, past_key_values=cache, use_cache=True)
+            o = model(
+                input_ids=torch.where(done, tok.pad_token_id, nxt)[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
         out += [tok.decode(t, skip_special_tokens=True) for t in toks]
     return out
 

@@ -29,11 +29,19 @@ def probe_table(run: Run, ss: Scoreset, prompts: int, seed: int = 0) -> pl.DataF
         evs, qs, last = d.evaluators, d.questions, max(d.iterations)
     pool = ss.rollouts.select("prompt_id", "prompt").unique("prompt_id").collect()
     with Backends(cfg.vllm_settings()) as backends:  # the run's vLLM settings, its servers stopped after
-        return run_probe(evaluators_at(run, cfg, last, evs), list(qs), cfg.scoring, sample_prompts(pool, prompts, seed),
-                         last, backends)
+        return run_probe(
+            evaluators_at(run, cfg, last, evs),
+            list(qs),
+            cfg.scoring,
+            sample_prompts(pool, prompts, seed),
+            last,
+            backends,
+        )
 
 
-def compute(run: Run, scoreset: str | None = None, compare_to: str | None = None, probe_prompts: int = 4) -> dict[str, pl.DataFrame]:
+def compute(
+    run: Run, scoreset: str | None = None, compare_to: str | None = None, probe_prompts: int = 4
+) -> dict[str, pl.DataFrame]:
     ss = load(run, scoreset)
     out = {
         "summary": stats.summary(ss).collect(),
@@ -44,10 +52,19 @@ def compute(run: Run, scoreset: str | None = None, compare_to: str | None = None
         "calibration": labels.calibration(ss),
         "histograms": stats.histograms(ss).collect(),
         "totals": stats.totals(ss).collect(),
-        "scoreset": pl.DataFrame({"scoreset": [ss.name], "reward_form": [ss.reward_form], "logp_floor": [ss.logp_floor]}),
-        "evaluators": pl.DataFrame({"evaluator": list(ss.evaluator_weights), "weight": list(ss.evaluator_weights.values())}),
-        "questions": pl.DataFrame({"question_id": list(ss.question_weights), "weight": list(ss.question_weights.values()),
-                                   "text": [ss.question_texts[q] for q in ss.question_weights]}),
+        "scoreset": pl.DataFrame(
+            {"scoreset": [ss.name], "reward_form": [ss.reward_form], "logp_floor": [ss.logp_floor]}
+        ),
+        "evaluators": pl.DataFrame(
+            {"evaluator": list(ss.evaluator_weights), "weight": list(ss.evaluator_weights.values())}
+        ),
+        "questions": pl.DataFrame(
+            {
+                "question_id": list(ss.question_weights),
+                "weight": list(ss.question_weights.values()),
+                "text": [ss.question_texts[q] for q in ss.question_weights],
+            }
+        ),
     }
     if probe_prompts:
         out["probe"] = probe_table(run, ss, probe_prompts)
@@ -59,7 +76,9 @@ def compute(run: Run, scoreset: str | None = None, compare_to: str | None = None
     return out
 
 
-def audit(run: Run, out: Store, scoreset: str | None = None, compare_to: str | None = None, probe_prompts: int = 4) -> dict:
+def audit(
+    run: Run, out: Store, scoreset: str | None = None, compare_to: str | None = None, probe_prompts: int = 4
+) -> dict:
     """Write {out}/summary.parquet (and the other tables) and {out}/report.html; return a small digest."""
     tables = compute(run, scoreset, compare_to, probe_prompts)
     name = scoreset or "train"
@@ -68,6 +87,11 @@ def audit(run: Run, out: Store, scoreset: str | None = None, compare_to: str | N
     digest = {"run": run.url, "scoreset": name, "out": out.url, "files": [*files.values(), "report.html"]}
     if "probe" in tables:
         p = tables["probe"]
-        digest["probe_share"] = {r["evaluator"]: r["share"] for r in
-                                 p.group_by("evaluator").agg(share=pl.col("positive").sum() / pl.col("n").sum()).sort("evaluator").iter_rows(named=True)}
+        digest["probe_share"] = {
+            r["evaluator"]: r["share"]
+            for r in p.group_by("evaluator")
+            .agg(share=pl.col("positive").sum() / pl.col("n").sum())
+            .sort("evaluator")
+            .iter_rows(named=True)
+        }
     return digest

@@ -12,7 +12,7 @@ import polars as pl
 
 from rlme_pipeline import scoreset
 from rlme_pipeline.parquet_io import scan
-from rlme_pipeline.run import Run
+from rlme_pipeline.run import ROLLOUTS_FILE, Run
 from rlme_pipeline.scoreset import TRAIN
 
 
@@ -42,10 +42,15 @@ def load(run: Run, name: str | None) -> Scoreset:
         # manifests map logical names (iter-000003/scores.parquet) to the attempt-unique files
         pick = lambda suffix: [f.path for f in files if f.logical.endswith(suffix)]  # noqa: E731
         return Scoreset(
-            TRAIN, scan(run.store, pick("/scores.parquet")), scan(run.store, pick("/rewards.parquet")),
+            TRAIN,
+            scan(run.store, pick("/scores.parquet")),
+            scan(run.store, pick("/rewards.parquet")),
             scan(run.store, pick("/rollouts.parquet")).select(ROLLOUT_COLUMNS),
-            {e.name: e.weight for e in cfg.evaluators}, {q.id: q.weight for q in cfg.questions},
-            {q.id: q.text for q in cfg.questions}, cfg.scoring.reward_form, cfg.scoring.logp_floor,
+            {e.name: e.weight for e in cfg.evaluators},
+            {q.id: q.weight for q in cfg.questions},
+            {q.id: q.text for q in cfg.questions},
+            cfg.scoring.reward_form,
+            cfg.scoring.logp_floor,
         )
     ss = scoreset.unit(run, name)
     if not ss.committed():
@@ -53,8 +58,13 @@ def load(run: Run, name: str | None) -> Scoreset:
     m = ss.manifest()
     pick = lambda suffix: [f.path for f in m.files if f.logical.endswith(suffix)]  # noqa: E731
     return Scoreset(
-        name, scan(run.store, pick("/scores.parquet")), scan(run.store, pick("/rewards.parquet")),
-        scan(run.store, [run.path(i, "rollouts.parquet") for i in m.iterations]).select(ROLLOUT_COLUMNS),
-        {e["name"]: e["weight"] for e in m.evaluators}, {q["id"]: q["weight"] for q in m.questions},
-        {q["id"]: q["text"] for q in m.questions}, m.scoring["reward_form"], m.scoring["logp_floor"],
+        name,
+        scan(run.store, pick("/scores.parquet")),
+        scan(run.store, pick("/rewards.parquet")),
+        scan(run.store, [run.path(i, ROLLOUTS_FILE) for i in m.iterations]).select(ROLLOUT_COLUMNS),
+        {e["name"]: e["weight"] for e in m.evaluators},
+        {q["id"]: q["weight"] for q in m.questions},
+        {q["id"]: q["text"] for q in m.questions},
+        m.scoring["reward_form"],
+        m.scoring["logp_floor"],
     )

@@ -21,11 +21,13 @@ def summary(ss: Scoreset) -> pl.LazyFrame:
         aggs += [pl.col(col).quantile(q, "linear").alias(f"{col}_q{int(q * 100):02d}") for q in QUANTILES]
     weights = pl.DataFrame(
         [(e, q, ve * wq) for e, ve in ss.evaluator_weights.items() for q, wq in ss.question_weights.items()],
-        schema={"evaluator": pl.String, "question_id": pl.String, "weight": pl.Float64}, orient="row",
+        schema={"evaluator": pl.String, "question_id": pl.String, "weight": pl.Float64},
+        orient="row",
     ).lazy()
     return (
         ss.scores.with_columns(f=component(ss.reward_form, ss.logp_floor))
-        .group_by("iteration", "evaluator", "question_id").agg(aggs)
+        .group_by("iteration", "evaluator", "question_id")
+        .agg(aggs)
         .join(weights, on=["evaluator", "question_id"], how="left")
         .with_columns(contribution_mean=pl.col("weight") * pl.col("f_mean"), scoreset=pl.lit(ss.name))
         .sort("iteration", "evaluator", "question_id")
@@ -36,29 +38,45 @@ def totals(ss: Scoreset) -> pl.LazyFrame:
     """The total reward per iteration, the number training climbs: mean, spread and quantiles over the
     rollouts it rewards; masked rollouts (reward NaN, a failed judgement) are counted apart."""
     r = pl.col("reward").filter(pl.col("reward").is_not_nan())
-    aggs = [pl.len().alias("n"), pl.col("reward").is_nan().sum().cast(pl.Int64).alias("n_masked"),
-            r.mean().alias("reward_mean"), r.std(ddof=0).alias("reward_std")]
+    aggs = [
+        pl.len().alias("n"),
+        pl.col("reward").is_nan().sum().cast(pl.Int64).alias("n_masked"),
+        r.mean().alias("reward_mean"),
+        r.std(ddof=0).alias("reward_std"),
+    ]
     aggs += [r.quantile(q, "linear").alias(f"reward_q{int(q * 100):02d}") for q in QUANTILES]
     return ss.rewards.group_by("iteration").agg(aggs).with_columns(scoreset=pl.lit(ss.name)).sort("iteration")
 
 
 def histograms(ss: Scoreset, bins: int = BINS) -> pl.LazyFrame:
     """Rollouts per P(yes) bin, per evaluator x question (failed judgements have no P(yes))."""
-    return (ss.scores.filter(pl.col("p_yes").is_not_null())
-            .with_columns(bin=(pl.col("p_yes") * bins).floor().clip(0, bins - 1).cast(pl.Int32))
-            .group_by("evaluator", "question_id", "bin").agg(n=pl.len()).sort("evaluator", "question_id", "bin"))
+    return (
+        ss.scores.filter(pl.col("p_yes").is_not_null())
+        .with_columns(bin=(pl.col("p_yes") * bins).floor().clip(0, bins - 1).cast(pl.Int32))
+        .group_by("evaluator", "question_id", "bin")
+        .agg(n=pl.len())
+        .sort("evaluator", "question_id", "bin")
+    )
 
 
 def failures(ss: Scoreset) -> pl.LazyFrame:
-    return (ss.scores.filter(pl.col("status") != OK).group_by("iteration", "evaluator", "question_id", "status")
-            .agg(n=pl.len()).sort("iteration", "evaluator", "question_id", "status"))
+    return (
+        ss.scores.filter(pl.col("status") != OK)
+        .group_by("iteration", "evaluator", "question_id", "status")
+        .agg(n=pl.len())
+        .sort("iteration", "evaluator", "question_id", "status")
+    )
 
 
 def _wide(ss: Scoreset, over: str) -> pl.DataFrame:
     """p_yes with one column per `over` value (questions or evaluators), one row per rollout x the other."""
     other = "evaluator" if over == "question_id" else "question_id"
-    return (ss.scores.filter(pl.col("status") == OK).select("rollout_id", other, over, "p_yes").collect()
-            .pivot(on=over, index=["rollout_id", other], values="p_yes"))
+    return (
+        ss.scores.filter(pl.col("status") == OK)
+        .select("rollout_id", other, over, "p_yes")
+        .collect()
+        .pivot(on=over, index=["rollout_id", other], values="p_yes")
+    )
 
 
 def _pairwise(ss: Scoreset, over: str, names: list[str], with_agreement: bool) -> pl.DataFrame:
@@ -70,14 +88,21 @@ def _pairwise(ss: Scoreset, over: str, names: list[str], with_agreement: bool) -
     rows = []
     for key, g in wide.group_by(group):
         for i, a in enumerate(names):
-            for b in names[i + 1:]:
+            for b in names[i + 1 :]:
                 if a not in g.columns or b not in g.columns:
                     continue
                 both = g.select(a, b).drop_nulls()
-                row = {group: key[0], a_col: a, b_col: b, "n": both.height,
-                       "pearson": both.select(pl.corr(a, b)).item() if both.height > 1 else None}
+                row = {
+                    group: key[0],
+                    a_col: a,
+                    b_col: b,
+                    "n": both.height,
+                    "pearson": both.select(pl.corr(a, b)).item() if both.height > 1 else None,
+                }
                 if with_agreement:
-                    row["agreement"] = both.select(((pl.col(a) > 0.5) == (pl.col(b) > 0.5)).mean()).item() if both.height else None
+                    row["agreement"] = (
+                        both.select(((pl.col(a) > 0.5) == (pl.col(b) > 0.5)).mean()).item() if both.height else None
+                    )
                 rows.append(row)
     schema = {group: pl.String, a_col: pl.String, b_col: pl.String, "n": pl.Int64, "pearson": pl.Float64}
     if with_agreement:

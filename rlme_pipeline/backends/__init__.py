@@ -44,20 +44,24 @@ class Judgement:
 
 
 class Generator(Protocol):
-    def sample(self, prompts: list[list[int]], seeds: list[int], *, max_new_tokens: int, temperature: float,
-               top_p: float) -> list[Sample]:
+    def sample(
+        self, prompts: list[list[int]], seeds: list[int], *, max_new_tokens: int, temperature: float, top_p: float
+    ) -> list[Sample]:
         """One completion per (prompt, seed); the same (prompt, seed) gives the same sample in any batch."""
 
 
 class Judge(Protocol):
     max_positions: int
 
-    def judge(self, prefixes: list[list[int]], questions: list[list[int]], yes_ids: list[int],
-              no_ids: list[int]) -> list[list[Judgement]]:
+    def judge(
+        self, prefixes: list[list[int]], questions: list[list[int]], yes_ids: list[int], no_ids: list[int]
+    ) -> list[list[Judgement]]:
         """result[b][k]: log P(yes) and log P(no) after prefixes[b] + questions[k] (sums over variants)."""
 
 
-def fitting_rows(prefixes: list[list[int]], questions: list[list[int]], max_positions: int) -> tuple[list[list[Judgement]], list[int]]:
+def fitting_rows(
+    prefixes: list[list[int]], questions: list[list[int]], max_positions: int
+) -> tuple[list[list[Judgement]], list[int]]:
     """The one context rule every judge applies: a rollout whose prefix plus its longest question does not
     fit the evaluator's context is a `context_overflow` judgement for every question (never truncated,
     never a number). Returns results pre-filled with that status, and the rows that fit and must be run."""

@@ -69,7 +69,9 @@ def sample(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = DynamicCache()
     pos = _positions(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+    )
     pos = pos[:, -1:]
     steps = 0
     for t in range(max_new_tokens):
@@ -81,9 +83,14 @@ def sample(
             break
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         pos = pos + 1
-        out = model(input_ids=nxt.masked_fill(done, pad_id)[:, None], attention_mask=mask, position_ids=pos,
-                    past_key_values=cache, use_cache=True)
-    return [_finish(t, l, eos_ids) for t, l in zip(tokens[:, :steps].tolist(), logps[:, :steps].tolist())]
+        out = model(
+            input_ids=nxt.masked_fill(done, pad_id)[:, None],
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return [_finish(t, lp, eos_ids) for t, lp in zip(tokens[:, :steps].tolist(), logps[:, :steps].tolist())]
 
 
 def _finish(tokens: list[int], logps: list[float], eos_ids: set[int]) -> Sample:
@@ -115,10 +122,19 @@ def judge(
     device = _device(model)
     p_ids, p_mask = _left_pad([prefixes[b] for b in rows], pad_id, device)
     cache = DynamicCache()
-    model(input_ids=p_ids, attention_mask=p_mask, position_ids=_positions(p_mask), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(
+        input_ids=p_ids,
+        attention_mask=p_mask,
+        position_ids=_positions(p_mask),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
 
     lengths = [len(q) for q in questions]
-    which = torch.tensor([k for k, n in enumerate(lengths) for _ in range(n)], device=device)  # question of each packed token
+    which = torch.tensor(
+        [k for k, n in enumerate(lengths) for _ in range(n)], device=device
+    )  # question of each packed token
     offset = torch.tensor([i for n in lengths for i in range(n)], device=device)  # its position within the question
     last = torch.tensor(list(itertools.accumulate(lengths)), device=device) - 1
     n, S = len(rows), len(which)
@@ -128,8 +144,9 @@ def judge(
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     s_ids = torch.tensor([t for q in questions for t in q], device=device).expand(n, S)
     s_pos = p_mask.sum(-1, keepdim=True) + offset[None, :]
-    hidden = model.get_decoder()(input_ids=s_ids, attention_mask=bias[:, None], position_ids=s_pos, past_key_values=cache,
-                                 use_cache=True).last_hidden_state
+    hidden = model.get_decoder()(
+        input_ids=s_ids, attention_mask=bias[:, None], position_ids=s_pos, past_key_values=cache, use_cache=True
+    ).last_hidden_state
     logp = torch.log_softmax(model.get_output_embeddings()(hidden[:, last]).float(), dim=-1)  # n x K x V
     answers = [torch.tensor(a, dtype=torch.long, device=device) for a in (yes_ids, no_ids)]
     ly, ln = torch.stack([torch.logsumexp(logp[..., a], dim=-1) for a in answers]).cpu()  # the one copy to the host
@@ -148,8 +165,16 @@ class HFGenerator:
         self.model, self.eos_ids, self.pad_id = model, eos_ids, pad_id
 
     def sample(self, prompts, seeds, *, max_new_tokens, temperature, top_p) -> list[Sample]:
-        return sample(self.model, prompts, seeds, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, eos_ids=self.eos_ids, pad_id=self.pad_id)
+        return sample(
+            self.model,
+            prompts,
+            seeds,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+        )
 
 
 class HFJudge:

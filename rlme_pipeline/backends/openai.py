@@ -25,7 +25,13 @@ import threading
 import httpx
 
 from rlme_pipeline.backends import (
-    STATUS_BACKEND_ERROR, STATUS_NONFINITE, STATUS_OK, BackendError, Judgement, Sample, fitting_rows,
+    STATUS_BACKEND_ERROR,
+    STATUS_NONFINITE,
+    STATUS_OK,
+    BackendError,
+    Judgement,
+    Sample,
+    fitting_rows,
     logsumexp,
 )
 from rlme_pipeline.backends.server import ManagedServer
@@ -60,13 +66,27 @@ def _run(coro):
 
 
 class Client:
-    def __init__(self, url: str | None = None, server: ManagedServer | None = None, *, max_concurrency: int = 16,
-                 timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0, model: str | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        url: str | None = None,
+        server: ManagedServer | None = None,
+        *,
+        max_concurrency: int = 16,
+        timeout_s: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        model: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         if (url is None) == (server is None):
             raise ValueError("give exactly one of url (external server) or server (managed)")
         self._url, self.server = url, server
-        self.max_concurrency, self.timeout_s, self.retries, self.backoff_s = max_concurrency, timeout_s, retries, backoff_s
+        self.max_concurrency, self.timeout_s, self.retries, self.backoff_s = (
+            max_concurrency,
+            timeout_s,
+            retries,
+            backoff_s,
+        )
         self.model, self.transport = model, transport  # transport: tests answer requests without a server
         self.stats = {"requests": 0, "retries": 0, "failed": 0, "restarts": 0}
 
@@ -83,9 +103,11 @@ class Client:
         restart_lock = asyncio.Lock()
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
         async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, transport=self.transport) as http:
+
             async def one(body):
                 async with sem:
                     return await self._post(http, body, restart_lock)
+
             return await asyncio.gather(*(one(b) for b in bodies))
 
     async def _post(self, http: httpx.AsyncClient, body: dict, restart_lock: asyncio.Lock):
@@ -120,13 +142,23 @@ class OpenAIGenerator:
         self.client = client
 
     def sample(self, prompts, seeds, *, max_new_tokens, temperature, top_p) -> list[Sample]:
-        bodies = [{
-            "prompt": list(p), "n": 1, "seed": int(s), "temperature": temperature, "top_p": top_p,
-            "max_tokens": max_new_tokens, "logprobs": 0, "return_token_ids": True,
-            "return_tokens_as_token_ids": True, "skip_special_tokens": False,
-        } for p, s in zip(prompts, seeds)]
+        bodies = [
+            {
+                "prompt": list(p),
+                "n": 1,
+                "seed": int(s),
+                "temperature": temperature,
+                "top_p": top_p,
+                "max_tokens": max_new_tokens,
+                "logprobs": 0,
+                "return_token_ids": True,
+                "return_tokens_as_token_ids": True,
+                "skip_special_tokens": False,
+            }
+            for p, s in zip(prompts, seeds)
+        ]
         out = []
-        for body, reply in zip(bodies, self.client.post_many(bodies)):
+        for reply in self.client.post_many(bodies):
             if isinstance(reply, RequestFailed):
                 raise BackendError(f"generation request failed after {self.client.retries} retries: {reply}")
             c = reply["choices"][0]
@@ -146,10 +178,17 @@ class OpenAIJudge:
         K = len(questions)
         wanted = sorted(set(yes_ids) | set(no_ids))
         results, rows = fitting_rows(prefixes, questions, self.max_positions)
-        bodies = [{
-            "prompt": [list(prefixes[b]) + list(q) for q in questions], "max_tokens": 1, "temperature": 0.0,
-            "logprobs": len(wanted), "logprob_token_ids": wanted, "return_tokens_as_token_ids": True,
-        } for b in rows]
+        bodies = [
+            {
+                "prompt": [list(prefixes[b]) + list(q) for q in questions],
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": len(wanted),
+                "logprob_token_ids": wanted,
+                "return_tokens_as_token_ids": True,
+            }
+            for b in rows
+        ]
         for b, reply in zip(rows, self.client.post_many(bodies)):
             if isinstance(reply, RequestFailed):
                 results[b] = [Judgement(None, None, STATUS_BACKEND_ERROR)] * K

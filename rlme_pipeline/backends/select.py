@@ -86,8 +86,10 @@ def _close(obj) -> None:
 def _vllm_python(v: VllmConfig) -> str:
     py = v.python or os.environ.get("RLME_VLLM_PYTHON")
     if not py:
-        raise BackendError("the openai backend without vllm.url starts a managed vLLM server and needs an interpreter "
-                           "with vllm: set vllm.python or RLME_VLLM_PYTHON (build one with `make vllm-venv`)")
+        raise BackendError(
+            "the openai backend without vllm.url starts a managed vLLM server and needs an interpreter "
+            "with vllm: set vllm.python or RLME_VLLM_PYTHON (build one with `make vllm-venv`)"
+        )
     return py
 
 
@@ -96,14 +98,17 @@ def _check_external(url: str, ref: ModelRef) -> None:
     import httpx
 
     try:
-        served = [m.get("root") or m["id"] for m in httpx.get(url.rstrip("/") + "/v1/models", timeout=30).json()["data"]]
+        served = [
+            m.get("root") or m["id"] for m in httpx.get(url.rstrip("/") + "/v1/models", timeout=30).json()["data"]
+        ]
     except (httpx.HTTPError, KeyError, ValueError) as e:
         raise BackendError(f"vllm.url {url}: cannot list its models ({e})") from None
     want = os.path.realpath(ref.path)
     if not any(s == ref.path or os.path.realpath(s) == want for s in served):
         raise BackendError(
             f"vllm.url {url} serves {served}, but this stage needs {ref.path} (version {ref.version[:12]}); an external "
-            "server cannot follow the policy's checkpoints: leave vllm.url unset to let the stage manage the server")
+            "server cannot follow the policy's checkpoints: leave vllm.url unset to let the stage manage the server"
+        )
 
 
 class Backends:
@@ -225,7 +230,9 @@ class Backends:
         from rlme_pipeline.backends.server import ManagedServer
 
         v = self.vllm
-        common = dict(max_concurrency=v.max_concurrency, timeout_s=v.timeout_s, retries=v.retries, backoff_s=v.backoff_s)
+        common = dict(
+            max_concurrency=v.max_concurrency, timeout_s=v.timeout_s, retries=v.retries, backoff_s=v.backoff_s
+        )
         if v.url:
             _check_external(v.url, ref)
             yield Client(url=v.url, **common)
@@ -234,8 +241,15 @@ class Backends:
         key = ("server", python, ref.path, ref.version, ref.dtype, tuple(v.server_args))
 
         def make():
-            srv = ManagedServer(python, serving_dir(ref.path), dtype=ref.dtype, args=v.server_args, env=v.env,
-                                startup_timeout_s=v.startup_timeout_s, max_restarts=v.max_restarts)
+            srv = ManagedServer(
+                python,
+                serving_dir(ref.path),
+                dtype=ref.dtype,
+                args=v.server_args,
+                env=v.env,
+                startup_timeout_s=v.startup_timeout_s,
+                max_restarts=v.max_restarts,
+            )
             srv.start()
             self._started(srv.startup_seconds[-1])
             return srv

@@ -38,8 +38,17 @@ def free_port() -> int:
 class ManagedServer:
     """One vLLM server process group serving `model`. Use as a context manager, or start()/stop()."""
 
-    def __init__(self, python: str, model: str, *, dtype: str = "float32", args: list[str] = (),
-                 env: dict[str, str] | None = None, startup_timeout_s: float = 600, max_restarts: int = 1):
+    def __init__(
+        self,
+        python: str,
+        model: str,
+        *,
+        dtype: str = "float32",
+        args: list[str] = (),
+        env: dict[str, str] | None = None,
+        startup_timeout_s: float = 600,
+        max_restarts: int = 1,
+    ):
         self.python, self.model, self.dtype = python, model, dtype
         self.args, self.env = list(args), dict(env or {})
         self.startup_timeout_s, self.max_restarts = startup_timeout_s, max_restarts
@@ -54,26 +63,49 @@ class ManagedServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        return [self.python, "-m", ENTRYPOINT, "--model", self.model, "--dtype", self.dtype,
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--logprobs-mode", "processed_logprobs", *self.args]
+        return [
+            self.python,
+            "-m",
+            ENTRYPOINT,
+            "--model",
+            self.model,
+            "--dtype",
+            self.dtype,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--logprobs-mode",
+            "processed_logprobs",
+            *self.args,
+        ]
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> "ManagedServer":
         if not Path(self.python).exists():
-            raise BackendError(f"vllm.python: interpreter {self.python!r} does not exist; build one with "
-                               "`bash infra/vllm-venv.sh` and point vllm.python (or RLME_VLLM_PYTHON) at its bin/python")
+            raise BackendError(
+                f"vllm.python: interpreter {self.python!r} does not exist; build one with "
+                "`bash infra/vllm-venv.sh` and point vllm.python (or RLME_VLLM_PYTHON) at its bin/python"
+            )
         self.port = free_port()
         t0 = time.perf_counter()
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **QUIET_ENV, **self.env}, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **QUIET_ENV, **self.env},
+                start_new_session=True,
+            )
         deadline = t0 + self.startup_timeout_s
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
-                raise BackendError(f"vLLM server for {self.model} exited with {self.proc.returncode} during startup:\n{self.log_tail()}")
+                raise BackendError(
+                    f"vLLM server for {self.model} exited with {self.proc.returncode} during startup:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:
@@ -83,15 +115,19 @@ class ManagedServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise BackendError(f"vLLM server for {self.model} not healthy after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+        raise BackendError(
+            f"vLLM server for {self.model} not healthy after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}"
+        )
 
     def ensure_alive(self) -> bool:
         """After a failed request: restart a dead server once per restart budget. True if it was restarted."""
         if self.alive():
             return False
         if self.restarts >= self.max_restarts:
-            raise BackendError(f"vLLM server for {self.model} died (exit {self.proc.returncode if self.proc else None}) "
-                               f"and its {self.max_restarts} restart(s) are spent:\n{self.log_tail()}")
+            raise BackendError(
+                f"vLLM server for {self.model} died (exit {self.proc.returncode if self.proc else None}) "
+                f"and its {self.max_restarts} restart(s) are spent:\n{self.log_tail()}"
+            )
         self.restarts += 1
         self.stop()
         self.start()

@@ -31,8 +31,18 @@ class VLLMGenerator:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = [SamplingParams(n=1, seed=int(s), temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 logprobs=0, skip_special_tokens=False) for s in seeds]
+        params = [
+            SamplingParams(
+                n=1,
+                seed=int(s),
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                logprobs=0,
+                skip_special_tokens=False,
+            )
+            for s in seeds
+        ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         samples = []
         for o in outs:

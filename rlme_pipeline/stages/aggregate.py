@@ -16,22 +16,28 @@ def rewards_for(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame) -> pl
 def rewards_and_metrics(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     sc = cfg.scoring
     rewards = compute_rewards(
-        scores, rollouts,
-        {e.name: e.weight for e in cfg.evaluators}, {q.id: q.weight for q in cfg.questions},
-        form=sc.reward_form, floor=sc.logp_floor, scale_std=cfg.algorithm.scale_advantage_std,
+        scores,
+        rollouts,
+        {e.name: e.weight for e in cfg.evaluators},
+        {q.id: q.weight for q in cfg.questions},
+        form=sc.reward_form,
+        floor=sc.logp_floor,
+        scale_std=cfg.algorithm.scale_advantage_std,
     )
     lc = cfg.label_reward
     if lc is None or lc.share == 0:
         return rewards, {}
-    return mix_label_rewards(rewards, rollouts, lc, form=sc.reward_form, floor=sc.logp_floor,
-                             scale_std=cfg.algorithm.scale_advantage_std)
+    return mix_label_rewards(
+        rewards, rollouts, lc, form=sc.reward_form, floor=sc.logp_floor, scale_std=cfg.algorithm.scale_advantage_std
+    )
 
 
 def component_metrics(cfg: Config, scores: pl.DataFrame) -> dict[str, float]:
     """Mean/std of f(p) per evaluator and question (unweighted), the numbers a user watches for drift."""
     stats = (
         scores.with_columns(f=component(cfg.scoring.reward_form, cfg.scoring.logp_floor))
-        .group_by("evaluator", "question_id").agg(mean=pl.col("f").mean(), std=pl.col("f").std(ddof=0), p_yes=pl.col("p_yes").mean())
+        .group_by("evaluator", "question_id")
+        .agg(mean=pl.col("f").mean(), std=pl.col("f").std(ddof=0), p_yes=pl.col("p_yes").mean())
         .sort("evaluator", "question_id")
     )
     out = {}

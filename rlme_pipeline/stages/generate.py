@@ -18,8 +18,9 @@ def chat_prompt_ids(tokenizer, prompt: str, system: str | None) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def generate(cfg: Config, run_id: str, iteration: int, prompts: pl.DataFrame, policy_version: str, gen, tok
-             ) -> tuple[pl.DataFrame, dict]:
+def generate(
+    cfg: Config, run_id: str, iteration: int, prompts: pl.DataFrame, policy_version: str, gen, tok
+) -> tuple[pl.DataFrame, dict]:
     """(rollouts, metrics): the iteration's prompts sampled with `gen`, the policy whose weights hash is
     `policy_version`; seeds derive from (run seed, iteration, prompt, sample), so a rerun repeats them."""
     rows = _generate(cfg, run_id, iteration, prompts, policy_version, gen, tok)
@@ -36,7 +37,9 @@ def generate(cfg: Config, run_id: str, iteration: int, prompts: pl.DataFrame, po
     return df, metrics
 
 
-def _generate(cfg: Config, run_id: str, iteration: int, prompts: pl.DataFrame, policy_version: str, gen, tok) -> list[dict]:
+def _generate(
+    cfg: Config, run_id: str, iteration: int, prompts: pl.DataFrame, policy_version: str, gen, tok
+) -> list[dict]:
     g = cfg.generation
 
     requests = []  # (prompt row, sample index, prompt ids, seed); sorted by length to waste less padding
@@ -51,19 +54,30 @@ def _generate(cfg: Config, run_id: str, iteration: int, prompts: pl.DataFrame, p
         for b in range(0, len(requests), g.batch_size):
             chunk = requests[b : b + g.batch_size]
             samples = gen.sample(
-                [r[2] for r in chunk], [r[3] for r in chunk],
-                max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                [r[2] for r in chunk],
+                [r[3] for r in chunk],
+                max_new_tokens=g.max_new_tokens,
+                temperature=g.temperature,
+                top_p=g.top_p,
             )
             for (row, s, ids, _), smp in zip(chunk, samples):
-                rows.append({
-                    "run_id": run_id, "iteration": iteration,
-                    "rollout_id": seeds.rollout_id(run_id, iteration, row["prompt_id"], s),
-                    "prompt_id": row["prompt_id"], "sample_index": s, "prompt": row["prompt"],
-                    "completion": tok.decode(smp.token_ids, skip_special_tokens=True),
-                    "prompt_token_ids": ids, "completion_token_ids": smp.token_ids,
-                    "behavior_logprobs": smp.logprobs, "finish_reason": smp.finish_reason,
-                    "label": row["label"], "policy_version": policy_version,
-                })
+                rows.append(
+                    {
+                        "run_id": run_id,
+                        "iteration": iteration,
+                        "rollout_id": seeds.rollout_id(run_id, iteration, row["prompt_id"], s),
+                        "prompt_id": row["prompt_id"],
+                        "sample_index": s,
+                        "prompt": row["prompt"],
+                        "completion": tok.decode(smp.token_ids, skip_special_tokens=True),
+                        "prompt_token_ids": ids,
+                        "completion_token_ids": smp.token_ids,
+                        "behavior_logprobs": smp.logprobs,
+                        "finish_reason": smp.finish_reason,
+                        "label": row["label"],
+                        "policy_version": policy_version,
+                    }
+                )
             advance(len(chunk))
             crash_point("generate:mid", iteration)
 

@@ -10,7 +10,9 @@ from rlme_pipeline.judging import Evaluator, score_rollouts
 from rlme_pipeline.schemas import OK
 
 
-def score(cfg: Config, rollouts: pl.DataFrame, evaluators: list[Evaluator], backends: Backends) -> tuple[pl.DataFrame, dict]:
+def score(
+    cfg: Config, rollouts: pl.DataFrame, evaluators: list[Evaluator], backends: Backends
+) -> tuple[pl.DataFrame, dict]:
     """(scores, metrics) for the training score set. A failed judgement is a row with its status (and a
     NaN reward later), so the share of them is the stage's first health metric."""
     df = score_rollouts(rollouts, evaluators, cfg.questions, cfg.scoring, "train", backends)

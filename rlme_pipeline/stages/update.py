@@ -28,18 +28,29 @@ def training_items(rollouts: pl.DataFrame, rewards: pl.DataFrame) -> tuple[list[
 def data_cursor(cfg: Config, next_iteration: int) -> dict:
     """Where the prompt stream continues. Informational: each iteration's prompts are a pure function of
     (seed, iteration), so resuming needs no stored cursor; this records it for audits."""
-    return {"next_iteration": next_iteration, "seed": cfg.run.seed, "prompts_per_iteration": cfg.data.prompts_per_iteration}
+    return {
+        "next_iteration": next_iteration,
+        "seed": cfg.run.seed,
+        "prompts_per_iteration": cfg.data.prompts_per_iteration,
+    }
 
 
-def update(cfg: Config, iteration: int, rollouts: pl.DataFrame, rewards: pl.DataFrame, lm: Loaded,
-           reference: torch.nn.Module | None, optimizer_state: dict | None) -> tuple[torch.optim.Optimizer, dict, dict]:
+def update(
+    cfg: Config,
+    iteration: int,
+    rollouts: pl.DataFrame,
+    rewards: pl.DataFrame,
+    lm: Loaded,
+    reference: torch.nn.Module | None,
+    optimizer_state: dict | None,
+) -> tuple[torch.optim.Optimizer, dict, dict]:
     """Train `lm.model` in place; returns (optimizer, trainer state, metrics) for the checkpoint.
 
     `reference` is the KL anchor (beta > 0). The optimizer is the one kept beside the model when this
     process trained the previous iteration, else a new one loaded from `optimizer_state`. Dropout, if a
     model has it, draws from the global torch RNG, which the caller restores from the previous checkpoint
     so that a resumed process trains exactly as the uninterrupted one would have."""
-    a, o, g = cfg.algorithm, cfg.optimizer, cfg.generation
+    a, o = cfg.algorithm, cfg.optimizer
     items, masked = training_items(rollouts, rewards)
     model, tok = lm.model, lm.tokenizer
     opt = lm.optimizer  # set when this process trained the previous iteration: the state it saved
@@ -53,7 +64,15 @@ def update(cfg: Config, iteration: int, rollouts: pl.DataFrame, rewards: pl.Data
     step_size = o.micro_batch_size * o.grad_accumulation
     n_steps = o.epochs * -(-len(items) // step_size) if items else 0
     # Statistics stay on the model's device as tensors; they are read once, after the last step.
-    sums: dict = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0, "grad_norm": 0.0, "mismatch": 0.0, "mismatch_tokens": 0}
+    sums: dict = {
+        "loss": 0.0,
+        "clipped": 0.0,
+        "kl": 0.0,
+        "tokens": 0,
+        "grad_norm": 0.0,
+        "mismatch": 0.0,
+        "mismatch_tokens": 0,
+    }
     model.train()
     if o.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -63,8 +82,10 @@ def update(cfg: Config, iteration: int, rollouts: pl.DataFrame, rewards: pl.Data
             for s in range(0, len(items), step_size):
                 # Sorted by length, so each micro-batch pads little; the step's gradient is the same sum
                 # (token weights are per step), only the order of the additions changes.
-                step = sorted((items[j] for j in perm[s : s + step_size]),
-                              key=lambda it: len(it["prompt_token_ids"]) + len(it["completion_token_ids"]))
+                step = sorted(
+                    (items[j] for j in perm[s : s + step_size]),
+                    key=lambda it: len(it["prompt_token_ids"]) + len(it["completion_token_ids"]),
+                )
                 opt.zero_grad(set_to_none=True)
                 accumulate_step(model, reference, step, cfg, tok.pad_token_id, sums, first=epoch == 0 and s == 0)
                 sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], o.max_grad_norm)
@@ -76,19 +97,28 @@ def update(cfg: Config, iteration: int, rollouts: pl.DataFrame, rewards: pl.Data
     model.eval()
     sums = {k: float(v) for k, v in sums.items()}  # the stage's one device-to-host sync
 
-    state = {"iteration": iteration, "optimizer_steps": n_steps, "trained_rollouts": len(items), "seed": cfg.run.seed,
-             "data_cursor": data_cursor(cfg, iteration + 1)}
-    tokens = max(sums["tokens"], 1)
-    return opt, state, {
-        "loss": sums["loss"] / max(n_steps, 1),
-        "clip_ratio": sums["clipped"] / tokens,
-        "kl": sums["kl"] / tokens if a.beta > 0 else None,
-        "grad_norm": sums["grad_norm"] / max(n_steps, 1),
-        "behavior_mismatch": sums["mismatch"] / max(sums["mismatch_tokens"], 1),
+    state = {
+        "iteration": iteration,
         "optimizer_steps": n_steps,
         "trained_rollouts": len(items),
-        "masked_rollouts": masked,
+        "seed": cfg.run.seed,
+        "data_cursor": data_cursor(cfg, iteration + 1),
     }
+    tokens = max(sums["tokens"], 1)
+    return (
+        opt,
+        state,
+        {
+            "loss": sums["loss"] / max(n_steps, 1),
+            "clip_ratio": sums["clipped"] / tokens,
+            "kl": sums["kl"] / tokens if a.beta > 0 else None,
+            "grad_norm": sums["grad_norm"] / max(n_steps, 1),
+            "behavior_mismatch": sums["mismatch"] / max(sums["mismatch_tokens"], 1),
+            "optimizer_steps": n_steps,
+            "trained_rollouts": len(items),
+            "masked_rollouts": masked,
+        },
+    )
 
 
 def accumulate_step(model, reference, step: list[dict], cfg: Config, pad_id: int, sums: dict, first: bool) -> None:
@@ -106,11 +136,15 @@ def accumulate_step(model, reference, step: list[dict], cfg: Config, pad_id: int
         pairs = [(it["prompt_token_ids"], it["completion_token_ids"]) for it in micro]
         lens = [len(c) for _, c in pairs]
         with autocast(model, cfg.policy.dtype):
-            logp = completion_logprobs(model, pairs, pad_id=pad_id, temperature=g.temperature, chunk_tokens=o.logprob_chunk_tokens)
+            logp = completion_logprobs(
+                model, pairs, pad_id=pad_id, temperature=g.temperature, chunk_tokens=o.logprob_chunk_tokens
+            )
             ref_logp = None
             if reference is not None:
                 with torch.no_grad():
-                    ref_logp = completion_logprobs(reference, pairs, pad_id=pad_id, temperature=g.temperature, chunk_tokens=o.logprob_chunk_tokens)
+                    ref_logp = completion_logprobs(
+                        reference, pairs, pad_id=pad_id, temperature=g.temperature, chunk_tokens=o.logprob_chunk_tokens
+                    )
         dev = logp.device
         old = torch.tensor([x for it in micro for x in it["behavior_logprobs"]], dtype=torch.float32, device=dev)
         adv = per_token([float(it["advantage"]) for it in micro], lens, dev)

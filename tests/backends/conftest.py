@@ -49,17 +49,25 @@ def spec(tiny_models) -> dict:
     prefixes.append(tok("word " * 1100)["input_ids"])  # longer than max_position_embeddings: context_overflow
     one = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     return {
-        "prompts": prompts + prompts[:1], "seeds": [11, 12, 13, 14],  # the same prompt twice, other seed
+        "prompts": prompts + prompts[:1],
+        "seeds": [11, 12, 13, 14],  # the same prompt twice, other seed
         "prefixes": prefixes,
         "questions": [one(" Is the answer correct? Answer Yes or No.\nAnswer:"), one(" Is it polite?\nAnswer:")],
-        "yes": sorted({one(" Yes")[0], one("Yes")[0]}), "no": sorted({one(" No")[0], one("No")[0]}),
+        "yes": sorted({one(" Yes")[0], one("Yes")[0]}),
+        "no": sorted({one(" No")[0], one("No")[0]}),
     }
 
 
 def run_inproc_vllm(vllm_python: str, model: str, spec: dict) -> dict:
     env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(ROOT), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    p = subprocess.run([vllm_python, str(HERE / "vllm_inproc.py"), model], input=json.dumps(spec), text=True,
-                       capture_output=True, env=env, timeout=600)
+    p = subprocess.run(
+        [vllm_python, str(HERE / "vllm_inproc.py"), model],
+        input=json.dumps(spec),
+        text=True,
+        capture_output=True,
+        env=env,
+        timeout=600,
+    )
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
         sys.stderr.write(p.stderr[-6000:])

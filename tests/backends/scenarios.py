@@ -17,7 +17,10 @@ def run_scenarios(gen, judge, spec: dict) -> dict:
         "again": [asdict(s) for s in gen.sample(prompts, seeds, **kw)],
         # the second request on its own: a sample must not depend on its batch
         "single": [asdict(s) for s in gen.sample(prompts[1:2], seeds[1:2], **kw)],
-        "judge": [[asdict(j) for j in row] for row in judge.judge(spec["prefixes"], spec["questions"], spec["yes"], spec["no"])],
+        "judge": [
+            [asdict(j) for j in row]
+            for row in judge.judge(spec["prefixes"], spec["questions"], spec["yes"], spec["no"])
+        ],
         "max_positions": judge.max_positions,
     }
     return out

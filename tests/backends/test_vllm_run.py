@@ -31,8 +31,16 @@ def _cfg(tmp_path, vllm_python, max_restarts: int):
     d["questions"] = d["questions"][:1]
     d["generation"].update(backend="openai", group_size=2, max_new_tokens=8, batch_size=2)
     d["scoring"].update(backend="openai")
-    d["vllm"] = {"python": vllm_python, "server_args": SERVER_ARGS, "env": VLLM_ENV, "keep_alive": True,
-                 "max_restarts": max_restarts, "retries": 2, "backoff_s": 0.5, "timeout_s": 60}
+    d["vllm"] = {
+        "python": vllm_python,
+        "server_args": SERVER_ARGS,
+        "env": VLLM_ENV,
+        "keep_alive": True,
+        "max_restarts": max_restarts,
+        "retries": 2,
+        "backoff_s": 0.5,
+        "timeout_s": 60,
+    }
     return validate_config(d)
 
 
@@ -94,10 +102,17 @@ def test_two_iterations_on_vllm_server(tmp_path, vllm_python, tiny_models, monke
     assert fired and run.committed() == [0, 1]
     gen1 = run.stage_record(1, "generate").metrics
     assert gen1["backend_restarts"] == 1 and gen1["backend_retries"] >= 1
-    print("server start (reload) seconds per iteration:", [run.stage_record(i, "generate").metrics.get("backend_start_seconds") for i in (0, 1)])
+    print(
+        "server start (reload) seconds per iteration:",
+        [run.stage_record(i, "generate").metrics.get("backend_start_seconds") for i in (0, 1)],
+    )
 
     r0, r1 = (run.read_table(i, "rollouts.parquet") for i in (0, 1))
-    assert r1["policy_version"].unique().to_list() == [policy_at(run, cfg, 1).version] != r0["policy_version"].unique().to_list()
+    assert (
+        r1["policy_version"].unique().to_list()
+        == [policy_at(run, cfg, 1).version]
+        != r0["policy_version"].unique().to_list()
+    )
 
     # 3. the same numbers as the hf backend on the same rollouts
     for i in (0, 1):
@@ -107,10 +122,15 @@ def test_two_iterations_on_vllm_server(tmp_path, vllm_python, tiny_models, monke
         ref = score_rollouts(rollouts, evaluators_at(run, cfg, i), cfg.questions, hf_cfg, "train", backends)
         both = served.join(ref, on=["rollout_id", "evaluator", "question_id"], suffix="_hf")
         assert both.height == served.height == rollouts.height
-        worst = both.select(pl.max_horizontal((pl.col("logp_yes") - pl.col("logp_yes_hf")).abs(),
-                                              (pl.col("logp_no") - pl.col("logp_no_hf")).abs()).max()).item()
+        worst = both.select(
+            pl.max_horizontal(
+                (pl.col("logp_yes") - pl.col("logp_yes_hf")).abs(), (pl.col("logp_no") - pl.col("logp_no_hf")).abs()
+            ).max()
+        ).item()
         mismatch = run.stage_record(i, "update").metrics["behavior_mismatch"]
         print(f"iteration {i}: scores |delta logp| vs hf max {worst:.2e}; behavior_mismatch {mismatch:.2e}")
         assert worst < TOL
         assert mismatch < TOL
-    assert run.stage_record(0, "generate").metrics["backend_start_seconds"] > 0  # the per-stage reload cost was measured
+    assert (
+        run.stage_record(0, "generate").metrics["backend_start_seconds"] > 0
+    )  # the per-stage reload cost was measured

@@ -1,6 +1,6 @@
 """Run the contract scenarios through the in-process vllm backend; run with the vLLM venv's python:
 
-    PYTHONPATH=REPO VENV/bin/python tests/backends/vllm_inproc.py MODEL_DIR < spec.json > out.json
+PYTHONPATH=REPO VENV/bin/python tests/backends/vllm_inproc.py MODEL_DIR < spec.json > out.json
 """
 
 import json

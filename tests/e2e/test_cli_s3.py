@@ -70,7 +70,9 @@ def test_cli_train_reaches_the_endpoint_given_only_in_the_config(s3, micro_confi
     preflight write to the default AWS endpoint)."""
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.setenv("RLME_STORE_ATTEMPTS", "1")  # a misdirected write fails at once, not after backoff
-    config = micro_config(s3.url(), iterations=1, run_id="endpoint-in-config", storage_options={"endpoint_url": s3.endpoint})
+    config = micro_config(
+        s3.url(), iterations=1, run_id="endpoint-in-config", storage_options={"endpoint_url": s3.endpoint}
+    )
     # a process of its own, as a user runs it (an in-process flow would share Prefect's logging with others)
     p = rlme("train", str(config), prefect_home=tmp_path / "prefect")
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]

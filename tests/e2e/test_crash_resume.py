@@ -29,7 +29,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # (point, iteration): inside generate, score and update, after aggregate's data file (before its stage
 # record), between two checkpoint files, and after every stage record but before MANIFEST.json.
-CRASHES = ["generate:mid@0", "score:mid@0", "aggregate:written@0", "update:mid@0", "upload:mid@1", "commit:before-manifest@1"]
+CRASHES = [
+    "generate:mid@0",
+    "score:mid@0",
+    "aggregate:written@0",
+    "update:mid@0",
+    "upload:mid@1",
+    "commit:before-manifest@1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +51,14 @@ def _train_process(config: Path, crash_at: str | None, api_url: str) -> subproce
     env.pop("RLME_CRASH_AT", None)
     if crash_at:
         env["RLME_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-m", "rlme_flows.cli", "train", str(config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rlme_flows.cli", "train", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _contents(run: Run) -> dict[str, str]:

@@ -44,7 +44,9 @@ class Prefect:
 
     def start(self, script: str, log: str) -> subprocess.Popen:
         f = open(self.home / log, "wb")
-        p = subprocess.Popen(["bash", script], cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            ["bash", script], cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs.append(p)
         return p
 
@@ -97,7 +99,9 @@ class Prefect:
                 if all(r.state and r.state.type.value in TERMINAL for r in runs):
                     return runs
                 if time.time() > end:
-                    raise TimeoutError(f"flow runs not finished: {[(r.name, r.state_name) for r in runs]}\n{self.logs()}")
+                    raise TimeoutError(
+                        f"flow runs not finished: {[(r.name, r.state_name) for r in runs]}\n{self.logs()}"
+                    )
                 time.sleep(1)
 
     def logs(self) -> str:
@@ -133,8 +137,10 @@ def prefect(moto_endpoint, tiny_models, tmp_path_factory):
         "PREFECT_CLI_COLORS": "false",
         "COLUMNS": "200",
         # What a worker host exports for S3 (moto accepts any credentials).
-        "AWS_ACCESS_KEY_ID": "rlme-worker-key", "AWS_SECRET_ACCESS_KEY": "rlme-worker-secret",
-        "AWS_ENDPOINT_URL": moto_endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "rlme-worker-key",
+        "AWS_SECRET_ACCESS_KEY": "rlme-worker-secret",
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
     }  # RLME_CACHE (tiny models already built) and HF_*_OFFLINE come from conftest via os.environ
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         env.pop(k, None)
@@ -180,8 +186,12 @@ def test_scheduled_deployment_continues_the_same_run(prefect, s3, micro_config):
 
     run = Run.from_url(run_uri)
     assert run.committed() == [0, 1]  # the second run continued the first: iteration 1, not 0 again
-    assert [n for n in task_names(prefect, first) if "iter" in n] == [f"{s}-iter-0" for s in ("aggregate", "commit", "generate", "score", "update")]
-    assert [n for n in task_names(prefect, second) if "iter" in n] == [f"{s}-iter-1" for s in ("aggregate", "commit", "generate", "score", "update")]
+    assert [n for n in task_names(prefect, first) if "iter" in n] == [
+        f"{s}-iter-0" for s in ("aggregate", "commit", "generate", "score", "update")
+    ]
+    assert [n for n in task_names(prefect, second) if "iter" in n] == [
+        f"{s}-iter-1" for s in ("aggregate", "commit", "generate", "score", "update")
+    ]
     assert s3.fs.exists(f"{s3.name}/runs/sched/iter-000001/MANIFEST.json")
 
 

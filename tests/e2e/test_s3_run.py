@@ -8,8 +8,8 @@ import pytest
 
 from rlme_pipeline import gc
 from rlme_pipeline.config import load_config
-from rlme_pipeline.runner import Runner, train
 from rlme_pipeline.run import CorruptRun, Run
+from rlme_pipeline.runner import Runner, train
 from rlme_pipeline.verify import verify
 
 

@@ -27,7 +27,9 @@ def test_flow_trains_publishes_metrics_and_continues(prefect_server, tiny_models
     assert second["committed"] == [0, 1, 2] and second["trained_now"] == [2]
 
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key("flow-test")])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key("flow-test")]))
+        )
         runs = client.read_flow_runs()
         task_runs = client.read_task_runs()
     assert len(arts) == 3  # one metrics table per trained iteration

@@ -20,13 +20,12 @@ from rlme_pipeline.audit import labels
 from rlme_pipeline.audit.report import audit
 from rlme_pipeline.audit.sources import Scoreset
 from rlme_pipeline.config import ProbeConfig, QuestionConfig, ScoringConfig, load_config
+from rlme_pipeline.judging import PROBES, Evaluator, probe_metrics, run_probe
 from rlme_pipeline.lineage import ModelRef
 from rlme_pipeline.models import weights_version
-from rlme_pipeline.judging import PROBES, Evaluator, probe_metrics, run_probe
 from rlme_pipeline.run import Run
 from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
-
 from tests.conftest import DEMO
 
 
@@ -66,7 +65,9 @@ def test_audit_tables_match_direct_polars(audited):
     agree = pl.read_parquet(f"{out.root}/agreement.parquet")
     for r in agree.iter_rows(named=True):
         w = scores.filter(question_id=r["question_id"]).pivot(on="evaluator", index="rollout_id", values="p_yes")
-        assert r["agreement"] == pytest.approx(float(((w[r["evaluator_a"]] > 0.5) == (w[r["evaluator_b"]] > 0.5)).mean()))
+        assert r["agreement"] == pytest.approx(
+            float(((w[r["evaluator_a"]] > 0.5) == (w[r["evaluator_b"]] > 0.5)).mean())
+        )
 
     a = pl.concat([scoreset.read_table(run, "v2", i, "rewards.parquet") for i in run.committed()])
     b = pl.concat([run.read_table(i, "rewards.parquet") for i in run.committed()])
@@ -157,17 +158,31 @@ def test_report_renders_in_headless_chromium(request, tmp_path):
     """The page as a browser draws it: a screenshot that is not blank, and nothing on the console."""
     exe = _chromium()
     if exe is None:
-        msg = "chromium is not installed (Debian: apt-get install -y chromium); the report was not rendered in a browser"
+        msg = (
+            "chromium is not installed (Debian: apt-get install -y chromium); the report was not rendered in a browser"
+        )
         if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(f"CI={os.environ['CI']}: {msg}")
         pytest.skip(f"SKIPPED, NOT PASSED: {msg}")
     run, out, _ = request.getfixturevalue("audited")
     png = tmp_path / "report.png"
     proc = subprocess.run(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-         "--window-size=1280,2400", f"--screenshot={png}", "--enable-logging=stderr", "--v=0",
-         Path(out.root, "report.html").resolve().as_uri()],
-        capture_output=True, text=True, timeout=180,
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,2400",
+            f"--screenshot={png}",
+            "--enable-logging=stderr",
+            "--v=0",
+            Path(out.root, "report.html").resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0 and png.exists(), proc.stderr[-2000:]
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]  # console.* and uncaught errors
@@ -182,12 +197,29 @@ def test_label_metrics_match_brute_force():
     n = 60
     labels_ = [str(int(x)) for x in rng.integers(0, 5, n)]
     completions = [f"The answer is {int(x)}." for x in rng.integers(0, 5, n)]
-    rollouts = pl.DataFrame({"rollout_id": [f"r{i}" for i in range(n)], "iteration": [0] * n, "prompt_id": [f"p{i // 4}" for i in range(n)],
-                             "prompt": ["q"] * n, "completion": completions, "label": labels_})
+    rollouts = pl.DataFrame(
+        {
+            "rollout_id": [f"r{i}" for i in range(n)],
+            "iteration": [0] * n,
+            "prompt_id": [f"p{i // 4}" for i in range(n)],
+            "prompt": ["q"] * n,
+            "completion": completions,
+            "label": labels_,
+        }
+    )
     p = np.round(rng.random(n), 1)  # rounded: ties exercise the average ranks
-    scores = pl.DataFrame({"rollout_id": rollouts["rollout_id"], "evaluator": ["e"] * n, "question_id": ["q"] * n,
-                           "p_yes": p, "status": ["ok"] * n})
-    ss = Scoreset("x", scores.lazy(), pl.LazyFrame(), rollouts.lazy(), {"e": 1.0}, {"q": 1.0}, {"q": "?"}, "logp", -13.8)
+    scores = pl.DataFrame(
+        {
+            "rollout_id": rollouts["rollout_id"],
+            "evaluator": ["e"] * n,
+            "question_id": ["q"] * n,
+            "p_yes": p,
+            "status": ["ok"] * n,
+        }
+    )
+    ss = Scoreset(
+        "x", scores.lazy(), pl.LazyFrame(), rollouts.lazy(), {"e": 1.0}, {"q": 1.0}, {"q": "?"}, "logp", -13.8
+    )
     m = labels.label_metrics(ss).row(0, named=True)
     correct = np.array([c.split()[-1].rstrip(".") == lab for c, lab in zip(completions, labels_)])
     pos, neg = p[correct], p[~correct]
@@ -209,7 +241,9 @@ def _forced(src, dst, token: str):
     forced.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():
         for layer in forced.model.layers:
-            layer.self_attn.q_proj.bias.zero_(); layer.self_attn.k_proj.bias.zero_(); layer.self_attn.v_proj.bias.zero_()
+            layer.self_attn.q_proj.bias.zero_()
+            layer.self_attn.k_proj.bias.zero_()
+            layer.self_attn.v_proj.bias.zero_()
             layer.self_attn.o_proj.bias.zero_()
         forced.model.layers[-1].self_attn.o_proj.bias[0] = 1e4
         forced.lm_head.weight.zero_()
@@ -222,8 +256,13 @@ def _forced(src, dst, token: str):
 def test_probe_flags_an_evaluator_that_always_says_yes(tiny_models, tmp_path, backends):
     yes = _forced(tiny_models["evaluator"], tmp_path / "yes", " Yes")
     no = _forced(tiny_models["evaluator"], tmp_path / "no", " No")
-    judges = [Evaluator(n, ModelRef(p, weights_version(p), "float32", "cpu")) for n, p in (("yes-man", yes), ("skeptic", no))]
-    qs = [QuestionConfig(id="correct", text="Is the answer correct?"), QuestionConfig(id="logic", text="Is it logical?")]
+    judges = [
+        Evaluator(n, ModelRef(p, weights_version(p), "float32", "cpu")) for n, p in (("yes-man", yes), ("skeptic", no))
+    ]
+    qs = [
+        QuestionConfig(id="correct", text="Is the answer correct?"),
+        QuestionConfig(id="logic", text="Is it logical?"),
+    ]
     prompts = pl.DataFrame({"prompt_id": ["a", "b"], "prompt": ["What is 2+3?", "What is 11-5?"]})
     table = run_probe(judges, qs, ScoringConfig(), prompts, 0, backends)
     assert table["n"].sum() == 2 * 2 * 2 * len(PROBES)

@@ -12,7 +12,7 @@ import yaml
 
 from rlme_pipeline.config import ConfigError, load_config
 from rlme_pipeline.preflight import preflight
-from rlme_pipeline.storage import Store, StorageError
+from rlme_pipeline.storage import StorageError, Store
 from tests.conftest import DEMO, ROOT
 
 
@@ -27,12 +27,36 @@ def _config(tmp_path, mutate) -> str:
 
 
 CASES = [
-    (lambda d: d["data"].update(prompt_column="question_text"), ConfigError, "data.prompt_column: column 'question_text' is not in"),
-    (lambda d: d["evaluators"][0].update(model="./models/does-not-exist"), ConfigError, "evaluators[0].model: './models/does-not-exist' is not a model directory"),
-    (lambda d: d["evaluators"][0].update(model="tiny:judge"), ConfigError, "evaluators[0].model: unknown tiny model 'judge'"),
-    (lambda d: d["questions"][0].update(positive=[" Definitely yes"]), ConfigError, "questions[correct].positive (evaluator other): answer ' Definitely yes' is"),
-    (lambda d: d["data"].update(prompts_per_iteration=500), ConfigError, "data.prompts_per_iteration: 500 exceeds the 48 prompts"),
-    (lambda d: d["data"].update(path="/nonexistent/prompts.jsonl"), ConfigError, "data.path: '/nonexistent/prompts.jsonl' is not a file"),
+    (
+        lambda d: d["data"].update(prompt_column="question_text"),
+        ConfigError,
+        "data.prompt_column: column 'question_text' is not in",
+    ),
+    (
+        lambda d: d["evaluators"][0].update(model="./models/does-not-exist"),
+        ConfigError,
+        "evaluators[0].model: './models/does-not-exist' is not a model directory",
+    ),
+    (
+        lambda d: d["evaluators"][0].update(model="tiny:judge"),
+        ConfigError,
+        "evaluators[0].model: unknown tiny model 'judge'",
+    ),
+    (
+        lambda d: d["questions"][0].update(positive=[" Definitely yes"]),
+        ConfigError,
+        "questions[correct].positive (evaluator other): answer ' Definitely yes' is",
+    ),
+    (
+        lambda d: d["data"].update(prompts_per_iteration=500),
+        ConfigError,
+        "data.prompts_per_iteration: 500 exceeds the 48 prompts",
+    ),
+    (
+        lambda d: d["data"].update(path="/nonexistent/prompts.jsonl"),
+        ConfigError,
+        "data.path: '/nonexistent/prompts.jsonl' is not a file",
+    ),
 ]
 
 
@@ -66,7 +90,14 @@ def test_empty_question_list_is_a_config_error(tmp_path):
 def test_cli_reports_and_exits_2_without_starting_prefect(tmp_path, tiny_models):
     path = _config(tmp_path, lambda d: d["data"].update(prompt_column="nope"))
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # any server contact would fail loudly
-    out = subprocess.run([sys.executable, "-m", "rlme_flows.cli", "train", path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "rlme_flows.cli", "train", path],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "data.prompt_column: column 'nope' is not in" in " ".join(out.stdout.split())
     assert not (tmp_path / "runs" / "demo").exists()

@@ -5,7 +5,6 @@ The benchmarks themselves are not part of the test run (`make bench` runs them a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,28 +12,38 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from tests.requires import require
 
 
 def _run(module: str, timeout: int = 900) -> str:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    p = subprocess.run([sys.executable, "-m", module, "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", module, "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert p.returncode == 0, f"{module} --tiny failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     assert "| --- |" in p.stdout, p.stdout  # printed its table
     return p.stdout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["benchmarks.scoring", "benchmarks.logprobs", "benchmarks.orchestration",
-                                    "benchmarks.rescore_memory", "benchmarks.sampler",
-                                    "benchmarks.checkpoint"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "benchmarks.scoring",
+        "benchmarks.logprobs",
+        "benchmarks.orchestration",
+        "benchmarks.rescore_memory",
+        "benchmarks.sampler",
+        "benchmarks.checkpoint",
+    ],
+)
 def test_benchmark_smoke(module):
     _run(module)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
-                    reason="TRL is a benchmark-only extra (pip install -e '.[bench]'); the default test env has none")
 def test_vs_trl_smoke():
+    require("trl", "accelerate")  # in the dev extra: the TRL comparison runs in CI so it cannot rot
     out = _run("benchmarks.vs_trl", timeout=1500)
     assert "k1 (K=1)" in out
 
@@ -42,15 +51,18 @@ def test_vs_trl_smoke():
 @pytest.mark.slow
 def test_gpu_benchmark_dry_cpu():
     """benchmarks/gpu.py at tiny shapes on the CPU: both configurations build, rlme runs (bf16 over fp32
-    master weights), TRL runs or is skipped with its reason, and neither case imports prefect or s3fs (the
-    script exits non-zero if one does)."""
+    master weights), TRL runs, and neither case imports prefect or s3fs (the script exits non-zero if one does)."""
+    require("trl", "accelerate")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--dry-cpu"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=1500)
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--dry-cpu"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert p.returncode == 0, f"benchmarks.gpu --dry-cpu failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     assert "| --- |" in p.stdout and "| pair | rlme |" in p.stdout and "| qwen05 | rlme |" in p.stdout, p.stdout
     assert "qwen05: policy" in p.stdout
-    if importlib.util.find_spec("trl") is None:
-        assert "TRL side skipped: trl" in p.stdout
-    else:
-        assert "| pair | trl |" in p.stdout and "| pair | rlme/TRL |" in p.stdout
+    assert "| pair | trl |" in p.stdout and "| pair | rlme/TRL |" in p.stdout

@@ -77,19 +77,39 @@ def write(tmp_path: Path, name: str, text: str) -> str:
 
 # --- rescore ------------------------------------------------------------------------------------------
 RESCORE_CASES = {
-    "missing questions file": (lambda t, r: ["--questions", str(t / "nope.yaml")], ["--questions", "nope.yaml", "no such file"]),
-    "bad YAML": (lambda t, r: ["--questions", write(t, "q.yaml", "- id: a\n  text: [unclosed\n")], ["q.yaml: not valid YAML", "give a YAML list"]),
-    "unknown field": (lambda t, r: ["--questions", write(t, "q.yaml", "- id: a\n  txt: Is it?\n")],
-                      ["--questions", "questions.0.txt: unknown field"]),
-    "missing field": (lambda t, r: ["--questions", write(t, "q.yaml", "- id: a\n")], ["questions.0.text: required field is missing"]),
+    "missing questions file": (
+        lambda t, r: ["--questions", str(t / "nope.yaml")],
+        ["--questions", "nope.yaml", "no such file"],
+    ),
+    "bad YAML": (
+        lambda t, r: ["--questions", write(t, "q.yaml", "- id: a\n  text: [unclosed\n")],
+        ["q.yaml: not valid YAML", "give a YAML list"],
+    ),
+    "unknown field": (
+        lambda t, r: ["--questions", write(t, "q.yaml", "- id: a\n  txt: Is it?\n")],
+        ["--questions", "questions.0.txt: unknown field"],
+    ),
+    "missing field": (
+        lambda t, r: ["--questions", write(t, "q.yaml", "- id: a\n")],
+        ["questions.0.text: required field is missing"],
+    ),
     "not a list": (lambda t, r: ["--questions", write(t, "q.yaml", "just text\n")], ["expected a non-empty list"]),
-    "bad evaluators field": (lambda t, r: ["--evaluators", write(t, "e.yaml", "- name: x\n  model: policy\n  weight: heavy\n")],
-                             ["--evaluators", "evaluators.0.weight"]),
-    "bad iterations": (lambda t, r: ["--questions", write(t, "q.yaml", GOOD_QUESTIONS), "--iterations", "5:9"],
-                       ["--iterations '5:9'", "not committed"]),
-    "bad name": (lambda t, r: ["--questions", write(t, "q.yaml", GOOD_QUESTIONS), "--name", "train"], ["--name 'train'"]),
-    "secret option": (lambda t, r: ["--questions", write(t, "q.yaml", GOOD_QUESTIONS), "-o", "secret=abc"],
-                      ["--storage-option ['secret']", "environment"]),
+    "bad evaluators field": (
+        lambda t, r: ["--evaluators", write(t, "e.yaml", "- name: x\n  model: policy\n  weight: heavy\n")],
+        ["--evaluators", "evaluators.0.weight"],
+    ),
+    "bad iterations": (
+        lambda t, r: ["--questions", write(t, "q.yaml", GOOD_QUESTIONS), "--iterations", "5:9"],
+        ["--iterations '5:9'", "not committed"],
+    ),
+    "bad name": (
+        lambda t, r: ["--questions", write(t, "q.yaml", GOOD_QUESTIONS), "--name", "train"],
+        ["--name 'train'"],
+    ),
+    "secret option": (
+        lambda t, r: ["--questions", write(t, "q.yaml", GOOD_QUESTIONS), "-o", "secret=abc"],
+        ["--storage-option ['secret']", "environment"],
+    ),
 }
 
 
@@ -105,7 +125,9 @@ def test_rescore_user_errors_exit_2_before_prefect(case, run, tmp_path, no_prefe
 def test_rescore_of_an_existing_score_set_without_resume(run, tmp_path, no_prefect):
     q = write(tmp_path, "q.yaml", GOOD_QUESTIONS)
     scoreset.plan(run, "v2", questions=scoreset.load_questions(q))  # an interrupted re-score: defined, no shard
-    out = one_line_error(["rescore", run.url, "--name", "v2", "--questions", q], "--name 'v2'", "already exists", "interrupted")
+    out = one_line_error(
+        ["rescore", run.url, "--name", "v2", "--questions", q], "--name 'v2'", "already exists", "interrupted"
+    )
     assert "--resume" in out
     assert not no_prefect
 
@@ -127,8 +149,15 @@ def test_missing_and_copied_runs_are_one_line_everywhere(run, tmp_path, no_prefe
 # --- audit --------------------------------------------------------------------------------------------
 def test_audit_unknown_score_sets_exit_2_before_prefect(run, tmp_path, no_prefect):
     out = str(tmp_path / "audit")
-    one_line_error(["audit", run.url, "--out", out, "--scoreset", "nope"], "--scoreset nope", "not committed", "choose one of: train")
-    one_line_error(["audit", run.url, "--out", out, "--compare", "v9"], "--compare v9", "not committed", "choose one of: train")
+    one_line_error(
+        ["audit", run.url, "--out", out, "--scoreset", "nope"],
+        "--scoreset nope",
+        "not committed",
+        "choose one of: train",
+    )
+    one_line_error(
+        ["audit", run.url, "--out", out, "--compare", "v9"], "--compare v9", "not committed", "choose one of: train"
+    )
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     one_line_error(["audit", run.url, "--out", str(blocker / "audit")], "--out", "is not writable")
@@ -145,8 +174,13 @@ def test_changed_experiment_names_each_field_old_to_new(run, tmp_path, no_prefec
     cfg = tmp_path / "changed.yaml"
     cfg.write_text(yaml.safe_dump(d))
     before = run.store.read_bytes("run.json")
-    one_line_error(["train", str(cfg)], "run demo exists with another experiment:", "optimizer.lr 0.0001 -> 0.0003",
-                   "questions[0].weight 1.0 -> 2.0", "start a new --run-id")
+    one_line_error(
+        ["train", str(cfg)],
+        "run demo exists with another experiment:",
+        "optimizer.lr 0.0001 -> 0.0003",
+        "questions[0].weight 1.0 -> 2.0",
+        "start a new --run-id",
+    )
     assert run.store.read_bytes("run.json") == before and run.iterations() == [0]
     assert not no_prefect
 
@@ -173,23 +207,65 @@ def test_s3_questions_file_with_the_endpoint_only_in_storage_options(s3, run, tm
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     run_url, opt = f"s3://{s3.name}/runs/demo", ["-o", f"endpoint_url={s3.endpoint}"]
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": "http://127.0.0.1:9/api", "RLME_STORE_ATTEMPTS": "1"}
-    cmd = [sys.executable, "-m", "rlme_flows.cli", "rescore", run_url, "--name", "v2", "--questions", f"s3://{s3.name}/q/bad.yaml"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",
+        "RLME_STORE_ATTEMPTS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlme_flows.cli",
+        "rescore",
+        run_url,
+        "--name",
+        "v2",
+        "--questions",
+        f"s3://{s3.name}/q/bad.yaml",
+    ]
     p = subprocess.run([*cmd, *opt], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
-    assert p.stdout.startswith("error: --questions s3://") and "questions.0.weight" in p.stdout and p.stdout.count("\n") == 1
+    assert (
+        p.stdout.startswith("error: --questions s3://")
+        and "questions.0.weight" in p.stdout
+        and p.stdout.count("\n") == 1
+    )
     assert p.stderr == "", p.stderr  # nothing from Prefect (a server contact would fail loudly here)
     assert not s3.fs.exists(f"{s3.name}/runs/demo/scoresets")
 
     env.pop("PREFECT_API_URL")  # fresh processes, as a user runs them: Prefect's temporary server
     env.pop("RLME_STORE_ATTEMPTS")
-    p = subprocess.run([*cmd[:-1], f"s3://{s3.name}/q/good.yaml", *opt], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [*cmd[:-1], f"s3://{s3.name}/q/good.yaml", *opt], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     s3.fs.invalidate_cache()
     assert s3.fs.exists(f"{s3.name}/runs/demo/scoresets/v2/MANIFEST.json")
     out = f"s3://{s3.name}/audit"
-    p = subprocess.run([sys.executable, "-m", "rlme_flows.cli", "audit", run_url, "--out", out, "--scoreset", "v2",
-                        "--compare", "train", "--probe-prompts", "0", *opt], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlme_flows.cli",
+            "audit",
+            run_url,
+            "--out",
+            out,
+            "--scoreset",
+            "v2",
+            "--compare",
+            "train",
+            "--probe-prompts",
+            "0",
+            *opt,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     s3.fs.invalidate_cache()
     assert s3.fs.exists(f"{s3.name}/audit/report.html") and s3.fs.exists(f"{s3.name}/audit/compare.parquet")

@@ -15,7 +15,6 @@ from rlme_pipeline import scoreset
 from rlme_pipeline.run import CorruptRun, Run
 from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
-
 from tests.conftest import DEMO
 
 QUESTIONS = """\
@@ -78,8 +77,11 @@ def questions_file(tmp_path) -> Path:
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "scoresets" not in p.parts}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "scoresets" not in p.parts
+    }
 
 
 def test_rescore_is_complete_and_leaves_training_untouched(run, questions_file):
@@ -106,9 +108,13 @@ def test_rescore_is_complete_and_leaves_training_untouched(run, questions_file):
         assert sorted(rewards["rollout_id"]) == sorted(rollouts["rollout_id"])
         # reward = sum v_j w_k max(logp, floor), with the negative weight penalising
         expected = (
-            scores.with_columns(t=pl.max_horizontal("logp_yes", pl.lit(cfg.scoring.logp_floor))
-                                * pl.col("evaluator").replace_strict(v) * pl.col("question_id").replace_strict(w))
-            .group_by("rollout_id").agg(pl.col("t").sum())
+            scores.with_columns(
+                t=pl.max_horizontal("logp_yes", pl.lit(cfg.scoring.logp_floor))
+                * pl.col("evaluator").replace_strict(v)
+                * pl.col("question_id").replace_strict(w)
+            )
+            .group_by("rollout_id")
+            .agg(pl.col("t").sum())
         )
         got = rewards.join(expected, on="rollout_id")
         assert (got["reward"] - got["t"]).abs().max() < 1e-9
@@ -131,7 +137,9 @@ def test_rescore_is_complete_and_leaves_training_untouched(run, questions_file):
     with pytest.raises(scoreset.ScoresetExists, match="different definition"):
         scoreset.rescore(run, "v2", questions=qs[:1], shard_rows=7, resume=True)
     # Resuming a complete score set is a no-op that returns its manifest.
-    assert scoreset.rescore(run, "v2", questions=qs, shard_rows=7, resume=True)["definition_hash"] == m["definition_hash"]
+    assert (
+        scoreset.rescore(run, "v2", questions=qs, shard_rows=7, resume=True)["definition_hash"] == m["definition_hash"]
+    )
 
 
 def test_interrupted_rescore_resumes_without_duplicates(run, questions_file, backends):
@@ -164,9 +172,9 @@ def test_interrupted_rescore_resumes_without_duplicates(run, questions_file, bac
 def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
     """The CLI drives the Prefect flow against a real S3 endpoint, with a live-self evaluator whose
     checkpoint has to come down from the bucket."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
+    import boto3
     import s3fs
+    from moto import server as moto_server
     from typer.testing import CliRunner
 
     from rlme_flows.cli import app
@@ -175,8 +183,12 @@ def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
     srv.start()
     try:
         host, port = srv.get_host_and_port()
-        env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+        env = {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        }
         for k, val in env.items():
             monkeypatch.setenv(k, val)
         boto3.client("s3").create_bucket(Bucket="rlme-test")
@@ -189,8 +201,21 @@ def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
         evs.write_text("- name: live\n  model: policy\n  weight: 2.0\n")
         qs = tmp_path / "q.yaml"
         qs.write_text("- id: ok\n  text: Is it right?\n")
-        res = CliRunner().invoke(app, ["rescore", "s3://rlme-test/runs/demo", "--name", "live-v1",
-                                       "--questions", str(qs), "--evaluators", str(evs), "--shard-rows", "16"])
+        res = CliRunner().invoke(
+            app,
+            [
+                "rescore",
+                "s3://rlme-test/runs/demo",
+                "--name",
+                "live-v1",
+                "--questions",
+                str(qs),
+                "--evaluators",
+                str(evs),
+                "--shard-rows",
+                "16",
+            ],
+        )
         assert res.exit_code == 0, res.output
         s3.fs.invalidate_cache()
         after = {p: s3.fs.info(p)["ETag"] for p in s3.fs.find("rlme-test/runs/demo") if "/scoresets/" not in p}
@@ -220,10 +245,15 @@ def test_rescore_with_the_runs_own_judges_reproduces_its_training_rewards(traine
     label_rewarded = 0
     for i in run.committed():
         key = ["rollout_id", "evaluator", "question_id"]
-        assert_frame_equal(scoreset.read_table(run, "same", i, "scores.parquet").drop("scoreset").sort(key),
-                           run.read_table(i, "scores.parquet").drop("scoreset").sort(key), check_exact=True)
+        assert_frame_equal(
+            scoreset.read_table(run, "same", i, "scores.parquet").drop("scoreset").sort(key),
+            run.read_table(i, "scores.parquet").drop("scoreset").sort(key),
+            check_exact=True,
+        )
         trained_rewards = run.read_table(i, "rewards.parquet").sort("rollout_id")
-        assert_frame_equal(scoreset.read_table(run, "same", i, "rewards.parquet").sort("rollout_id"), trained_rewards, check_exact=True)
+        assert_frame_equal(
+            scoreset.read_table(run, "same", i, "rewards.parquet").sort("rollout_id"), trained_rewards, check_exact=True
+        )
         label_rewarded += int((trained_rewards["n_components"] == 1).sum())
     assert (label_rewarded > 0) == (trained == "trained_10gt")  # the mix really was exercised
 

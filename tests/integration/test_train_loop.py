@@ -116,7 +116,9 @@ def test_tampered_stage_output_is_recomputed(demo_cfg, backends):
 def test_reward_nan_masks_rollout(demo_cfg, backends):
     """A failed judgement (prefix longer than the evaluator's context) is a status and a NaN reward."""
     cfg = demo_cfg.with_overrides(iterations=1)
-    long_cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"template": "{prompt}\n{completion}\n" + "pad " * 1100})})
+    long_cfg = cfg.model_copy(
+        update={"scoring": cfg.scoring.model_copy(update={"template": "{prompt}\n{completion}\n" + "pad " * 1100})}
+    )
     run = _run(long_cfg)
     run.open(long_cfg)
     runner = Runner(long_cfg, run, backends)
@@ -141,6 +143,7 @@ def test_advance_trains_past_the_last_commit_through_the_wrap_hook(demo_cfg):
         def wrapped(iteration):
             calls.append(f"{name}-iter-{iteration}")
             return step(iteration)
+
         return wrapped
 
     made = train(demo_cfg.with_overrides(iterations=1), run, wrap=wrap, advance=1)

@@ -62,7 +62,8 @@ def _trained(path, autocast: bool):
 
 @pytest.mark.parametrize("autocast", [True, False], ids=["bf16-over-fp32-master", "fp32"])
 def test_saved_optimizer_state_loads_back_bit_identical_and_training_continues_identically(
-        tiny_models, tmp_path, monkeypatch, autocast):
+    tiny_models, tmp_path, monkeypatch, autocast
+):
     monkeypatch.setattr(checkpoint, "MIN_SHARD_BYTES", 1)  # the tiny state in several shards, as a big one is
     model, opt = _trained(tiny_models["policy"], autocast)
     run = Run(Store(str(tmp_path / "runs")), "ckpt")
@@ -110,8 +111,13 @@ def test_half_precision_state_and_odd_structures_round_trip(tmp_path):
     p.grad = torch.randn(5, 3).bfloat16()
     opt.step()
     sd = opt.state_dict()
-    sd["extra"] = {"inf": float("inf"), "nan": float("nan"), "none": None, "empty": torch.zeros(0, 4),
-                   7: (1, "a", torch.tensor(3, dtype=torch.int64))}
+    sd["extra"] = {
+        "inf": float("inf"),
+        "nan": float("nan"),
+        "none": None,
+        "empty": torch.zeros(0, 4),
+        7: (1, "a", torch.tensor(3, dtype=torch.int64)),
+    }
     structure, shards = checkpoint.optimizer_files(sd, target_bytes=1)
     assert sd["state"][0]["exp_avg"].dtype == torch.bfloat16
     folder = tmp_path / "optimizer"
@@ -131,8 +137,14 @@ def test_half_precision_state_and_odd_structures_round_trip(tmp_path):
 
 def _tensors():
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(7, 3, generator=g), torch.zeros(0), torch.randn(40, generator=g).bfloat16(),
-            torch.arange(5), torch.tensor(2.5), torch.randn(3, 5, generator=g).t()]  # the last one not contiguous
+    return [
+        torch.randn(7, 3, generator=g),
+        torch.zeros(0),
+        torch.randn(40, generator=g).bfloat16(),
+        torch.arange(5),
+        torch.tensor(2.5),
+        torch.randn(3, 5, generator=g).t(),
+    ]  # the last one not contiguous
 
 
 def _expected(tensors) -> bytes:

@@ -21,6 +21,7 @@ def _fill(chunks: int, fail: bool = False):
             f.write(DATA)
         if fail:
             raise RuntimeError("killed mid-file")
+
     return fill
 
 
@@ -33,7 +34,9 @@ def _stores(tmp_path, s3):
 
 def test_write_stream_hashes_what_it_writes_and_leaves_nothing_when_it_fails(tmp_path, s3):
     for store in _stores(tmp_path, s3):
-        entry = store.write_stream("iter-000000/ck.x/optimizer.pt", _fill(4), name="iter-000000/checkpoint/optimizer.pt")
+        entry = store.write_stream(
+            "iter-000000/ck.x/optimizer.pt", _fill(4), name="iter-000000/checkpoint/optimizer.pt"
+        )
         assert entry.bytes == 4 * len(DATA) and entry.sha256 == hashlib.sha256(DATA * 4).hexdigest()
         assert store.sha256(entry.path) == entry.sha256 and entry.logical == "iter-000000/checkpoint/optimizer.pt"
 
@@ -50,8 +53,13 @@ def test_write_stream_hashes_what_it_writes_and_leaves_nothing_when_it_fails(tmp
 
 def test_streamed_safetensors_load_back_exactly(tmp_path):
     g = torch.Generator().manual_seed(0)
-    tensors = {"b.weight": torch.randn(7, 3, generator=g), "a.bias": torch.randn(5, generator=g).bfloat16(),
-               "c.steps": torch.arange(4), "d.scalar": torch.tensor(2.5), "e.empty": torch.zeros(0, 3)}
+    tensors = {
+        "b.weight": torch.randn(7, 3, generator=g),
+        "a.bias": torch.randn(5, generator=g).bfloat16(),
+        "c.steps": torch.arange(4),
+        "d.scalar": torch.tensor(2.5),
+        "e.empty": torch.zeros(0, 3),
+    }
     with open(tmp_path / "model.safetensors", "wb") as f:
         write_safetensors(f, tensors)
     back = load_file(tmp_path / "model.safetensors")

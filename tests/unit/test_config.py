@@ -38,7 +38,10 @@ def test_demo_config_is_valid_and_hash_ignores_where_and_how_far():
         (lambda d: d["run"].update(id="a/b"), "run.id: 'a/b' is not a safe run id"),
         (lambda d: d["questions"][0].update(positive=[""]), "questions.0.positive: an answer string is empty"),
         (lambda d: d["questions"].append(dict(d["questions"][0])), "questions: duplicate names ['correct']"),
-        (lambda d: d["scoring"].update(template="{prompt} only"), "scoring.template: the template must contain {completion}"),
+        (
+            lambda d: d["scoring"].update(template="{prompt} only"),
+            "scoring.template: the template must contain {completion}",
+        ),
         (lambda d: d.pop("policy"), "policy: required field is missing"),
         (lambda d: d["generation"].update(group_size=1), "generation.group_size"),
     ],
@@ -112,8 +115,13 @@ def test_an_undeclared_field_is_caught_by_the_walk_and_by_the_hash():
 
     assert undeclared(Outer) == ["Inner.silent"]
     cfg = load_config(DEMO)
-    Planted = types.new_class("Planted", (Config,), exec_body=lambda ns: ns.update(
-        __annotations__={"extra_knob": int}, extra_knob=Field(0, description="declares nothing")))
+    Planted = types.new_class(
+        "Planted",
+        (Config,),
+        exec_body=lambda ns: ns.update(
+            __annotations__={"extra_knob": int}, extra_knob=Field(0, description="declares nothing")
+        ),
+    )
     with pytest.raises(TypeError, match="Planted.extra_knob does not say whether it is part of the experiment"):
         Planted.model_validate(cfg.model_dump(mode="json")).hash()
 
@@ -121,7 +129,9 @@ def test_an_undeclared_field_is_caught_by_the_walk_and_by_the_hash():
 def legacy_hash(cfg) -> str:
     """Config.hash as it was: a hand-kept list of fields popped by name. Runs made with it must resume."""
     d = cfg.model_dump(mode="json")
-    d["run"] = {k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options", "stage_timeout_s")}
+    d["run"] = {
+        k: v for k, v in d["run"].items() if k not in ("iterations", "storage", "storage_options", "stage_timeout_s")
+    }
     d.pop("vllm")
     d.pop("probe")
     if d.get("label_reward") is None:
@@ -141,7 +151,9 @@ def legacy_hash(cfg) -> str:
         lambda d: d.update(label_reward={"share": 0.1}),
         lambda d: d.update(label_reward={"share": 1.0, "extractor": "boxed", "weight": 2.0}, evaluators=[]),
         lambda d: d.update(vllm={"url": "http://x:8000", "max_concurrency": 3}, probe={"every": 0}),
-        lambda d: d["run"].update(storage="s3://b/p", storage_options={"endpoint_url": "http://m:9000"}, stage_timeout_s={"score": 9}),
+        lambda d: d["run"].update(
+            storage="s3://b/p", storage_options={"endpoint_url": "http://m:9000"}, stage_timeout_s={"score": 9}
+        ),
         lambda d: d["optimizer"].update(logprob_chunk_tokens=1024, lr=3e-4),
         lambda d: d["data"].update(system_prompt="Be brief.", id_column=None),
         lambda d: d["evaluators"][0].update(dtype="bfloat16", device="cuda"),

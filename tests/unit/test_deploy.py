@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from rlme_flows.train import split_run_uri, stage_tasks
+from rlme_flows.train import stage_tasks
 from rlme_pipeline.config import ConfigError, load_config
+from rlme_pipeline.run import split_run_url
 from tests.conftest import DEMO, ROOT
 
 
@@ -39,11 +40,13 @@ def test_stage_timeouts_from_config_and_not_in_the_hash():
         cfg.with_overrides(stage_timeout_s={"update": 0})
 
 
-def test_split_run_uri():
-    assert split_run_uri("s3://bucket/runs/exp-42/") == ("s3://bucket/runs", "exp-42")
-    assert split_run_uri("./runs/demo") == ("./runs", "demo")
-    with pytest.raises(ValueError, match="run_uri"):
-        split_run_uri("demo")
+def test_split_run_url():
+    """The one parser of {storage}/{run_id}: the deployment's run_uri, `rlme status RUN`, audit's keys."""
+    assert split_run_url("s3://bucket/runs/exp-42/") == ("s3://bucket/runs", "exp-42")
+    assert split_run_url("./runs/demo") == ("./runs", "demo")
+    for bad in ("demo", "s3://bucket", "./runs/../x/.."):
+        with pytest.raises(ValueError, match="is not a run URL|not a safe run id"):
+            split_run_url(bad)
 
 
 def test_rescore_questions_file_from_s3(s3):

@@ -8,24 +8,27 @@ import polars as pl
 import pytest
 
 from rlme_pipeline.answers import extract_answer, is_correct
-from rlme_pipeline.config import ConfigError, LabelRewardConfig, sha256_json, validate_config
+from rlme_pipeline.config import ConfigError, LabelRewardConfig, validate_config
 from rlme_pipeline.label_reward import mix_label_rewards, selected
 from rlme_pipeline.rewards import compute_rewards
 
 FLOOR = math.log(1e-6)
 
 
-@pytest.mark.parametrize("text,extractor,want", [
-    (" The answer is 38.", "answer_is", "38"),
-    ("so the answer is -4", "answer_is", "-4"),
-    ("The answer is 1,234.", "answer_is", "1234"),  # normalised: numbers compare by value
-    ("The answer is 3. No wait, the answer is 5.", "answer_is", "5"),
-    ("The answer is correct.", "answer_is", None),
-    (r"thus \boxed{42} and \boxed{7}", "boxed", "7"),
-    ("no box 12", "boxed", None),
-    ("12 apples and 30 pears: 42", "last_number", "42"),
-    ("nothing", "last_number", None),
-])
+@pytest.mark.parametrize(
+    "text,extractor,want",
+    [
+        (" The answer is 38.", "answer_is", "38"),
+        ("so the answer is -4", "answer_is", "-4"),
+        ("The answer is 1,234.", "answer_is", "1234"),  # normalised: numbers compare by value
+        ("The answer is 3. No wait, the answer is 5.", "answer_is", "5"),
+        ("The answer is correct.", "answer_is", None),
+        (r"thus \boxed{42} and \boxed{7}", "boxed", "7"),
+        ("no box 12", "boxed", None),
+        ("12 apples and 30 pears: 42", "last_number", "42"),
+        ("nothing", "last_number", None),
+    ],
+)
 def test_extract_answer(text, extractor, want):
     assert extract_answer(text, extractor) == want
 
@@ -50,15 +53,26 @@ def test_selection_is_deterministic_and_close_to_the_share():
 
 
 def _tables():
-    rollouts = pl.DataFrame({
-        "rollout_id": ["a", "b", "c", "d"], "prompt_id": ["p", "p", "q", "q"], "iteration": [0, 0, 0, 0],
-        "completion": [" The answer is 5.", " The answer is 6.", " The answer is 7.", "garbage"],
-        "label": ["5", "5", None, "8"],
-    })
-    scores = pl.DataFrame({
-        "rollout_id": ["a", "b", "c", "d"], "evaluator": ["j"] * 4, "question_id": ["correct"] * 4,
-        "logp_yes": [-0.5, -0.1, -2.0, -0.2], "logp_no": [-1.0] * 4, "p_yes": [0.6] * 4, "status": ["ok"] * 4,
-    })
+    rollouts = pl.DataFrame(
+        {
+            "rollout_id": ["a", "b", "c", "d"],
+            "prompt_id": ["p", "p", "q", "q"],
+            "iteration": [0, 0, 0, 0],
+            "completion": [" The answer is 5.", " The answer is 6.", " The answer is 7.", "garbage"],
+            "label": ["5", "5", None, "8"],
+        }
+    )
+    scores = pl.DataFrame(
+        {
+            "rollout_id": ["a", "b", "c", "d"],
+            "evaluator": ["j"] * 4,
+            "question_id": ["correct"] * 4,
+            "logp_yes": [-0.5, -0.1, -2.0, -0.2],
+            "logp_no": [-1.0] * 4,
+            "p_yes": [0.6] * 4,
+            "status": ["ok"] * 4,
+        }
+    )
     return rollouts, scores
 
 
@@ -85,15 +99,20 @@ def test_p_form_uses_one_and_zero_and_weight_scales():
 
 def test_label_reward_rescues_a_failed_judgement():
     rollouts, scores = _tables()
-    scores = scores.with_columns(status=pl.when(pl.col("rollout_id") == "a").then(pl.lit("nonfinite")).otherwise(pl.col("status")))
+    scores = scores.with_columns(
+        status=pl.when(pl.col("rollout_id") == "a").then(pl.lit("nonfinite")).otherwise(pl.col("status"))
+    )
     judged = compute_rewards(scores, rollouts, {"j": 1.0}, {"correct": 1.0}, form="logp", floor=FLOOR)
     assert math.isnan(judged.filter(pl.col("rollout_id") == "a")["reward"][0])
     out, _ = mix_label_rewards(judged, rollouts, LabelRewardConfig(share=1.0), form="logp", floor=FLOOR)
     assert out.filter(pl.col("rollout_id") == "a")["reward"][0] == 0.0
 
 
-BASE = {"data": {"path": "x.jsonl", "label_column": "answer"}, "policy": {"model": "tiny:policy"},
-        "questions": [{"id": "correct", "text": "Is the answer correct?"}]}
+BASE = {
+    "data": {"path": "x.jsonl", "label_column": "answer"},
+    "policy": {"model": "tiny:policy"},
+    "questions": [{"id": "correct", "text": "Is the answer correct?"}],
+}
 
 
 def test_config_rules(monkeypatch):

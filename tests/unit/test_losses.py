@@ -34,9 +34,12 @@ def test_cispo_caps_the_detached_weight_and_keeps_every_gradient():
 
 
 def test_cispo_at_the_clipping_boundary():
-    terms, st = token_terms("cispo", _t([math.log(5.0)]), _t([0.0]), _t([1.0]), eps=0.2, eps_high=5.0)
+    # exp(log 4) is exactly 4.0 in float64 (exp(log 5) is not): the ratio really sits on eps_high
+    at = _t([math.log(4.0)])
+    assert torch.exp(at - _t([0.0])).item() == 4.0
+    terms, st = token_terms("cispo", at, _t([0.0]), _t([1.0]), eps=0.2, eps_high=4.0)
     assert st["clipped"].item() == 0.0  # ratio == eps_high is not clipped
-    assert terms.item() == pytest.approx(-5.0 * math.log(5.0))
+    assert terms.item() == -4.0 * math.log(4.0)
 
 
 def test_grpo_ppo_clip_and_sequence_mean():

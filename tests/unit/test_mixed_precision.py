@@ -52,7 +52,15 @@ def test_a_small_step_moves_the_fp32_master_where_pure_bf16_rounds_it_away(tiny_
         layer = model.model.layers[0].self_attn.q_proj
         hook = layer.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, o.dtype) and None)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
-        accumulate_step(model, None, _items(4), cfg, pad_id=0, sums={k: 0.0 for k in ("loss", "clipped", "kl", "tokens", "mismatch", "mismatch_tokens")}, first=True)
+        accumulate_step(
+            model,
+            None,
+            _items(4),
+            cfg,
+            pad_id=0,
+            sums={k: 0.0 for k in ("loss", "clipped", "kl", "tokens", "mismatch", "mismatch_tokens")},
+            first=True,
+        )
         opt.step()
         hook.remove()
         shares[name] = _changed_share(before, model)
@@ -71,8 +79,10 @@ def test_the_bf16_copy_is_exactly_the_checkpoint_loaded_in_bf16(tiny_models, tmp
     master.save_pretrained(tmp_path / "ck")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.bfloat16).eval()
     copy = inference_copy(master, "bfloat16")
-    for (n, a), (m, b) in zip(list(copy.named_parameters()) + list(copy.named_buffers()),
-                              list(loaded.named_parameters()) + list(loaded.named_buffers())):
+    for (n, a), (m, b) in zip(
+        list(copy.named_parameters()) + list(copy.named_buffers()),
+        list(loaded.named_parameters()) + list(loaded.named_buffers()),
+    ):
         assert n == m and a.dtype == b.dtype and torch.equal(a, b), n
     assert next(master.parameters()).dtype == torch.float32  # the master is untouched
     ids = torch.tensor([[1, 5, 9, 14, 30]])
@@ -92,5 +102,7 @@ def test_a_bf16_run_saves_fp32_master_weights_and_resumes_identically(tiny_model
     # each train() opens its own Backends (model pool): like a new process, the master and its bf16 copy
     # come back from the checkpoint's files
     train(resumed, Run.for_config(resumed))
-    contents = [{f.logical: f.sha256 for i in (0, 1) for f in Run.for_config(c).manifest(i).files} for c in (straight, resumed)]
+    contents = [
+        {f.logical: f.sha256 for i in (0, 1) for f in Run.for_config(c).manifest(i).files} for c in (straight, resumed)
+    ]
     assert contents[0] == contents[1]

@@ -57,7 +57,10 @@ def test_advantage_is_reward_minus_group_mean_and_optional_std_scaling():
 
 
 def test_failed_or_missing_judgement_is_nan_not_zero_and_left_out_of_the_mean():
-    rows = [row if not (row[0] == "c" and row[1] == "e2" and row[2] == "x") else (*row[:3], None, None, "context_overflow") for row in FULL]
+    rows = [
+        row if not (row[0] == "c" and row[1] == "e2" and row[2] == "x") else (*row[:3], None, None, "context_overflow")
+        for row in FULL
+    ]
     rows = [row for row in rows if not (row[0] == "d" and row[2] == "y")]  # d is missing components
     r = _rewards(_scores(rows))
     assert math.isnan(r["c"]["reward"]) and math.isnan(r["c"]["advantage"]) and r["c"]["n_failed"] == 1

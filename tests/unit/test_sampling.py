@@ -15,6 +15,7 @@ SEEDS = [0, 1, 2, 3, -1, -(1 << 63), (1 << 63) - 1, (1 << 32) - 1, 1 << 32, deri
 
 def _reference_uniform(seed: int, step: int) -> float:
     """The same hash written with plain Python integers, independent of the tensor arithmetic."""
+
     def fmix(h):
         h ^= h >> 16
         h = (h * 0x85EBCA6B) & 0xFFFFFFFF
@@ -141,12 +142,24 @@ def _sample(policy, prompts, seeds, **kw):
     from rlme_pipeline.backends.hf import sample
 
     model, tok = policy
-    args = {"max_new_tokens": 10, "temperature": 0.8, "top_p": 0.95, "eos_ids": {tok.eos_token_id}, "pad_id": tok.pad_token_id}
+    args = {
+        "max_new_tokens": 10,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "eos_ids": {tok.eos_token_id},
+        "pad_id": tok.pad_token_id,
+    }
     return sample(model, prompts, seeds, **{**args, **kw})
 
 
 def _prompts(tok):
-    texts = ["What is 2 + 2?", "Hello there, how are you on this fine and sunny day?", "Name a prime.", "Hi", "Count: 1 2 3"]
+    texts = [
+        "What is 2 + 2?",
+        "Hello there, how are you on this fine and sunny day?",
+        "Name a prime.",
+        "Hi",
+        "Count: 1 2 3",
+    ]
     return [tok(t)["input_ids"] for t in texts]
 
 

@@ -16,13 +16,18 @@ from rlme_pipeline.models import weights_version
 QUESTIONS = [
     QuestionConfig(id="correct", text="Is the answer correct?"),
     QuestionConfig(id="logical", text="Does the whole solution logically lead from the question to an answer?"),
-    QuestionConfig(id="len", text='Is it between 200 and 500 "characters" {long}? Ñ', positive=[" Yes"], negative=[" No"]),
+    QuestionConfig(
+        id="len", text='Is it between 200 and 500 "characters" {long}? Ñ', positive=[" Yes"], negative=[" No"]
+    ),
 ]
-ROLLOUTS = pl.DataFrame({
-    "rollout_id": ["r1", "r2", "r3"], "iteration": [0, 0, 0],
-    "prompt": ["What is 2+3?", "What is 11-5?", "Tell me a story about a very long road. " * 6],
-    "completion": [" The answer is 5.", "6", " Let's solve this problem step by step."],
-})
+ROLLOUTS = pl.DataFrame(
+    {
+        "rollout_id": ["r1", "r2", "r3"],
+        "iteration": [0, 0, 0],
+        "prompt": ["What is 2+3?", "What is 11-5?", "Tell me a story about a very long road. " * 6],
+        "completion": [" The answer is 5.", "6", " Let's solve this problem step by step."],
+    }
+)
 
 
 @pytest.fixture
@@ -40,8 +45,14 @@ def _direct(model, ids: list[int], yes: list[int], no: list[int]) -> tuple[float
 def test_scores_equal_a_direct_forward_pass(evaluator, backends):
     model, tok, path = evaluator
     sc = ScoringConfig()
-    scores = score_rollouts(ROLLOUTS, [Evaluator("ev", ModelRef(path, weights_version(path), "float32", "cpu"))], QUESTIONS, sc, "train",
-                            backends)
+    scores = score_rollouts(
+        ROLLOUTS,
+        [Evaluator("ev", ModelRef(path, weights_version(path), "float32", "cpu"))],
+        QUESTIONS,
+        sc,
+        "train",
+        backends,
+    )
     assert scores.height == 3 * 3 and (scores["status"] == "ok").all()
     for r in scores.iter_rows(named=True):
         row = ROLLOUTS.filter(pl.col("rollout_id") == r["rollout_id"]).row(0, named=True)
@@ -58,7 +69,10 @@ def test_scores_equal_a_direct_forward_pass(evaluator, backends):
 def test_shared_prefix_equals_scoring_each_question_alone(evaluator):
     model, tok, _ = evaluator
     prefixes = [tok(f"Question: what is {a}?\nResponse: {'blah ' * a}\n")["input_ids"] for a in (1, 7, 30)]
-    questions = [tok(f"{t} Answer:", add_special_tokens=False)["input_ids"] for t in ("Is it right?", "Short?", "Is the whole solution logical and complete?")]
+    questions = [
+        tok(f"{t} Answer:", add_special_tokens=False)["input_ids"]
+        for t in ("Is it right?", "Short?", "Is the whole solution logical and complete?")
+    ]
     yes, no = answer_ids(tok, [" Yes", "Yes"], "t"), answer_ids(tok, [" No"], "t")
     together = judge(model, prefixes, questions, yes, no, tok.pad_token_id, 1024)
     for k, q in enumerate(questions):

@@ -10,7 +10,7 @@ import pytest
 
 from rlme_pipeline.config import ConfigError, load_config
 from rlme_pipeline.run import Run, attempt_name
-from rlme_pipeline.storage import Store, StorageError
+from rlme_pipeline.storage import StorageError, Store
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -27,7 +27,11 @@ def test_exclusive_create_and_write_once_names(store):
     assert not store.create_bytes("a/MANIFEST.json", b"second")  # the first commit stands
     assert store.read_bytes("a/MANIFEST.json") == b"first"
     e = store.write_bytes("a/x.parquet", b"data", name="a/x.parquet")
-    assert (e.sha256, e.bytes, e.logical) == ("3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7", 4, "a/x.parquet")
+    assert (e.sha256, e.bytes, e.logical) == (
+        "3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7",
+        4,
+        "a/x.parquet",
+    )
     assert store.find("a") == ["a/MANIFEST.json", "a/x.parquet"]
     assert attempt_name("iter-000001/rollouts.parquet", "ab12") == "iter-000001/rollouts.ab12.parquet"
     assert attempt_name("iter-000001/checkpoint", "ab12") == "iter-000001/checkpoint.ab12"
@@ -58,7 +62,10 @@ def test_credentials_in_storage_options_are_refused(tiny_models):
     from rlme_pipeline.config import validate_config
 
     base = load_config(DEMO).model_dump(mode="json")
-    for opts, key in (({"secret": "x"}, "secret"), ({"client_kwargs": {"aws_secret_access_key": "x"}}, "client_kwargs.aws_secret_access_key")):
+    for opts, key in (
+        ({"secret": "x"}, "secret"),
+        ({"client_kwargs": {"aws_secret_access_key": "x"}}, "client_kwargs.aws_secret_access_key"),
+    ):
         with pytest.raises(ConfigError, match=f"{key}.*look like credentials"):
             validate_config({**base, "run": {"storage_options": opts}})
     ok = validate_config({**base, "run": {"storage_options": {"endpoint_url": "http://minio:9000"}}})
@@ -152,15 +159,28 @@ def test_gc_on_local_disk_finds_temp_files_and_unreferenced_attempts(tmp_path):
     run = Run(Store(str(tmp_path / "runs")), "r1")
     run.store.write_json("run.json", {})
     kept = run.store.write_bytes("iter-000000/rollouts.aaaa1111.parquet", b"rows", name="iter-000000/rollouts.parquet")
-    run.store.write_json("iter-000000/stages/generate.json", {"stage": "generate", "iteration": 0, "files": [kept.model_dump()], "seconds": 1.0})
+    run.store.write_json(
+        "iter-000000/stages/generate.json",
+        {"stage": "generate", "iteration": 0, "files": [kept.model_dump()], "seconds": 1.0},
+    )
     run.store.write_bytes("iter-000000/scores.bbbb2222.parquet", b"killed before its record")
     Path(run.store.abs("iter-000000/rewards.cccc3333.parquet.tmp-1234abcd")).write_bytes(b"killed mid-write")
     Path(run.store.abs("scoresets/v2")).mkdir(parents=True)
-    Path(run.store.abs("scoresets/v2/scores.parquet")).write_bytes(b"a score set with no commit yet: a re-score may be writing it")
-    assert gc.plan(run).files == ["iter-000000/rewards.cccc3333.parquet.tmp-1234abcd", "iter-000000/scores.bbbb2222.parquet"]
+    Path(run.store.abs("scoresets/v2/scores.parquet")).write_bytes(
+        b"a score set with no commit yet: a re-score may be writing it"
+    )
+    assert gc.plan(run).files == [
+        "iter-000000/rewards.cccc3333.parquet.tmp-1234abcd",
+        "iter-000000/scores.bbbb2222.parquet",
+    ]
     assert gc.apply(run).bytes == 40
-    assert run.store.find() == ["iter-000000/rollouts.aaaa1111.parquet", "iter-000000/stages/generate.json",
-                                "lease/00000001.json", "run.json", "scoresets/v2/scores.parquet"]
+    assert run.store.find() == [
+        "iter-000000/rollouts.aaaa1111.parquet",
+        "iter-000000/stages/generate.json",
+        "lease/00000001.json",
+        "run.json",
+        "scoresets/v2/scores.parquet",
+    ]
     assert run.path(0, "rollouts.parquet") == "iter-000000/rollouts.aaaa1111.parquet"
 
 
@@ -169,7 +189,11 @@ def test_store_retries_after_botocore_gives_up(s3, caplog):
     whole write. Both are turned down to a single attempt here, so cuts reach the outer layer."""
     proxy = DroppingProxy(s3.endpoint, drops=3, after=1024)
     try:
-        opts = {"endpoint_url": proxy.url, "skip_instance_cache": True, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+        opts = {
+            "endpoint_url": proxy.url,
+            "skip_instance_cache": True,
+            "config_kwargs": {"retries": {"total_max_attempts": 1}},
+        }
         store = Store(s3.url("proxied"), opts)
         store.fs.retries = 1  # s3fs's own retry loop (a class attribute, 5 by default)
         store.fs.retries = 1  # s3fs's own retry loop (a class attribute, 5 by default)
@@ -188,8 +212,17 @@ def test_store_retries_after_botocore_gives_up(s3, caplog):
 def _rewards(reward: float):
     import polars as pl
 
-    return pl.DataFrame({"rollout_id": ["r0"], "prompt_id": ["p0"], "iteration": [0], "reward": [reward], "advantage": [0.0],
-                         "n_components": [1], "n_failed": [0]})
+    return pl.DataFrame(
+        {
+            "rollout_id": ["r0"],
+            "prompt_id": ["p0"],
+            "iteration": [0],
+            "reward": [reward],
+            "advantage": [0.0],
+            "n_components": [1],
+            "n_failed": [0],
+        }
+    )
 
 
 def test_a_second_commit_of_an_iteration_or_a_shard_leaves_the_first_standing(store):
@@ -198,13 +231,23 @@ def test_a_second_commit_of_an_iteration_or_a_shard_leaves_the_first_standing(st
 
     run, cfg = Run(store, "r1"), load_config(DEMO)
     store = run.store
-    rec = StageRecord(stage="aggregate", iteration=0, files=[run.write_table(0, "rewards.parquet", _rewards(1.0), "rewards")], seconds=1.0)
+    rec = StageRecord(
+        stage="aggregate",
+        iteration=0,
+        files=[run.write_table(0, "rewards.parquet", _rewards(1.0), "rewards")],
+        seconds=1.0,
+    )
     run.write_stage_record(rec)  # a record written after its data file
     assert run.path(0, "rewards.parquet") == rec.files[0].path != "iter-000000/rewards.parquet"
     first = run.commit(0, cfg, [rec])
     manifest_bytes = store.read_bytes(f"iter-000000/{MANIFEST}")
     # A stale writer redid the stage under a new attempt name and commits its own files: the first stands.
-    rec2 = StageRecord(stage="aggregate", iteration=0, files=[run.write_table(0, "rewards.parquet", _rewards(2.0), "rewards")], seconds=2.0)
+    rec2 = StageRecord(
+        stage="aggregate",
+        iteration=0,
+        files=[run.write_table(0, "rewards.parquet", _rewards(2.0), "rewards")],
+        seconds=2.0,
+    )
     assert rec2.files[0].path != rec.files[0].path
     assert run.commit(0, cfg, [rec2]) == first == run.manifest(0)
     assert store.read_bytes(f"iter-000000/{MANIFEST}") == manifest_bytes
@@ -212,8 +255,18 @@ def test_a_second_commit_of_an_iteration_or_a_shard_leaves_the_first_standing(st
 
     shard = scoreset.shard_unit(run, "v2", 1, 3)
     assert not shard.committed()
-    mk = lambda r: scoreset.ShardManifest(files=[shard.write_table("rewards.parquet", _rewards(r), "rewards")], scoreset="v2",  # noqa: E731
-                                          iteration=1, shard=3, rollouts=1, seconds=0.1, committed_at=now())
+
+    def mk(r):
+        return scoreset.ShardManifest(
+            files=[shard.write_table("rewards.parquet", _rewards(r), "rewards")],
+            scoreset="v2",
+            iteration=1,
+            shard=3,
+            rollouts=1,
+            seconds=0.1,
+            committed_at=now(),
+        )
+
     m1 = shard.commit(mk(1.0))
     m2 = mk(2.0)
     assert shard.commit(m2) == m1 != m2 and shard.manifest() == m1
@@ -247,15 +300,23 @@ def test_a_stream_that_fails_leaves_nothing(store):
 def test_child_store_shares_the_connection_and_options(s3):
     store = Store(s3.url("root"), {"endpoint_url": s3.endpoint})
     sub = store.child("r1/iter-000000")
-    assert sub.fs is store.fs and sub.url == f"{s3.url('root')}/r1/iter-000000" and sub.root == f"{store.root}/r1/iter-000000"
+    assert (
+        sub.fs is store.fs
+        and sub.url == f"{s3.url('root')}/r1/iter-000000"
+        and sub.root == f"{store.root}/r1/iter-000000"
+    )
     sub.write_bytes("x", b"1")
     assert store.read_bytes("r1/iter-000000/x") == b"1"
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("./runs/demo", ("./runs", "demo")), ("s3://bucket/runs/exp-42/", ("s3://bucket/runs", "exp-42")),
-    ("file:///data/runs/x", ("file:///data/runs", "x")),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("./runs/demo", ("./runs", "demo")),
+        ("s3://bucket/runs/exp-42/", ("s3://bucket/runs", "exp-42")),
+        ("file:///data/runs/x", ("file:///data/runs", "x")),
+    ],
+)
 def test_one_run_url_parser(url, expected):
     from rlme_pipeline.run import split_run_url
 

@@ -63,9 +63,7 @@ def test_chat_template(tiny):
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert isinstance(prompt, str)
     assert prompt == "<|bos|>User: What is 2+3?<|eos|>\nAssistant:"
-    full = tok.apply_chat_template(
-        messages + [{"role": "assistant", "content": "The answer is 5."}], tokenize=False
-    )
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": "The answer is 5."}], tokenize=False)
     assert full.startswith(prompt) and full.endswith("The answer is 5.<|eos|>\n")
 
 

@@ -22,10 +22,14 @@ def _items(n: int) -> list[dict]:
     out = []
     for i in range(n):
         p, c = 3 + i % 4, 2 + i % 5
-        out.append({"prompt_token_ids": torch.randint(5, 500, (p,), generator=g).tolist(),
-                    "completion_token_ids": torch.randint(5, 500, (c,), generator=g).tolist(),
-                    "behavior_logprobs": (-torch.rand(c, generator=g) * 5).tolist(),
-                    "advantage": float(i % 3 - 1)})
+        out.append(
+            {
+                "prompt_token_ids": torch.randint(5, 500, (p,), generator=g).tolist(),
+                "completion_token_ids": torch.randint(5, 500, (c,), generator=g).tolist(),
+                "behavior_logprobs": (-torch.rand(c, generator=g) * 5).tolist(),
+                "advantage": float(i % 3 - 1),
+            }
+        )
     return out
 
 
@@ -36,11 +40,24 @@ def _meta_model(path) -> torch.nn.Module:
 @pytest.mark.parametrize("loss,beta", [("cispo", 0.0), ("grpo", 0.1), ("dr_grpo", 0.0)])
 def test_update_step_keeps_every_tensor_on_the_models_device(tiny_models, loss, beta):
     cfg = load_config(DEMO)
-    cfg = cfg.model_validate({**cfg.model_dump(), "algorithm": {"loss": loss, "beta": beta},
-                              "optimizer": {"micro_batch_size": 3, "grad_accumulation": 2}})
+    cfg = cfg.model_validate(
+        {
+            **cfg.model_dump(),
+            "algorithm": {"loss": loss, "beta": beta},
+            "optimizer": {"micro_batch_size": 3, "grad_accumulation": 2},
+        }
+    )
     model = _meta_model(tiny_models["policy"])
     reference = _meta_model(tiny_models["policy"]).eval() if beta > 0 else None
-    sums: dict = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0, "grad_norm": 0.0, "mismatch": 0.0, "mismatch_tokens": 0}
+    sums: dict = {
+        "loss": 0.0,
+        "clipped": 0.0,
+        "kl": 0.0,
+        "tokens": 0,
+        "grad_norm": 0.0,
+        "mismatch": 0.0,
+        "mismatch_tokens": 0,
+    }
     accumulate_step(model, reference, _items(6), cfg, pad_id=0, sums=sums, first=True)
     sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     torch.optim.AdamW(model.parameters(), lr=1e-3).step()

@@ -1,0 +1,120 @@
+"""One optimizer step of the update stage moves the policy the way the advantages say: the log-prob of
+the positive-advantage completion rises, the negative one's falls. A flipped sign anywhere between the
+rewards table and the optimizer (advantage, loss, weights) fails here in seconds, not only in the slow
+learning test. Real pieces throughout: the tiny policy, the stage reading a run's tables, AdamW."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlme_pipeline import checkpoint
+from rlme_pipeline.config import validate_config
+from rlme_pipeline.logprobs import completion_logprobs
+from rlme_pipeline.models import load_tokenizer
+from rlme_pipeline.run import Run, StageRecord
+from rlme_pipeline.stages.update import update
+from rlme_pipeline.storage import Store
+
+COMPLETIONS = {"good": " The answer is 5.", "bad": " blah blah blah no"}
+
+
+def _logps(model, tok, prompt: list[int], completions: dict[str, list[int]]) -> dict[str, float]:
+    """Summed log-prob of each completion after the prompt (temperature 1)."""
+    with torch.no_grad():
+        per_token = completion_logprobs(
+            model.eval(),
+            [(prompt, c) for c in completions.values()],
+            pad_id=tok.pad_token_id,
+            temperature=1.0,
+            chunk_tokens=256,
+        )
+    out, at = {}, 0
+    for name, c in completions.items():
+        out[name] = per_token[at : at + len(c)].sum().item()
+        at += len(c)
+    return out
+
+
+def _iteration_zero(
+    run: Run, tok, model, prompt: list[int], completions: dict[str, list[int]], advantages: dict[str, float]
+):
+    """The generate and aggregate outputs of iteration 0, as their stages would have committed them:
+    on-policy behaviour log-probs (ratio 1) and the given advantages."""
+    with torch.no_grad():
+        behaviour = [
+            completion_logprobs(
+                model, [(prompt, c)], pad_id=tok.pad_token_id, temperature=1.0, chunk_tokens=256
+            ).tolist()
+            for c in completions.values()
+        ]
+    names = list(completions)
+    rollouts = pl.DataFrame(
+        {
+            "run_id": [run.id] * 2,
+            "iteration": [0, 0],
+            "rollout_id": names,
+            "prompt_id": ["p", "p"],
+            "sample_index": [0, 1],
+            "prompt": ["What is 2+3?"] * 2,
+            "completion": [COMPLETIONS[n] for n in names],
+            "prompt_token_ids": [prompt, prompt],
+            "completion_token_ids": [completions[n] for n in names],
+            "behavior_logprobs": behaviour,
+            "finish_reason": ["length"] * 2,
+            "label": [None, None],
+            "policy_version": ["v0"] * 2,
+        }
+    )
+    rewards = pl.DataFrame(
+        {
+            "rollout_id": names,
+            "prompt_id": ["p", "p"],
+            "iteration": [0, 0],
+            "reward": [advantages[n] for n in names],
+            "advantage": [advantages[n] for n in names],
+            "n_components": [1, 1],
+            "n_failed": [0, 0],
+        }
+    )
+    for stage, name, df, table in (
+        ("generate", "rollouts.parquet", rollouts, "rollouts"),
+        ("aggregate", "rewards.parquet", rewards, "rewards"),
+    ):
+        run.write_stage_record(
+            StageRecord(stage=stage, iteration=0, files=[run.write_table(0, name, df, table)], seconds=0.0)
+        )
+
+
+@pytest.mark.parametrize("loss", ["cispo", "grpo", "dr_grpo"])
+def test_one_step_raises_the_positive_and_lowers_the_negative_completion(tmp_path, tiny_models, loss):
+    torch.set_num_threads(1)
+    path = str(tiny_models["policy"])
+    cfg = validate_config(
+        {
+            "data": {"path": "x.jsonl"},
+            "policy": {"model": path},
+            "evaluators": [{"name": "e", "model": "tiny:evaluator"}],
+            "questions": [{"id": "k", "text": "Good?"}],
+            "run": {"storage": str(tmp_path / "runs"), "id": "dir"},
+            "generation": {"temperature": 1.0, "max_new_tokens": 8},
+            "algorithm": {"loss": loss},
+            "optimizer": {"lr": 1e-3, "micro_batch_size": 1, "grad_accumulation": 2, "epochs": 1},
+        }
+    )
+    tok = load_tokenizer(path)
+    before_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    prompt = tok("Question: What is 2+3?\nAnswer:")["input_ids"]
+    completions = {n: tok(t, add_special_tokens=False)["input_ids"][:8] for n, t in COMPLETIONS.items()}
+    run = Run(Store(cfg.run.storage), cfg.run.id)
+    _iteration_zero(run, tok, before_model, prompt, completions, {"good": 1.0, "bad": -1.0})
+
+    rec = update(cfg, run, 0)
+    assert rec.metrics["optimizer_steps"] == 1 and rec.metrics["trained_rollouts"] == 2
+
+    after_model = AutoModelForCausalLM.from_pretrained(checkpoint.local_dir(run, 0, rec.files), dtype=torch.float32)
+    before, after = _logps(before_model, tok, prompt, completions), _logps(after_model, tok, prompt, completions)
+    assert after["good"] > before["good"], (before, after)
+    assert after["bad"] < before["bad"], (before, after)
