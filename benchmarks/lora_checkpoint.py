@@ -36,13 +36,23 @@ def qwen_shape_params(r: int) -> tuple[int, int]:
     """(all parameters, LoRA parameters) of a Qwen2.5-0.5B-shaped model, built on the meta device."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    c = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                    num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    c = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(c)
     full = sum(p.numel() for p in m.parameters())
-    lora = sum(r * (mod.in_features + mod.out_features) for name, mod in m.named_modules()
-               if name.rpartition(".")[2] in TARGETS)
+    lora = sum(
+        r * (mod.in_features + mod.out_features)
+        for name, mod in m.named_modules()
+        if name.rpartition(".")[2] in TARGETS
+    )
     return full, lora
 
 
@@ -51,9 +61,11 @@ def main() -> None:
         full, lora = demo_bytes(None, a), demo_bytes({"r": 16}, b)
     print(f"tiny demo checkpoint: full {full:,} B, LoRA r=16 {lora:,} B ({100 * lora / full:.2f}%)")
     p_full, p_lora = qwen_shape_params(16)
-    print(f"Qwen2.5-0.5B shape: {p_full:,} parameters, LoRA r=16 on {TARGETS}: {p_lora:,}; checkpoint "
-          f"(12 B/trained param) full {12 * p_full / 2**30:.2f} GiB, LoRA {12 * p_lora / 2**20:.1f} MiB "
-          f"({100 * p_lora / p_full:.2f}%)")
+    print(
+        f"Qwen2.5-0.5B shape: {p_full:,} parameters, LoRA r=16 on {TARGETS}: {p_lora:,}; checkpoint "
+        f"(12 B/trained param) full {12 * p_full / 2**30:.2f} GiB, LoRA {12 * p_lora / 2**20:.1f} MiB "
+        f"({100 * p_lora / p_full:.2f}%)"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,13 @@ def attach(model, lora: LoraConfig, seed: int):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, peft_cfg)
@@ -109,8 +114,10 @@ def check_base(path: str, cfg: Config) -> None:
     state = json.loads((Path(path) / "trainer_state.json").read_text())
     want, have = state.get("base", {}).get("sha256"), initial_policy(cfg).version
     if want != have:
-        raise ConfigError(f"policy.model: the adapter in {path} was trained on base weights {str(want)[:12]}, "
-                          f"but the configured base is {have[:12]}; point policy.model at the original base")
+        raise ConfigError(
+            f"policy.model: the adapter in {path} was trained on base weights {str(want)[:12]}, "
+            f"but the configured base is {have[:12]}; point policy.model at the original base"
+        )
 
 
 class AdaptersOff:
@@ -166,10 +173,14 @@ def check(cfg: Config, policy_path: str) -> None:
         if backend != "hf":
             raise ConfigError(f"{field} {backend} with policy.lora: not supported yet; use hf")
     if (Path(policy_path) / ADAPTER_CONFIG).exists():
-        raise ConfigError(f"policy.model: {cfg.policy.model!r} is already a LoRA adapter directory ({ADAPTER_CONFIG}); "
-                          "point policy.model at its base model, or remove policy.lora to use it as it is")
+        raise ConfigError(
+            f"policy.model: {cfg.policy.model!r} is already a LoRA adapter directory ({ADAPTER_CONFIG}); "
+            "point policy.model at its base model, or remove policy.lora to use it as it is"
+        )
     names = module_names(policy_path)
     if missing := [m for m in lora.target_modules if m not in names]:
         linear = sorted(n for n in names if n.endswith("_proj") or n in ("fc1", "fc2", "lm_head", "c_attn", "c_proj"))
-        raise ConfigError(f"policy.lora.target_modules: {missing} not in the policy {cfg.policy.model!r}; "
-                          f"its modules include {linear}")
+        raise ConfigError(
+            f"policy.lora.target_modules: {missing} not in the policy {cfg.policy.model!r}; "
+            f"its modules include {linear}"
+        )

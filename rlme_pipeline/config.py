@@ -169,18 +169,22 @@ class LoraConfig(Section):
     r: int = experiment(16, "adapter rank: each adapted weight W (out x in) gains B (out x r) @ A (r x in)", ge=1)
     alpha: float = experiment(32.0, "scale: the adapter adds (alpha / r) * B @ A to W", gt=0)
     dropout: float = experiment(
-        0.0, "dropout on the adapters' input while training (draws from the checkpointed torch RNG)", ge=0, lt=1)
+        0.0, "dropout on the adapters' input while training (draws from the checkpointed torch RNG)", ge=0, lt=1
+    )
     target_modules: list[str] = experiment(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="names of the Linear modules to adapt (the last part of their module path, e.g. q_proj, "
-        "gate_proj); each must exist in the policy (checked before anything loads)", min_length=1)
+        "gate_proj); each must exist in the policy (checked before anything loads)",
+        min_length=1,
+    )
 
 
 class PolicyConfig(ModelConfig):
     """The model being trained."""
 
     lora: LoraConfig | None = experiment_if_set(
-        None, "LoRA adapters (r, alpha, dropout, target_modules); null: full fine-tuning of every weight")
+        None, "LoRA adapters (r, alpha, dropout, target_modules); null: full fine-tuning of every weight"
+    )
 
 
 class EvaluatorConfig(ModelConfig):

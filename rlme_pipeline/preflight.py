@@ -39,16 +39,21 @@ def _check_devices(cfg: Config) -> None:
     import torch
 
     models = [("policy.device", cfg.policy.device)]
-    models += [(f"evaluators[{i}].device", ev.device) for i, ev in enumerate(cfg.evaluators)
-               if ev.model not in (LIVE_SELF, FROZEN_SELF)]  # the self evaluators run on the policy's device
+    models += [
+        (f"evaluators[{i}].device", ev.device)
+        for i, ev in enumerate(cfg.evaluators)
+        if ev.model not in (LIVE_SELF, FROZEN_SELF)
+    ]  # the self evaluators run on the policy's device
     for field, device in models:
         try:
             kind = torch.device(device).type
         except RuntimeError:
             raise ConfigError(f"{field}: {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
         if kind == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"{field}: {device!r} but torch sees no CUDA device on this machine; use cpu "
-                              "(or install a CUDA build of torch on a machine with a GPU)")
+            raise ConfigError(
+                f"{field}: {device!r} but torch sees no CUDA device on this machine; use cpu "
+                "(or install a CUDA build of torch on a machine with a GPU)"
+            )
 
 
 def _check_lora(cfg: Config) -> None:

@@ -20,18 +20,22 @@ from rlme_pipeline.run import Run
 from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
 from tests.conftest import DEMO
+from tests.requires import require
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
 
 
 def lora_cfg(root, lora=LORA, iterations=2, **over):
+    require("peft")
     d = yaml.safe_load(DEMO.read_text())
     d["run"].update(storage=str(root / "runs"), iterations=iterations)
     d["data"].update(path=str(DEMO.parent.parent / "data" / "demo_prompts.jsonl"), prompts_per_iteration=4)
     d["policy"]["lora"] = lora
-    d["evaluators"] = [{"name": "other", "model": "tiny:evaluator"},
-                       {"name": "frozen", "model": "policy@initial", "weight": 0.5},
-                       {"name": "live", "model": "policy", "weight": 0.5}]
+    d["evaluators"] = [
+        {"name": "other", "model": "tiny:evaluator"},
+        {"name": "frozen", "model": "policy@initial", "weight": 0.5},
+        {"name": "live", "model": "policy", "weight": 0.5},
+    ]
     d["algorithm"]["beta"] = 0.05  # the KL reference is the base with the adapters off
     d["probe"]["every"] = 0
     for section, fields in over.items():
@@ -124,8 +128,11 @@ def test_rescore_and_audit_of_a_lora_run_reproduce_training_judgements(tiny_mode
         trained = run.read_table(i, "scores.parquet")
         again = scoreset.read_table(run, "again", i, "scores.parquet")
         assert again.height == trained.height
-        logp = {(src, ev): t.filter(pl.col("evaluator") == ev).sort(key)["logp_yes"].to_numpy()
-                for src, t in (("train", trained), ("again", again)) for ev in ("frozen", "live", "other")}
+        logp = {
+            (src, ev): t.filter(pl.col("evaluator") == ev).sort(key)["logp_yes"].to_numpy()
+            for src, t in (("train", trained), ("again", again))
+            for ev in ("frozen", "live", "other")
+        }
         for ev in ("frozen", "live", "other"):  # equal up to float summation order (other batch shapes)
             assert abs(logp["again", ev] - logp["train", ev]).max() < 1e-5, (i, ev)
         if i == 1:  # and the live self is not the base: its difference from the frozen self is real
@@ -144,8 +151,12 @@ def _rejected(cfg, tmp_path, loads, match):
 
 def test_bad_lora_input_is_one_line_before_any_model_loads(tiny_models, tmp_path, monkeypatch):
     loads = Loads(monkeypatch)
-    msg = _rejected(lora_cfg(tmp_path, lora={**LORA, "target_modules": ["q_proj", "query_key_value"]}), tmp_path, loads,
-                    r"policy.lora.target_modules: \['query_key_value'\] not in the policy")
+    msg = _rejected(
+        lora_cfg(tmp_path, lora={**LORA, "target_modules": ["q_proj", "query_key_value"]}),
+        tmp_path,
+        loads,
+        r"policy.lora.target_modules: \['query_key_value'\] not in the policy",
+    )
     assert "q_proj" in msg.rpartition("include")[2]  # names what does exist
 
     adapter_dir = tmp_path / "adapter"
@@ -158,10 +169,18 @@ def test_bad_lora_input_is_one_line_before_any_model_loads(tiny_models, tmp_path
     d["policy"]["model"] = str(adapter_dir)
     _rejected(validate_config(d), tmp_path, loads, "policy.model: .* is already a LoRA adapter directory")
 
-    _rejected(lora_cfg(tmp_path, generation={"backend": "vllm"}), tmp_path, loads,
-              "^generation.backend vllm with policy.lora: not supported yet; use hf$")
-    _rejected(lora_cfg(tmp_path, scoring={"backend": "openai"}), tmp_path, loads,
-              "^scoring.backend openai with policy.lora: not supported yet; use hf$")
+    _rejected(
+        lora_cfg(tmp_path, generation={"backend": "vllm"}),
+        tmp_path,
+        loads,
+        "^generation.backend vllm with policy.lora: not supported yet; use hf$",
+    )
+    _rejected(
+        lora_cfg(tmp_path, scoring={"backend": "openai"}),
+        tmp_path,
+        loads,
+        "^scoring.backend openai with policy.lora: not supported yet; use hf$",
+    )
 
 
 def test_cuda_device_without_a_gpu_is_refused_before_loading(tiny_models, tmp_path, monkeypatch):
@@ -196,14 +215,17 @@ def _train_process(config_path, crash_at: str | None):
     import subprocess
     import sys
 
-    code = ("import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.run import Run; "
-            "from rlme_pipeline.runner import train; c = load_config(sys.argv[1]); train(c, Run.for_config(c))")
+    code = (
+        "import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.run import Run; "
+        "from rlme_pipeline.runner import train; c = load_config(sys.argv[1]); train(c, Run.for_config(c))"
+    )
     env = {**os.environ, "PYTHONPATH": str(DEMO.parent.parent), "OMP_NUM_THREADS": "1"}
     env.pop("RLME_CRASH_AT", None)
     if crash_at:
         env["RLME_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-c", code, str(config_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, str(config_path)], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.slow
