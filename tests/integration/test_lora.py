@@ -245,3 +245,29 @@ def test_a_lora_run_killed_anywhere_resumes_to_the_uninterrupted_result(tiny_mod
     p = _train_process(path, None)
     assert p.returncode == 0, p.stderr[-3000:]
     assert _contents(ref_cfg) == _contents(cfg)
+
+
+def test_a_bf16_lora_policy_keeps_a_bf16_base_and_trains_an_fp32_adapter(tiny_models, tmp_path):
+    import torch
+
+    from rlme_pipeline.backends.select import Backends
+
+    cfg = lora_cfg(tmp_path, lora={**LORA, "dropout": 0.0})
+    d = cfg.model_dump(mode="json")
+    d["policy"]["dtype"] = "bfloat16"
+    cfg = validate_config(d)
+    run = Run.for_config(cfg)
+    train(cfg, run)
+    for i in (0, 1):
+        adapter = load_file(_ckpt(run, i)["adapter_model.safetensors"])
+        assert {t.dtype for t in adapter.values()} == {torch.float32}  # small updates are not rounded away
+    assert run.read_record(1, "update").metrics["optimizer_steps"] > 0
+    # a fresh process's model: the bf16 base with checkpoint 1's adapter in fp32
+    with Backends() as backends:
+        from rlme_pipeline.adapters import load
+        from rlme_pipeline.lineage import policy_at
+
+        lm = load(backends.pool, policy_at(run, cfg, 2))
+        params = list(lm.model.named_parameters())
+        assert {p.dtype for n, p in params if "lora_" in n} == {torch.float32}
+        assert {p.dtype for n, p in params if "lora_" not in n} == {torch.bfloat16}
