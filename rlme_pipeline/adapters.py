@@ -19,7 +19,7 @@ import torch
 from rlme_pipeline.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapted
 from rlme_pipeline.config import Config, ConfigError, LoraConfig
 from rlme_pipeline.lineage import ModelRef, initial_policy
-from rlme_pipeline.models import Loaded, ModelPool
+from rlme_pipeline.models import Loaded, ModelPool, weights_version
 from rlme_pipeline.seeds import derive
 
 VERSION_ATTR = "rlme_adapter_version"  # on the PeftModel: the version of the adapter weights it holds now
@@ -43,14 +43,16 @@ def attach(model, lora: LoraConfig, seed: int):
         return get_peft_model(model, peft_cfg)
 
 
-def load_into(model, path: str, version: str):
-    """`model` (a base, or an adapted model) holding the adapter of checkpoint `path`: injected from its
+def load_into(model, ref: ModelRef):
+    """`model` (the base, or the base adapted) holding the adapter of checkpoint `ref`: injected from its
     adapter_config.json if the model has none yet, its weights copied in place otherwise."""
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    path, version = ref.path, ref.version
     if getattr(model, VERSION_ATTR, None) == version:
         return model
+    check_base(ref)
     if not is_adapted(model):
         model = PeftModel.from_pretrained(model, path, is_trainable=True)
     else:
@@ -70,7 +72,7 @@ def load(pool: ModelPool, ref: ModelRef) -> Loaded:
             return Loaded(AdaptersOff(lm.model), lm.tokenizer, ref.version, ref.path)
         return lm
     base = pool.get(ref.base, ref.dtype, ref.device)
-    model = load_into(base.model, ref.path, ref.version)
+    model = load_into(base.model, ref)
     if model is not base.model:
         pool.put((ref.base, ref.dtype, ref.device), Loaded(model, base.tokenizer, base.version, base.path))
     return Loaded(model, base.tokenizer, ref.version, ref.path)
@@ -89,8 +91,7 @@ def trainable(pool: ModelPool, cfg: Config, ref: ModelRef, iteration: int) -> Lo
     if ref.base is None:  # iteration 0: a fresh adapter on the base
         model = attach(model.unload() if is_adapted(model) else model, cfg.policy.lora, derive(cfg.run.seed, "lora"))
     else:
-        check_base(ref.path, cfg)
-        model = load_into(model, ref.path, ref.version)
+        model = load_into(model, ref)
     setattr(model, VERSION_ATTR, None)
     pool.put(key, Loaded(model, base.tokenizer, base.version, base.path))
     return Loaded(model, base.tokenizer, ref.version, ref.path, base.optimizer if fits else None)
@@ -109,14 +110,15 @@ def base_record(cfg: Config) -> dict:
     return {"ref": cfg.policy.model, "sha256": init.version}
 
 
-def check_base(path: str, cfg: Config) -> None:
-    """A LoRA checkpoint only means something on the base it was trained on."""
-    state = json.loads((Path(path) / "trainer_state.json").read_text())
-    want, have = state.get("base", {}).get("sha256"), initial_policy(cfg).version
+def check_base(ref: ModelRef) -> None:
+    """A LoRA checkpoint only means something on the base it was trained on (trainer_state.json's
+    base.sha256): refuse to put it on other weights, e.g. a base directory changed in place."""
+    state = json.loads((Path(ref.path) / "trainer_state.json").read_text())
+    want, have = state.get("base", {}).get("sha256"), weights_version(ref.base)
     if want != have:
         raise ConfigError(
-            f"policy.model: the adapter in {path} was trained on base weights {str(want)[:12]}, "
-            f"but the configured base is {have[:12]}; point policy.model at the original base"
+            f"policy.model: the adapter in {ref.path} was trained on base weights {str(want)[:12]}, "
+            f"but the configured base {ref.base} has {have[:12]}; point policy.model at the original base"
         )
 
 

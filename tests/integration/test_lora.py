@@ -271,3 +271,24 @@ def test_a_bf16_lora_policy_keeps_a_bf16_base_and_trains_an_fp32_adapter(tiny_mo
         params = list(lm.model.named_parameters())
         assert {p.dtype for n, p in params if "lora_" in n} == {torch.float32}
         assert {p.dtype for n, p in params if "lora_" not in n} == {torch.bfloat16}
+
+
+def test_resuming_an_adapter_on_changed_base_weights_is_refused(tiny_models, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["policy"], base)
+    cfg = lora_cfg(tmp_path, iterations=1)
+    d = cfg.model_dump(mode="json")
+    d["policy"]["model"] = str(base)
+    cfg = validate_config(d)
+    train(cfg, Run.for_config(cfg))
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1e-3)  # same path, same config hash: different weights
+    model.save_pretrained(base)
+    with pytest.raises(ConfigError, match="policy.model: the adapter in .* was trained on base weights"):
+        train(cfg.with_overrides(iterations=2), Run.for_config(cfg))
