@@ -63,6 +63,7 @@ MUTANTS ?= rlme_pipeline.losses.* rlme_pipeline.rewards.* rlme_pipeline.stages.a
 	rlme_pipeline.run.xǁRunǁpath* rlme_pipeline.run.xǁRunǁnew_path* rlme_pipeline.run.xǁRunǁrel*
 
 mutate: $(STAMP)
+	rm -rf mutants  # from scratch: mutmut's per-test coverage cache misses a test whose body changed
 	for m in $(MUTANTS); do OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 1 "$$m" > /dev/null || exit 1; done
 	$(BIN)/mutmut results
 
