@@ -165,3 +165,18 @@ def test_before_the_commit_readers_see_finished_stages_only(run):
         run.path(0, "aggregate.bin")
     _records(run, 11, "b")
     assert run.iterations() == [0, 11] and run.committed() == [0]
+
+
+def test_a_stage_record_counts_only_while_its_record_and_files_check_out(run):
+    """What resume skips: a stage is done when its record parses and every file it lists has the
+    recorded hash; anything else (no record, a torn one, a changed or missing file) means run it again."""
+    recs = _records(run, 2, "a")
+    assert run.stage_record(2, "generate") == recs[0] and run.stage_record(2, "aggregate") == recs[1]
+    assert run.stage_record(2, "score") is None  # never written
+    run.store.write_bytes(recs[0].files[0].path, b"a:generatX")  # same size, other bytes
+    assert run.stage_record(2, "generate") is None
+    run.store.rm(recs[1].files[0].path)
+    assert run.stage_record(2, "aggregate") is None
+    recs = _records(run, 3, "b")
+    run.store.write_bytes("iter-000003/stages/generate.json", b'{"stage": "gener')
+    assert run.stage_record(3, "generate") is None and run.stage_record(3, "aggregate") == recs[1]
