@@ -58,9 +58,8 @@ bench-gpu:
 # [tool.mutmut] section of pyproject.toml). Takes about an hour on 2 cores; MUTANTS=... narrows it.
 MUTANTS ?= rlme_pipeline.losses.* rlme_pipeline.rewards.* rlme_pipeline.stages.aggregate.* \
 	rlme_pipeline.label_reward.* rlme_pipeline.answers.* rlme_pipeline.lease.* \
-	rlme_pipeline.run.x_attempt_name* rlme_pipeline.run.xǁRunǁcommit* rlme_pipeline.run.xǁRunǁmanifest* \
-	rlme_pipeline.run.xǁRunǁcommitted* rlme_pipeline.run.xǁRunǁiterations* rlme_pipeline.run.xǁRunǁfiles* \
-	rlme_pipeline.run.xǁRunǁpath* rlme_pipeline.run.xǁRunǁnew_path* rlme_pipeline.run.xǁRunǁrel*
+	rlme_pipeline.run.x_attempt_name* rlme_pipeline.run.x_check_files* rlme_pipeline.run.xǁUnitǁ* \
+	rlme_pipeline.run.xǁRunǁcommit* rlme_pipeline.run.xǁRunǁiterations* rlme_pipeline.run.xǁRunǁunit*
 
 mutate: $(STAMP)
 	rm -rf mutants  # from scratch: mutmut's per-test coverage cache misses a test whose body changed

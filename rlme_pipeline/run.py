@@ -138,12 +138,20 @@ class Unit(Generic[M]):
         {dir}/MANIFEST.json              the commit: lists every file; created exclusively, the first stands
 
     `expect` names manifest fields that must match (run_id, iteration, ...): a manifest copied into the
-    wrong directory is damage, not data."""
+    wrong directory is damage, not data. `remake` says how to make a damaged unit again (the command), for
+    the one line a damaged manifest is reported in."""
 
     def __init__(
-        self, store: Store, dir: str, manifest: type[M], steps: tuple[str, ...] = (), expect: dict | None = None
+        self,
+        store: Store,
+        dir: str,
+        manifest: type[M],
+        steps: tuple[str, ...] = (),
+        expect: dict | None = None,
+        remake: str = "run the command that made it again",
     ):
         self.store, self.dir, self.model, self.steps, self.expect = store, dir, manifest, steps, expect or {}
+        self.remake = remake
 
     def rel(self, name: str) -> str:
         return f"{self.dir}/{name}"
@@ -203,7 +211,7 @@ class Unit(Generic[M]):
             raise CorruptRun(
                 f"{self.store.where(rel)} is not a valid manifest ({type(e).__name__}: {first}). The commit of "
                 f"{self.dir} is damaged; nothing was changed. Inspect it with `rlme verify {self.store.url}`; to "
-                "recompute it, delete that MANIFEST.json and run the command that made it again."
+                f"recompute it, delete that MANIFEST.json and {self.remake}."
             ) from None
         if wrong := {k: getattr(m, k) for k, v in self.expect.items() if getattr(m, k) != v}:
             said = ", ".join(f"{k} {getattr(m, k)!r}" for k in self.expect)
@@ -363,7 +371,8 @@ class Run:
 
     # --- iterations: one commit unit each ----------------------------------------------------------
     def unit(self, i: int) -> Unit[Manifest]:
-        return Unit(self.store, iter_dir(i), Manifest, STAGES, {"run_id": self.id, "iteration": i})
+        expect = {"run_id": self.id, "iteration": i}
+        return Unit(self.store, iter_dir(i), Manifest, STAGES, expect, remake="run `rlme train` again")
 
     def rel(self, i: int, name: str) -> str:
         return self.unit(i).rel(name)

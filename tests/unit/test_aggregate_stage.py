@@ -1,6 +1,7 @@
-"""The aggregate stage end to end on a local run: it reads the iteration's rollouts and scores through
-the run, writes the rewards table under an attempt-unique name, and records the numbers a user watches
-(reward mean/std over unmasked rollouts, masked count, per evaluator x question drift, label share)."""
+"""The aggregate stage: the pure function (stages/aggregate.py) computes the rewards and the numbers a
+user watches (reward mean/std over unmasked rollouts, masked count, per evaluator x question drift, label
+share); run through the runner on a local run, it reads the iteration's rollouts and scores, writes the
+rewards table under an attempt-unique name and records those numbers in its stage record."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import validate_config
 from rlme_pipeline.rewards import compute_rewards
 from rlme_pipeline.run import Run, StageRecord
+from rlme_pipeline.runner import Runner
 from rlme_pipeline.stages.aggregate import aggregate, component_metrics
 from rlme_pipeline.storage import Store
 
@@ -85,9 +88,13 @@ def _run(tmp_path) -> Run:
 
 def test_the_stage_writes_the_rewards_and_records_its_metrics(tmp_path):
     run, cfg = _run(tmp_path), validate_config(BASE)
-    t0 = time.perf_counter()
-    rec = aggregate(cfg, run, 2)
-    assert 0 <= rec.seconds <= time.perf_counter() - t0  # its own duration, within the call's
+    with Backends() as backends:
+        runner = Runner(cfg, run, backends)
+        t0 = time.perf_counter()
+        rec, ran = runner.run_stage(2, "aggregate")
+        assert 0 <= rec.seconds <= time.perf_counter() - t0  # its own duration, within the call's
+        assert ran and run.stage_record(2, "aggregate") == rec  # the record is written, its files intact
+        assert runner.run_stage(2, "aggregate") == (rec, False)  # so the stage is not run again
     assert (rec.stage, rec.iteration, [f.logical for f in rec.files]) == (
         "aggregate",
         2,
@@ -99,6 +106,7 @@ def test_the_stage_writes_the_rewards_and_records_its_metrics(tmp_path):
     assert_frame_equal(got, want, check_dtypes=False)
     # a: -1 + 0.5 * -2 = -2; b: -3 + 0.5 * -20 (floored) = -13; c: failed -> NaN; d: -0.5 - 0.25 = -0.75
     assert got["reward"].to_list()[:2] == [-2.0, -13.0] and math.isnan(got["reward"][2])
+    assert run.read_table(2, "rewards.parquet").equals(got)  # readers find it by its logical name
     rewards = [-2.0, -13.0, -0.75]
     mean = sum(rewards) / 3
     m = rec.metrics
@@ -121,12 +129,10 @@ def test_component_metrics_are_unweighted_per_evaluator_and_question():
     assert p["e/k/mean"] == pytest.approx(sum(math.exp(x) for x in e) / 4)
 
 
-def test_the_stage_mixes_label_rewards_when_configured(tmp_path):
-    run = _run(tmp_path)
-    rec = aggregate(validate_config({**BASE, "label_reward": {"share": 1.0}}), run, 2)
-    got = run.store.read_parquet(rec.files[0].path)
+def test_the_stage_mixes_label_rewards_when_configured():
+    got, metrics = aggregate(validate_config({**BASE, "label_reward": {"share": 1.0}}), _scores(), _rollouts())
     assert got["reward"].to_list() == [0.0, FLOOR, 0.0, 0.0]  # exact match replaces every labelled reward
-    assert rec.metrics["label_rewarded_share"] == 1.0 and rec.metrics["masked_rollouts"] == 0
+    assert metrics["label_rewarded_share"] == 1.0 and metrics["masked_rollouts"] == 0
 
 
 def test_component_metrics_are_listed_by_evaluator_then_question():
@@ -144,8 +150,7 @@ def test_component_metrics_are_listed_by_evaluator_then_question():
     assert keys[::3] == [f"{ev}/{q}/mean" for ev in ("alpha", "zeta") for q in ("q1", "q2", "q3")]
 
 
-def test_label_mixing_in_the_stage_uses_the_reward_form_and_std_switch(tmp_path):
-    run = _run(tmp_path)
+def test_label_mixing_in_the_stage_uses_the_reward_form_and_std_switch():
     cfg = validate_config(
         {
             **BASE,
@@ -154,7 +159,7 @@ def test_label_mixing_in_the_stage_uses_the_reward_form_and_std_switch(tmp_path)
             "scoring": {"logp_floor": FLOOR, "reward_form": "p"},
         }
     )
-    got = run.store.read_parquet(aggregate(cfg, run, 2).files[0].path)
+    got, _ = aggregate(cfg, _scores(), _rollouts())
     assert got["reward"].to_list() == [1.0, 0.0, 1.0, 1.0]  # p form: 1 right, 0 wrong
     # group p: rewards 1, 0, 1 -> mean 2/3, population std sqrt(2)/3; group q: one rollout -> 0
     std = math.sqrt(2) / 3

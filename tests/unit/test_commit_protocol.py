@@ -86,13 +86,13 @@ def test_a_manifest_of_another_iteration_or_a_torn_one_is_refused(run):
     m = run.commit(2, cfg, _records(run, 2, "x"))
     run.store.write_bytes(f"iter-000005/{MANIFEST}", json.dumps(m.model_dump(mode="json")).encode())
     where5, where6 = (re.escape(run.store.where(f"iter-00000{i}/{MANIFEST}")) for i in (5, 6))
-    with pytest.raises(CorruptRun, match=rf"^{where5} belongs to run 'exp' iteration 2, not 'exp' 5$"):
+    with pytest.raises(CorruptRun, match=rf"^{where5} belongs to run_id 'exp', iteration 2, not iteration 5$"):
         run.manifest(5)
     run.store.write_bytes(f"iter-000006/{MANIFEST}", b'{"run_id": "exp", "iter')
     fix = (
-        r"\. The iteration's commit is damaged; nothing was changed\. Inspect it with `rlme verify "
+        r"\. The commit of iter-000006 is damaged; nothing was changed\. Inspect it with `rlme verify "
         + re.escape(run.url)
-        + r"`; to recompute the iteration, delete that MANIFEST\.json and run `rlme train` again\.$"
+        + r"`; to recompute it, delete that MANIFEST\.json and run `rlme train` again\.$"
     )
     with pytest.raises(
         CorruptRun, match=rf"^{where6} is not a valid manifest \(JSONDecodeError: Unterminated string[^\n]*\){fix}"
@@ -154,7 +154,10 @@ def test_before_the_commit_readers_see_finished_stages_only(run):
     run.store.write_bytes("iter-x7/whatever.bin", b"not an iteration")
     assert run.iterations() == [0] and run.committed() == []
     assert run.path(0, "aggregate.bin") == recs[1].files[0].path
-    with pytest.raises(FileNotFoundError, match="iter-000000/stray.bin is listed by no manifest or stage record"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="iter-000000/stray.bin is listed by no manifest or record: not written or not committed yet$",
+    ):
         run.path(0, "stray.bin")
     run.commit(0, cfg, recs[:1])  # the manifest decides from now on, not the stage records
     assert [f.logical for f in run.files(0)] == ["iter-000000/generate.bin"]
@@ -162,3 +165,18 @@ def test_before_the_commit_readers_see_finished_stages_only(run):
         run.path(0, "aggregate.bin")
     _records(run, 11, "b")
     assert run.iterations() == [0, 11] and run.committed() == [0]
+
+
+def test_a_stage_record_counts_only_while_its_record_and_files_check_out(run):
+    """What resume skips: a stage is done when its record parses and every file it lists has the
+    recorded hash; anything else (no record, a torn one, a changed or missing file) means run it again."""
+    recs = _records(run, 2, "a")
+    assert run.stage_record(2, "generate") == recs[0] and run.stage_record(2, "aggregate") == recs[1]
+    assert run.stage_record(2, "score") is None  # never written
+    run.store.write_bytes(recs[0].files[0].path, b"a:generatX")  # same size, other bytes
+    assert run.stage_record(2, "generate") is None
+    run.store.rm(recs[1].files[0].path)
+    assert run.stage_record(2, "aggregate") is None
+    recs = _records(run, 3, "b")
+    run.store.write_bytes("iter-000003/stages/generate.json", b'{"stage": "gener')
+    assert run.stage_record(3, "generate") is None and run.stage_record(3, "aggregate") == recs[1]

@@ -1,7 +1,8 @@
 """One optimizer step of the update stage moves the policy the way the advantages say: the log-prob of
 the positive-advantage completion rises, the negative one's falls. A flipped sign anywhere between the
 rewards table and the optimizer (advantage, loss, weights) fails here in seconds, not only in the slow
-learning test. Real pieces throughout: the tiny policy, the stage reading a run's tables, AdamW."""
+learning test. Real pieces throughout: the tiny policy, the pure update stage on real rollouts and rewards
+tables, AdamW."""
 
 from __future__ import annotations
 
@@ -10,13 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlme_pipeline import checkpoint
 from rlme_pipeline.config import validate_config
 from rlme_pipeline.logprobs import completion_logprobs
-from rlme_pipeline.models import load_tokenizer
-from rlme_pipeline.run import Run, StageRecord
+from rlme_pipeline.models import Loaded, load_tokenizer
 from rlme_pipeline.stages.update import update
-from rlme_pipeline.storage import Store
 
 COMPLETIONS = {"good": " The answer is 5.", "bad": " blah blah blah no"}
 
@@ -39,9 +37,9 @@ def _logps(model, tok, prompt: list[int], completions: dict[str, list[int]]) -> 
 
 
 def _iteration_zero(
-    run: Run, tok, model, prompt: list[int], completions: dict[str, list[int]], advantages: dict[str, float]
-):
-    """The generate and aggregate outputs of iteration 0, as their stages would have committed them:
+    tok, model, prompt: list[int], completions: dict[str, list[int]], advantages: dict[str, float]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rollouts, rewards): the generate and aggregate outputs of iteration 0, as their stages make them:
     on-policy behaviour log-probs (ratio 1) and the given advantages."""
     with torch.no_grad():
         behaviour = [
@@ -53,7 +51,7 @@ def _iteration_zero(
     names = list(completions)
     rollouts = pl.DataFrame(
         {
-            "run_id": [run.id] * 2,
+            "run_id": ["dir"] * 2,
             "iteration": [0, 0],
             "rollout_id": names,
             "prompt_id": ["p", "p"],
@@ -79,13 +77,7 @@ def _iteration_zero(
             "n_failed": [0, 0],
         }
     )
-    for stage, name, df, table in (
-        ("generate", "rollouts.parquet", rollouts, "rollouts"),
-        ("aggregate", "rewards.parquet", rewards, "rewards"),
-    ):
-        run.write_stage_record(
-            StageRecord(stage=stage, iteration=0, files=[run.write_table(0, name, df, table)], seconds=0.0)
-        )
+    return rollouts, rewards
 
 
 @pytest.mark.parametrize("loss", ["cispo", "grpo", "dr_grpo"])
@@ -108,13 +100,14 @@ def test_one_step_raises_the_positive_and_lowers_the_negative_completion(tmp_pat
     before_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     prompt = tok("Question: What is 2+3?\nAnswer:")["input_ids"]
     completions = {n: tok(t, add_special_tokens=False)["input_ids"][:8] for n, t in COMPLETIONS.items()}
-    run = Run(Store(cfg.run.storage), cfg.run.id)
-    _iteration_zero(run, tok, before_model, prompt, completions, {"good": 1.0, "bad": -1.0})
+    rollouts, rewards = _iteration_zero(tok, before_model, prompt, completions, {"good": 1.0, "bad": -1.0})
 
-    rec = update(cfg, run, 0)
-    assert rec.metrics["optimizer_steps"] == 1 and rec.metrics["trained_rollouts"] == 2
+    # a second copy of the same weights, trained in place by the stage; before_model stays untouched
+    lm = Loaded(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok, "v0", path)
+    opt, state, metrics = update(cfg, 0, rollouts, rewards, lm, None, None)
+    assert metrics["optimizer_steps"] == 1 and metrics["trained_rollouts"] == 2
+    assert (state["iteration"], state["optimizer_steps"]) == (0, 1) and isinstance(opt, torch.optim.AdamW)
 
-    after_model = AutoModelForCausalLM.from_pretrained(checkpoint.local_dir(run, 0, rec.files), dtype=torch.float32)
-    before, after = _logps(before_model, tok, prompt, completions), _logps(after_model, tok, prompt, completions)
+    before, after = _logps(before_model, tok, prompt, completions), _logps(lm.model, tok, prompt, completions)
     assert after["good"] > before["good"], (before, after)
     assert after["bad"] < before["bad"], (before, after)
