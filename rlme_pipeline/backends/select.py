@@ -114,8 +114,8 @@ def _check_external(url: str, ref: ModelRef) -> None:
 class Backends:
     """The models and inference servers of one owner (a training process, a re-score, an audit).
 
-    Shared by threads (re-score shards): the model pool is locked, and a managed server or an in-process
-    LLM serves one thread at a time (the next one reuses it when kept alive)."""
+    Shared by threads (re-score shards): the model pool is locked, an hf model and a managed server or an
+    in-process LLM each serve one thread at a time (the next one reuses it when kept alive)."""
 
     def __init__(self, vllm: VllmConfig | None = None, pool_capacity: int = 4):
         self.vllm = vllm or VllmConfig()
@@ -123,6 +123,9 @@ class Backends:
         self.in_use: list[object] = []  # the servers/LLMs a stage is using right now (tests kill one mid-stage)
         self._live: dict[tuple, object] = {}  # keep_alive: the one live server/LLM, keyed by what it serves
         self._serving = threading.RLock()
+        # hf models are used one thread at a time: a LoRA run's base is one model whose adapter weights (or
+        # adapters-off state) change with the checkpoint asked for, and re-score shards run in threads
+        self._hf_turn = threading.RLock()
         self._start_watchers: list[list[float]] = []
         self._tokenizers: dict[str, object] = {}
 
@@ -154,8 +157,9 @@ class Backends:
         if backend == "hf":
             from rlme_pipeline.backends.hf import HFGenerator
 
-            lm = adapters.load(self.pool, ref)
-            yield HFGenerator(lm.model, eos_ids(lm.model, lm.tokenizer), lm.tokenizer.pad_token_id), lm.tokenizer
+            with self._hf_turn:
+                lm = adapters.load(self.pool, ref)
+                yield HFGenerator(lm.model, eos_ids(lm.model, lm.tokenizer), lm.tokenizer.pad_token_id), lm.tokenizer
         elif backend == "openai":
             from rlme_pipeline.backends.openai import OpenAIGenerator
 
@@ -175,8 +179,9 @@ class Backends:
         if backend == "hf":
             from rlme_pipeline.backends.hf import HFJudge
 
-            lm = adapters.load(self.pool, ref)
-            yield HFJudge(lm.model, lm.tokenizer.pad_token_id), lm.tokenizer
+            with self._hf_turn:
+                lm = adapters.load(self.pool, ref)
+                yield HFJudge(lm.model, lm.tokenizer.pad_token_id), lm.tokenizer
         elif backend == "openai":
             from rlme_pipeline.backends.openai import OpenAIJudge
 
