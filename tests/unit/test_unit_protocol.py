@@ -80,14 +80,14 @@ def test_a_verified_read_refuses_bytes_that_differ_from_the_entry(store):
 
 
 def test_referenced_names_the_manifest_every_record_and_every_listed_file(store):
-    steps = ("generate", "score", "aggregate")
+    steps = ("generate", "score", "aggregate", "update")  # update: not run yet, no record
     unit = Unit(store, "iter-000003", Manifest, steps)
     files = {}
     for step in ("generate", "score"):
         logical, physical = unit.new_path(f"{step}.bin")
         files[step] = store.write_bytes(physical, step.encode(), name=logical)
         unit.write_record(step, StageRecord(stage=step, iteration=3, files=[files[step]], seconds=1.0))
-    store.write_bytes(unit.record_rel("aggregate"), b"{torn")  # a torn record names nothing
+    store.write_bytes(unit.record_rel("aggregate"), b"{torn")  # a torn record names nothing, a missing one too
     base = {"iter-000003/MANIFEST.json"} | {f"iter-000003/stages/{s}.json" for s in steps}
     assert unit.referenced() == base | {f.path for f in files.values()}
     # committed: the manifest's files are kept too, even one that no record lists
