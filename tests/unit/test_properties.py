@@ -127,7 +127,6 @@ def test_numbers_compare_by_value(n, tail):
 def evaluator(tiny_models):
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(1)
     return AutoModelForCausalLM.from_pretrained(str(tiny_models["evaluator"]), dtype=torch.float32).eval()
 
 

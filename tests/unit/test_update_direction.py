@@ -82,7 +82,6 @@ def _iteration_zero(
 
 @pytest.mark.parametrize("loss", ["cispo", "grpo", "dr_grpo"])
 def test_one_step_raises_the_positive_and_lowers_the_negative_completion(tmp_path, tiny_models, loss):
-    torch.set_num_threads(1)
     path = str(tiny_models["policy"])
     cfg = validate_config(
         {
