@@ -140,14 +140,15 @@ def test_judgements_match_a_direct_forward_pass(result, direct_judgements):
 
 def test_an_external_server_is_used_only_for_the_weights_it_serves(vllm_server, tiny_models):
     from rlme_pipeline.backends import BackendError
-    from rlme_pipeline.backends.select import open_generator
+    from rlme_pipeline.backends.select import Backends
     from rlme_pipeline.config import VllmConfig
     from rlme_pipeline.lineage import ModelRef
 
-    v = VllmConfig(url=vllm_server.url)
-    with open_generator(v, ModelRef(str(tiny_models["policy"]), "v0", "float32", "cpu"), "openai") as (gen, tok):
-        s = gen.sample([tok("Hi")["input_ids"]], [5], max_new_tokens=2, temperature=1.0, top_p=1.0)
-        assert len(s[0].token_ids) == 2
-    with pytest.raises(BackendError, match="cannot follow"):
-        with open_generator(v, ModelRef(str(tiny_models["evaluator"]), "v1", "float32", "cpu"), "openai"):
-            pass
+    with Backends(VllmConfig(url=vllm_server.url)) as backends:
+        policy = ModelRef(str(tiny_models["policy"]), "v0", "float32", "cpu")
+        with backends.generator(policy, "openai") as (gen, tok):
+            s = gen.sample([tok("Hi")["input_ids"]], [5], max_new_tokens=2, temperature=1.0, top_p=1.0)
+            assert len(s[0].token_ids) == 2
+        with pytest.raises(BackendError, match="cannot follow"):
+            with backends.generator(ModelRef(str(tiny_models["evaluator"]), "v1", "float32", "cpu"), "openai"):
+                pass
