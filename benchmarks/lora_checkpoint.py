@@ -36,15 +36,9 @@ def qwen_shape_params(r: int) -> tuple[int, int]:
     """(all parameters, LoRA parameters) of a Qwen2.5-0.5B-shaped model, built on the meta device."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    c = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    from benchmarks.gpu import POLICY_QWEN05, QWEN_VOCAB  # the one definition of the shape
+
+    c = Qwen2Config(vocab_size=QWEN_VOCAB, **{k: v for k, v in POLICY_QWEN05.items() if k != "arch"})
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(c)
     full = sum(p.numel() for p in m.parameters())
