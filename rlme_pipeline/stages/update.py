@@ -63,16 +63,7 @@ def update(
 
     step_size = o.micro_batch_size * o.grad_accumulation
     n_steps = o.epochs * -(-len(items) // step_size) if items else 0
-    # Statistics stay on the model's device as tensors; they are read once, after the last step.
-    sums: dict = {
-        "loss": 0.0,
-        "clipped": 0.0,
-        "kl": 0.0,
-        "tokens": 0,
-        "grad_norm": 0.0,
-        "mismatch": 0.0,
-        "mismatch_tokens": 0,
-    }
+    sums = new_sums()
     model.train()
     if o.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -119,6 +110,20 @@ def update(
             "masked_rollouts": masked,
         },
     )
+
+
+def new_sums() -> dict:
+    """The update's running statistics. They become tensors on the model's device as `accumulate_step`
+    adds to them, and are read once, after the last step."""
+    return {
+        "loss": 0.0,
+        "clipped": 0.0,
+        "kl": 0.0,
+        "tokens": 0,
+        "grad_norm": 0.0,
+        "mismatch": 0.0,
+        "mismatch_tokens": 0,
+    }
 
 
 def accumulate_step(model, reference, step: list[dict], cfg: Config, pad_id: int, sums: dict, first: bool) -> None:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlme_pipeline.config import load_config
-from rlme_pipeline.stages.update import accumulate_step
+from rlme_pipeline.stages.update import accumulate_step, new_sums
 from tests.conftest import DEMO
 
 
@@ -49,15 +49,7 @@ def test_update_step_keeps_every_tensor_on_the_models_device(tiny_models, loss, 
     )
     model = _meta_model(tiny_models["policy"])
     reference = _meta_model(tiny_models["policy"]).eval() if beta > 0 else None
-    sums: dict = {
-        "loss": 0.0,
-        "clipped": 0.0,
-        "kl": 0.0,
-        "tokens": 0,
-        "grad_norm": 0.0,
-        "mismatch": 0.0,
-        "mismatch_tokens": 0,
-    }
+    sums = new_sums()
     accumulate_step(model, reference, _items(6), cfg, pad_id=0, sums=sums, first=True)
     sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     torch.optim.AdamW(model.parameters(), lr=1e-3).step()
