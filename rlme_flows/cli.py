@@ -309,6 +309,82 @@ def audit(
         )
 
 
+@app.command()
+def evolve(
+    run_uri: str = RUN_URI,
+    proposer: str = typer.Option(
+        ..., help="'rules' (the shipped robustness library) or a model reference: a path, a hub id, tiny:policy"
+    ),
+    backend: str = typer.Option("hf", help="how the proposer model runs: hf, vllm or openai (the run's vllm settings)"),
+    name: Optional[str] = typer.Option(None, help="proposal name: {run}/proposals/{name}/; default p-<UTC time>"),
+    candidates: int = typer.Option(4, min=1, max=32, help="drafts to ask the proposer for"),
+    iterations: Optional[str] = typer.Option(None, help="committed iterations to learn from and re-score; default all"),
+    probe_prompts: int = typer.Option(4, min=1, help="prompts for the judge-hacking probe of each question set"),
+    max_new_tokens: int = typer.Option(512, min=1, help="longest proposer answer, in tokens"),
+    temperature: float = typer.Option(0.7, min=0.0, help="proposer sampling temperature"),
+    dtype: str = typer.Option("float32", help="proposer dtype: float32, bfloat16, float16"),
+    device: str = typer.Option("cpu", help="proposer device for the hf backend, e.g. cuda"),
+    storage_option: list[str] = STORAGE_OPTION,
+):
+    """Propose edited meta-question sets, re-score the stored rollouts with each, rank them (docs/evolve.md)."""
+    import datetime as dt
+
+    from rlme_pipeline import scoreset
+    from rlme_pipeline.evolve import proposal
+    from rlme_pipeline.evolve.propose import RULES, ProposerSpec
+    from rlme_pipeline.storage import StorageError
+
+    opts = _options(storage_option)
+    name = name or "p-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if backend not in ("hf", "vllm", "openai"):
+        _fail(ValueError(f"--backend {backend!r}: use hf, vllm or openai"))
+    if dtype not in ("float32", "bfloat16", "float16"):
+        _fail(ValueError(f"--dtype {dtype!r}: use float32, bfloat16 or float16"))
+    if temperature <= 0 and proposer != RULES:
+        _fail(ValueError("--temperature: must be above 0 (each draft is sampled with its own seed)"))
+    run = _existing(run_uri, opts)
+    try:
+        proposal.check_new(run, name)
+        scoreset.parse_iterations(iterations, run.committed())
+    except (ValueError, StorageError) as e:
+        _fail(e)
+    spec = ProposerSpec(proposer, backend, dtype, device, max_new_tokens, temperature or 1.0)
+    try:
+        with local_prefect():
+            from rlme_flows.evolve import rlme_evolve
+
+            m = rlme_evolve(
+                run_uri=run_uri,
+                name=name,
+                proposer=spec.record(),
+                candidates=candidates,
+                iterations=iterations,
+                probe_prompts=probe_prompts,
+                storage_options=opts,
+            )
+    except ValueError as e:  # a candidate score set that exists with another definition
+        _fail(e)
+    _print_proposal(m)
+
+
+def _print_proposal(m: dict) -> None:
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    console.print(f"[bold green]proposal:[/] {m['proposal']}")
+    cur = m["current"]["measures"]
+    console.print(
+        f"  current: probe win {fmt(cur['probe_win_share'])}  AUROC {fmt(cur['label_auroc'])}  spread {fmt(cur['spread'])}"
+    )
+    for c in m["candidates"]:
+        if c["status"] == "rejected":
+            console.print(f"  {c['index']} {c['source']}: rejected: {c['reason']}", soft_wrap=True, highlight=False)
+            continue
+        mm = c["measures"]
+        line = f"probe win {fmt(mm['probe_win_share'])}  AUROC {fmt(mm['label_auroc'])}  spread {fmt(mm['spread'])}"
+        note = f"  (ineligible: {c['ineligible']})" if c["ineligible"] else ""
+        console.print(f"  {c['index']} {c['source']}: {line}{note}", soft_wrap=True, highlight=False)
+    console.print(f"[bold]chosen:[/] {m['why']}", soft_wrap=True)
+
+
 def _check_scoreset(run, flag: str, name: str | None) -> None:
     """What the audit reads, looked up as the audit does (audit/sources.py), before Prefect starts."""
     from rlme_pipeline.audit.sources import load

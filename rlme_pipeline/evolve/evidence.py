@@ -8,8 +8,8 @@
                               / low-reward right rollouts
 
 The tables come from the audit (audit/stats.py, audit/labels.py); this module only picks the rows and
-examples a reader (or a model) needs, as plain JSON. `render` shows at most `examples` rollouts per
-section, so the prompt can be shrunk to fit a proposer's context.
+examples a reader (or a model) needs, as plain JSON. `render` shows at most `rows` entries per
+list, so the prompt can be shrunk to fit a proposer's context.
 """
 
 from __future__ import annotations
@@ -125,15 +125,14 @@ def collect(run: Run, iterations: list[int], probe: pl.DataFrame, n: int = EXAMP
     }
 
 
-def render(evidence: dict, examples: int) -> str:
-    """The evidence as compact YAML for a prompt, with at most `examples` rollouts per list."""
+def render(evidence: dict, rows: int) -> str:
+    """The evidence as compact YAML for a prompt, every list cut to its first `rows` entries (worst first)."""
 
     def cut(x):
         if isinstance(x, dict):
             return {k: cut(v) for k, v in x.items()}
         if isinstance(x, list):
-            rows = x[:examples] if x and isinstance(x[0], dict) and "completion" in x[0] else x
-            return [cut(v) for v in rows]
+            return [cut(v) for v in x[:rows]]
         if isinstance(x, float):
             return round(x, 3)
         return x

@@ -4,8 +4,8 @@ and a model go through the same parser and the same validation.
     rules   draws from the shipped library assets/robustness_questions.yaml: candidate k adds the k-th
             library question, those that target the probe kinds the evidence shows first
     model   any generator (hf, vllm or openai backend, any model reference) asked with the template
-            assets/evolve_prompt.txt, once per candidate with its own seed; the evidence is shown with as
-            many example rollouts as fit the model's context (5, 3, 1, then none)
+            assets/evolve_prompt.txt, once per candidate with its own seed; each evidence list is shown
+            with as many entries as fit the model's context (5, 3, 2, 1, then none)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 LIBRARY = ASSETS / "robustness_questions.yaml"
 TEMPLATE = ASSETS / "evolve_prompt.txt"
 RULES = "rules"
-EXAMPLE_STEPS = (5, 3, 1, 0)
+ROW_STEPS = (5, 3, 2, 1, 0)  # entries per evidence list, tried in turn until the prompt fits
 
 
 @dataclass(frozen=True)
@@ -75,23 +75,23 @@ def rules(evidence: dict, current: list[QuestionConfig], n: int) -> list[Draft]:
     return drafts
 
 
-def prompt_text(evidence: dict, current: list[QuestionConfig], examples: int) -> str:
+def prompt_text(evidence: dict, current: list[QuestionConfig], rows: int) -> str:
     qs = yaml.safe_dump(
         [{"id": q.id, "text": q.text, "weight": q.weight} for q in current], sort_keys=False, allow_unicode=True
     )
     return string.Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
-        questions=qs.strip(), evidence=render(evidence, examples).strip(), max_edits=MAX_EDITS
+        questions=qs.strip(), evidence=render(evidence, rows).strip(), max_edits=MAX_EDITS
     )
 
 
 def fitted_prompt(tok, evidence: dict, current: list[QuestionConfig], budget: int) -> tuple[str, list[int]] | str:
     """(text, token ids) of the largest prompt that leaves room to answer, or why none fits."""
-    for k in EXAMPLE_STEPS:
-        text = prompt_text(evidence, current, k)
+    for rows in ROW_STEPS:
+        text = prompt_text(evidence, current, rows)
         ids = chat_prompt_ids(tok, text, None)
         if len(ids) <= budget:
             return text, ids
-    return f"the prompt is {len(ids)} tokens even without examples; the proposer has room for {budget}"
+    return f"the prompt is {len(ids)} tokens even without evidence; the proposer has room for {budget}"
 
 
 def model_ref(spec: ProposerSpec) -> ModelRef:
