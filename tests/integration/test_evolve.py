@@ -1,0 +1,136 @@
+"""`rlme evolve` on the tiny demo: a noise proposer is rejected cleanly and touches nothing but its own
+proposal; the rules proposer lowers the probe win share, is chosen by the declared criteria, and every
+number in the proposal can be recomputed from the score sets it wrote."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from rlme_flows.cli import app
+from rlme_pipeline import scoreset
+from rlme_pipeline.evolve import proposal, rank
+from rlme_pipeline.evolve.propose import ProposerSpec
+from rlme_pipeline.run import Run
+from rlme_pipeline.runner import train
+from rlme_pipeline.storage import Store
+from tests.conftest import DEMO
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_models) -> Run:
+    """Two committed iterations of the demo (labels in the data, two evaluators), trained once."""
+    from rlme_pipeline.config import load_config
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = load_config(DEMO).with_overrides(storage=str(root / "runs"), iterations=2)
+    run = Run(Store(cfg.run.storage), cfg.run.id)
+    train(cfg, run)
+    return run
+
+
+@pytest.fixture
+def run(trained, tmp_path) -> Run:
+    shutil.copytree(trained.store.root, tmp_path / "runs" / "demo")
+    return Run(Store(str(tmp_path / "runs")), "demo")
+
+
+def tree(root: Path, skip: tuple[str, ...] = ("proposals",)) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).parts[0] not in skip
+    }
+
+
+def read_json(run: Run, name: str, logical: str):
+    return json.loads(run.store.read_bytes(proposal.unit(run, name).path(logical)))
+
+
+def test_noise_proposer_is_rejected_cleanly_and_the_run_is_untouched(run):
+    before = tree(Path(run.store.root))
+    spec = ProposerSpec(model="tiny:policy", backend="hf", max_new_tokens=64)
+    m = proposal.evolve(run, "noise", spec, n=3)
+
+    assert tree(Path(run.store.root)) == before  # not one byte outside proposals/noise, no score set
+    assert not (Path(run.store.root) / "scoresets").exists()
+    assert proposal.unit(run, "noise").committed() and m.chosen is None
+    assert [c["status"] for c in m.candidates] == ["rejected"] * 3
+    drafts = read_json(run, "noise", "candidates.json")
+    for c in drafts:
+        assert c["raw"], "the proposer was asked and answered (the prompt fits its context)"
+        assert c["reason"] and "\n" not in c["reason"]
+    prompt = run.store.read_bytes(proposal.unit(run, "noise").path("prompt.txt")).decode()
+    assert "Is the answer correct?" in prompt and "edits:" in prompt
+    assert m.current["measures"]["probe_win_share"] is not None
+    with pytest.raises(proposal.ProposalExists, match="choose another --name"):
+        proposal.evolve(run, "noise", spec, n=3)
+
+
+def test_rules_proposer_lowers_the_probe_share_and_is_chosen(run):
+    before = tree(Path(run.store.root), skip=("proposals", "scoresets"))
+    m = proposal.evolve(run, "r", ProposerSpec(model="rules"), n=5)
+    assert tree(Path(run.store.root), skip=("proposals", "scoresets")) == before
+
+    cur = m.current["measures"]
+    accepted = [c for c in m.candidates if c["status"] == "accepted"]
+    assert len(accepted) == 5 and all(c["source"].startswith("rules:") for c in accepted)
+    # the declared rule, by hand: eligible = spread gate and AUROC tolerance; lowest probe win share wins
+    eligible = [
+        c
+        for c in accepted
+        if c["measures"]["spread"] >= 0.5 * cur["spread"]
+        and (cur["label_auroc"] is None or c["measures"]["label_auroc"] >= cur["label_auroc"] - 0.05)
+    ]
+    assert [c["index"] for c in eligible] == [c["index"] for c in accepted if c["ineligible"] is None]
+    best = min(eligible, key=lambda c: (c["measures"]["probe_win_share"], c["index"]))
+    assert m.chosen == best["index"]
+    chosen = best["measures"]
+    assert chosen["probe_win_share"] < cur["probe_win_share"]  # the probe share went down
+
+    # the chosen set is a file `rlme rescore --questions` reads, equal to what was scored
+    u = proposal.unit(run, "r")
+    chosen_file = Path(run.store.root) / u.path("chosen.yaml")
+    questions = scoreset.load_questions(chosen_file)
+    defn = scoreset.load_definition(run, best["scoreset"])
+    assert questions == defn.questions and len(questions) == len(run.config().questions) + 1
+
+    # its measures come from its committed score set: the training aggregation gives the same rewards
+    rewards = pl.concat([scoreset.read_table(run, best["scoreset"], i, "rewards.parquet") for i in (0, 1)])
+    assert chosen["rollouts"] == rewards.height == 64
+    assert chosen["reward_mean"] == pytest.approx(float(rewards["reward"].mean()), rel=1e-9)
+    groups = rewards.group_by("iteration", "prompt_id").agg(s=pl.col("reward").std(ddof=0))
+    cfg = run.config()
+    total = sum(abs(e.weight * q.weight) for e in cfg.evaluators for q in questions)
+    assert chosen["spread"] == pytest.approx(float(groups["s"].mean()) / total, rel=1e-9)
+
+    # the record: every file listed and intact, the criteria written beside the numbers
+    assert not run.check_files(u.manifest().files)
+    scores = read_json(run, "r", "scores.json")
+    assert scores["criteria"] == rank.Criteria().model_dump() and scores["chosen"] == m.chosen
+    assert {c["scoreset"] for c in accepted} <= set(scoreset.committed_scoresets(run))
+
+
+def test_rerun_of_an_interrupted_proposal_reuses_its_drafts(run):
+    spec = ProposerSpec(model="rules")
+    first = proposal.prepare(run, "again", spec, 2)
+    files = proposal.unit(run, "again").read_record("prepare").files
+    assert proposal.prepare(run, "again", spec, 2) == first
+    assert proposal.unit(run, "again").read_record("prepare").files == files
+    m = proposal.evolve(run, "again", spec, n=2)
+    assert [c["index"] for c in m.candidates] == [0, 1]
+
+
+def test_cli_evolve_user_errors_are_one_line(run):
+    r = CliRunner().invoke(app, ["evolve", run.url, "--proposer", "rules", "--name", "a/b"])
+    assert r.exit_code == 2 and r.output.startswith("error: --name 'a/b'"), r.output
+    r = CliRunner().invoke(app, ["evolve", run.url, "--proposer", "rules", "--iterations", "7:9"])
+    assert r.exit_code == 2 and "--iterations '7:9'" in r.output, r.output
+    r = CliRunner().invoke(app, ["evolve", run.url, "--proposer", "x", "--backend", "tgi"])
+    assert r.exit_code == 2 and "--backend 'tgi'" in r.output, r.output
