@@ -36,7 +36,10 @@ def rlme_evolve(
             measure_task(run_uri, name, k, backends, opts)
     m = finish_task(run_uri, name, opts)
     rows = [{"set": CURRENT, **m["current"]["measures"]}]
-    rows += [{"set": c["index"], "source": c["source"], **(c["measures"] or {}), "status": c["status"]} for c in m["candidates"]]
+    rows += [
+        {"set": c["index"], "source": c["source"], **(c["measures"] or {}), "status": c["status"]}
+        for c in m["candidates"]
+    ]
     create_table_artifact(
         key=f"{artifact_key(m['run_id'])}-proposal-{artifact_key(name).removeprefix('rlme-')}",
         table=rows,

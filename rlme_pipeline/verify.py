@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlme_pipeline import scoreset
+from rlme_pipeline.evolve import proposal
 from rlme_pipeline.run import CorruptRun, Run, Unit, check_files
 
 
@@ -58,4 +59,7 @@ def verify(run: Run) -> Report:
         for shard in scoreset.shard_units(run, name):  # in progress: its committed shards are committed data
             if shard.committed():
                 rep.check(run, shard)
+    for name in proposal.names(run):  # rlme evolve's proposals
+        if (u := proposal.unit(run, name)).committed():
+            rep.check(run, u)
     return rep

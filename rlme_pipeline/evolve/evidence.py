@@ -56,7 +56,9 @@ def top_rollouts(ss: Scoreset, n: int, chars: int) -> list[dict]:
 
 def probe_hits(probe: pl.DataFrame) -> list[dict]:
     """Rows of a probe table (judging.run_probe) where some empty answer was judged positive, worst first."""
-    hits = probe.filter(pl.col("positive") > 0).sort("share", "evaluator", "question_id", descending=[True, False, False])
+    hits = probe.filter(pl.col("positive") > 0).sort(
+        "share", "evaluator", "question_id", descending=[True, False, False]
+    )
     return hits.select("evaluator", "question_id", "kind", "share", "p_yes_mean").to_dicts()
 
 
@@ -98,7 +100,10 @@ def label_disagreements(ss: Scoreset, n: int, chars: int) -> dict | None:
     if not correct.height:
         return None
     rewarded = (
-        ss.rewards.filter(pl.col("reward").is_not_nan()).select("rollout_id", "reward").collect().join(correct, on="rollout_id")
+        ss.rewards.filter(pl.col("reward").is_not_nan())
+        .select("rollout_id", "reward")
+        .collect()
+        .join(correct, on="rollout_id")
     )
     wrong = rewarded.filter(~pl.col("correct")).sort("reward", "rollout_id", descending=[True, False]).head(n)
     right = rewarded.filter(pl.col("correct")).sort("reward", "rollout_id").head(n)

@@ -78,7 +78,9 @@ def check_new(run: Run, name: str) -> None:
     if not RUN_ID.match(name) or ".." in name or len(scoreset_name(name, 99)) > 128:
         raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-', at most 110 characters")
     if unit(run, name).committed():
-        raise ProposalExists(f"--name {name!r}: proposal already committed in {run.url}/proposals; choose another --name")
+        raise ProposalExists(
+            f"--name {name!r}: proposal already committed in {run.url}/proposals; choose another --name"
+        )
 
 
 # --- prepare: evidence, drafts, candidates --------------------------------------------------------
@@ -114,7 +116,12 @@ def prepare(
     its = scoreset.parse_iterations(iterations, run.committed())
     with Backends(cfg.vllm_settings()) if backends is None else nullcontext(backends) as b:
         probe = run_probe(
-            evaluators_at(run, cfg, its[-1]), list(cfg.questions), cfg.scoring, probe_prompts(run, its[-1], probe_n), its[-1], b
+            evaluators_at(run, cfg, its[-1]),
+            list(cfg.questions),
+            cfg.scoring,
+            probe_prompts(run, its[-1], probe_n),
+            its[-1],
+            b,
         )
     ev = evidence.collect(run, its, probe)
     drafts, prompt = propose.propose(spec, ev, list(cfg.questions), n, cfg.vllm_settings())
@@ -139,7 +146,10 @@ def prepare(
         "accepted": [c["index"] for c in candidates if c["status"] == "accepted"],
         "drafts": len(candidates),
     }
-    u.write_record("prepare", StageRecord(stage="prepare", iteration=its[-1], files=files, seconds=time.perf_counter() - t0, info=info))
+    u.write_record(
+        "prepare",
+        StageRecord(stage="prepare", iteration=its[-1], files=files, seconds=time.perf_counter() - t0, info=info),
+    )
     return info
 
 
@@ -172,7 +182,9 @@ def measure(run: Run, name: str, k: int | str, backends: Backends) -> dict:
         for i, s in scoreset.shards(defn):
             scoreset.score_shard(run, c["scoreset"], i, s, backends)
         scoreset.finalize(run, c["scoreset"])
-        scores = pl.concat([scoreset.read_table(run, c["scoreset"], i, SCORES_FILE) for i in its], how="vertical_relaxed")
+        scores = pl.concat(
+            [scoreset.read_table(run, c["scoreset"], i, SCORES_FILE) for i in its], how="vertical_relaxed"
+        )
     rollouts = pl.concat(
         [run.read_table(i, ROLLOUTS_FILE).select(scoreset.ROLLOUT_COLUMNS) for i in its], how="vertical_relaxed"
     )
@@ -180,7 +192,10 @@ def measure(run: Run, name: str, k: int | str, backends: Backends) -> dict:
     probe_scores = score_rollouts(probes, evaluators_at(run, cfg, its[-1]), questions, cfg.scoring, "probe", backends)
     extractor = cfg.label_reward.extractor if cfg.label_reward else "auto"
     m = rank.measure(questions, list(cfg.evaluators), cfg.scoring, scores, rollouts, probe_scores, probes, extractor)
-    u.write_record(_measure_step(k), StageRecord(stage=_measure_step(k), iteration=its[-1], files=[], seconds=time.perf_counter() - t0, metrics=m))
+    u.write_record(
+        _measure_step(k),
+        StageRecord(stage=_measure_step(k), iteration=its[-1], files=[], seconds=time.perf_counter() - t0, metrics=m),
+    )
     return m
 
 

@@ -150,8 +150,16 @@ def choose(base: dict, measured: list[tuple[int, dict]], c: Criteria) -> tuple[i
         return None, reasons, "no candidate is eligible; the current questions stay"
     best_key, best = min(eligible)
     if base["probe_win_share"] is not None and best_key[0] >= base["probe_win_share"]:
-        return None, reasons, (
-            f"the best eligible candidate ({best}) has probe win share {best_key[0]:.4g}, not below the current "
-            f"{base['probe_win_share']:.4g}; the current questions stay"
+        return (
+            None,
+            reasons,
+            (
+                f"the best eligible candidate ({best}) has probe win share {best_key[0]:.4g}, not below the current "
+                f"{base['probe_win_share']:.4g}; the current questions stay"
+            ),
         )
-    return best, reasons, f"candidate {best}: probe win share {best_key[0]:.4g} (current {_fmt(base['probe_win_share'])})"
+    return (
+        best,
+        reasons,
+        f"candidate {best}: probe win share {best_key[0]:.4g} (current {_fmt(base['probe_win_share'])})",
+    )

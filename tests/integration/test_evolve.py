@@ -20,6 +20,7 @@ from rlme_pipeline.evolve.propose import ProposerSpec
 from rlme_pipeline.run import Run
 from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
+from rlme_pipeline.verify import verify
 from tests.conftest import DEMO
 
 
@@ -115,6 +116,8 @@ def test_rules_proposer_lowers_the_probe_share_and_is_chosen(run):
     scores = read_json(run, "r", "scores.json")
     assert scores["criteria"] == rank.Criteria().model_dump() and scores["chosen"] == m.chosen
     assert {c["scoreset"] for c in accepted} <= set(scoreset.committed_scoresets(run))
+    rep = verify(run)  # `rlme verify` re-hashes the proposal with the iterations and score sets
+    assert rep.ok and rep.checked_files > sum(len(run.manifest(i).files) for i in (0, 1)) + len(u.manifest().files)
 
 
 def test_rerun_of_an_interrupted_proposal_reuses_its_drafts(run):

@@ -39,7 +39,7 @@ BAD = {
     "no edits": ("edits: []", "edits: 0 given"),
     "unknown op": ("edits: [{op: rename, id: correct, rationale: x}]", "op 'rename' is not one of"),
     "no rationale": ("edits: [{op: drop, id: logical}]", "edits[0]: rationale"),
-    "two-line rationale": ("edits: [{op: drop, id: logical, rationale: \"a\\nb\"}]", "rationale: give one line"),
+    "two-line rationale": ('edits: [{op: drop, id: logical, rationale: "a\\nb"}]', "rationale: give one line"),
     "extra field": ("edits: [{op: drop, id: logical, weight: 1, rationale: x}]", "drop takes ['id'], not ['weight']"),
     "missing text": ("edits: [{op: add, id: new, rationale: x}]", "add needs ['text']"),
     "unknown id": ("edits: [{op: reword, id: nope, text: 'Is it?', rationale: x}]", "id 'nope': no such question"),
