@@ -22,6 +22,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rlme_pipeline.audit.labels import auroc as labels_auroc
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 # The scoring templates the judge is trained on (short: every token is CPU time). The pipeline's score
 # stage must be configured with exactly these.
@@ -440,22 +442,9 @@ def judge_p_yes(model, tok, pairs: list[tuple[str, str]], batch: int = 256) -> l
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float:
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
-        return float("nan")
-    order = sorted((s, i) for i, s in enumerate(pos + neg))
-    ranks = [0.0] * len(order)
-    i = 0
-    while i < len(order):  # average ranks of ties
-        j = i
-        while j + 1 < len(order) and order[j + 1][0] == order[i][0]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k][1]] = (i + j) / 2 + 1
-        i = j + 1
-    r_pos = sum(ranks[: len(pos)])
-    return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+    """rlme's AUROC (audit/labels.py), NaN where a class is missing (the report prints it)."""
+    value = labels_auroc(scores, labels)
+    return float("nan") if value is None else value
 
 
 def judge_report(model, tok, items: list[dict], seed: int, n: int = 1000, negatives: str = "hard") -> dict:

@@ -27,6 +27,21 @@ def judged(ss: Scoreset) -> pl.LazyFrame:
     )
 
 
+def auroc_expr(score: pl.Expr, positive: pl.Expr) -> pl.Expr:
+    """AUROC of `score` for `positive` rows (Mann-Whitney, ties counted half) as an aggregation; null unless
+    both classes are present. The one AUROC of the code base: the audit, `rlme evolve` and paper_mini use it."""
+    n, n_pos = pl.len(), positive.cast(pl.Int64).sum()
+    rank_sum = score.rank("average").filter(positive).sum()
+    return pl.when((n_pos > 0) & (n_pos < n)).then((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)))
+
+
+def auroc(values, positive) -> float | None:
+    """`auroc_expr` over two sequences (lists or Series): a float, or None unless both classes are present."""
+    df = pl.DataFrame({"v": pl.Series(values, dtype=pl.Float64), "p": pl.Series(positive, dtype=pl.Boolean)})
+    value = df.select(auroc_expr(pl.col("v"), pl.col("p"))).item()
+    return None if value is None else float(value)
+
+
 def label_metrics(ss: Scoreset) -> pl.DataFrame:
     """AUROC (Mann-Whitney, ties counted half) and accuracy of `p_yes > 0.5` against correctness.
     AUROC is null when a cell has only correct or only incorrect rollouts."""
@@ -34,23 +49,15 @@ def label_metrics(ss: Scoreset) -> pl.DataFrame:
     pos = pl.col("correct").sum()
     return (
         judged(ss)
-        .with_columns(rank=pl.col("p_yes").rank("average").over(keys))
         .group_by(keys)
         .agg(
             n=pl.len(),
             n_correct=pos.cast(pl.Int64),
-            rank_sum_correct=pl.col("rank").filter(pl.col("correct")).sum(),
+            auroc=auroc_expr(pl.col("p_yes"), pl.col("correct")),
             accuracy_at_0_5=((pl.col("p_yes") > 0.5) == pl.col("correct")).mean(),
             p_yes_correct=pl.col("p_yes").filter(pl.col("correct")).mean(),
             p_yes_incorrect=pl.col("p_yes").filter(~pl.col("correct")).mean(),
         )
-        .with_columns(
-            auroc=pl.when((pl.col("n_correct") > 0) & (pl.col("n_correct") < pl.col("n"))).then(
-                (pl.col("rank_sum_correct") - pl.col("n_correct") * (pl.col("n_correct") + 1) / 2)
-                / (pl.col("n_correct") * (pl.col("n") - pl.col("n_correct")))
-            )
-        )
-        .drop("rank_sum_correct")
         .sort(keys)
         .collect()
     )

@@ -27,6 +27,7 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from rlme_pipeline.answers import is_correct
+from rlme_pipeline.audit.labels import auroc
 from rlme_pipeline.config import EvaluatorConfig, QuestionConfig, ScoringConfig
 from rlme_pipeline.rewards import compute_rewards
 
@@ -51,16 +52,6 @@ def judge_rewards(
         form=sc.reward_form,
         floor=sc.logp_floor,
     )
-
-
-def auroc(values: pl.Series, positive: pl.Series) -> float | None:
-    """Mann-Whitney AUROC, ties counted half; None unless both classes are present."""
-    n_pos = int(positive.sum())
-    n = len(values)
-    if n_pos in (0, n):
-        return None
-    ranks = values.rank("average")
-    return float((ranks.filter(positive).sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)))
 
 
 def spread(rewards: pl.DataFrame, total_weight: float) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rlme_pipeline.audit.labels import auroc
 from rlme_pipeline.config import QuestionConfig
 from rlme_pipeline.evolve import edits, rank
 
@@ -86,7 +87,6 @@ def test_no_candidate_is_chosen_unless_it_beats_the_current_set():
 
 
 def test_auroc_counts_ties_half():
-    import polars as pl
-
-    assert rank.auroc(pl.Series([1.0, 2.0, 2.0, 3.0]), pl.Series([False, True, False, True])) == pytest.approx(0.875)
-    assert rank.auroc(pl.Series([1.0, 2.0]), pl.Series([True, True])) is None
+    """The one AUROC (audit/labels.py) that the audit, the ranking and paper_mini share."""
+    assert auroc([1.0, 2.0, 2.0, 3.0], [False, True, False, True]) == pytest.approx(0.875)
+    assert auroc([1.0, 2.0], [True, True]) is None
