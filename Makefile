@@ -3,15 +3,18 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# The exact versions this repository builds and tests with (torch==2.13.0, the CPU wheel, ...): pins of
+# the install step, not of the package, whose pyproject.toml has lower bounds only.
+PIN     := -c infra/constraints.txt
 
 .PHONY: demo test lint test-vllm vllm-venv install clean bench bench-gpu mutate
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml infra/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and pinned: it is the CPU wheel on local disk, anything else pulls CUDA.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# torch first and pinned (torch==2.13.0 in the constraints): it is the CPU wheel on local disk, anything else pulls CUDA.
+	$(BIN)/python -m pip install -q $(PIN) torch
+	$(BIN)/python -m pip install -q $(PIN) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,7 +43,7 @@ test-vllm: $(STAMP) vllm-venv
 # Benchmarks (not part of `make test`): installs the `bench` extra (TRL) and prints the tables in
 # benchmarks/RESULTS.md. Full sizes take a while on a small CPU machine; add ARGS=--tiny for smoke sizes.
 bench: $(STAMP)
-	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[dev,bench]'
+	$(BIN)/python -m pip install -q $(PIN) -e '.[dev,bench]'
 	PYTHONPATH=. $(BIN)/python -m benchmarks.scoring $(ARGS)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.logprobs $(ARGS)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.orchestration $(ARGS)

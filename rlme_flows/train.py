@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from rlme_flows.config_io import load
+from rlme_flows.events import PROBE_ALARM, alarms, emit
 from rlme_pipeline.lease import LeaseHeld
 from rlme_pipeline.preflight import preflight
 from rlme_pipeline.run import Manifest, Run, split_run_url
@@ -112,22 +113,24 @@ def rlme_train(
 
 
 def _report(cfg, run: Run, manifest: Manifest, send, log) -> None:
-    """An iteration is committed: its metrics as an artifact, and a warning if the probe raised the alarm."""
-    i, metrics = manifest.iteration, manifest.metrics
+    """An iteration is committed: its metrics as an artifact; each alarm it raises as a warning and a Prefect
+    event (events.py), the probe's also as an artifact."""
+    i = manifest.iteration
     send(
         create_table_artifact,
         key=artifact_key(cfg.run.id),
         table=metrics_rows(manifest),
         description=f"{run.url} iteration {i} (reward, judgements, loss, seconds per stage)",
     )
-    if metrics.get("probe/alarm"):
-        # The judges call the probe's vacuous answers good: the policy can be rewarded for them.
-        shares = {k: v for k, v in metrics.items() if k.startswith("probe/")}
-        log.warning("iteration %d: judge-hacking probe alarm %s", i, shares)
-        send(
-            create_markdown_artifact,
-            key=f"{artifact_key(cfg.run.id)}-probe-alarm",
-            markdown=f"**Judge-hacking probe alarm** at iteration {i} of `{run.url}`: "
-            f"max share of master-key / vacuous answers judged positive {shares['probe/share_max']:.2f} "
-            f"> alarm_share {cfg.probe.alarm_share}. Run `rlme audit` and consider stopping.",
-        )
+    for alarm in alarms(cfg, manifest):
+        log.warning("iteration %d: %s", i, alarm.describe())
+        emit(alarm, cfg, run.url, i)
+        if alarm.event == PROBE_ALARM:
+            # The judges call the probe's vacuous answers good: the policy can be rewarded for them.
+            send(
+                create_markdown_artifact,
+                key=f"{artifact_key(cfg.run.id)}-probe-alarm",
+                markdown=f"**Judge-hacking probe alarm** at iteration {i} of `{run.url}`: "
+                f"max share of master-key / vacuous answers judged positive {alarm.metrics['probe/share_max']:.2f} "
+                f"> alarm_share {alarm.threshold}. Run `rlme audit` and consider stopping.",
+            )

@@ -403,6 +403,19 @@ class VllmConfig(Section):
     keep_alive: bool = operational(False, "keep a managed server/LLM for the next stage while its model is unchanged")
 
 
+class AlertsConfig(Section):
+    """When a flow run raises an alarm as a Prefect event that automations can act on (docs/deploy.md).
+    The probe's alarm has its threshold in probe.alarm_share. Observation only: not part of the hash."""
+
+    failed_share: float = operational(
+        0.05,
+        "emit rlme.judgements.failed when more than this share of an iteration's judgements failed "
+        "(status other than ok: context overflow, non-finite, backend error)",
+        ge=0,
+        le=1,
+    )
+
+
 class Config(Section):
     run: RunConfig = experiment(RunConfig(), "which run, where, how far (only run.id and run.seed are hashed)")
     data: DataConfig = experiment(description="the prompts")
@@ -421,6 +434,7 @@ class Config(Section):
     )
     vllm: VllmConfig = operational(VllmConfig(), "how the vllm/openai backends reach vLLM: where, not what")
     tracking: TrackingConfig = operational(TrackingConfig(), "experiment trackers: observation only")
+    alerts: AlertsConfig = operational(AlertsConfig(), "thresholds of the flow's Prefect events: observation only")
     # Relative data/model paths are relative to the config file's folder, so a config works from any
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -2,7 +2,8 @@
 options (and the flow's Backends: the shard tasks run in the flow's process and share its models and
 servers); outputs small dicts.
 
-Resumability lives in storage (shard records), not in Prefect's cache, hence cache_policy=NONE.
+Resumability lives in storage (shard records), not in Prefect's cache, hence cache_policy=NONE. Shards
+and the finalize retry transient faults only (retries.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from prefect.cache_policies import NONE
 from rlme_pipeline import scoreset
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.run import Run
+from rlme_tasks.retries import RETRY
 
 
 @task(name="rescore-plan", cache_policy=NONE)
@@ -43,8 +45,7 @@ def plan_task(
 @task(
     name="rescore-shard",
     cache_policy=NONE,
-    retries=2,
-    retry_delay_seconds=[2, 10],
+    **RETRY,
     task_run_name="rescore-{name}-iter-{iteration}-shard-{shard}",
 )
 def shard_task(
@@ -54,6 +55,6 @@ def shard_task(
     return {k: rec.get(k) for k in ("iteration", "shard", "rollouts", "seconds", "ran")}
 
 
-@task(name="rescore-finalize", cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10])
+@task(name="rescore-finalize", cache_policy=NONE, **RETRY)
 def finalize_task(run_uri: str, name: str, storage_options: dict | None = None) -> dict:
     return scoreset.finalize(Run.from_url(run_uri, storage_options), name)

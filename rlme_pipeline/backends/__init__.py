@@ -29,6 +29,11 @@ class BackendError(RuntimeError):
     without writing its record, so running the iteration again resumes it."""
 
 
+class BackendConfigError(BackendError, ValueError):
+    """A backend setting that cannot work (no vLLM interpreter, an external server with other weights).
+    A ValueError like every config problem: running the stage again cannot fix it, so it is not retried."""
+
+
 @dataclass
 class Sample:
     token_ids: list[int]

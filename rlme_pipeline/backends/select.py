@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rlme_pipeline import adapters
-from rlme_pipeline.backends import BackendError
+from rlme_pipeline.backends import BackendConfigError, BackendError
 from rlme_pipeline.config import VllmConfig
 from rlme_pipeline.lineage import ModelRef
 from rlme_pipeline.models import ModelPool, load_tokenizer
@@ -86,7 +86,7 @@ def _close(obj) -> None:
 def _vllm_python(v: VllmConfig) -> str:
     py = v.python or os.environ.get("RLME_VLLM_PYTHON")
     if not py:
-        raise BackendError(
+        raise BackendConfigError(
             "the openai backend without vllm.url starts a managed vLLM server and needs an interpreter "
             "with vllm: set vllm.python or RLME_VLLM_PYTHON (build one with `make vllm-venv`)"
         )
@@ -105,7 +105,7 @@ def _check_external(url: str, ref: ModelRef) -> None:
         raise BackendError(f"vllm.url {url}: cannot list its models ({e})") from None
     want = os.path.realpath(ref.path)
     if not any(s == ref.path or os.path.realpath(s) == want for s in served):
-        raise BackendError(
+        raise BackendConfigError(
             f"vllm.url {url} serves {served}, but this stage needs {ref.path} (version {ref.version[:12]}); an external "
             "server cannot follow the policy's checkpoints: leave vllm.url unset to let the stage manage the server"
         )

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from rlme_pipeline.backends import BackendError
+from rlme_pipeline.backends import BackendConfigError, BackendError
 
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 QUIET_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -85,7 +85,7 @@ class ManagedServer:
 
     def start(self) -> "ManagedServer":
         if not Path(self.python).exists():
-            raise BackendError(
+            raise BackendConfigError(
                 f"vllm.python: interpreter {self.python!r} does not exist; build one with "
                 "`bash infra/vllm-venv.sh` and point vllm.python (or RLME_VLLM_PYTHON) at its bin/python"
             )
