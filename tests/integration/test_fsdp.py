@@ -48,15 +48,22 @@ def _optimizer(path: Path) -> tuple[dict, dict]:
     return doc["state_dict"], tensors
 
 
-def test_a_two_process_update_equals_the_one_process_update(micro_config, tmp_path):
-    path = micro_config(str(tmp_path / "runs"), iterations=2)
-    one = _cfg(path, 1)
+@pytest.mark.parametrize(
+    "algorithm,iterations",
+    [
+        ({"loss": "cispo"}, 2),  # iteration 1 also loads the optimizer state into the shards
+        ({"loss": "grpo", "beta": 0.1}, 1),  # per-sequence weights, and the KL reference sharded too
+    ],
+)
+def test_a_two_process_update_equals_the_one_process_update(micro_config, tmp_path, algorithm, iterations):
+    path = micro_config(str(tmp_path / "runs"), iterations=iterations)
+    one = _cfg(path, 1, algorithm=algorithm)
     run = Run.for_config(one)
-    train(one, run)  # the reference: both updates in this process, on rollouts the run keeps
+    train(one, run)  # the reference: the updates in this process, on rollouts the run keeps
 
-    for i in (0, 1):  # iteration 1 also loads the optimizer state into the shards
+    for i in range(iterations):
         start = policy_at(run, one, i)
-        files, metrics = distributed_update.launch(_cfg(path, 2), run, i, start.path)
+        files, metrics = distributed_update.launch(_cfg(path, 2, algorithm=algorithm), run, i, start.path)
         ref = run.read_record(i, "update")
         a, b = _dir(run, ref.files), _dir(run, files)
         assert a != b  # a second checkpoint of the same iteration, beside the committed one
@@ -86,7 +93,7 @@ def test_a_two_process_run_trains_and_resumes_exactly(micro_config, tmp_path):
     straight = Run.for_config(whole)
     train(whole, straight)
 
-    resumed_cfg = _cfg(path, 2, run={"id": "resumed", "iterations": 1})
+    resumed_cfg = _cfg(path, 2, run={"storage": str(tmp_path / "resumed"), "iterations": 1})
     resumed = Run.for_config(resumed_cfg)
     train(resumed_cfg, resumed)
     assert resumed.committed() == [0]
