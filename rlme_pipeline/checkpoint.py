@@ -127,7 +127,8 @@ def save(
         weights_name, weights = ADAPTER_WEIGHTS, adapter_tensors(model)
         meta = {**_tokenizer_files(tokenizer), ADAPTER_CONFIG: adapter_config_bytes(model)}
     else:
-        weights_name, weights, meta = WEIGHTS, weights_of(model, gathered and gathered[0]), _metadata_files(model, tokenizer)
+        weights_name, meta = WEIGHTS, _metadata_files(model, tokenizer)
+        weights = weights_of(model, gathered[0] if gathered else None)
     optimizer_state = gathered[1] if gathered else optimizer.state_dict()
     structure, shards = optimizer_files(optimizer_state, target_bytes=_nbytes(weights.values()))
     big = {weights_name: weights, **shards}

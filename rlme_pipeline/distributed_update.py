@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,7 +58,7 @@ def launch(cfg: Config, run: Run, iteration: int, start: str) -> tuple[list[File
         # Flag names that are no prefix of one of torchrun's own (its parser would take "--start" for itself).
         cmd += ["-m", __name__, "--run-url", run.url, "--iteration", str(iteration), "--from-checkpoint", start]
         cmd += ["--job", str(job), "--result-file", str(result)]
-        rc = subprocess.run(cmd, env=_rank_env()).returncode
+        rc = _wait(subprocess.Popen(cmd, env=_rank_env(), start_new_session=True))
         if rc != 0 or not result.exists():
             raise DistributedUpdateFailed(
                 f"update of iteration {iteration} across {p} processes failed (torchrun exit {rc}); the ranks' "
@@ -65,6 +66,17 @@ def launch(cfg: Config, run: Run, iteration: int, start: str) -> tuple[list[File
             )
         out = json.loads(result.read_text())
     return [FileEntry.model_validate(f) for f in out["files"]], out["metrics"]
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """torchrun's exit code. If this process is interrupted first (Ctrl-C, a stage timeout), torchrun and
+    its ranks (a session of their own) are stopped with it, not left training on the GPUs."""
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # torchrun passes it on to every rank
+            proc.wait()
 
 
 def _rank_env() -> dict[str, str]:
@@ -114,7 +126,8 @@ def sharded_optimizer(model: torch.nn.Module, cfg: Config, state: dict | None) -
         for i, s in state["state"].items():
             p = params[int(i)]
             per_param[i] = {
-                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements) if v.dim() else v for k, v in s.items()
+                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements) if v.dim() else v
+                for k, v in s.items()
             }
         opt.load_state_dict({**state, "state": per_param})
     return opt
@@ -132,7 +145,7 @@ def gathered_state(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int
         full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in s.items()}
         if rank == 0:
             state[i] = {k: v.cpu() for k, v in full.items()}
-    return ((weights, {**sd, "state": state}) if rank == 0 else None)
+    return (weights, {**sd, "state": state}) if rank == 0 else None
 
 
 def main(argv: list[str] | None = None) -> None:
