@@ -78,7 +78,16 @@ def restore_rng(path: str | None, seed: int) -> None:
                 torch.cuda.set_rng_state(s, d)
 
 
-def save(run: Run, iteration: int, model, tokenizer, optimizer, state: dict) -> list[FileEntry]:
+def save(
+    run: Run,
+    iteration: int,
+    model,
+    tokenizer,
+    optimizer,
+    state: dict,
+    *,
+    gathered: tuple[dict[str, torch.Tensor], dict] | None = None,
+) -> list[FileEntry]:
     """Write the checkpoint into a fresh, attempt-unique directory and describe its files.
 
     The weights and the optimizer state (12 of every 16 bytes per parameter under AdamW) are streamed,
@@ -91,6 +100,9 @@ def save(run: Run, iteration: int, model, tokenizer, optimizer, state: dict) -> 
     manifest after it never list a file that is not durable; a crash leaves an unreferenced directory for
     `rlme gc`. When the store is not on this machine the same bytes also go into the download cache, so
     the next iteration (or a live-self evaluator) never fetches what was just uploaded.
+
+    `gathered`: (model state dict, optimizer state_dict) gathered onto the host from FSDP shards
+    (distributed_update.py); they are written in place of the model's and optimizer's own, which hold shards.
     """
     logical, physical = run.new_path(iteration, "checkpoint")
     cache = (
@@ -115,8 +127,10 @@ def save(run: Run, iteration: int, model, tokenizer, optimizer, state: dict) -> 
         weights_name, weights = ADAPTER_WEIGHTS, adapter_tensors(model)
         meta = {**_tokenizer_files(tokenizer), ADAPTER_CONFIG: adapter_config_bytes(model)}
     else:
-        weights_name, weights, meta = WEIGHTS, weights_of(model), _metadata_files(model, tokenizer)
-    structure, shards = optimizer_files(optimizer.state_dict(), target_bytes=_nbytes(weights.values()))
+        weights_name, meta = WEIGHTS, _metadata_files(model, tokenizer)
+        weights = weights_of(model, gathered[0] if gathered else None)
+    optimizer_state = gathered[1] if gathered else optimizer.state_dict()
+    structure, shards = optimizer_files(optimizer_state, target_bytes=_nbytes(weights.values()))
     big = {weights_name: weights, **shards}
     small = {
         **meta,
@@ -139,16 +153,19 @@ def save(run: Run, iteration: int, model, tokenizer, optimizer, state: dict) -> 
     return sorted(files, key=lambda f: f.path)
 
 
-def weights_of(model) -> dict[str, torch.Tensor]:
+def weights_of(model, gathered: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of model.safetensors, in their training dtype (the fp32 master weights of a
     half-precision policy: resuming must continue from them, not from a rounded copy). A weight tied to an
-    earlier one (lm_head to the embeddings) is stored once, under the first name, as transformers does."""
+    earlier one (lm_head to the embeddings) is stored once, under the first name, as transformers does.
+    `gathered`: the full tensors by name, when the model itself holds FSDP shards (DTensors; tied weights
+    share one, so the model still says which names to keep)."""
     tensors, seen = {}, set()
     for name, t in model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        local = t.to_local() if hasattr(t, "to_local") else t
+        key = (local.data_ptr(), tuple(t.shape), t.dtype)
         if key not in seen:
             seen.add(key)
-            tensors[name] = t.detach()
+            tensors[name] = (gathered[name] if gathered is not None else t).detach()
     return tensors
 
 

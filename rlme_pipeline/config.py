@@ -416,6 +416,23 @@ class AlertsConfig(Section):
     )
 
 
+class DistributedConfig(Section):
+    """The update across several processes with PyTorch FSDP2 (rlme_pipeline/distributed_update.py, docs/fsdp.md).
+    Not hashed: a sharded step computes the same gradient as one process; only the order of floating-point
+    additions differs (the weights agree within 1e-5), so a run may change it between iterations, and a
+    byte-exact resume needs the same number of processes as the uninterrupted run."""
+
+    processes: int = operational(
+        1,
+        "processes (one per GPU) the update runs in, launched with torchrun; 1: in the training process itself. "
+        "Above 1 the policy's weights, gradients and AdamW state are sharded across them (full fine-tuning only)",
+        ge=1,
+    )
+    backend: Literal["auto", "nccl", "gloo"] = operational(
+        "auto", "torch.distributed backend: auto is nccl when policy.device is cuda, gloo on cpu (tests)"
+    )
+
+
 class Config(Section):
     run: RunConfig = experiment(RunConfig(), "which run, where, how far (only run.id and run.seed are hashed)")
     data: DataConfig = experiment(description="the prompts")
@@ -435,6 +452,9 @@ class Config(Section):
     vllm: VllmConfig = operational(VllmConfig(), "how the vllm/openai backends reach vLLM: where, not what")
     tracking: TrackingConfig = operational(TrackingConfig(), "experiment trackers: observation only")
     alerts: AlertsConfig = operational(AlertsConfig(), "thresholds of the flow's Prefect events: observation only")
+    distributed: DistributedConfig = operational(
+        DistributedConfig(), "the update across several processes/GPUs (FSDP2): how, not what"
+    )
     # Relative data/model paths are relative to the config file's folder, so a config works from any
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -44,7 +44,22 @@ def completion_logprobs(
     """log pi(y_t | x, y_<t) for every completion token of every (prompt_ids, completion_ids) pair,
     concatenated in order. Differentiable when grad is enabled."""
     device = next(model.parameters()).device
-    ids, mask, rows, cols, targets = (t.to(device) for t in packed_inputs(pairs, pad_id))
+    inputs = [t.to(device) for t in packed_inputs(pairs, pad_id)]
+    sharded = getattr(model, SHARDED_FORWARD, None)
+    if sharded is not None:
+        return sharded(*inputs, temperature=temperature, chunk_tokens=chunk_tokens)
+    return packed_logprobs(model, *inputs, temperature=temperature, chunk_tokens=chunk_tokens)
+
+
+# A model sharded with FSDP2 (distributed_update.py) carries `packed_logprobs` as a method under this name,
+# registered as a forward method of its root, so that the root's own parameters (embeddings, final norm,
+# LM head) are gathered around the whole computation below, which calls the decoder and the head directly.
+SHARDED_FORWARD = "rlme_packed_logprobs"
+
+
+def packed_logprobs(model, ids, mask, rows, cols, targets, *, temperature: float, chunk_tokens: int) -> torch.Tensor:
+    """completion_logprobs on inputs already packed (packed_inputs) and on the model's device."""
+    device = ids.device
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     h = hidden[rows, cols]
     head = model.get_output_embeddings()

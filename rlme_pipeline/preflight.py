@@ -72,10 +72,40 @@ def _check_lora(cfg: Config) -> None:
     check(cfg, path)
 
 
+def _check_distributed(cfg: Config) -> None:
+    """An update across processes (FSDP2): full fine-tuning, one GPU per process."""
+    import torch
+
+    p, device = cfg.distributed.processes, torch.device(cfg.policy.device)
+    if p == 1:
+        return
+    if cfg.policy.lora is not None:
+        raise ConfigError(
+            f"distributed.processes: {p} shards full fine-tuning only; a LoRA policy trains its small adapter in "
+            "one process: set distributed.processes: 1 (or remove policy.lora)"
+        )
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ConfigError(
+                f"policy.device: {cfg.policy.device!r} names one GPU, but distributed.processes: {p} puts rank r on "
+                "cuda:r; set policy.device: cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)"
+            )
+        if p > torch.cuda.device_count():
+            raise ConfigError(
+                f"distributed.processes: {p} but this machine has {torch.cuda.device_count()} GPU(s), one per "
+                "process; lower distributed.processes"
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"distributed.processes: {p} runs on cuda (nccl) or cpu (gloo), not {device.type}")
+    if cfg.distributed.backend == "nccl" and device.type != "cuda":
+        raise ConfigError("distributed.backend: nccl needs policy.device cuda; use auto or gloo on cpu")
+
+
 def preflight(cfg: Config, store: Store) -> None:
     check_installed(cfg.tracking)
     _check_devices(cfg)
     _check_lora(cfg)
+    _check_distributed(cfg)
     store.check_writable()
     prompts = load_prompts(cfg)
     prompt_indices(prompts.height, cfg.data.prompts_per_iteration, cfg.run.seed, 0)

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 
 import polars as pl
+import torch
 from pydantic import BaseModel
 
-from rlme_pipeline import adapters, checkpoint
+from rlme_pipeline import adapters, checkpoint, distributed_update
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
@@ -203,8 +204,10 @@ class Runner:
 
     def _update(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         cfg, run, pool = self.cfg, self.run, self.backends.pool
-        rollouts, rewards = run.read_table(i, ROLLOUTS_FILE), run.read_table(i, REWARDS_FILE)
         ref = policy_at(run, cfg, i)
+        if cfg.distributed.processes > 1:
+            return self._distributed_update(ref, i)
+        rollouts, rewards = run.read_table(i, ROLLOUTS_FILE), run.read_table(i, REWARDS_FILE)
         lora = cfg.policy.lora is not None
         lm, reference = self._trainee(ref, i) if not lora else self._adapted_trainee(ref, i)
         opt_state = checkpoint.load_optimizer_state(ref.path) if lm.optimizer is None and i > 0 else None
@@ -219,7 +222,18 @@ class Runner:
             adapters.trained(pool, cfg, lm, opt, version)
         else:
             self._keep_trained(ref, lm, opt, version, checkpoint.local_dir(run, i, files))
-        return files, metrics, {"policy_before": ref.version, "policy_after": version}
+        return files, metrics, {"policy_before": ref.version, "policy_after": version, "update_processes": 1}
+
+    def _distributed_update(self, ref: ModelRef, i: int) -> tuple[list[FileEntry], dict, dict]:
+        """The update in cfg.distributed.processes ranks (FSDP2, distributed_update.py). The ranks get every
+        GPU whole: this process lets go of its models first, and the next iteration loads the checkpoint."""
+        self.backends.pool.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        files, metrics = distributed_update.launch(self.cfg, self.run, i, ref.path)
+        version = checkpoint.weights_entry(files).sha256
+        info = {"policy_before": ref.version, "policy_after": version}
+        return files, metrics, {**info, "update_processes": self.cfg.distributed.processes}
 
     def _trainee(self, ref: ModelRef, i: int) -> tuple[Loaded, object]:
         """(the policy to train, the KL reference or None). Training changes the weights, so the model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -35,6 +36,36 @@ def data_cursor(cfg: Config, next_iteration: int) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Share:
+    """Which micro-batches of each optimizer step this process computes: all of them (one process), or
+    every `world`-th one, from `rank` on, when the update is sharded across processes (distributed_update.py).
+    Each micro-batch is the same set of rollouts whatever the process count, and the loss weights are the
+    whole step's (losses.token_weights), so the sum of the ranks' gradients is the one-process gradient."""
+
+    rank: int = 0
+    world: int = 1
+
+    def micro_batches(self, step: list[dict], size: int) -> list[tuple[list[dict], bool]]:
+        """(micro-batch, counted) pairs for this process. FSDP's gathers and reductions are collectives, so
+        every rank runs as many passes as the busiest; a rank short of work repeats the first micro-batch
+        with a zero loss weight (`counted` False): a gradient of exact zeros, and no statistics."""
+        every = [step[m : m + size] for m in range(0, len(step), size)]
+        mine = [(mb, True) for mb in every[self.rank :: self.world]]
+        return mine + [(every[0], False)] * (-(-len(every) // self.world) - len(mine))
+
+    def total(self, sums: dict, device) -> dict:
+        """The statistics summed over the processes (the gradient norm is already the global one)."""
+        if self.world == 1:
+            return sums
+        import torch.distributed as dist
+
+        keys = [k for k in sums if k != "grad_norm"]
+        t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return {**sums, **dict(zip(keys, t.tolist()))}
+
+
 def update(
     cfg: Config,
     iteration: int,
@@ -43,13 +74,15 @@ def update(
     lm: Loaded,
     reference: torch.nn.Module | None,
     optimizer_state: dict | None,
+    share: Share = Share(),
 ) -> tuple[torch.optim.Optimizer, dict, dict]:
     """Train `lm.model` in place; returns (optimizer, trainer state, metrics) for the checkpoint.
 
     `reference` is the KL anchor (beta > 0). The optimizer is the one kept beside the model when this
     process trained the previous iteration, else a new one loaded from `optimizer_state`. Dropout, if a
     model has it, draws from the global torch RNG, which the caller restores from the previous checkpoint
-    so that a resumed process trains exactly as the uninterrupted one would have."""
+    so that a resumed process trains exactly as the uninterrupted one would have. `share`: this process's
+    part of each step when the update is sharded (distributed_update.py); the metrics are the whole step's."""
     a, o = cfg.algorithm, cfg.optimizer
     items, masked = training_items(rollouts, rewards)
     model, tok = lm.model, lm.tokenizer
@@ -78,15 +111,17 @@ def update(
                     key=lambda it: len(it["prompt_token_ids"]) + len(it["completion_token_ids"]),
                 )
                 opt.zero_grad(set_to_none=True)
-                accumulate_step(model, reference, step, cfg, tok.pad_token_id, sums, first=epoch == 0 and s == 0)
-                sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], o.max_grad_norm)
+                first = epoch == 0 and s == 0
+                accumulate_step(model, reference, step, cfg, tok.pad_token_id, sums, first=first, share=share)
+                norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], o.max_grad_norm)
+                sums["grad_norm"] += norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor: sharded
                 opt.step()
                 advance()
                 crash_point("update:mid", iteration)
     if o.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
-    sums = {k: float(v) for k, v in sums.items()}  # the stage's one device-to-host sync
+    sums = {k: float(v) for k, v in share.total(sums, next(model.parameters()).device).items()}  # one host sync
 
     state = {
         "iteration": iteration,
@@ -126,18 +161,20 @@ def new_sums() -> dict:
     }
 
 
-def accumulate_step(model, reference, step: list[dict], cfg: Config, pad_id: int, sums: dict, first: bool) -> None:
+def accumulate_step(
+    model, reference, step: list[dict], cfg: Config, pad_id: int, sums: dict, first: bool, share: Share = Share()
+) -> None:
     """Back-propagate one optimizer step's loss, micro-batch by micro-batch, into model's .grad.
 
     Every tensor is made on the log-probs' device (the model's), once per micro-batch: no per-token host
     round trip, and no host sync at all (statistics are added up as device tensors in `sums`). With a
     half-precision policy dtype the forward passes run under autocast over the fp32 master weights; the
     loss terms are float32 either way. `first`: the step before any update, where the trainer's log-probs
-    are compared with the sampler's (behavior mismatch)."""
+    are compared with the sampler's (behavior mismatch). `share`: which of the step's micro-batches this
+    process computes; the weights are normalised over the whole step either way."""
     a, o, g = cfg.algorithm, cfg.optimizer, cfg.generation
     n_tokens = sum(len(it["completion_token_ids"]) for it in step)
-    for m in range(0, len(step), o.micro_batch_size):
-        micro = step[m : m + o.micro_batch_size]
+    for micro, counted in share.micro_batches(step, o.micro_batch_size):
         pairs = [(it["prompt_token_ids"], it["completion_token_ids"]) for it in micro]
         lens = [len(c) for _, c in pairs]
         with autocast(model, cfg.policy.dtype):
@@ -154,8 +191,11 @@ def accumulate_step(model, reference, step: list[dict], cfg: Config, pad_id: int
         old = torch.tensor([x for it in micro for x in it["behavior_logprobs"]], dtype=torch.float32, device=dev)
         adv = per_token([float(it["advantage"]) for it in micro], lens, dev)
         terms, st = token_terms(a.loss, logp, old, adv, eps=a.eps, eps_high=a.eps_high, ref_logp=ref_logp, beta=a.beta)
-        loss = (terms * token_weights(a.loss, lens, len(step), n_tokens, g.max_new_tokens, device=dev)).sum()
+        weights = token_weights(a.loss, lens, len(step), n_tokens, g.max_new_tokens, device=dev)
+        loss = (terms * (weights if counted else torch.zeros_like(weights))).sum()
         loss.backward()
+        if not counted:
+            continue
         sums["loss"] += loss.detach()
         sums["clipped"] += st["clipped"].sum()
         if "kl" in st:

@@ -142,6 +142,7 @@ def legacy_hash(cfg) -> str:
     d["optimizer"].pop("gradient_checkpointing")  # added after the legacy hash; operational
     d.pop("tracking")  # added after the legacy hash; operational
     d.pop("alerts")  # added after the legacy hash; operational
+    d.pop("distributed")  # added after the legacy hash; operational
     return sha256_json(d)
 
 
@@ -159,6 +160,7 @@ def legacy_hash(cfg) -> str:
         lambda d: d["data"].update(system_prompt="Be brief.", id_column=None),
         lambda d: d["evaluators"][0].update(dtype="bfloat16", device="cuda"),
         lambda d: d["policy"].update(lora={"r": 8, "target_modules": ["q_proj"]}),
+        lambda d: d.update(distributed={"processes": 4, "backend": "gloo"}),
     ],
 )
 def test_hash_is_the_legacy_hash_so_existing_runs_resume(mutate):
