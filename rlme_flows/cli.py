@@ -167,6 +167,12 @@ def verify(run_uri: str = RUN_URI, storage_option: list[str] = STORAGE_OPTION):
     console.print(
         f"{rep.run}: {len(rep.checked_iterations)} committed iterations, {rep.checked_files} files, "
         f"{rep.checked_bytes / 1e6:.1f} MB re-hashed"
+        + (
+            f"; {rep.pruned_files} checkpoint files of iterations {rep.pruned_iterations} pruned by retention "
+            "(their hashes stay in the manifests)"
+            if rep.pruned_files
+            else ""
+        )
     )
     for p in rep.problems:
         console.print(f"[bold red]problem:[/] {p}", soft_wrap=True)
@@ -228,10 +234,9 @@ def rescore(
     try:  # the flow's own checks, run here first: a user error never becomes a failed flow run
         if questions:
             scoreset.load_questions(questions, opts)
-        if evaluators:
-            scoreset.load_evaluators(evaluators, opts)
+        evs = scoreset.load_evaluators(evaluators, opts) if evaluators else run.config().evaluators
         scoreset.check_new(run, name, resume)
-        scoreset.parse_iterations(iterations, run.committed())
+        scoreset.check_checkpoints(run, evs, scoreset.parse_iterations(iterations, run.committed()))
     except (ValueError, StorageError) as e:  # ConfigError and ScoresetExists are ValueErrors
         _fail(e)
     try:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import polars as pl
 from pydantic import BaseModel
 
-from rlme_pipeline import adapters, checkpoint
+from rlme_pipeline import adapters, checkpoint, retention
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
@@ -139,8 +139,11 @@ class Runner:
 
     def commit(self, iteration: int) -> Manifest:
         if iteration in self.run.committed():
-            return self.run.manifest(iteration)
-        return self.run.commit(iteration, self.cfg, [self.run.read_record(iteration, s) for s in STAGES])
+            m = self.run.manifest(iteration)
+        else:
+            m = self.run.commit(iteration, self.cfg, [self.run.read_record(iteration, s) for s in STAGES])
+        retention.prune(self.run, self.cfg.checkpoint)  # after the commit: the new checkpoint is the resume point
+        return m
 
     def samples(self, iteration: int, n: int) -> list[dict]:
         """A few committed completions for the trackers: n rollouts, different prompts first, chosen by

@@ -141,6 +141,7 @@ def legacy_hash(cfg) -> str:
     d["optimizer"].pop("logprob_chunk_tokens")
     d["optimizer"].pop("gradient_checkpointing")  # added after the legacy hash; operational
     d.pop("tracking")  # added after the legacy hash; operational
+    d.pop("checkpoint")  # added after the legacy hash; operational (retention)
     return sha256_json(d)
 
 
