@@ -59,6 +59,7 @@ def train(
     from rlme_flows.config_io import load
     from rlme_pipeline.config import ConfigError
     from rlme_pipeline.lease import LeaseHeld, LeaseLost
+    from rlme_pipeline.oom import StageOutOfMemory
     from rlme_pipeline.preflight import preflight
     from rlme_pipeline.run import CorruptRun, Run, RunMismatch
     from rlme_pipeline.storage import StorageError
@@ -77,7 +78,7 @@ def train(
         if state.is_cancelled():  # another process holds the run's lease: the flow touched nothing
             _fail(RuntimeError(state.message))
         result = state.result()
-    except (ConfigError, RunMismatch, StorageError, LeaseHeld, LeaseLost, CorruptRun) as e:
+    except (ConfigError, RunMismatch, StorageError, LeaseHeld, LeaseLost, CorruptRun, StageOutOfMemory) as e:
         _fail(e)
     _print_status(_open(result["run"], result.get("storage_options")))
     console.print(

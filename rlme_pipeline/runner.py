@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 
 import polars as pl
+import torch
 from pydantic import BaseModel
 
-from rlme_pipeline import adapters, checkpoint, retention
+from rlme_pipeline import adapters, checkpoint, oom, retention
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
@@ -127,7 +128,7 @@ class Runner:
             return rec, False
         t0 = time.perf_counter()
         with self.backends.starts() as started:
-            files, metrics, info = getattr(self, f"_{stage}")(iteration)
+            files, metrics, info = self._io(iteration, stage)
         if started:  # loading this iteration's weights into vLLM: the per-iteration reload cost
             metrics["backend_start_seconds"] = float(sum(started))
         rec = StageRecord(
@@ -136,6 +137,16 @@ class Runner:
         crash_point(f"{stage}:written", iteration)
         self.run.write_stage_record(rec)  # written after its data files: the record is the stage's commit
         return rec, True
+
+    def _io(self, iteration: int, stage: str) -> tuple[list[FileEntry], dict, dict]:
+        """The stage's reads, call and writes. Out of GPU memory it raises one StageOutOfMemory naming the
+        knobs, raised outside the except block: the failed attempt's frames (and their tensors) are let go."""
+        try:
+            return getattr(self, f"_{stage}")(iteration)
+        except torch.OutOfMemoryError as e:
+            error = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        oom.free()
+        raise oom.StageOutOfMemory(oom.message(self.cfg, stage, iteration, error))
 
     def commit(self, iteration: int) -> Manifest:
         if iteration in self.run.committed():
