@@ -9,6 +9,8 @@
        equal size, one thread each; device tensors copied through two pinned 64 MiB buffers
   old  the writer before it, kept here as the baseline only: model.safetensors with one blocking .cpu()
        per tensor, and torch.save(optimizer.state_dict()) (pickle + zip), the two in two threads
+  weights  model.safetensors alone, as `new` writes it: what would stay on the critical path if the
+       optimizer shards were written while the next iteration generates (new - weights: what that could hide)
 Both hash every byte (sha256) and fsync through Store.write_stream into a local run directory (--dir,
 default a temporary one); each run's checkpoint is deleted before the next. The model is a random-weight
 Llama built offline from its config; AdamW's state comes from one step on random gradients. Variants
@@ -117,6 +119,18 @@ def new_save(run: Run, model, optimizer, tokenizer) -> list:
     return checkpoint.save(run, 0, model, tokenizer, optimizer, {"iteration": 0})
 
 
+def weights_only(run: Run, model) -> list:
+    """model.safetensors alone, as `new` writes it: the part of a checkpoint that must be durable (its hash
+    is the next policy's version) before the next iteration could start, were the optimizer shards
+    written in the background (docs/gpu.md, "checkpoint off the critical path"). new - weights is what
+    such an overlap could take off the critical path."""
+    _, physical = run.new_path(0, "checkpoint")
+    tensors = checkpoint.weights_of(model)
+    return [
+        run.store.write_stream(f"{physical}/{checkpoint.WEIGHTS}", lambda f: checkpoint.write_safetensors(f, tensors))
+    ]
+
+
 def check_new_format(run: Run, model, optimizer, tokenizer) -> None:
     files = new_save(run, model, optimizer, tokenizer)
     back = checkpoint.load_optimizer_state(checkpoint.local_dir(run, 0, files))
@@ -163,6 +177,7 @@ def main() -> None:
         variants = {
             "old": lambda: old_save(run, model, opt, tokenizer),
             "new": lambda: new_save(run, model, opt, tokenizer),
+            "weights": lambda: weights_only(run, model),
         }
         times: dict[str, list[float]] = {k: [] for k in variants}
         written: dict[str, int] = {}

@@ -59,6 +59,7 @@ def train(
     from rlme_flows.config_io import load
     from rlme_pipeline.config import ConfigError
     from rlme_pipeline.lease import LeaseHeld, LeaseLost
+    from rlme_pipeline.oom import StageOutOfMemory
     from rlme_pipeline.preflight import preflight
     from rlme_pipeline.run import CorruptRun, Run, RunMismatch
     from rlme_pipeline.storage import StorageError
@@ -77,7 +78,7 @@ def train(
         if state.is_cancelled():  # another process holds the run's lease: the flow touched nothing
             _fail(RuntimeError(state.message))
         result = state.result()
-    except (ConfigError, RunMismatch, StorageError, LeaseHeld, LeaseLost, CorruptRun) as e:
+    except (ConfigError, RunMismatch, StorageError, LeaseHeld, LeaseLost, CorruptRun, StageOutOfMemory) as e:
         _fail(e)
     _print_status(_open(result["run"], result.get("storage_options")))
     console.print(
@@ -167,6 +168,12 @@ def verify(run_uri: str = RUN_URI, storage_option: list[str] = STORAGE_OPTION):
     console.print(
         f"{rep.run}: {len(rep.checked_iterations)} committed iterations, {rep.checked_files} files, "
         f"{rep.checked_bytes / 1e6:.1f} MB re-hashed"
+        + (
+            f"; {rep.pruned_files} checkpoint files of iterations {rep.pruned_iterations} pruned by retention "
+            "(their hashes stay in the manifests)"
+            if rep.pruned_files
+            else ""
+        )
     )
     for p in rep.problems:
         console.print(f"[bold red]problem:[/] {p}", soft_wrap=True)
@@ -228,10 +235,9 @@ def rescore(
     try:  # the flow's own checks, run here first: a user error never becomes a failed flow run
         if questions:
             scoreset.load_questions(questions, opts)
-        if evaluators:
-            scoreset.load_evaluators(evaluators, opts)
+        evs = scoreset.load_evaluators(evaluators, opts) if evaluators else run.config().evaluators
         scoreset.check_new(run, name, resume)
-        scoreset.parse_iterations(iterations, run.committed())
+        scoreset.check_checkpoints(run, evs, scoreset.parse_iterations(iterations, run.committed()))
     except (ValueError, StorageError) as e:  # ConfigError and ScoresetExists are ValueErrors
         _fail(e)
     try:

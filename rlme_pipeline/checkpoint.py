@@ -462,6 +462,11 @@ def weights_entry(files: list[FileEntry]) -> FileEntry:
     return next(f for f in files if f.logical.endswith(("/" + WEIGHTS, "/" + ADAPTER_WEIGHTS)))
 
 
+def drop_cached(files: list[FileEntry]) -> None:
+    """Remove this machine's download-cache copy of a checkpoint (retention pruned it from the store)."""
+    shutil.rmtree(_checkpoints_cache() / _cache_key(files), ignore_errors=True)
+
+
 def local_dir(run: Run, iteration: int, files: list[FileEntry]) -> str:
     """A local directory holding the checkpoint's files: the store's own when it is on this machine (hashes
     were checked when its stage record was accepted), else a verified download cached by content."""

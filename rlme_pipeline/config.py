@@ -433,6 +433,38 @@ class DistributedConfig(Section):
     )
 
 
+class CheckpointConfig(Section):
+    """Which committed iterations keep their checkpoint files (rlme_pipeline/retention.py). Pruning deletes
+    files, never a record: the manifests keep every pruned file's hash, and what a checkpoint would have
+    computed stays computed. Not part of the hash: it decides what is kept, not what is computed, and it
+    may change between resumes. The defaults keep every checkpoint."""
+
+    keep_last: int | None = operational(
+        None,
+        (
+            "keep the checkpoints of the last N committed iterations (the newest is what training resumes "
+            "from, so N >= 1); older ones are deleted after each commit unless keep_every keeps them; null "
+            "keeps every checkpoint"
+        ),
+        ge=1,
+    )
+    keep_every: int | None = operational(
+        None,
+        (
+            "with keep_last, also keep iteration i's checkpoint when (i + 1) % K == 0: the policy after K, 2K, ... "
+            "updates, which generated iteration i + 1 (so iterations 0, K, 2K, ... stay re-scorable with a "
+            "live-self evaluator); null keeps only the last N"
+        ),
+        ge=1,
+    )
+
+    @model_validator(mode="after")
+    def _every_needs_last(self) -> CheckpointConfig:
+        if self.keep_every is not None and self.keep_last is None:
+            raise ValueError("keep_every needs keep_last (without it every checkpoint is kept); set keep_last: 1")
+        return self
+
+
 class Config(Section):
     run: RunConfig = experiment(RunConfig(), "which run, where, how far (only run.id and run.seed are hashed)")
     data: DataConfig = experiment(description="the prompts")
@@ -454,6 +486,9 @@ class Config(Section):
     alerts: AlertsConfig = operational(AlertsConfig(), "thresholds of the flow's Prefect events: observation only")
     distributed: DistributedConfig = operational(
         DistributedConfig(), "the update across several processes/GPUs (FSDP2): how, not what"
+    )
+    checkpoint: CheckpointConfig = operational(
+        CheckpointConfig(), "checkpoint retention: which committed checkpoints keep their files (default: all)"
     )
     # Relative data/model paths are relative to the config file's folder, so a config works from any
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.

@@ -1,6 +1,7 @@
 """`rlme gc`: find and remove what no record or manifest references (killed attempts, replaced files).
 
-Considered: the iteration directories, the score sets under scoresets/, and temp files anywhere; run.json
+Considered: the iteration directories (a checkpoint that retention pruned counts as unreferenced), the
+score sets under scoresets/, and temp files anywhere; run.json
 and the lease are never touched. Files listed by a stage record of an uncommitted iteration are kept:
 they are finished work a resume will reuse. A score set is collected as far as its commits prove: in a
 committed score set everything its manifest does not list (the merged shards, killed merges); in one
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlme_pipeline import scoreset
+from rlme_pipeline import retention, scoreset
 from rlme_pipeline.lease import Lease
 from rlme_pipeline.run import Run, iter_dir
 
@@ -26,7 +27,12 @@ class Plan:
 
 
 def referenced(run: Run, i: int) -> set[str]:
-    return run.unit(i).referenced()
+    """What iteration i's manifest and records name, less the checkpoint files its PRUNED.json says
+    retention deleted (left behind only when a crash cut the deletion short: gc finishes it)."""
+    keep = run.unit(i).referenced()
+    if (rec := retention.record(run, i)) is not None:
+        keep = (keep - {f.path for f in rec.files}) | {retention.rel(i)}
+    return keep
 
 
 def scoreset_leftovers(run: Run, name: str) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlme_pipeline import checkpoint
+from rlme_pipeline import checkpoint, retention
 from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config, EvaluatorConfig
 from rlme_pipeline.models import resolve_ref, weights_version
 from rlme_pipeline.run import Run
@@ -33,6 +33,9 @@ def policy_at(run: Run, cfg: Config, iteration: int) -> ModelRef:
         raise FileNotFoundError(
             f"{run.url}: iteration {iteration - 1} has no checkpoint yet; run its update stage first"
         )
+    retention.require(
+        run, iteration - 1, f"the policy of iteration {iteration}: it generated it, a live-self evaluator judges it"
+    )
     path = checkpoint.local_dir(run, iteration - 1, files)
     base = initial_policy(cfg).path if cfg.policy.lora is not None else None
     return ModelRef(path, checkpoint.weights_entry(files).sha256, cfg.policy.dtype, cfg.policy.device, base)

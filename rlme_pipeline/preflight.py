@@ -54,6 +54,11 @@ def _check_devices(cfg: Config) -> None:
                 f"{field}: {device!r} but torch sees no CUDA device on this machine; use cpu "
                 "(or install a CUDA build of torch on a machine with a GPU)"
             )
+        if kind == "cuda" and (torch.device(device).index or 0) >= (n := torch.cuda.device_count()):
+            raise ConfigError(
+                f"{field}: {device!r} but this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                f"(cuda:0 to cuda:{n - 1}; CUDA_VISIBLE_DEVICES renumbers them); pick one of those"
+            )
 
 
 def _check_lora(cfg: Config) -> None:

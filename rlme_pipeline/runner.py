@@ -22,7 +22,7 @@ import polars as pl
 import torch
 from pydantic import BaseModel
 
-from rlme_pipeline import adapters, checkpoint, distributed_update
+from rlme_pipeline import adapters, checkpoint, distributed_update, oom, retention
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
@@ -128,7 +128,7 @@ class Runner:
             return rec, False
         t0 = time.perf_counter()
         with self.backends.starts() as started:
-            files, metrics, info = getattr(self, f"_{stage}")(iteration)
+            files, metrics, info = self._io(iteration, stage)
         if started:  # loading this iteration's weights into vLLM: the per-iteration reload cost
             metrics["backend_start_seconds"] = float(sum(started))
         rec = StageRecord(
@@ -138,10 +138,23 @@ class Runner:
         self.run.write_stage_record(rec)  # written after its data files: the record is the stage's commit
         return rec, True
 
+    def _io(self, iteration: int, stage: str) -> tuple[list[FileEntry], dict, dict]:
+        """The stage's reads, call and writes. Out of GPU memory it raises one StageOutOfMemory naming the
+        knobs, raised outside the except block: the failed attempt's frames (and their tensors) are let go."""
+        try:
+            return getattr(self, f"_{stage}")(iteration)
+        except torch.OutOfMemoryError as e:
+            error = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        oom.free()
+        raise oom.StageOutOfMemory(oom.message(self.cfg, stage, iteration, error))
+
     def commit(self, iteration: int) -> Manifest:
         if iteration in self.run.committed():
-            return self.run.manifest(iteration)
-        return self.run.commit(iteration, self.cfg, [self.run.read_record(iteration, s) for s in STAGES])
+            m = self.run.manifest(iteration)
+        else:
+            m = self.run.commit(iteration, self.cfg, [self.run.read_record(iteration, s) for s in STAGES])
+        retention.prune(self.run, self.cfg.checkpoint)  # after the commit: the new checkpoint is the resume point
+        return m
 
     def samples(self, iteration: int, n: int) -> list[dict]:
         """A few committed completions for the trackers: n rollouts, different prompts first, chosen by

@@ -28,7 +28,7 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError, model_validator
 
-from rlme_pipeline import checkpoint
+from rlme_pipeline import checkpoint, retention
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import (
     LIVE_SELF,
@@ -247,6 +247,22 @@ def _evaluator_version(run: Run, cfg: Config, ev: EvaluatorConfig, i: int) -> st
     return evaluator_at(run, cfg, ev, i).version
 
 
+def check_checkpoints(run: Run, evaluators: list[EvaluatorConfig], its: list[int]) -> None:
+    """A live-self evaluator judges iteration i with iteration i-1's checkpoint, which retention may have
+    deleted (retention.py): refuse, naming them, before anything is written or any shard starts."""
+    live = [ev.name for ev in evaluators if ev.model == LIVE_SELF]
+    gone = {i for i in run.committed() if retention.record(run, i) is not None} if live else set()
+    if blocked := [i for i in its if i - 1 in gone]:
+        ok = [i for i in run.committed() if i - 1 not in gone]
+        raise retention.CheckpointPruned(
+            f"--iterations: the live-self evaluator {live} judges iteration i with iteration i-1's checkpoint, and "
+            f"the checkpoints of iterations {[i - 1 for i in blocked]} were pruned by the run's retention "
+            f"(checkpoint.keep_last / keep_every), so iterations {blocked} cannot be re-scored with it; choose "
+            f"--iterations among {ok}, or --evaluators without 'policy' (a run trained with a retention that keeps "
+            "those checkpoints, e.g. checkpoint.keep_every, could re-score them)"
+        )
+
+
 def _shard_count(rows: int, shard_rows: int) -> int:
     return max(1, math.ceil(rows / shard_rows))
 
@@ -269,6 +285,7 @@ def plan(
     questions = questions or list(cfg.questions)
     evaluators = evaluators or list(cfg.evaluators)
     its = parse_iterations(iterations, run.committed())
+    check_checkpoints(run, evaluators, its)
     sources, versions, n_shards = {}, {}, {}
     for i in its:
         entry = run.unit(i).entry(ROLLOUTS_FILE)

@@ -11,6 +11,7 @@ from rlme_pipeline.audit.sources import Scoreset, load
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.judging import evaluators_at, run_probe, sample_prompts
 from rlme_pipeline.parquet_io import write_frame
+from rlme_pipeline.retention import CheckpointPruned
 from rlme_pipeline.run import Run
 from rlme_pipeline.storage import Store
 
@@ -28,9 +29,13 @@ def probe_table(run: Run, ss: Scoreset, prompts: int, seed: int = 0) -> pl.DataF
         d = load_definition(run, ss.name)
         evs, qs, last = d.evaluators, d.questions, max(d.iterations)
     pool = ss.rollouts.select("prompt_id", "prompt").unique("prompt_id").collect()
+    try:
+        judges = evaluators_at(run, cfg, last, evs)
+    except CheckpointPruned as e:
+        raise CheckpointPruned(f"{e} For the audit, --probe-prompts 0 skips the probe that needs it.") from None
     with Backends(cfg.vllm_settings()) as backends:  # the run's vLLM settings, its servers stopped after
         return run_probe(
-            evaluators_at(run, cfg, last, evs),
+            judges,
             list(qs),
             cfg.scoring,
             sample_prompts(pool, prompts, seed),

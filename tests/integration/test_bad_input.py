@@ -112,3 +112,20 @@ def test_changed_experiment_on_an_existing_run_is_refused(demo_cfg):
     with pytest.raises(RunMismatch, match="exists with another experiment: run.seed 0 -> 7; start a new --run-id"):
         run.open(demo_cfg.with_overrides(seed=7))
     assert json.loads(run.store.read_bytes("run.json")) == before
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused_before_loading(tmp_path, tiny_models, monkeypatch):
+    """cuda:1 on a one-GPU machine. This machine may have no GPU, so its count is what is mocked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = load_config(_config(tmp_path, lambda d: d["evaluators"][0].update(device="cuda:1")))
+    with pytest.raises(ConfigError, match=r"^evaluators\[0\].device: 'cuda:1' but this machine has 1 CUDA device \("):
+        preflight(cfg, Store(cfg.run.storage))
+    ok = load_config(_config(tmp_path, lambda d: d["evaluators"][0].update(device="cuda:0")))
+    preflight(ok, Store(ok.run.storage))  # cuda:0 exists: the device check lets it through
+    assert not loaded and not (tmp_path / "runs" / "demo").exists()

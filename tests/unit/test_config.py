@@ -143,6 +143,7 @@ def legacy_hash(cfg) -> str:
     d.pop("tracking")  # added after the legacy hash; operational
     d.pop("alerts")  # added after the legacy hash; operational
     d.pop("distributed")  # added after the legacy hash; operational
+    d.pop("checkpoint")  # added after the legacy hash; operational (retention)
     return sha256_json(d)
 
 

@@ -1,0 +1,62 @@
+"""Out of GPU memory inside a stage: one error naming the stage and the knobs, and the iteration resumes.
+
+A CUDA OOM cannot be caused on a CPU machine, so the pure stage is made to raise torch.OutOfMemoryError
+(what a CUDA allocation raises) at iteration 1: the one fault here that is mocked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlme_pipeline import runner
+from rlme_pipeline.config import load_config
+from rlme_pipeline.oom import StageOutOfMemory
+from rlme_pipeline.run import STAGES, Run
+
+CUDA_OOM = "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.11 GiB"
+
+
+def contents(run: Run) -> dict[str, str]:
+    return {f.logical: f.sha256 for i in run.committed() for f in run.manifest(i).files}
+
+
+def fail_at_iteration_1(monkeypatch, stage: str, run: Run) -> None:
+    """The pure stage raises a CUDA OOM in iteration 1 (once iteration 0 is committed), after the runner
+    read its inputs (and, for update, took the policy out of the model pool to train it)."""
+    real = getattr(runner, stage)
+
+    def oom(*args, **kwargs):
+        if run.committed() == [0]:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, stage, oom)
+
+
+def test_out_of_memory_in_each_stage_names_the_knobs_and_the_iteration_resumes(micro_config, tmp_path, monkeypatch):
+    reference = load_config(micro_config(str(tmp_path / "reference"), iterations=2))
+    runner.train(reference, Run.for_config(reference))
+
+    cfg = load_config(micro_config(str(tmp_path / "oom"), iterations=2))
+    run = Run.for_config(cfg)
+    knob = {  # operational knobs first (the run resumes with them), then the experiment's (a new run)
+        "generate": "To fit: generation.batch_size: lower than 32, policy.lora",
+        "score": "To fit: probe.prompts: lower than 2 (these keep the run: change them and resume); scoring.batch_size",
+        "update": "To fit: optimizer.gradient_checkpointing: true, optimizer.logprob_chunk_tokens: lower than 256 "
+        "(these keep the run: change them and resume); optimizer.micro_batch_size: lower than 8",
+    }
+    for stage in ("generate", "score", "update"):
+        with monkeypatch.context() as m:
+            fail_at_iteration_1(m, stage, run)
+            with pytest.raises(StageOutOfMemory) as e:
+                runner.train(cfg, run)
+        msg = str(e.value)
+        assert "\n" not in msg and e.value.__context__ is None and e.value.__cause__ is None
+        assert msg.startswith(f"{stage} of iteration 1 ran out of GPU memory ({CUDA_OOM})"), msg
+        assert f"resumes the iteration at {stage}" in msg and knob[stage] in msg, msg
+        # nothing half-committed: iteration 0 stands, iteration 1 has the records of the stages before only
+        assert run.committed() == [0]
+        done = [s for s in STAGES if run.stage_record(1, s) is not None]
+        assert done == list(STAGES[: STAGES.index(stage)]), done
+    runner.train(cfg, run)  # the memory is back: the run resumes where it stopped
+    assert contents(run) == contents(Run.for_config(reference))
