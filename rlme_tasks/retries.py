@@ -15,12 +15,22 @@ import torch
 from rlme_pipeline.backends import BackendError
 from rlme_pipeline.config import ConfigError
 from rlme_pipeline.lease import LeaseHeld, LeaseLost
+from rlme_pipeline.oom import StageOutOfMemory
 from rlme_pipeline.run import CorruptRun
 from rlme_pipeline.storage import PERMANENT, TRANSIENT, StorageError
 
 # Checked first: some are subclasses of transient types (FileNotFoundError is an OSError), and a config
 # problem that a backend reports is a ConfigError (backends.BackendConfigError) before it is a BackendError.
-NEVER = (*PERMANENT, ConfigError, CorruptRun, LeaseHeld, LeaseLost, MemoryError, torch.OutOfMemoryError)
+NEVER = (
+    *PERMANENT,
+    ConfigError,
+    CorruptRun,
+    LeaseHeld,
+    LeaseLost,
+    MemoryError,
+    torch.OutOfMemoryError,
+    StageOutOfMemory,
+)
 # Connection-level faults (the store's own list: OSError, TimeoutError, botocore, aiohttp), the HTTP
 # client's transport faults, and a backend that failed after its own retries. A stage that runs past its
 # `run.stage_timeout_s` raises a TimeoutError (Prefect's TaskRunTimeoutError) and is retried too.

@@ -21,6 +21,7 @@ from rlme_pipeline.backends import BackendConfigError, BackendError
 from rlme_pipeline.backends.server import ManagedServer
 from rlme_pipeline.config import ConfigError, load_config
 from rlme_pipeline.lease import Lease, LeaseHeld
+from rlme_pipeline.oom import StageOutOfMemory
 from rlme_pipeline.run import CorruptRun, Run
 from rlme_pipeline.storage import StorageError, Store, retrying
 from rlme_tasks import rescore, stages
@@ -72,6 +73,8 @@ def test_deterministic_failures_are_not(tmp_path):
     assert not transient(caught(lambda: Run.from_url(str(tmp_path / "runs" / "none")).meta()))  # NoRun
     assert not transient(CorruptRun("iter-000003/MANIFEST.json is not a valid manifest"))
     assert not transient(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    # what a stage turns it into (oom.py): the same fault, named with the knobs to turn
+    assert not transient(StageOutOfMemory("update of iteration 3 ran out of GPU memory"))
     assert not transient(caught(lambda: torch.empty(2**50, dtype=torch.uint8)))  # CPU: RuntimeError, not OOM type
     assert not transient(KeyError("reward"))  # a bug is not retried either
 
