@@ -401,6 +401,25 @@ class VllmConfig(Section):
     startup_timeout_s: float = operational(600.0, "how long a managed server may take to come up", gt=0)
     max_restarts: int = operational(1, "restarts of a managed server that dies during a stage", ge=0)
     keep_alive: bool = operational(False, "keep a managed server/LLM for the next stage while its model is unchanged")
+    # Past one server (docs/replicas.md): requests spread over replicas; each carries its sample's seed, so
+    # the answer does not depend on which replica gives it.
+    urls: list[str] = operational(
+        default_factory=list, description="external replicas serving the same model (instead of vllm.url)"
+    )
+    replicas: int = operational(1, "managed servers per stage; on cuda each gets its own GPU(s)", ge=1)
+    tensor_parallel_size: int = operational(1, "GPUs per server / in-process LLM (--tensor-parallel-size)", ge=1)
+
+    @model_validator(mode="after")
+    def _one_way_to_reach_vllm(self) -> VllmConfig:
+        if self.url and self.urls:
+            raise ValueError("vllm.url and vllm.urls: give one (vllm.urls: [a, b] lists every replica)")
+        if self.replicas > 1 and (self.url or self.urls):
+            raise ValueError("vllm.replicas: counts managed servers; with vllm.url/urls list each server instead")
+        return self
+
+    def external_urls(self) -> list[str]:
+        """Every external server to spread requests over; empty: the stage manages its server(s)."""
+        return list(self.urls) or ([self.url] if self.url else [])
 
 
 class Config(Section):

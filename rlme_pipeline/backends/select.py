@@ -111,6 +111,42 @@ def _check_external(url: str, ref: ModelRef) -> None:
         )
 
 
+def _server_group(python: str, ref: ModelRef, v: VllmConfig):
+    """vllm.replicas managed servers for `ref`: on cuda each sees its own GPU slice (CUDA_VISIBLE_DEVICES),
+    tensor parallel over vllm.tensor_parallel_size GPUs."""
+    from rlme_pipeline.backends.server import ManagedServer, ServerGroup, replica_gpus
+
+    tp = v.tensor_parallel_size
+    args = [*v.server_args, *(["--tensor-parallel-size", str(tp)] if tp > 1 else [])]
+    envs = [dict(v.env) for _ in range(v.replicas)]
+    if ref.device.startswith("cuda") and v.replicas > 1:
+        for env, gpus in zip(envs, replica_gpus(v.replicas, tp, visible_gpus())):
+            env["CUDA_VISIBLE_DEVICES"] = gpus
+    return ServerGroup(
+        [
+            ManagedServer(
+                python,
+                serving_dir(ref.path),
+                dtype=ref.dtype,
+                args=args,
+                env=env,
+                startup_timeout_s=v.startup_timeout_s,
+                max_restarts=v.max_restarts,
+            )
+            for env in envs
+        ]
+    )
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may hand out: CUDA_VISIBLE_DEVICES if set, else every device torch sees."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 class Backends:
     """The models and inference servers of one owner (a training process, a re-score, an audit).
 
@@ -232,36 +268,31 @@ class Backends:
     @contextmanager
     def _openai_client(self, ref: ModelRef):
         from rlme_pipeline.backends.openai import Client
-        from rlme_pipeline.backends.server import ManagedServer
 
         v = self.vllm
         common = dict(
             max_concurrency=v.max_concurrency, timeout_s=v.timeout_s, retries=v.retries, backoff_s=v.backoff_s
         )
-        if v.url:
-            _check_external(v.url, ref)
-            yield Client(url=v.url, **common)
+        if urls := v.external_urls():
+            for url in urls:
+                _check_external(url, ref)
+            yield Client(url=urls, **common)
             return
         python = _vllm_python(v)
-        key = ("server", python, ref.path, ref.version, ref.dtype, tuple(v.server_args))
+        key = ("server", python, ref.path, ref.version, ref.dtype, tuple(v.server_args), v.replicas)
+        key += (v.tensor_parallel_size, tuple(sorted(v.env.items())))
 
         def make():
-            srv = ManagedServer(
-                python,
-                serving_dir(ref.path),
-                dtype=ref.dtype,
-                args=v.server_args,
-                env=v.env,
-                startup_timeout_s=v.startup_timeout_s,
-                max_restarts=v.max_restarts,
-            )
-            srv.start()
-            self._started(srv.startup_seconds[-1])
-            return srv
+            group = _server_group(python, ref, v)
+            group.start()
+            for srv in group.servers:
+                self._started(srv.startup_seconds[-1])
+            return group
 
-        with self._resource(key, make) as srv:
-            srv.restarts = 0  # the restart budget is per stage
-            yield Client(server=srv, **common)
+        with self._resource(key, make) as group:
+            for srv in group.servers:
+                srv.restarts = 0  # the restart budget is per stage
+            yield Client(server=group.servers, **common)
 
     @contextmanager
     def _llm(self, ref: ModelRef):
@@ -269,5 +300,7 @@ class Backends:
 
         v = self.vllm
         key = ("llm", ref.path, ref.version, ref.dtype)
-        with self._resource(key, lambda: load_llm(serving_dir(ref.path), ref.dtype, **v.engine_kwargs)) as llm:
+        kw = {"tensor_parallel_size": v.tensor_parallel_size} if v.tensor_parallel_size > 1 else {}
+        kw.update(v.engine_kwargs)
+        with self._resource(key, lambda: load_llm(serving_dir(ref.path), ref.dtype, **kw)) as llm:
             yield llm

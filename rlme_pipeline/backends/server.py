@@ -172,3 +172,46 @@ class ManagedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def replica_gpus(replicas: int, per_replica: int, visible: list[str]) -> list[str]:
+    """CUDA_VISIBLE_DEVICES for each replica: consecutive, disjoint slices of the visible GPUs."""
+    need = replicas * per_replica
+    if need > len(visible):
+        raise BackendError(
+            f"vllm.replicas {replicas} x vllm.tensor_parallel_size {per_replica} needs {need} GPUs, "
+            f"{len(visible)} visible; lower one of them"
+        )
+    return [",".join(visible[r * per_replica : (r + 1) * per_replica]) for r in range(replicas)]
+
+
+class ServerGroup:
+    """The managed replicas of one model, started together (each takes the same 30-110 s) and stopped as
+    a group. A replica that dies is restarted by the client only when none is left (ManagedServer's
+    budget); the others carry its requests meanwhile."""
+
+    def __init__(self, servers: list[ManagedServer]):
+        self.servers = servers
+
+    def start(self) -> "ServerGroup":
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(self.servers)) as pool:
+            futures = [pool.submit(s.start) for s in self.servers]
+            errors = [f.exception() for f in futures]
+        if failed := [e for e in errors if e is not None]:
+            self.stop()
+            raise failed[0]
+        return self
+
+    def alive(self) -> bool:
+        """Every replica up: a group with a dead member is restarted whole before a stage reuses it."""
+        return all(s.alive() for s in self.servers)
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+    def kill(self) -> None:
+        for s in self.servers:
+            s.kill()
