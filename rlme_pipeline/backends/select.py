@@ -178,9 +178,10 @@ class Backends:
         self.pool.clear()
 
     @contextmanager
-    def starts(self) -> Iterator[list[float]]:
-        """The seconds to healthy of every server started inside the block: a stage's reload cost."""
-        seen: list[float] = []
+    def starts(self) -> Iterator[list[tuple[str, float]]]:
+        """(kind, seconds) of every weight load inside the block, a stage's reload cost: "start" (a server
+        or LLM started until healthy) or "sync" (new weights pushed into a running one)."""
+        seen: list[tuple[str, float]] = []
         self._start_watchers.append(seen)
         try:
             yield seen
@@ -261,9 +262,9 @@ class Backends:
             else:
                 _close(obj)
 
-    def _started(self, seconds: float) -> None:
+    def _started(self, seconds: float, kind: str = "start") -> None:
         for seen in self._start_watchers:
-            seen.append(seconds)
+            seen.append((kind, seconds))
 
     @contextmanager
     def _openai_client(self, ref: ModelRef):
