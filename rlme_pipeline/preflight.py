@@ -107,8 +107,8 @@ def _check_vllm(cfg: Config) -> None:
 def preflight(cfg: Config, store: Store) -> None:
     check_installed(cfg.tracking)
     _check_devices(cfg)
-    _check_vllm(cfg)
     _check_lora(cfg)
+    _check_vllm(cfg)  # after the config checks: it asks the network
     store.check_writable()
     prompts = load_prompts(cfg)
     prompt_indices(prompts.height, cfg.data.prompts_per_iteration, cfg.run.seed, 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +68,19 @@ def serving_dir(path: str) -> str:
     return str(view)
 
 
+def model_family(path: str) -> str:
+    """What a server started on `path` can hold after a weight sync: its config.json (the architecture and
+    shapes), without the fields that do not change them."""
+    import hashlib
+
+    if not (Path(path) / "config.json").exists():  # not a local directory: only itself
+        return path
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    for k in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        cfg.pop(k, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
 def _close(obj) -> None:
     if hasattr(obj, "stop"):
         obj.stop()
@@ -111,14 +125,26 @@ def _check_external(url: str, ref: ModelRef) -> None:
         )
 
 
-def _server_group(python: str, ref: ModelRef, v: VllmConfig):
-    """vllm.replicas managed servers for `ref`: on cuda each sees its own GPU slice (CUDA_VISIBLE_DEVICES),
-    tensor parallel over vllm.tensor_parallel_size GPUs."""
+# vLLM's accepted --max-lora-rank values (vllm/config/lora.py MaxLoRARanks, 0.32)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _server_group(python: str, path: str, ref: ModelRef, v: VllmConfig):
+    """vllm.replicas managed servers on `path`: on cuda each sees its own GPU slice (CUDA_VISIBLE_DEVICES),
+    tensor parallel over vllm.tensor_parallel_size GPUs; able to sync weights in place when vllm.weight_sync
+    is set, and to load LoRA adapters when the policy is LoRA (vllm.max_lora_rank)."""
     from rlme_pipeline.backends.server import ManagedServer, ServerGroup, replica_gpus
 
     tp = v.tensor_parallel_size
     args = [*v.server_args, *(["--tensor-parallel-size", str(tp)] if tp > 1 else [])]
-    envs = [dict(v.env) for _ in range(v.replicas)]
+    env = dict(v.env)
+    if v.weight_sync:
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache (bound to 127.0.0.1)
+    if v.max_lora_rank:
+        rank = next((r for r in LORA_RANKS if r >= v.max_lora_rank), v.max_lora_rank)
+        args += ["--enable-lora", "--max-lora-rank", str(rank)]
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    envs = [dict(env) for _ in range(v.replicas)]
     if ref.device.startswith("cuda") and v.replicas > 1:
         for env, gpus in zip(envs, replica_gpus(v.replicas, tp, visible_gpus())):
             env["CUDA_VISIBLE_DEVICES"] = gpus
@@ -126,7 +152,7 @@ def _server_group(python: str, ref: ModelRef, v: VllmConfig):
         [
             ManagedServer(
                 python,
-                serving_dir(ref.path),
+                path,
                 dtype=ref.dtype,
                 args=args,
                 env=env,
@@ -201,7 +227,7 @@ class Backends:
             from rlme_pipeline.backends.openai import OpenAIGenerator
 
             with self._openai_client(ref) as client:
-                yield OpenAIGenerator(client), self._tokenizer(ref.path)
+                yield OpenAIGenerator(client), self._tokenizer(ref.base or ref.path)
         elif backend == "vllm":
             from rlme_pipeline.backends.vllm import VLLMGenerator
 
@@ -223,7 +249,8 @@ class Backends:
             from rlme_pipeline.backends.openai import OpenAIJudge
 
             with self._openai_client(ref) as client:
-                yield OpenAIJudge(client, max_positions_of(ref.path)), self._tokenizer(ref.path)
+                path = ref.base or ref.path
+                yield OpenAIJudge(client, max_positions_of(path)), self._tokenizer(path)
         elif backend == "vllm":
             from rlme_pipeline.backends.vllm import VLLMJudge
 
@@ -239,7 +266,7 @@ class Backends:
         return self._tokenizers[path]
 
     @contextmanager
-    def _resource(self, key: tuple, make):
+    def _resource(self, key: tuple, make, keep: bool = False):
         """A started server/LLM for the stage: reused from keep_alive, else made, and stopped after unless kept."""
         with self._serving:
             obj = self._live.pop(key, None)
@@ -257,7 +284,7 @@ class Backends:
                 raise
             finally:
                 self.in_use.remove(obj)
-            if self.vllm.keep_alive:
+            if self.vllm.keep_alive or keep:
                 self._live[key] = obj
             else:
                 _close(obj)
@@ -280,20 +307,37 @@ class Backends:
             yield Client(url=urls, **common)
             return
         python = _vllm_python(v)
-        key = ("server", python, ref.path, ref.version, ref.dtype, tuple(v.server_args), v.replicas)
-        key += (v.tensor_parallel_size, tuple(sorted(v.env.items())))
+        weights = ref.base or ref.path  # the full weights a server holds; a LoRA ref adds its adapter
+        sync = ref.base is not None or v.weight_sync
+        # a syncing server is keyed by the architecture it can hold, not by the weights in it
+        key = ("server", python, model_family(weights) if sync else (ref.path, ref.version), ref.dtype)
+        key += (tuple(v.server_args), v.replicas, v.tensor_parallel_size, tuple(sorted(v.env.items())))
 
         def make():
-            group = _server_group(python, ref, v)
+            group = _server_group(python, serving_dir(weights), ref, v)
             group.start()
             for srv in group.servers:
                 self._started(srv.startup_seconds[-1])
             return group
 
-        with self._resource(key, make) as group:
+        with self._resource(key, make, keep=sync) as group:
             for srv in group.servers:
                 srv.restarts = 0  # the restart budget is per stage
-            yield Client(server=group.servers, **common)
+            if sync:
+                self._sync(group, ref, weights)
+            yield Client(server=group.servers, model=ref.version if ref.base else None, **common)
+
+    def _sync(self, group, ref: ModelRef, weights: str) -> None:
+        """Push the stage's weights into running servers: full weights in place, then a LoRA ref's adapter
+        (named by its content hash). The seconds are the stage's weight_sync_seconds."""
+        t0 = time.perf_counter()
+        synced = False
+        for srv in group.servers:
+            synced |= srv.sync_weights(serving_dir(weights))
+            if ref.base is not None:
+                synced |= srv.load_adapter(ref.version, serving_dir(ref.path))
+        if synced:
+            self._started(time.perf_counter() - t0, "sync")
 
     @contextmanager
     def _llm(self, ref: ModelRef):

@@ -80,14 +80,15 @@ def test_managed_replicas_get_disjoint_gpus_and_tensor_parallel(monkeypatch, tin
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     v = VllmConfig(python="/x/python", replicas=2, tensor_parallel_size=2, env={"A": "1"})
-    group = _server_group("/x/python", ModelRef(str(tiny_models["policy"]), "v", "bfloat16", "cuda"), v)
+    path = str(tiny_models["policy"])
+    group = _server_group("/x/python", path, ModelRef(path, "v", "bfloat16", "cuda"), v)
     assert [s.env for s in group.servers] == [
         {"A": "1", "CUDA_VISIBLE_DEVICES": "4,5"},
         {"A": "1", "CUDA_VISIBLE_DEVICES": "6,7"},
     ]
     cmd = group.servers[0].command()
     assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
-    cpu = _server_group("/x/python", ModelRef(str(tiny_models["policy"]), "v", "float32", "cpu"), v)
+    cpu = _server_group("/x/python", path, ModelRef(path, "v", "float32", "cpu"), v)
     assert all("CUDA_VISIBLE_DEVICES" not in s.env for s in cpu.servers)
 
 
