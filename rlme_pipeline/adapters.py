@@ -172,8 +172,6 @@ def check(cfg: Config, policy_path: str) -> None:
     if lora is None:
         return
     for field, backend in (("generation.backend", cfg.generation.backend), ("scoring.backend", cfg.scoring.backend)):
-        if backend == "vllm":
-            raise ConfigError(f"{field} vllm with policy.lora: not supported yet; use openai (a managed server) or hf")
         if backend == "openai" and cfg.vllm.external_urls():
             raise ConfigError(
                 f"vllm.url/urls with policy.lora and {field} openai: an external server cannot load the run's "

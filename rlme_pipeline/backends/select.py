@@ -129,6 +129,11 @@ def _check_external(url: str, ref: ModelRef) -> None:
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def lora_rank(r: int) -> int:
+    """The smallest rank vLLM accepts that holds rank-r adapters."""
+    return next((x for x in LORA_RANKS if x >= r), r)
+
+
 def _server_group(python: str, path: str, ref: ModelRef, v: VllmConfig):
     """vllm.replicas managed servers on `path`: on cuda each sees its own GPU slice (CUDA_VISIBLE_DEVICES),
     tensor parallel over vllm.tensor_parallel_size GPUs; able to sync weights in place when vllm.weight_sync
@@ -141,8 +146,7 @@ def _server_group(python: str, path: str, ref: ModelRef, v: VllmConfig):
     if v.weight_sync:
         env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache (bound to 127.0.0.1)
     if v.max_lora_rank:
-        rank = next((r for r in LORA_RANKS if r >= v.max_lora_rank), v.max_lora_rank)
-        args += ["--enable-lora", "--max-lora-rank", str(rank)]
+        args += ["--enable-lora", "--max-lora-rank", str(lora_rank(v.max_lora_rank))]
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     envs = [dict(env) for _ in range(v.replicas)]
     if ref.device.startswith("cuda") and v.replicas > 1:
@@ -231,8 +235,8 @@ class Backends:
         elif backend == "vllm":
             from rlme_pipeline.backends.vllm import VLLMGenerator
 
-            with self._llm(ref) as llm:
-                yield VLLMGenerator(llm), self._tokenizer(ref.path)
+            with self._llm(ref) as (llm, lora):
+                yield VLLMGenerator(llm, lora), self._tokenizer(ref.base or ref.path)
         else:
             raise ValueError(f"unknown generation backend {backend!r}")
 
@@ -254,8 +258,8 @@ class Backends:
         elif backend == "vllm":
             from rlme_pipeline.backends.vllm import VLLMJudge
 
-            with self._llm(ref) as llm:
-                yield VLLMJudge(llm), self._tokenizer(ref.path)
+            with self._llm(ref) as (llm, lora):
+                yield VLLMJudge(llm, lora), self._tokenizer(ref.base or ref.path)
         else:
             raise ValueError(f"unknown scoring backend {backend!r}")
 
@@ -308,7 +312,7 @@ class Backends:
             return
         python = _vllm_python(v)
         weights = ref.base or ref.path  # the full weights a server holds; a LoRA ref adds its adapter
-        sync = ref.base is not None or v.weight_sync
+        sync = self._syncs(ref)
         # a syncing server is keyed by the architecture it can hold, not by the weights in it
         key = ("server", python, model_family(weights) if sync else (ref.path, ref.version), ref.dtype)
         key += (tuple(v.server_args), v.replicas, v.tensor_parallel_size, tuple(sorted(v.env.items())))
@@ -327,6 +331,11 @@ class Backends:
                 self._sync(group, ref, weights)
             yield Client(server=group.servers, model=ref.version if ref.base else None, **common)
 
+    def _syncs(self, ref: ModelRef) -> bool:
+        """Whether `ref` goes into a long-lived engine by sync rather than a start: with vllm.weight_sync,
+        and in a LoRA run (max_lora_rank set: the base and every adapter share one engine)."""
+        return self.vllm.weight_sync or self.vllm.max_lora_rank > 0 or ref.base is not None
+
     def _sync(self, group, ref: ModelRef, weights: str) -> None:
         """Push the stage's weights into running servers: full weights in place, then a LoRA ref's adapter
         (named by its content hash). The seconds are the stage's weight_sync_seconds."""
@@ -341,11 +350,24 @@ class Backends:
 
     @contextmanager
     def _llm(self, ref: ModelRef):
-        from rlme_pipeline.backends.vllm import load_llm
+        """(llm, lora_request or None) for `ref`, synced like a managed server (_openai_client)."""
+        from rlme_pipeline.backends.vllm import adapter, load_llm, sync_weights
 
         v = self.vllm
-        key = ("llm", ref.path, ref.version, ref.dtype)
+        weights = ref.base or ref.path
+        sync = self._syncs(ref)
+        key = ("llm", model_family(weights) if sync else (ref.path, ref.version), ref.dtype)
         kw = {"tensor_parallel_size": v.tensor_parallel_size} if v.tensor_parallel_size > 1 else {}
+        if v.max_lora_rank:
+            kw.update(enable_lora=True, max_lora_rank=lora_rank(v.max_lora_rank))
         kw.update(v.engine_kwargs)
-        with self._resource(key, lambda: load_llm(serving_dir(ref.path), ref.dtype, **kw)) as llm:
-            yield llm
+        with self._resource(key, lambda: load_llm(serving_dir(weights), ref.dtype, **kw), keep=sync) as llm:
+            t0 = time.perf_counter()
+            synced = sync and sync_weights(llm, serving_dir(weights))
+            lora = None
+            if ref.base is not None:
+                synced |= ref.version not in llm.__dict__.get("rlme_adapter_ids", {})
+                lora = adapter(llm, ref.version, serving_dir(ref.path))
+            if synced:
+                self._started(time.perf_counter() - t0, "sync")
+            yield llm, lora

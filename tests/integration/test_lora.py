@@ -170,12 +170,6 @@ def test_bad_lora_input_is_one_line_before_any_model_loads(tiny_models, tmp_path
     _rejected(validate_config(d), tmp_path, loads, "policy.model: .* is already a LoRA adapter directory")
 
     _rejected(
-        lora_cfg(tmp_path, generation={"backend": "vllm"}),
-        tmp_path,
-        loads,
-        "^generation.backend vllm with policy.lora: not supported yet; use openai",
-    )
-    _rejected(
         lora_cfg(tmp_path, scoring={"backend": "openai"}, vllm={"url": "http://127.0.0.1:9"}),
         tmp_path,
         loads,
