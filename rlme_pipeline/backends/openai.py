@@ -72,7 +72,6 @@ class Replica:
         self._url, self.server = url, server
         self.inflight = 0  # requests sent and not yet answered: the load used to pick a replica
         self.suspect = False  # its last request failed: others go first until it answers again
-        self.requests = 0
 
     @property
     def url(self) -> str:
@@ -132,9 +131,9 @@ class Client:
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, transport=self.transport) as http:
 
-            async def one(b):
+            async def one(body):
                 async with sem:
-                    return await self._post(http, b, restart_lock)
+                    return await self._post(http, body, restart_lock)
 
             return await asyncio.gather(*(one(b) for b in bodies))
 
@@ -172,7 +171,6 @@ class Client:
                 self.stats["failovers"] += 1
             tried.add(self.replicas.index(rep))
             self.stats["requests"] += 1
-            rep.requests += 1
             rep.inflight += 1
             try:
                 r = await http.post(rep.url + "/v1/completions", json=body)
