@@ -172,8 +172,11 @@ def check(cfg: Config, policy_path: str) -> None:
     if lora is None:
         return
     for field, backend in (("generation.backend", cfg.generation.backend), ("scoring.backend", cfg.scoring.backend)):
-        if backend != "hf":
-            raise ConfigError(f"{field} {backend} with policy.lora: not supported yet; use hf")
+        if backend == "openai" and cfg.vllm.external_urls():
+            raise ConfigError(
+                f"vllm.url/urls with policy.lora and {field} openai: an external server cannot load the run's "
+                "adapters; leave vllm.url unset so the stage manages a server that does"
+            )
     if (Path(policy_path) / ADAPTER_CONFIG).exists():
         raise ConfigError(
             f"policy.model: {cfg.policy.model!r} is already a LoRA adapter directory ({ADAPTER_CONFIG}); "

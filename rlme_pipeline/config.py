@@ -401,6 +401,29 @@ class VllmConfig(Section):
     startup_timeout_s: float = operational(600.0, "how long a managed server may take to come up", gt=0)
     max_restarts: int = operational(1, "restarts of a managed server that dies during a stage", ge=0)
     keep_alive: bool = operational(False, "keep a managed server/LLM for the next stage while its model is unchanged")
+    # Past one server (docs/replicas.md): requests spread over replicas; each carries its sample's seed, so
+    # the answer does not depend on which replica gives it.
+    urls: list[str] = operational(
+        default_factory=list, description="external replicas serving the same model (instead of vllm.url)"
+    )
+    replicas: int = operational(1, "managed servers per stage; on cuda each gets its own GPU(s)", ge=1)
+    tensor_parallel_size: int = operational(1, "GPUs per server / in-process LLM (--tensor-parallel-size)", ge=1)
+    weight_sync: bool = operational(
+        False, "keep the policy's server/LLM up across iterations and load each checkpoint into it in place"
+    )
+    max_lora_rank: int = operational(0, "start servers able to load LoRA adapters up to this rank; 0: policy.lora.r")
+
+    @model_validator(mode="after")
+    def _one_way_to_reach_vllm(self) -> VllmConfig:
+        if self.url and self.urls:
+            raise ValueError("vllm.url and vllm.urls: give one (vllm.urls: [a, b] lists every replica)")
+        if self.replicas > 1 and (self.url or self.urls):
+            raise ValueError("vllm.replicas: counts managed servers; with vllm.url/urls list each server instead")
+        return self
+
+    def external_urls(self) -> list[str]:
+        """Every external server to spread requests over; empty: the stage manages its server(s)."""
+        return list(self.urls) or ([self.url] if self.url else [])
 
 
 class AlertsConfig(Section):
@@ -505,14 +528,18 @@ class Config(Section):
         return ref
 
     def vllm_settings(self) -> VllmConfig:
-        """The vllm section with a relative interpreter path resolved like the other paths."""
-        py = self.vllm.python
+        """The vllm section with a relative interpreter path resolved like the other paths, and a LoRA
+        policy's rank (servers must be started able to take its adapters)."""
+        v = self.vllm
+        if self.policy.lora is not None and not v.max_lora_rank:
+            v = v.model_copy(update={"max_lora_rank": self.policy.lora.r})
+        py = v.python
         if py and not Path(py).expanduser().is_absolute():
             # not resolve(): a venv's bin/python is a symlink, and following it leaves the venv
             for base in (self._base_dir, Path.cwd()):
                 if (base / py).exists():
-                    return self.vllm.model_copy(update={"python": os.path.abspath(base / py)})
-        return self.vllm
+                    return v.model_copy(update={"python": os.path.abspath(base / py)})
+        return v
 
     @model_validator(mode="after")
     def _reward_sources(self) -> Config:

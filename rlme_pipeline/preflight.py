@@ -106,11 +106,44 @@ def _check_distributed(cfg: Config) -> None:
         raise ConfigError("distributed.backend: nccl needs policy.device cuda; use auto or gloo on cpu")
 
 
+def _check_vllm(cfg: Config) -> None:
+    """Replica settings against the backends, and every external server reachable, before any stage."""
+    v, backends = cfg.vllm, {cfg.generation.backend, cfg.scoring.backend}
+    if (v.replicas > 1 or len(v.urls) > 1) and "openai" not in backends:
+        raise ConfigError(
+            "vllm.replicas/vllm.urls: spread requests of the openai backend; set generation.backend or "
+            "scoring.backend to openai (the vllm backend is one in-process engine)"
+        )
+    if "openai" not in backends:
+        return
+    if v.replicas > 1 and cfg.policy.device.startswith("cuda"):  # a valid device: _check_devices ran
+        from rlme_pipeline.backends import BackendError
+        from rlme_pipeline.backends.select import visible_gpus
+        from rlme_pipeline.backends.server import replica_gpus
+
+        try:
+            replica_gpus(v.replicas, v.tensor_parallel_size, visible_gpus())
+        except BackendError as e:
+            raise ConfigError(str(e)) from None
+    import httpx
+
+    fields = [f"vllm.urls[{i}]" for i in range(len(v.urls))] if v.urls else ["vllm.url"]
+    for field, url in zip(fields, v.external_urls()):
+        try:
+            httpx.get(url.rstrip("/") + "/v1/models", timeout=10).raise_for_status()
+        except httpx.HTTPError as e:
+            raise ConfigError(
+                f"{field}: {url} is unreachable ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "start that server or remove it"
+            ) from None
+
+
 def preflight(cfg: Config, store: Store) -> None:
     check_installed(cfg.tracking)
     _check_devices(cfg)
     _check_lora(cfg)
     _check_distributed(cfg)
+    _check_vllm(cfg)  # after the config checks: it asks the network
     store.check_writable()
     prompts = load_prompts(cfg)
     prompt_indices(prompts.height, cfg.data.prompts_per_iteration, cfg.run.seed, 0)

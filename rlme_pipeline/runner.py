@@ -129,8 +129,10 @@ class Runner:
         t0 = time.perf_counter()
         with self.backends.starts() as started:
             files, metrics, info = self._io(iteration, stage)
-        if started:  # loading this iteration's weights into vLLM: the per-iteration reload cost
-            metrics["backend_start_seconds"] = float(sum(started))
+        # loading this iteration's weights into vLLM: a server start, or a sync into a running one
+        for kind, name in (("start", "backend_start_seconds"), ("sync", "weight_sync_seconds")):
+            if seconds := [s for k, s in started if k == kind]:
+                metrics[name] = float(sum(seconds))
         rec = StageRecord(
             stage=stage, iteration=iteration, files=files, seconds=time.perf_counter() - t0, metrics=metrics, info=info
         )

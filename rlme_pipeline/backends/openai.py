@@ -65,11 +65,34 @@ def _run(coro):
     return box["v"]
 
 
+class Replica:
+    """One server requests can go to: an external URL or a managed server (whose process can die)."""
+
+    def __init__(self, url: str | None = None, server: ManagedServer | None = None):
+        self._url, self.server = url, server
+        self.inflight = 0  # requests sent and not yet answered: the load used to pick a replica
+        self.suspect = False  # its last request failed: others go first until it answers again
+
+    @property
+    def url(self) -> str:
+        return (self.server.url if self.server else self._url).rstrip("/")
+
+    def dead(self) -> bool:
+        return self.server is not None and not self.server.alive()
+
+
 class Client:
+    """Sends requests to one server or spreads them over replicas (several managed servers or external
+    URLs serving the same model). Each request goes to the least-loaded replica (ties in turn); a request
+    that fails is retried on another replica, so a replica dying mid-stage loses nothing and answers
+    nothing twice (each body has exactly one result). A dead managed replica is left out; only when every
+    replica is dead is one restarted, within its restart budget. Requests carry their seeds, so which
+    replica answers does not change the answer."""
+
     def __init__(
         self,
-        url: str | None = None,
-        server: ManagedServer | None = None,
+        url: str | list[str] | None = None,
+        server: ManagedServer | list[ManagedServer] | None = None,
         *,
         max_concurrency: int = 16,
         timeout_s: float = 120.0,
@@ -80,7 +103,12 @@ class Client:
     ):
         if (url is None) == (server is None):
             raise ValueError("give exactly one of url (external server) or server (managed)")
-        self._url, self.server = url, server
+        if url is not None:
+            self.replicas = [Replica(url=u) for u in ([url] if isinstance(url, str) else url)]
+        else:
+            self.replicas = [Replica(server=s) for s in ([server] if isinstance(server, ManagedServer) else server)]
+        if not self.replicas:
+            raise ValueError("no replica to send requests to")
         self.max_concurrency, self.timeout_s, self.retries, self.backoff_s = (
             max_concurrency,
             timeout_s,
@@ -88,20 +116,19 @@ class Client:
             backoff_s,
         )
         self.model, self.transport = model, transport  # transport: tests answer requests without a server
-        self.stats = {"requests": 0, "retries": 0, "failed": 0, "restarts": 0}
-
-    @property
-    def url(self) -> str:
-        return (self.server.url if self.server else self._url).rstrip("/")
+        self.stats = {"requests": 0, "retries": 0, "failed": 0, "restarts": 0, "failovers": 0}
+        self._turn = 0
 
     def post_many(self, bodies: list[dict]) -> list[dict | RequestFailed]:
         """POST every body to /v1/completions; each result is the JSON reply or a RequestFailed."""
         return _run(self._post_many(bodies))
 
     async def _post_many(self, bodies):
-        sem = asyncio.Semaphore(self.max_concurrency)
+        # every replica may hold max_concurrency requests: the servers batch what they hold
+        sem = asyncio.Semaphore(self.max_concurrency * len(self.replicas))
         restart_lock = asyncio.Lock()
-        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        n = self.max_concurrency * len(self.replicas)
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, transport=self.transport) as http:
 
             async def one(body):
@@ -110,29 +137,56 @@ class Client:
 
             return await asyncio.gather(*(one(b) for b in bodies))
 
+    async def _pick(self, tried: set[int], restart_lock: asyncio.Lock) -> Replica:
+        """The replica for the next attempt: alive, not yet tried by this request, not suspect, least
+        loaded, ties in turn. With every managed replica dead, restart one (raises when none may)."""
+        live = [i for i, r in enumerate(self.replicas) if not r.dead()]
+        if not live:
+            async with restart_lock:  # one restart for all the requests that saw the servers go
+                live = [i for i, r in enumerate(self.replicas) if not r.dead()]
+                if not live:
+                    servers = [r.server for r in self.replicas]
+                    budget = [s for s in servers if s.restarts < s.max_restarts] or servers[:1]
+                    await asyncio.to_thread(budget[0].ensure_alive)  # the last one raises its "restarts spent"
+                    self.stats["restarts"] += 1
+                    live = [i for i, r in enumerate(self.replicas) if not r.dead()]
+        n = len(self.replicas)
+        i = min(
+            live, key=lambda i: (i in tried, self.replicas[i].suspect, self.replicas[i].inflight, (i - self._turn) % n)
+        )
+        self._turn = (i + 1) % n
+        return self.replicas[i]
+
     async def _post(self, http: httpx.AsyncClient, body: dict, restart_lock: asyncio.Lock):
         if self.model:
             body = {**body, "model": self.model}
         last = "no attempt"
+        tried: set[int] = set()
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats["retries"] += 1
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-                if self.server is not None:
-                    async with restart_lock:  # one restart for all the requests that saw the server go
-                        if await asyncio.to_thread(self.server.ensure_alive):  # raises BackendError when spent
-                            self.stats["restarts"] += 1
+            rep = await self._pick(tried, restart_lock)  # raises BackendError when no server may restart
+            if tried and self.replicas.index(rep) not in tried:
+                self.stats["failovers"] += 1
+            tried.add(self.replicas.index(rep))
             self.stats["requests"] += 1
+            rep.inflight += 1
             try:
-                r = await http.post(self.url + "/v1/completions", json=body)
+                r = await http.post(rep.url + "/v1/completions", json=body)
             except httpx.TransportError as e:  # connect/read errors, timeouts, a server gone mid-response
-                last = f"{type(e).__name__}: {e}"
+                last = f"{rep.url}: {type(e).__name__}: {e}"
+                rep.suspect = True
                 continue
+            finally:
+                rep.inflight -= 1
             if r.status_code == 200:
+                rep.suspect = False
                 return r.json()
-            last = f"HTTP {r.status_code}: {r.text[:500]}"
+            last = f"{rep.url}: HTTP {r.status_code}: {r.text[:500]}"
             if r.status_code not in RETRYABLE_STATUS:
                 break
+            rep.suspect = True
         self.stats["failed"] += 1
         return RequestFailed(last)
 

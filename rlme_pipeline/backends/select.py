@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +68,19 @@ def serving_dir(path: str) -> str:
     return str(view)
 
 
+def model_family(path: str) -> str:
+    """What a server started on `path` can hold after a weight sync: its config.json (the architecture and
+    shapes), without the fields that do not change them."""
+    import hashlib
+
+    if not (Path(path) / "config.json").exists():  # not a local directory: only itself
+        return path
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    for k in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        cfg.pop(k, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
 def _close(obj) -> None:
     if hasattr(obj, "stop"):
         obj.stop()
@@ -111,6 +125,58 @@ def _check_external(url: str, ref: ModelRef) -> None:
         )
 
 
+# vLLM's accepted --max-lora-rank values (vllm/config/lora.py MaxLoRARanks, 0.32)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank(r: int) -> int:
+    """The smallest rank vLLM accepts that holds rank-r adapters."""
+    return next((x for x in LORA_RANKS if x >= r), r)
+
+
+def _server_group(python: str, path: str, ref: ModelRef, v: VllmConfig):
+    """vllm.replicas managed servers on `path`: on cuda each sees its own GPU slice (CUDA_VISIBLE_DEVICES),
+    tensor parallel over vllm.tensor_parallel_size GPUs; able to sync weights in place when vllm.weight_sync
+    is set, and to load LoRA adapters when the policy is LoRA (vllm.max_lora_rank)."""
+    from rlme_pipeline.backends.server import ManagedServer, ServerGroup, replica_gpus
+
+    tp = v.tensor_parallel_size
+    args = [*v.server_args, *(["--tensor-parallel-size", str(tp)] if tp > 1 else [])]
+    env = dict(v.env)
+    if v.weight_sync:
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache (bound to 127.0.0.1)
+    if v.max_lora_rank:
+        args += ["--enable-lora", "--max-lora-rank", str(lora_rank(v.max_lora_rank))]
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    envs = [dict(env) for _ in range(v.replicas)]
+    if ref.device.startswith("cuda") and v.replicas > 1:
+        for env, gpus in zip(envs, replica_gpus(v.replicas, tp, visible_gpus())):
+            env["CUDA_VISIBLE_DEVICES"] = gpus
+    return ServerGroup(
+        [
+            ManagedServer(
+                python,
+                path,
+                dtype=ref.dtype,
+                args=args,
+                env=env,
+                startup_timeout_s=v.startup_timeout_s,
+                max_restarts=v.max_restarts,
+            )
+            for env in envs
+        ]
+    )
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may hand out: CUDA_VISIBLE_DEVICES if set, else every device torch sees."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 class Backends:
     """The models and inference servers of one owner (a training process, a re-score, an audit).
 
@@ -142,9 +208,10 @@ class Backends:
         self.pool.clear()
 
     @contextmanager
-    def starts(self) -> Iterator[list[float]]:
-        """The seconds to healthy of every server started inside the block: a stage's reload cost."""
-        seen: list[float] = []
+    def starts(self) -> Iterator[list[tuple[str, float]]]:
+        """(kind, seconds) of every weight load inside the block, a stage's reload cost: "start" (a server
+        or LLM started until healthy) or "sync" (new weights pushed into a running one)."""
+        seen: list[tuple[str, float]] = []
         self._start_watchers.append(seen)
         try:
             yield seen
@@ -164,12 +231,12 @@ class Backends:
             from rlme_pipeline.backends.openai import OpenAIGenerator
 
             with self._openai_client(ref) as client:
-                yield OpenAIGenerator(client), self._tokenizer(ref.path)
+                yield OpenAIGenerator(client), self._tokenizer(ref.base or ref.path)
         elif backend == "vllm":
             from rlme_pipeline.backends.vllm import VLLMGenerator
 
-            with self._llm(ref) as llm:
-                yield VLLMGenerator(llm), self._tokenizer(ref.path)
+            with self._llm(ref) as (llm, lora):
+                yield VLLMGenerator(llm, lora), self._tokenizer(ref.base or ref.path)
         else:
             raise ValueError(f"unknown generation backend {backend!r}")
 
@@ -186,12 +253,13 @@ class Backends:
             from rlme_pipeline.backends.openai import OpenAIJudge
 
             with self._openai_client(ref) as client:
-                yield OpenAIJudge(client, max_positions_of(ref.path)), self._tokenizer(ref.path)
+                path = ref.base or ref.path
+                yield OpenAIJudge(client, max_positions_of(path)), self._tokenizer(path)
         elif backend == "vllm":
             from rlme_pipeline.backends.vllm import VLLMJudge
 
-            with self._llm(ref) as llm:
-                yield VLLMJudge(llm), self._tokenizer(ref.path)
+            with self._llm(ref) as (llm, lora):
+                yield VLLMJudge(llm, lora), self._tokenizer(ref.base or ref.path)
         else:
             raise ValueError(f"unknown scoring backend {backend!r}")
 
@@ -202,7 +270,7 @@ class Backends:
         return self._tokenizers[path]
 
     @contextmanager
-    def _resource(self, key: tuple, make):
+    def _resource(self, key: tuple, make, keep: bool = False):
         """A started server/LLM for the stage: reused from keep_alive, else made, and stopped after unless kept."""
         with self._serving:
             obj = self._live.pop(key, None)
@@ -220,54 +288,86 @@ class Backends:
                 raise
             finally:
                 self.in_use.remove(obj)
-            if self.vllm.keep_alive:
+            if self.vllm.keep_alive or keep:
                 self._live[key] = obj
             else:
                 _close(obj)
 
-    def _started(self, seconds: float) -> None:
+    def _started(self, seconds: float, kind: str = "start") -> None:
         for seen in self._start_watchers:
-            seen.append(seconds)
+            seen.append((kind, seconds))
 
     @contextmanager
     def _openai_client(self, ref: ModelRef):
         from rlme_pipeline.backends.openai import Client
-        from rlme_pipeline.backends.server import ManagedServer
 
         v = self.vllm
         common = dict(
             max_concurrency=v.max_concurrency, timeout_s=v.timeout_s, retries=v.retries, backoff_s=v.backoff_s
         )
-        if v.url:
-            _check_external(v.url, ref)
-            yield Client(url=v.url, **common)
+        if urls := v.external_urls():
+            for url in urls:
+                _check_external(url, ref)
+            yield Client(url=urls, **common)
             return
         python = _vllm_python(v)
-        key = ("server", python, ref.path, ref.version, ref.dtype, tuple(v.server_args))
+        weights = ref.base or ref.path  # the full weights a server holds; a LoRA ref adds its adapter
+        sync = self._syncs(ref)
+        # a syncing server is keyed by the architecture it can hold, not by the weights in it
+        key = ("server", python, model_family(weights) if sync else (ref.path, ref.version), ref.dtype)
+        key += (tuple(v.server_args), v.replicas, v.tensor_parallel_size, tuple(sorted(v.env.items())))
 
         def make():
-            srv = ManagedServer(
-                python,
-                serving_dir(ref.path),
-                dtype=ref.dtype,
-                args=v.server_args,
-                env=v.env,
-                startup_timeout_s=v.startup_timeout_s,
-                max_restarts=v.max_restarts,
-            )
-            srv.start()
-            self._started(srv.startup_seconds[-1])
-            return srv
+            group = _server_group(python, serving_dir(weights), ref, v)
+            group.start()
+            for srv in group.servers:
+                self._started(srv.startup_seconds[-1])
+            return group
 
-        with self._resource(key, make) as srv:
-            srv.restarts = 0  # the restart budget is per stage
-            yield Client(server=srv, **common)
+        with self._resource(key, make, keep=sync) as group:
+            for srv in group.servers:
+                srv.restarts = 0  # the restart budget is per stage
+            if sync:
+                self._sync(group, ref, weights)
+            yield Client(server=group.servers, model=ref.version if ref.base else None, **common)
+
+    def _syncs(self, ref: ModelRef) -> bool:
+        """Whether `ref` goes into a long-lived engine by sync rather than a start: with vllm.weight_sync,
+        and in a LoRA run (max_lora_rank set: the base and every adapter share one engine)."""
+        return self.vllm.weight_sync or self.vllm.max_lora_rank > 0 or ref.base is not None
+
+    def _sync(self, group, ref: ModelRef, weights: str) -> None:
+        """Push the stage's weights into running servers: full weights in place, then a LoRA ref's adapter
+        (named by its content hash). The seconds are the stage's weight_sync_seconds."""
+        t0 = time.perf_counter()
+        synced = False
+        for srv in group.servers:
+            synced |= srv.sync_weights(serving_dir(weights))
+            if ref.base is not None:
+                synced |= srv.load_adapter(ref.version, serving_dir(ref.path))
+        if synced:
+            self._started(time.perf_counter() - t0, "sync")
 
     @contextmanager
     def _llm(self, ref: ModelRef):
-        from rlme_pipeline.backends.vllm import load_llm
+        """(llm, lora_request or None) for `ref`, synced like a managed server (_openai_client)."""
+        from rlme_pipeline.backends.vllm import adapter, load_llm, sync_weights
 
         v = self.vllm
-        key = ("llm", ref.path, ref.version, ref.dtype)
-        with self._resource(key, lambda: load_llm(serving_dir(ref.path), ref.dtype, **v.engine_kwargs)) as llm:
-            yield llm
+        weights = ref.base or ref.path
+        sync = self._syncs(ref)
+        key = ("llm", model_family(weights) if sync else (ref.path, ref.version), ref.dtype)
+        kw = {"tensor_parallel_size": v.tensor_parallel_size} if v.tensor_parallel_size > 1 else {}
+        if v.max_lora_rank:
+            kw.update(enable_lora=True, max_lora_rank=lora_rank(v.max_lora_rank))
+        kw.update(v.engine_kwargs)
+        with self._resource(key, lambda: load_llm(serving_dir(weights), ref.dtype, **kw), keep=sync) as llm:
+            t0 = time.perf_counter()
+            synced = sync and sync_weights(llm, serving_dir(weights))
+            lora = None
+            if ref.base is not None:
+                synced |= ref.version not in llm.__dict__.get("rlme_adapter_ids", {})
+                lora = adapter(llm, ref.version, serving_dir(ref.path))
+            if synced:
+                self._started(time.perf_counter() - t0, "sync")
+            yield llm, lora

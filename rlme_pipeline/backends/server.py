@@ -56,6 +56,10 @@ class ManagedServer:
         self.port = 0
         self.restarts = 0
         self.startup_seconds: list[float] = []  # one entry per start: the reload cost
+        # what was pushed into the running server (weight sync): restored after a restart, which starts
+        # from `model` again
+        self.weights = model  # the directory whose weights it holds now
+        self.adapters: dict[str, str] = {}  # LoRA adapter name -> directory, loaded at run time
         self.log_path = Path(tempfile.mkstemp(prefix="rlme-vllm-", suffix=".log")[1])
 
     @property
@@ -110,6 +114,7 @@ class ManagedServer:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:
                         self.startup_seconds.append(time.perf_counter() - t0)
+                        self._restore()
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
@@ -118,6 +123,55 @@ class ManagedServer:
         raise BackendError(
             f"vLLM server for {self.model} not healthy after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}"
         )
+
+    # --- new weights into the running server (docs/vllm.md "Weight sync") ---------------------------------
+    def sync_weights(self, path: str) -> bool:
+        """Hold the full weights in `path` (same architecture): vLLM's worker `reload_weights` in place
+        (POST /collective_rpc, VLLM_SERVER_DEV_MODE=1), then the prefix cache computed with the old
+        weights is dropped. False when it already holds them."""
+        if self.weights == path:
+            return False
+        self.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}})
+        self.post("/reset_prefix_cache")
+        self.weights = path
+        return True
+
+    def load_adapter(self, name: str, path: str) -> bool:
+        """Serve the LoRA adapter in `path` as model `name` (POST /v1/load_lora_adapter, needs --enable-lora
+        and VLLM_ALLOW_RUNTIME_LORA_UPDATING); the adapters loaded before are unloaded. Names are content
+        hashes, so a name never changes weights (vLLM would keep prefix-cache blocks of the old ones)."""
+        if name in self.adapters:
+            return False
+        for old in list(self.adapters):
+            self.post("/v1/unload_lora_adapter", {"lora_name": old})
+            del self.adapters[old]
+        self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        self.adapters[name] = path
+        return True
+
+    def _restore(self) -> None:
+        """After a (re)start from `model`: push again what had been pushed into the previous process."""
+        weights, adapters = self.weights, dict(self.adapters)
+        self.weights, self.adapters = self.model, {}
+        self.sync_weights(weights)
+        for name, path in adapters.items():
+            self.load_adapter(name, path)
+
+    def post(self, route: str, body: dict | None = None) -> None:
+        import json
+
+        req = urllib.request.Request(
+            self.url + route, data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                r.read()
+        except urllib.error.HTTPError as e:
+            raise BackendError(
+                f"vLLM server for {self.model}: POST {route} -> HTTP {e.code}: {e.read()[:500]!r}"
+            ) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            raise BackendError(f"vLLM server for {self.model}: POST {route} failed: {e}") from None
 
     def ensure_alive(self) -> bool:
         """After a failed request: restart a dead server once per restart budget. True if it was restarted."""
@@ -172,3 +226,46 @@ class ManagedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def replica_gpus(replicas: int, per_replica: int, visible: list[str]) -> list[str]:
+    """CUDA_VISIBLE_DEVICES for each replica: consecutive, disjoint slices of the visible GPUs."""
+    need = replicas * per_replica
+    if need > len(visible):
+        raise BackendError(
+            f"vllm.replicas {replicas} x vllm.tensor_parallel_size {per_replica} needs {need} GPUs, "
+            f"{len(visible)} visible; lower one of them"
+        )
+    return [",".join(visible[r * per_replica : (r + 1) * per_replica]) for r in range(replicas)]
+
+
+class ServerGroup:
+    """The managed replicas of one model, started together (each takes the same 30-110 s) and stopped as
+    a group. A replica that dies is restarted by the client only when none is left (ManagedServer's
+    budget); the others carry its requests meanwhile."""
+
+    def __init__(self, servers: list[ManagedServer]):
+        self.servers = servers
+
+    def start(self) -> "ServerGroup":
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(self.servers)) as pool:
+            futures = [pool.submit(s.start) for s in self.servers]
+            errors = [f.exception() for f in futures]
+        if failed := [e for e in errors if e is not None]:
+            self.stop()
+            raise failed[0]
+        return self
+
+    def alive(self) -> bool:
+        """Every replica up: a group with a dead member is restarted whole before a stage reuses it."""
+        return all(s.alive() for s in self.servers)
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+    def kill(self) -> None:
+        for s in self.servers:
+            s.kill()

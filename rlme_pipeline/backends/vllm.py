@@ -20,12 +20,37 @@ def load_llm(model: str, dtype: str = "float32", **engine_kwargs):
 
     kw = dict(enable_prefix_caching=True, logprobs_mode="processed_logprobs", seed=0)
     kw.update(engine_kwargs)
-    return LLM(model=model, dtype=dtype, **kw)
+    llm = LLM(model=model, dtype=dtype, **kw)
+    llm.rlme_weights = model  # the directory whose weights it holds (sync_weights)
+    return llm
+
+
+def sync_weights(llm, path: str) -> bool:
+    """Hold the full weights in `path` (same architecture): the workers' `reload_weights` in place, then
+    the prefix cache computed with the old weights is dropped. False when it already holds them."""
+    if getattr(llm, "rlme_weights", None) == path:
+        return False
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+    llm.reset_prefix_cache()
+    llm.rlme_weights = path
+    return True
+
+
+def adapter(llm, name: str, path: str):
+    """The LoRARequest that serves the adapter in `path` under `name` (a content hash), loaded now (the
+    LLM must have enable_lora). vLLM wants an int id per adapter: counted per LLM."""
+    from vllm.lora.request import LoRARequest
+
+    ids = llm.__dict__.setdefault("rlme_adapter_ids", {})
+    if name not in ids:
+        ids[name] = len(ids) + 1
+        llm.llm_engine.add_lora(LoRARequest(name, ids[name], path))
+    return LoRARequest(name, ids[name], path)
 
 
 class VLLMGenerator:
-    def __init__(self, llm):
-        self.llm = llm
+    def __init__(self, llm, lora=None):
+        self.llm, self.lora = llm, lora  # lora: a LoRARequest (adapter()) or None for the plain weights
 
     def sample(self, prompts, seeds, *, max_new_tokens, temperature, top_p) -> list[Sample]:
         from vllm import SamplingParams
@@ -43,7 +68,8 @@ class VLLMGenerator:
             )
             for s in seeds
         ]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         samples = []
         for o in outs:
             c = o.outputs[0]
@@ -54,8 +80,8 @@ class VLLMGenerator:
 
 
 class VLLMJudge:
-    def __init__(self, llm):
-        self.llm = llm
+    def __init__(self, llm, lora=None):
+        self.llm, self.lora = llm, lora
         self.max_positions = llm.llm_engine.model_config.max_model_len
 
     def judge(self, prefixes, questions, yes_ids, no_ids) -> list[list[Judgement]]:
@@ -69,7 +95,7 @@ class VLLMJudge:
         if not prompts:
             return results
         sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(wanted), logprob_token_ids=wanted)
-        outs = self.llm.generate(prompts, sp, use_tqdm=False)
+        outs = self.llm.generate(prompts, sp, use_tqdm=False, lora_request=self.lora)
         for i, o in enumerate(outs):
             b, k = rows[i // K], i % K
             top = o.outputs[0].logprobs[0]

@@ -31,7 +31,7 @@ def generate(
         "completion_tokens_mean": float(lengths.mean()),
         "finish_stop_share": float((df["finish_reason"] == "stop").mean()),
     }
-    for k in ("retries", "restarts"):  # openai backend: what it took to get every sample
+    for k in ("retries", "restarts", "failovers"):  # openai backend: what it took to get every sample
         if k in client_stats:
             metrics[f"backend_{k}"] = client_stats[k]
     return df, metrics

@@ -100,14 +100,14 @@ def test_servers_live_as_long_as_their_owner_says():
         with b.starts() as started:
             _use(b, "a", log)
             _use(b, "a", log)
-        assert log == ["start a", "stop a", "start a", "stop a"] and started == [1.5, 1.5]
+        assert log == ["start a", "stop a", "start a", "stop a"] and started == [("start", 1.5), ("start", 1.5)]
     log.clear()
     with Backends(VllmConfig(keep_alive=True)) as b:  # kept for the next stage on the same weights, one at a time
         _use(b, "a", log)
         _use(b, "a", log)
         with b.starts() as started:
             _use(b, "b", log)  # other weights: a goes first
-        assert started == [1.5]
+        assert started == [("start", 1.5)]
         with pytest.raises(RuntimeError):
             _use(b, "b", log, fail=True)  # a stage that fails stops the server it used
         _use(b, "c", log)

@@ -101,7 +101,8 @@ def test_two_iterations_on_vllm_server(tmp_path, vllm_python, tiny_models, monke
     train(cfg, run)
     assert fired and run.committed() == [0, 1]
     gen1 = run.stage_record(1, "generate").metrics
-    assert gen1["backend_restarts"] == 1 and gen1["backend_retries"] >= 1
+    # killed between batches: the next request finds it dead and restarts it before sending (no retry needed)
+    assert gen1["backend_restarts"] == 1
     print(
         "server start (reload) seconds per iteration:",
         [run.stage_record(i, "generate").metrics.get("backend_start_seconds") for i in (0, 1)],

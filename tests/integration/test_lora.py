@@ -39,7 +39,7 @@ def lora_cfg(root, lora=LORA, iterations=2, **over):
     d["algorithm"]["beta"] = 0.05  # the KL reference is the base with the adapters off
     d["probe"]["every"] = 0
     for section, fields in over.items():
-        d[section].update(fields)
+        d.setdefault(section, {}).update(fields)
     return validate_config(d)
 
 
@@ -170,16 +170,10 @@ def test_bad_lora_input_is_one_line_before_any_model_loads(tiny_models, tmp_path
     _rejected(validate_config(d), tmp_path, loads, "policy.model: .* is already a LoRA adapter directory")
 
     _rejected(
-        lora_cfg(tmp_path, generation={"backend": "vllm"}),
+        lora_cfg(tmp_path, scoring={"backend": "openai"}, vllm={"url": "http://127.0.0.1:9"}),
         tmp_path,
         loads,
-        "^generation.backend vllm with policy.lora: not supported yet; use hf$",
-    )
-    _rejected(
-        lora_cfg(tmp_path, scoring={"backend": "openai"}),
-        tmp_path,
-        loads,
-        "^scoring.backend openai with policy.lora: not supported yet; use hf$",
+        "^vllm.url/urls with policy.lora and scoring.backend openai: an external server cannot load",
     )
 
 
