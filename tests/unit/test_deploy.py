@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import yaml
 
@@ -14,16 +16,18 @@ from tests.conftest import DEMO, ROOT
 def test_prefect_yaml_deployments():
     d = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deps = {x["name"]: x for x in d["deployments"]}
-    assert set(deps) == {"scheduled", "rescore", "audit"}
+    assert set(deps) == {"scheduled", "rescore", "audit", "evolve"}
     train = deps["scheduled"]
     assert train["entrypoint"] == "rlme_flows.train:rlme_train" and train["work_pool"]["name"] == "rlme-process"
     assert train["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     assert train["schedules"][0]["cron"] and set(train["parameters"]) == {"config", "run_uri", "advance"}
     assert d["definitions"]["work_pools"]["gpu"]["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"]
-    for dep in deps.values():  # every entrypoint names a flow the package exports
+    for dep in deps.values():  # every entrypoint names a flow the package exports, taking those parameters
         from prefect.utilities.importtools import import_object
 
-        assert import_object(dep["entrypoint"]).name.startswith("rlme_")
+        flow = import_object(dep["entrypoint"])
+        assert flow.name.startswith("rlme_")
+        assert set(dep.get("parameters", {})) <= set(inspect.signature(flow.fn).parameters), dep["name"]
 
 
 def test_stage_timeouts_from_config_and_not_in_the_hash():
