@@ -137,7 +137,7 @@ def render(status: dict, console: Console) -> None:
             console.print("! probe alarm: an evaluator judged content-free answers positive (docs/rescore_audit.md)")
         if any(k in r["metrics"] for r in rows for k in EVAL_COLUMNS):
             console.print(
-                "eval: each iteration's policy on held-out prompts; acc: exact match, rew: judges' reward",
+                "eval: held-out prompts; acc: exact match with labels, rew: the judges' reward",
                 highlight=False,
             )  # fmt: skip
         if hidden:

@@ -31,7 +31,7 @@ def sampling(cfg: Config, iteration: int) -> Sampling:
         top_p=g.top_p if e.temperature else 1.0,
         batch_size=g.batch_size,
         seed=(e.seed, "eval", iteration),
-        label=f"eval iter {iteration}",
+        stage="eval",
     )
 
 

@@ -31,13 +31,12 @@ class Sampling:
     top_p: float
     batch_size: int
     seed: tuple
-    label: str  # what the progress bar says
+    stage: str = "generate"  # names the progress bar ("generate iter 3") and the crash point ("generate:mid")
 
 
 def training(cfg: Config, iteration: int) -> Sampling:
     g = cfg.generation
-    return Sampling(g.group_size, g.max_new_tokens, g.temperature, g.top_p, g.batch_size, (cfg.run.seed, iteration),
-                    f"generate iter {iteration}")  # fmt: skip
+    return Sampling(g.group_size, g.max_new_tokens, g.temperature, g.top_p, g.batch_size, (cfg.run.seed, iteration))
 
 
 def generate(
@@ -77,7 +76,7 @@ def _generate(
     requests.sort(key=lambda r: len(r[2]))
 
     rows = []
-    with bar(g.label, len(requests)) as advance:
+    with bar(f"{g.stage} iter {iteration}", len(requests)) as advance:
         for b in range(0, len(requests), g.batch_size):
             chunk = requests[b : b + g.batch_size]
             samples = gen.sample(
@@ -106,6 +105,6 @@ def _generate(
                     }
                 )
             advance(len(chunk))
-            crash_point("generate:mid", iteration)
+            crash_point(f"{g.stage}:mid", iteration)
 
     return rows
