@@ -52,7 +52,9 @@ def _load(d: DataConfig, path: str, field: str) -> pl.DataFrame:
     suffix = Path(path).suffix.lower()
     if Path(path).is_file():
         if suffix not in _BUILDERS:
-            raise ConfigError(f"{field}.path: {path!r} has an unsupported extension; use .jsonl, .json, .parquet or .csv")
+            raise ConfigError(
+                f"{field}.path: {path!r} has an unsupported extension; use .jsonl, .json, .parquet or .csv"
+            )
         try:
             ds = datasets.load_dataset(_BUILDERS[suffix], data_files=path, split=d.split)
         except ValueError as e:  # an unknown split: a single file has one, "train"

@@ -145,7 +145,9 @@ EVAL_GLANCE = [("accuracy", "held-out accuracy (exact match)"), ("reward_mean", 
 def _eval_glance(ev: pl.DataFrame, col: str, what: str) -> str:
     g = ev.drop_nulls(col).sort("iteration")
     first, last = g.row(0, named=True), g.row(-1, named=True)
-    return f"{what}: {first[col]:.4g} at iteration {first['iteration']} → {last[col]:.4g} at iteration {last['iteration']}"
+    return (
+        f"{what}: {first[col]:.4g} at iteration {first['iteration']} → {last[col]:.4g} at iteration {last['iteration']}"
+    )
 
 
 def _eval(ev: pl.DataFrame) -> tuple[str, str]:

@@ -141,6 +141,7 @@ def legacy_hash(cfg) -> str:
     d["optimizer"].pop("logprob_chunk_tokens")
     d["optimizer"].pop("gradient_checkpointing")  # added after the legacy hash; operational
     d.pop("tracking")  # added after the legacy hash; operational
+    d.pop("eval")  # added after the legacy hash; operational
     return sha256_json(d)
 
 
@@ -183,6 +184,7 @@ def test_hash_covers_nested_experiment_fields_and_skips_operational_ones():
         (("vllm", "timeout_s"), 5.0, True),
         (("probe", "alarm_share"), 0.9, True),
         (("run", "iterations"), 50, True),
+        (("eval", "temperature"), 0.7, True),
     ]:
         e = _demo()
         node = e

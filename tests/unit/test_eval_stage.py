@@ -5,8 +5,11 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from rlme_pipeline.config import load_config
+from rlme_pipeline.config import ConfigError, load_config, validate_config
+from rlme_pipeline.preflight import preflight
+from rlme_pipeline.sampling import draw
 from rlme_pipeline.stages.eval import evaluate, sampling
+from rlme_pipeline.storage import Store
 from tests.conftest import DEMO
 
 
@@ -66,3 +69,42 @@ def test_greedy_by_default_and_seeded_apart_from_training():
     assert s.samples == 1 and s.temperature == 0 and s.stage == "eval"
     assert s.seed == (cfg.eval.seed, "eval", 3)
     assert s.max_new_tokens == (cfg.eval.max_new_tokens or cfg.generation.max_new_tokens)
+
+
+def test_temperature_zero_draws_the_most_likely_token_whatever_the_uniform():
+    import torch
+
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0], [3.0, 0.0, 2.9, 0.0]])
+    for u in (0.0, 0.5, 0.999):
+        ids, logp = draw(logits, torch.full((2,), u, dtype=torch.float64), temperature=0.0, top_p=1.0)
+        assert ids.tolist() == [1, 0]
+        assert logp.tolist() == pytest.approx(torch.log_softmax(logits, -1)[[0, 1], [1, 0]].tolist())
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"every": 2}, "eval: give eval.path"),
+        ({"every": 2, "split": "train"}, "eval.split: 'train' is the split training reads"),
+        ({"every": 2, "split": "test", "judges": False}, None),  # the demo has labels: accuracy alone is fine
+        ({"every": 0}, None),  # off: nothing to check
+    ],
+)
+def test_eval_config_names_what_is_missing(section, message):
+    d = load_config(DEMO).model_dump(mode="json")
+    d["eval"] = section
+    if message is None:
+        validate_config(d)
+        return
+    with pytest.raises(ConfigError, match=message):
+        validate_config(d)
+
+
+def test_a_missing_held_out_file_fails_in_preflight_naming_eval(tmp_path):
+    cfg = load_config(DEMO)
+    d = cfg.model_dump(mode="json")
+    d["eval"] = {"every": 1, "path": str(tmp_path / "nope.jsonl")}
+    bad = validate_config(d)
+    bad._base_dir = cfg._base_dir
+    with pytest.raises(ConfigError, match=r"^eval\.path: .*nope\.jsonl.* is not a file"):
+        preflight(bad, Store(str(tmp_path / "runs")))
