@@ -171,7 +171,7 @@ def test_hash_is_the_legacy_hash_so_existing_runs_resume(mutate):
 
 def test_demo_hash_is_pinned():
     """Changing it makes every existing demo run refuse to resume: do it only on purpose."""
-    assert load_config(DEMO).hash() == "d7f560652e4e1f4e688120b3e6fbbd0471109501c6dbe21f65cd2c81f5489181"
+    assert load_config(DEMO).hash() == "01b520c7c7b8cd6ecd9a6ef034bc3ef6ce760cf949209d9c75f2fd6808843e5c"
 
 
 def test_hash_covers_nested_experiment_fields_and_skips_operational_ones():
