@@ -3,10 +3,11 @@
     train(cfg, run)                       a plain process (tests, benchmarks)
     train(cfg, run, wrap=stage_task)      rlme_flows/train.py: each step becomes a Prefect task
 
-For each iteration not yet committed, for each stage: check the lease, read the stage's inputs from the
-run, call the pure stage (stages/), write its outputs under attempt-unique names, then its stage record;
-then commit the iteration (MANIFEST.json, created exclusively; run.py). A stage whose record and files
-check out is not run again, so a killed process resumes at the first unfinished stage. The stages never
+For each iteration not yet committed, for each stage (and the held-out eval after update, where config
+`eval` makes it due: `steps_of`): check the lease, read the stage's inputs from the run, call the pure
+stage (stages/), write its outputs under attempt-unique names, then its stage record; then commit the
+iteration (MANIFEST.json, created exclusively; run.py). A stage whose record and files check out is not
+run again, so a killed process resumes at the first unfinished stage. The stages never
 touch storage: the runner owns it, the lease, the backends (models, servers: their settings and
 lifetimes), the judge-hacking probe, the timings and the experiment trackers (tracking.py), which get each
 manifest as it is committed.
