@@ -178,7 +178,7 @@ def test_changed_experiment_names_each_field_old_to_new(run, tmp_path, no_prefec
     one_line_error(
         ["train", str(cfg)],
         "run demo exists with another experiment:",
-        "optimizer.lr 0.003 -> 0.0003",
+        "optimizer.lr 0.001 -> 0.0003",
         "questions[0].weight 1.0 -> 2.0",
         "start a new --run-id",
     )

@@ -171,7 +171,7 @@ def test_hash_is_the_legacy_hash_so_existing_runs_resume(mutate):
 
 def test_demo_hash_is_pinned():
     """Changing it makes every existing demo run refuse to resume: do it only on purpose."""
-    assert load_config(DEMO).hash() == "01b520c7c7b8cd6ecd9a6ef034bc3ef6ce760cf949209d9c75f2fd6808843e5c"
+    assert load_config(DEMO).hash() == "432816bdd51155e741286827e6e37fb6c1f2c82b38a6317b9bbfb4e54f1dec03"
 
 
 def test_hash_covers_nested_experiment_fields_and_skips_operational_ones():
