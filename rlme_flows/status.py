@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from rlme_pipeline.progress import duration
 from rlme_pipeline.run import STAGES, NoRun, Run, iter_dir  # noqa: F401 (NoRun: what collect raises)
 
 
@@ -62,14 +63,6 @@ def number(v) -> str:
     return "0" if v == 0 else f"{v:.2e}" if abs(v) < 1e-3 or abs(v) >= 1e5 else f"{v:.4g}"
 
 
-def duration(s: float) -> str:
-    s = round(s, 1)
-    if s < 60:
-        return f"{s:.1f}s"
-    m, sec = divmod(round(s), 60)
-    return f"{m}m{sec:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
-
-
 def _probe(x: dict) -> str:
     v = x.get("probe/share_max")
     return number(v) + ("!" if x.get("probe/alarm") else "") if v is not None else "–"
@@ -92,6 +85,17 @@ COLUMNS = [
     ("tokens", 5, lambda r: number(r["metrics"].get("completion_tokens_mean"))),
     ("time", 3, lambda r: duration(r["seconds"])),
 ]
+# Held-out evaluation (config eval): shown only for runs that have it, so other tables stay as they were.
+EVAL_COLUMNS = {
+    "eval/accuracy": ("eval acc", 1, lambda r: _share(r["metrics"].get("eval/accuracy"))),
+    "eval/reward_mean": ("eval rew", 2, lambda r: number(r["metrics"].get("eval/reward_mean"))),
+}
+
+
+def columns_for(rows: list[dict]) -> list:
+    """COLUMNS, with the eval columns after reward where some row has that metric."""
+    extra = [c for k, c in EVAL_COLUMNS.items() if any(k in r["metrics"] for r in rows)]
+    return COLUMNS[:2] + extra + COLUMNS[2:]
 
 
 def _table(rows: list[dict], columns: list) -> Table:
@@ -113,12 +117,13 @@ def _width(table: Table) -> int:
 def fitted_table(console: Console, rows: list[dict]) -> tuple[Table, list[str]]:
     """The widest table of COLUMNS (dropping the least important first) that fits the console, and the
     headers left out."""
-    for level in sorted({p for _, p, _ in COLUMNS}, reverse=True):
-        cols = [c for c in COLUMNS if c[1] <= level]
+    columns = columns_for(rows)
+    for level in sorted({p for _, p, _ in columns}, reverse=True):
+        cols = [c for c in columns if c[1] <= level]
         table = _table(rows, cols)
         if _width(table) <= console.width:
             break
-    return table, [h for h, p, _ in COLUMNS if p > level]
+    return table, [h for h, p, _ in columns if p > level]
 
 
 def render(status: dict, console: Console) -> None:
@@ -130,6 +135,11 @@ def render(status: dict, console: Console) -> None:
         console.print(table)
         if any(r["metrics"].get("probe/alarm") for r in rows):
             console.print("! probe alarm: an evaluator judged content-free answers positive (docs/rescore_audit.md)")
+        if any(k in r["metrics"] for r in rows for k in EVAL_COLUMNS):
+            console.print(
+                "eval: held-out prompts; acc: exact match with labels, rew: the judges' reward",
+                highlight=False,
+            )  # fmt: skip
         if hidden:
             console.print(f"not shown at {console.width} columns: {', '.join(hidden)} (all in --json)", highlight=False)
     for p in status["in_progress"]:

@@ -103,10 +103,11 @@ class RunConfig(Section):
     iterations: int = operational(5, "total iterations the run should reach", ge=1)
     seed: int = experiment(0, "seeds prompt sampling, generation and the update, per iteration")
     stage_timeout_s: dict[
-        Literal["generate", "score", "aggregate", "update", "commit"], Annotated[float, Field(gt=0)]
+        Literal["generate", "score", "aggregate", "update", "eval", "commit"], Annotated[float, Field(gt=0)]
     ] = operational(
         default_factory=dict,
-        description="wall-clock limit per stage task in seconds (keys: generate, score, aggregate, update, commit); "
+        description="wall-clock limit per stage task in seconds (keys: generate, score, aggregate, update, eval, "
+        "commit); "
         "a stage that runs past it fails that try and is retried",
     )
 
@@ -488,6 +489,41 @@ class CheckpointConfig(Section):
         return self
 
 
+class EvalConfig(Section):
+    """Held-out evaluation of the policy each iteration produced (docs/config.md#eval). Off by default
+    (every: 0). It measures the policy and changes nothing computed: not part of the hash."""
+
+    every: int = operational(
+        0, "evaluate after the update of every N-th iteration (iteration % N == 0); 0 disables it", ge=0
+    )
+    path: str | None = operational(
+        None,
+        "held-out prompts: a .jsonl/.json/.parquet/.csv file or hub data set with data's columns (prompt_column, "
+        "id_column, label_column); null: data.path, read at `split`",
+    )
+    split: str | None = operational(
+        None, "the split to read (hub data sets); required when path is null: a held-out split of data.path"
+    )
+    prompts: int = operational(16, "held-out prompts evaluated (the first N in a stable order of their ids)", ge=1)
+    temperature: float = operational(0.0, "0: greedy decoding; above 0: sampled, with `seed`", ge=0)
+    seed: int = operational(0, "seeds the sampled completions (temperature > 0)")
+    max_new_tokens: int | None = operational(None, "longest completion; null: generation.max_new_tokens", ge=1)
+    extractor: Literal["answer_is", "boxed", "last_number", "auto"] = operational(
+        "auto", "how the answer is read off a completion for exact match against the label (answers.py)"
+    )
+    judges: bool = operational(
+        True, "also score the completions with the evaluators (their reward); false: exact-match accuracy only"
+    )
+
+    @model_validator(mode="after")
+    def _source(self) -> EvalConfig:
+        if self.every and self.path is None and self.split is None:
+            raise ValueError(
+                "eval: give eval.path (a held-out prompts file) or eval.split (a held-out split of data.path)"
+            )
+        return self
+
+
 class Config(Section):
     run: RunConfig = experiment(RunConfig(), "which run, where, how far (only run.id and run.seed are hashed)")
     data: DataConfig = experiment(description="the prompts")
@@ -513,6 +549,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = operational(
         CheckpointConfig(), "checkpoint retention: which committed checkpoints keep their files (default: all)"
     )
+    eval: EvalConfig = operational(EvalConfig(), "held-out evaluation of the policy: observation only")
     # Relative data/model paths are relative to the config file's folder, so a config works from any
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -548,6 +585,17 @@ class Config(Section):
             raise ValueError("evaluators: at least one is required (unless label_reward.share is 1, plain RLVR)")
         if lr is not None and lr.share > 0 and self.data.label_column is None:
             raise ValueError("label_reward needs data.label_column: the column that holds the reference answer")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_source(self) -> Config:
+        e = self.eval
+        if e.every and e.path is None and e.split == self.data.split:
+            raise ValueError(
+                f"eval.split: {e.split!r} is the split training reads (data.split); give a held-out split or eval.path"
+            )
+        if e.every and not e.judges and self.data.label_column is None:
+            raise ValueError("eval.judges: false leaves nothing to measure without labels; set data.label_column")
         return self
 
     @model_validator(mode="after")

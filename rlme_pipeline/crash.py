@@ -3,7 +3,7 @@
     RLME_CRASH_AT=score:mid        the first time any iteration reaches the point
     RLME_CRASH_AT=update:mid@1     only in iteration 1
 
-Points: generate:mid, score:mid, update:mid (inside each stage, after the first batch/step),
+Points: generate:mid, score:mid, update:mid, eval:mid (inside each stage, after the first batch/step),
 upload:mid (checkpoint upload, after its first file), {stage}:written (data files written, stage record
 not yet), commit:before-manifest (every stage recorded, MANIFEST.json not yet written).
 Unset (always, outside tests) it costs one environment lookup.

@@ -71,18 +71,22 @@ def score_rollouts(
     sc: ScoringConfig,
     scoreset: str,
     backends: Backends,
+    label: str = "score",
 ) -> pl.DataFrame:
     """Rollouts in, one scores row per rollout x evaluator x question out, on `sc.backend`; the
-    evaluators are opened one after another (one in memory at a time when not pooled)."""
+    evaluators are opened one after another (one in memory at a time when not pooled). `label` says
+    what is scored on the progress bar ("score", "probe", "eval", "rescore v2 shard 3")."""
     rows = []
     texts = rollouts.select("rollout_id", "iteration", "prompt", "completion").to_dicts()
     for ev in evaluators:
         with backends.judge(ev.ref, sc.backend) as (backend, tok):
-            rows += _score_one(texts, ev, backend, tok, questions, sc, scoreset)
+            rows += _score_one(texts, ev, backend, tok, questions, sc, scoreset, label)
     return pl.DataFrame(rows) if rows else pl.DataFrame(schema=SCORES_SCHEMA)  # no judges: plain RLVR
 
 
-def _score_one(texts, judge: Evaluator, backend, tok, questions, sc: ScoringConfig, scoreset: str) -> list[dict]:
+def _score_one(
+    texts, judge: Evaluator, backend, tok, questions, sc: ScoringConfig, scoreset: str, label: str
+) -> list[dict]:
     rows = []
     q_ids = [
         tok(sc.question_template.format(question=q.text), add_special_tokens=False)["input_ids"] for q in questions
@@ -95,7 +99,9 @@ def _score_one(texts, judge: Evaluator, backend, tok, questions, sc: ScoringConf
     groups: dict[tuple, list[int]] = {}
     for k in range(len(questions)):
         groups.setdefault((tuple(yes[k]), tuple(no[k])), []).append(k)
-    with bar(f"score {judge.name}", len(order)) as advance:
+    its = sorted({r["iteration"] for r in texts})
+    where = f" iter {its[0]}" if len(its) == 1 else ""
+    with bar(f"{label}{where}: judge {judge.name}", len(order)) as advance:
         for b in range(0, len(order), sc.batch_size):
             idx = order[b : b + sc.batch_size]
             batch = [prefixes[i] for i in idx]
@@ -192,7 +198,7 @@ def run_probe(
 ) -> pl.DataFrame:
     """One row per evaluator x question x probe kind: how often the empty answer was judged positive."""
     rollouts = probe_rollouts(prompts, iteration)
-    scores = score_rollouts(rollouts, evaluators, questions, sc, "probe", backends)
+    scores = score_rollouts(rollouts, evaluators, questions, sc, "probe", backends, label="probe")
     return (
         scores.join(rollouts.select("rollout_id", "kind", "completion"), on="rollout_id")
         .group_by("evaluator", "question_id", "kind")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config, ConfigError
-from rlme_pipeline.data import load_prompts, prompt_indices
+from rlme_pipeline.data import heldout_prompts, load_prompts, prompt_indices
 from rlme_pipeline.judging import answer_ids
 from rlme_pipeline.models import load_tokenizer, resolve_ref
 from rlme_pipeline.storage import Store
@@ -147,6 +147,8 @@ def preflight(cfg: Config, store: Store) -> None:
     store.check_writable()
     prompts = load_prompts(cfg)
     prompt_indices(prompts.height, cfg.data.prompts_per_iteration, cfg.run.seed, 0)
+    if cfg.eval.every:
+        heldout_prompts(cfg)  # the held-out file and its columns, now rather than after the first update
     policy_tok = _tokenizer_for(cfg, cfg.policy.model, "policy.model")
     for i, ev in enumerate(cfg.evaluators):
         field = f"evaluators[{i}].model"

@@ -40,9 +40,11 @@ from rlme_pipeline.crash import crash_point
 from rlme_pipeline.storage import FileEntry, Store
 
 STAGES = ("generate", "score", "aggregate", "update")
+EVAL = "eval"  # the held-out evaluation after update: a step of the iterations it is due for (config eval)
 MANIFEST = "MANIFEST.json"
 # The logical names of an iteration's (and a score-set shard's) tables; physical names add an attempt token.
 ROLLOUTS_FILE, SCORES_FILE, REWARDS_FILE = "rollouts.parquet", "scores.parquet", "rewards.parquet"
+EVAL_FILE = "eval.parquet"
 
 
 class RunMismatch(ValueError):
@@ -372,7 +374,7 @@ class Run:
     # --- iterations: one commit unit each ----------------------------------------------------------
     def unit(self, i: int) -> Unit[Manifest]:
         expect = {"run_id": self.id, "iteration": i}
-        return Unit(self.store, iter_dir(i), Manifest, STAGES, expect, remake="run `rlme train` again")
+        return Unit(self.store, iter_dir(i), Manifest, (*STAGES, EVAL), expect, remake="run `rlme train` again")
 
     def rel(self, i: int, name: str) -> str:
         return self.unit(i).rel(name)

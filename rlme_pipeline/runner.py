@@ -3,10 +3,11 @@
     train(cfg, run)                       a plain process (tests, benchmarks)
     train(cfg, run, wrap=stage_task)      rlme_flows/train.py: each step becomes a Prefect task
 
-For each iteration not yet committed, for each stage: check the lease, read the stage's inputs from the
-run, call the pure stage (stages/), write its outputs under attempt-unique names, then its stage record;
-then commit the iteration (MANIFEST.json, created exclusively; run.py). A stage whose record and files
-check out is not run again, so a killed process resumes at the first unfinished stage. The stages never
+For each iteration not yet committed, for each stage (and the held-out eval after update, where config
+`eval` makes it due: `steps_of`): check the lease, read the stage's inputs from the run, call the pure
+stage (stages/), write its outputs under attempt-unique names, then its stage record; then commit the
+iteration (MANIFEST.json, created exclusively; run.py). A stage whose record and files check out is not
+run again, so a killed process resumes at the first unfinished stage. The stages never
 touch storage: the runner owns it, the lease, the backends (models, servers: their settings and
 lifetimes), the judge-hacking probe, the timings and the experiment trackers (tracking.py), which get each
 manifest as it is committed.
@@ -26,13 +27,26 @@ from rlme_pipeline import adapters, checkpoint, distributed_update, oom, retenti
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
-from rlme_pipeline.data import load_prompts, prompts_for_iteration
+from rlme_pipeline.data import heldout_prompts, load_prompts, prompts_for_iteration
 from rlme_pipeline.judging import Evaluator, evaluators_at, probe_metrics, run_probe, sample_prompts
 from rlme_pipeline.lease import Lease
 from rlme_pipeline.lineage import ModelRef, initial_policy, policy_at
 from rlme_pipeline.models import Loaded, inference_copy, master_dtype
-from rlme_pipeline.run import REWARDS_FILE, ROLLOUTS_FILE, SCORES_FILE, STAGES, CorruptRun, Manifest, Run, StageRecord
+from rlme_pipeline.progress import Clock
+from rlme_pipeline.run import (
+    EVAL,
+    EVAL_FILE,
+    REWARDS_FILE,
+    ROLLOUTS_FILE,
+    SCORES_FILE,
+    STAGES,
+    CorruptRun,
+    Manifest,
+    Run,
+    StageRecord,
+)
 from rlme_pipeline.seeds import derive
+from rlme_pipeline.stages import eval as heldout
 from rlme_pipeline.stages.aggregate import aggregate
 from rlme_pipeline.stages.generate import generate
 from rlme_pipeline.stages.score import score
@@ -41,7 +55,7 @@ from rlme_pipeline.storage import FileEntry
 from rlme_pipeline.tracking import Trackers
 
 COMMIT = "commit"
-STEPS = (*STAGES, COMMIT)
+STEPS = (*STAGES, EVAL, COMMIT)
 
 # A step takes the iteration and returns its small, JSON-able record (StageRecord, or Manifest for commit).
 Step = Callable[[int], BaseModel]
@@ -52,6 +66,12 @@ log = logging.getLogger(__name__)
 
 def no_wrap(name: str, step: Step) -> Step:
     return step
+
+
+def steps_of(cfg: Config, iteration: int) -> tuple[str, ...]:
+    """The recorded steps of an iteration: the stages, and eval after update where it is due."""
+    due = cfg.eval.every and iteration % cfg.eval.every == 0
+    return (*STAGES, EVAL) if due else STAGES
 
 
 def check_resume_point(run: Run) -> list[int]:
@@ -95,16 +115,18 @@ def train(
         runner = Runner(cfg, run, backends)
         steps = {name: wrap(name, runner.step(name)) for name in STEPS}
         made = []
+        todo = [i for i in range(cfg.run.iterations) if i not in committed]
+        clock = Clock(len(todo), cfg.run.iterations)
         with Trackers(cfg, run.url, runner.samples, logger) as trackers:
-            for i in range(cfg.run.iterations):
-                if i in committed:
-                    continue
-                for stage in STAGES:
+            for i in todo:
+                logger.info(clock.line(i))
+                for stage in steps_of(cfg, i):
                     lease.check()
                     steps[stage](i)
                 lease.check()
                 made.append(m := steps[COMMIT](i))
                 trackers.record(m)
+                clock.done()
                 if on_commit:
                     on_commit(m)
         return made
@@ -154,7 +176,8 @@ class Runner:
         if iteration in self.run.committed():
             m = self.run.manifest(iteration)
         else:
-            m = self.run.commit(iteration, self.cfg, [self.run.read_record(iteration, s) for s in STAGES])
+            records = [self.run.read_record(iteration, s) for s in steps_of(self.cfg, iteration)]
+            m = self.run.commit(iteration, self.cfg, records)
         retention.prune(self.run, self.cfg.checkpoint)  # after the commit: the new checkpoint is the resume point
         return m
 
@@ -249,6 +272,25 @@ class Runner:
         version = checkpoint.weights_entry(files).sha256
         info = {"policy_before": ref.version, "policy_after": version}
         return files, metrics, {**info, "update_processes": self.cfg.distributed.processes}
+
+    def _eval(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        """The policy this iteration's update made, on the held-out prompts (stages/eval.py); judged by
+        the evaluators as they judge the next iteration."""
+        cfg, backend = self.cfg, self.cfg.generation.backend
+        prompts = heldout_prompts(cfg)
+        ref = policy_at(self.run, cfg, i + 1)
+        with self.backends.generator(ref, backend) as (gen, tok):
+            rollouts, _ = generate(cfg, self.run.id, i, prompts, ref.version, gen, tok, heldout.sampling(cfg, i))
+        evaluators = evaluators_at(self.run, cfg, i + 1) if cfg.eval.judges else []
+        table, metrics = heldout.evaluate(cfg, rollouts, evaluators, self.backends)
+        info = {
+            "eval": {
+                "policy_version": ref.version,
+                "prompt_ids": prompts["prompt_id"].to_list(),
+                "evaluators": {e.name: e.ref.version for e in evaluators},
+            }
+        }
+        return [self.run.write_table(i, EVAL_FILE, table, "eval")], metrics, info
 
     def _trainee(self, ref: ModelRef, i: int) -> tuple[Loaded, object]:
         """(the policy to train, the KL reference or None). Training changes the weights, so the model

@@ -58,7 +58,12 @@ def draw(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float
     """One token per row of `logits` [rows, vocab] by inverse CDF at uniforms `u` [rows].
 
     Returns (token ids [rows], their log-probs [rows]); the log-probs are log_softmax(logits / T), before
-    top-p: the behaviour distribution the update's importance ratio compares against."""
+    top-p: the behaviour distribution the update's importance ratio compares against. Temperature 0 is
+    greedy (held-out evaluation): the most likely token, its log-prob untempered, `u` unused."""
+    if temperature == 0:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ids = logp.argmax(dim=-1, keepdim=True)
+        return ids[:, 0], logp.gather(-1, ids)[:, 0]
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     ranked, order = logp, None
     if top_p < 1.0:

@@ -55,7 +55,24 @@ REWARDS = pl.Schema(
     }
 )
 
-TABLES = {"rollouts": ROLLOUTS, "scores": SCORES, "rewards": REWARDS}
+EVAL = pl.Schema(
+    {
+        "rollout_id": pl.String,  # "eval/" + hash(run, iteration, prompt_id, 0): apart from training rollouts
+        "iteration": pl.Int32,  # the iteration whose update made the evaluated policy
+        "prompt_id": pl.String,
+        "prompt": pl.String,
+        "completion": pl.String,
+        "label": pl.String,  # nullable
+        "answer": pl.String,  # the answer read off the completion (answers.py); null when none
+        "correct": pl.Boolean,  # exact match against the label; null without a label
+        "reward": pl.Float64,  # the judges' reward (training's formula); NaN when a judgement failed, null: none
+        "completion_tokens": pl.Int32,
+        "finish_reason": pl.String,
+        "policy_version": pl.String,
+    }
+)
+
+TABLES = {"rollouts": ROLLOUTS, "scores": SCORES, "rewards": REWARDS, "eval": EVAL}
 
 OK = "ok"
 

@@ -405,7 +405,9 @@ def score_shard(run: Run, name: str, i: int, s: int, backends: Backends) -> dict
         if j.ref.version != defn.evaluator_versions[str(i)][j.name]:
             raise ValueError(f"evaluator {j.name!r} at iteration {i} has changed since the score set was planned")
     if rollouts.height:
-        scores = score_rollouts(rollouts, judges, defn.questions, defn.scoring, name, backends)
+        scores = score_rollouts(
+            rollouts, judges, defn.questions, defn.scoring, name, backends, label=f"rescore {name} shard {s}"
+        )
     else:
         scores = pl.DataFrame(schema=SCORES)
     rewards, _ = rewards_and_metrics(defn.config(cfg), scores, rollouts)

@@ -124,6 +124,8 @@ def _glance(name: str, t: dict[str, pl.DataFrame]) -> str:
         items.append(
             f"judge-hacking probe, share of content-free answers judged positive (sound judge: near 0): {shares}"
         )
+    if "eval" in t:
+        items += [_eval_glance(t["eval"], col, what) for col, what in EVAL_GLANCE if t["eval"][col].drop_nulls().len()]
     best = t["labels"].drop_nulls("auroc").sort("auroc", descending=True)
     if best.height:
         r = best.row(0, named=True)
@@ -134,6 +136,27 @@ def _glance(name: str, t: dict[str, pl.DataFrame]) -> str:
         '<ul class="glance">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
         + "<h3>Evaluators</h3>" + table(t["evaluators"]) + "<h3>Questions</h3>" + table(t["questions"])
         + note(f"A rollout's total reward is Σ evaluator weight × question weight × f; f = {_form(t['scoreset'])}.")
+    )  # fmt: skip
+
+
+EVAL_GLANCE = [("accuracy", "held-out accuracy (exact match)"), ("reward_mean", "held-out judges' reward")]
+
+
+def _eval_glance(ev: pl.DataFrame, col: str, what: str) -> str:
+    g = ev.drop_nulls(col).sort("iteration")
+    first, last = g.row(0, named=True), g.row(-1, named=True)
+    return (
+        f"{what}: {first[col]:.4g} at iteration {first['iteration']} → {last[col]:.4g} at iteration {last['iteration']}"
+    )
+
+
+def _eval(ev: pl.DataFrame) -> tuple[str, str]:
+    return (
+        "Held-out evaluation",
+        note("The policy each evaluated iteration's update produced, on held-out prompts (config <code>eval</code>): "
+             "accuracy is exact match of the stated answer with the label; reward_mean is the judges' reward of "
+             "those completions, by the training formula. Each iteration's eval.parquet holds the completions.")
+        + figure("eval", plots.held_out(ev), "One point per evaluated iteration.") + table(ev),
     )  # fmt: skip
 
 
@@ -253,7 +276,10 @@ def _compare(t: dict[str, pl.DataFrame]) -> list[tuple[str, str]]:
 
 
 def render(run_url: str, name: str, t: dict[str, pl.DataFrame]) -> str:
-    sections = [("At a glance", _glance(name, t)), *_rewards(t), *_judges(t)]
+    sections = [("At a glance", _glance(name, t)), *_rewards(t)]
+    if "eval" in t:
+        sections.append(_eval(t["eval"]))
+    sections += _judges(t)
     if "probe" in t:
         sections.append(_probe(t["probe"]))
     if "compare" in t:

@@ -84,6 +84,31 @@ def total_reward(totals: pl.DataFrame) -> str:
     return _svg(list(_groups(totals.sort("iteration"), "scoreset")), draw)
 
 
+def held_out(table: pl.DataFrame) -> str:
+    """The held-out evaluation per iteration: exact-match accuracy (where labels exist) and the judges'
+    reward, one panel each (different units)."""
+    panels = [
+        (col, title, ylabel)
+        for col, title, ylabel in (
+            ("accuracy", "held-out accuracy", "exact match with the label"),
+            ("reward_mean", "held-out judges' reward", "total reward, mean over prompts"),
+        )
+        if table[col].drop_nulls().len()
+    ]
+
+    def draw(ax: Axes, item):
+        col, title, ylabel = item
+        g = table.drop_nulls(col).sort("iteration")
+        x = g["iteration"].to_list()
+        ax.plot(x, g[col].to_list(), marker="o", color="C2")
+        ax.set(title=title, xlabel="iteration (policy after its update)", ylabel=ylabel)
+        if col == "accuracy":
+            ax.set_ylim(-0.02, 1.02)
+        _iterations(ax, x)
+
+    return _svg(panels, draw)
+
+
 def components(summary: pl.DataFrame) -> str:
     """Per evaluator: the mean reward component f(p) of each question per iteration, with the band between
     the 10% and 90% quantiles over rollouts."""

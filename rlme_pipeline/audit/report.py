@@ -44,6 +44,28 @@ def probe_table(run: Run, ss: Scoreset, prompts: int, seed: int = 0) -> pl.DataF
         )
 
 
+EVAL_SCHEMA = {
+    "iteration": pl.Int64,
+    "prompts": pl.Int64,
+    "accuracy": pl.Float64,
+    "labelled": pl.Int64,
+    "reward_mean": pl.Float64,
+    "failed_share": pl.Float64,
+    "completion_tokens_mean": pl.Float64,
+}
+
+
+def eval_table(run: Run) -> pl.DataFrame:
+    """The held-out evaluation each committed iteration recorded (config eval; eval/* metrics of its
+    manifest): one row per evaluated iteration, empty when the run has none."""
+    rows = []
+    for i in run.committed():
+        found = {k.removeprefix("eval/"): v for k, v in run.manifest(i).metrics.items() if k.startswith("eval/")}
+        if found:
+            rows.append({c: found.get(c) for c in EVAL_SCHEMA} | {"iteration": i})
+    return pl.DataFrame(rows, schema=EVAL_SCHEMA, orient="row") if rows else pl.DataFrame(schema=EVAL_SCHEMA)
+
+
 def compute(
     run: Run, scoreset: str | None = None, compare_to: str | None = None, probe_prompts: int = 4
 ) -> dict[str, pl.DataFrame]:
@@ -71,6 +93,8 @@ def compute(
             }
         ),
     }
+    if (ev := eval_table(run)).height:
+        out["eval"] = ev
     if probe_prompts:
         out["probe"] = probe_table(run, ss, probe_prompts)
     if compare_to:

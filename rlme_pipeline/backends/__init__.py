@@ -52,7 +52,8 @@ class Generator(Protocol):
     def sample(
         self, prompts: list[list[int]], seeds: list[int], *, max_new_tokens: int, temperature: float, top_p: float
     ) -> list[Sample]:
-        """One completion per (prompt, seed); the same (prompt, seed) gives the same sample in any batch."""
+        """One completion per (prompt, seed); the same (prompt, seed) gives the same sample in any batch.
+        Temperature 0 is greedy decoding (held-out evaluation only; training samples)."""
 
 
 class Judge(Protocol):

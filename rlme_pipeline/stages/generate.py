@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import polars as pl
 
 from rlme_pipeline import seeds
@@ -18,12 +20,38 @@ def chat_prompt_ids(tokenizer, prompt: str, system: str | None) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are drawn: training's (`training`, from cfg.generation) or held-out evaluation's
+    (stages/eval.py). Sample s of a prompt gets the seed derive(*seed, prompt id, s)."""
+
+    samples: int  # per prompt
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    batch_size: int
+    seed: tuple
+    stage: str = "generate"  # names the progress bar ("generate iter 3") and the crash point ("generate:mid")
+
+
+def training(cfg: Config, iteration: int) -> Sampling:
+    g = cfg.generation
+    return Sampling(g.group_size, g.max_new_tokens, g.temperature, g.top_p, g.batch_size, (cfg.run.seed, iteration))
+
+
 def generate(
-    cfg: Config, run_id: str, iteration: int, prompts: pl.DataFrame, policy_version: str, gen, tok
+    cfg: Config,
+    run_id: str,
+    iteration: int,
+    prompts: pl.DataFrame,
+    policy_version: str,
+    gen,
+    tok,
+    sampling: Sampling | None = None,
 ) -> tuple[pl.DataFrame, dict]:
     """(rollouts, metrics): the iteration's prompts sampled with `gen`, the policy whose weights hash is
     `policy_version`; seeds derive from (run seed, iteration, prompt, sample), so a rerun repeats them."""
-    rows = _generate(cfg, run_id, iteration, prompts, policy_version, gen, tok)
+    rows = _generate(cfg, run_id, iteration, prompts, policy_version, gen, tok, sampling or training(cfg, iteration))
     client_stats = dict(gen.client.stats) if hasattr(gen, "client") else {}
     df = pl.DataFrame(rows).sort("prompt_id", "sample_index")
     lengths = df["completion_token_ids"].list.len()
@@ -38,19 +66,17 @@ def generate(
 
 
 def _generate(
-    cfg: Config, run_id: str, iteration: int, prompts: pl.DataFrame, policy_version: str, gen, tok
+    cfg: Config, run_id: str, iteration: int, prompts: pl.DataFrame, policy_version: str, gen, tok, g: Sampling
 ) -> list[dict]:
-    g = cfg.generation
-
     requests = []  # (prompt row, sample index, prompt ids, seed); sorted by length to waste less padding
     for row in prompts.iter_rows(named=True):
         ids = chat_prompt_ids(tok, row["prompt"], cfg.data.system_prompt)
-        for s in range(g.group_size):
-            requests.append((row, s, ids, seeds.derive(cfg.run.seed, iteration, row["prompt_id"], s)))
+        for s in range(g.samples):
+            requests.append((row, s, ids, seeds.derive(*g.seed, row["prompt_id"], s)))
     requests.sort(key=lambda r: len(r[2]))
 
     rows = []
-    with bar(f"generate iter {iteration}", len(requests)) as advance:
+    with bar(f"{g.stage} iter {iteration}", len(requests)) as advance:
         for b in range(0, len(requests), g.batch_size):
             chunk = requests[b : b + g.batch_size]
             samples = gen.sample(
@@ -79,6 +105,6 @@ def _generate(
                     }
                 )
             advance(len(chunk))
-            crash_point("generate:mid", iteration)
+            crash_point(f"{g.stage}:mid", iteration)
 
     return rows

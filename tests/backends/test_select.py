@@ -56,6 +56,7 @@ def test_a_relative_interpreter_is_found_next_to_the_config_without_leaving_the_
     (venv_bin / "python").symlink_to("/usr/bin/env")
     d = yaml.safe_load(DEMO.read_text())
     d["data"]["path"] = str(DEMO.parent / d["data"]["path"])
+    d["eval"]["path"] = str(DEMO.parent / d["eval"]["path"])
     d["vllm"] = {"python": "venv/bin/python"}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
     assert load_config(tmp_path / "c.yaml").vllm_settings().python == str(venv_bin / "python")

@@ -29,6 +29,7 @@ def _cfg(tmp_path, vllm_python, max_restarts: int):
     d["data"].update(path=str(ROOT / "data" / "demo_prompts.jsonl"), prompts_per_iteration=2)
     d["evaluators"] = [{"name": "self", "model": "policy"}]  # live self: scored by this iteration's policy
     d["questions"] = d["questions"][:1]
+    d.pop("eval", None)  # its held-out file is relative to configs/
     d["generation"].update(backend="openai", group_size=2, max_new_tokens=8, batch_size=2)
     d["scoring"].update(backend="openai")
     d["vllm"] = {

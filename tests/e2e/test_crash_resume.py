@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
@@ -27,16 +28,27 @@ from rlme_pipeline.verify import verify
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# (point, iteration): inside generate, score and update, after aggregate's data file (before its stage
-# record), between two checkpoint files, and after every stage record but before MANIFEST.json.
+# (point, iteration): inside generate, score, update and the held-out eval, after aggregate's and eval's
+# data files (before their stage records), between two checkpoint files, and after every stage record but
+# before MANIFEST.json.
 CRASHES = [
     "generate:mid@0",
     "score:mid@0",
     "aggregate:written@0",
     "update:mid@0",
+    "eval:mid@0",
     "upload:mid@1",
+    "eval:written@1",
     "commit:before-manifest@1",
 ]
+
+
+def _with_eval(config: Path) -> Path:
+    """The held-out eval on, every iteration: it is committed with its iteration, so it must resume too."""
+    d = yaml.safe_load(config.read_text())
+    d["eval"] = {"every": 1, "path": str(ROOT / "data" / "demo_heldout.jsonl"), "prompts": 2}
+    config.write_text(yaml.safe_dump(d))
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +81,11 @@ def _contents(run: Run) -> dict[str, str]:
 @pytest.mark.slow
 def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, tmp_path, prefect_api):
     # The reference: the same config, uninterrupted, in this process, on local disk.
-    ref_cfg = load_config(micro_config(str(tmp_path / "ref"), iterations=2))
+    ref_cfg = load_config(_with_eval(micro_config(str(tmp_path / "ref"), iterations=2)))
     ref = Run.for_config(ref_cfg)
     train(ref_cfg, ref)
 
-    config = micro_config(s3.url(), iterations=2)
+    config = _with_eval(micro_config(s3.url(), iterations=2))
     run = Run.for_config(load_config(config))
     seen_manifests: dict[int, bytes] = {}
     t0 = time.perf_counter()
@@ -101,4 +113,5 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, t
         assert rollouts["rollout_id"].n_unique() == rollouts.height == 2 * 2
         assert rollouts.equals(ref.read_table(i, "rollouts.parquet"))
         assert run.read_table(i, "scores.parquet").equals(ref.read_table(i, "scores.parquet"))
+        assert run.read_table(i, "eval.parquet").equals(ref.read_table(i, "eval.parquet"))
     print(f"crash chain: {len(CRASHES)} kills + 1 resume in {chain_s:.1f}s; gc removed {len(leftovers)} files")

@@ -135,8 +135,9 @@ def test_html_report_has_real_charts_and_named_columns(audited):
     p = _Report()
     p.feed(open(out.root + "/report.html", encoding="utf-8").read())
     f = p.figures
-    assert set(f) == {"reward-total", "reward-components", "distribution", "calibration", "probe"}
+    assert set(f) == {"reward-total", "reward-components", "distribution", "calibration", "probe", "eval"}
     assert f["reward-total"]["axes"] == 2  # v2 and train, each on its own scale
+    assert f["eval"]["axes"] == 2  # the demo's held-out eval: accuracy and the judges' reward
     assert f["reward-components"]["axes"] == 2  # one panel per evaluator, a line per question
     assert f["distribution"]["axes"] == 4  # evaluator x question
     for kind in ("reward-total", "reward-components", "calibration", "probe"):

@@ -19,6 +19,7 @@ from tests.conftest import DEMO, ROOT
 def _config(tmp_path, mutate) -> str:
     d = yaml.safe_load(DEMO.read_text())
     d["data"]["path"] = str(ROOT / "data" / "demo_prompts.jsonl")
+    d.pop("eval", None)  # its held-out file is relative to configs/
     d["run"]["storage"] = str(tmp_path / "runs")
     mutate(d)
     path = tmp_path / "cfg.yaml"

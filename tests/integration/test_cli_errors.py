@@ -168,6 +168,8 @@ def test_audit_unknown_score_sets_exit_2_before_prefect(run, tmp_path, no_prefec
 def test_changed_experiment_names_each_field_old_to_new(run, tmp_path, no_prefect):
     d = yaml.safe_load(DEMO.read_text())
     d["data"]["path"] = str(ROOT / "data" / "demo_prompts.jsonl")
+    d["eval"]["path"] = str(ROOT / "data" / "demo_heldout.jsonl")
+    d.pop("eval", None)  # its held-out file is relative to configs/ (and eval is not part of the experiment)
     d["run"].update(storage=str(tmp_path / "runs"), iterations=2)
     d["optimizer"]["lr"] = 3e-4
     d["questions"][0]["weight"] = 2.0
@@ -177,7 +179,7 @@ def test_changed_experiment_names_each_field_old_to_new(run, tmp_path, no_prefec
     one_line_error(
         ["train", str(cfg)],
         "run demo exists with another experiment:",
-        "optimizer.lr 0.0001 -> 0.0003",
+        "optimizer.lr 0.001 -> 0.0003",
         "questions[0].weight 1.0 -> 2.0",
         "start a new --run-id",
     )

@@ -30,6 +30,7 @@ def lora_cfg(root, lora=LORA, iterations=2, **over):
     d = yaml.safe_load(DEMO.read_text())
     d["run"].update(storage=str(root / "runs"), iterations=iterations)
     d["data"].update(path=str(DEMO.parent.parent / "data" / "demo_prompts.jsonl"), prompts_per_iteration=4)
+    d.pop("eval", None)  # its held-out file is relative to configs/
     d["policy"]["lora"] = lora
     d["evaluators"] = [
         {"name": "other", "model": "tiny:evaluator"},

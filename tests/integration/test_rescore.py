@@ -51,6 +51,8 @@ def trained_10gt(tmp_path_factory, tiny_models) -> Run:
     d = yaml.safe_load(DEMO.read_text())
     d["run"].update(storage=str(root / "runs"), iterations=2)
     d["data"]["path"] = str(DEMO.parent.parent / "data" / "demo_prompts.jsonl")
+    d["eval"]["path"] = str(DEMO.parent.parent / "data" / "demo_heldout.jsonl")
+    d.pop("eval", None)  # its held-out file is relative to configs/
     d["label_reward"] = {"share": 0.1}
     cfg = validate_config(d)
     run = Run(Store(cfg.run.storage), cfg.run.id)

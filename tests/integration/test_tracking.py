@@ -33,6 +33,7 @@ def _config_file(tmp_path, backends: list[str], iterations: int = 2) -> str:
     d["data"].update(path=str(ROOT / "data" / "demo_prompts.jsonl"), prompts_per_iteration=2)
     d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
     d["generation"].update(group_size=2, max_new_tokens=8)
+    d.pop("eval", None)  # its held-out file is relative to configs/
     d["tracking"] = {
         "backends": backends,
         "dir": str(tmp_path / "tracking"),

@@ -148,7 +148,7 @@ def test_advance_trains_past_the_last_commit_through_the_wrap_hook(demo_cfg):
 
     made = train(demo_cfg.with_overrides(iterations=1), run, wrap=wrap, advance=1)
     assert [m.iteration for m in made] == [1] and run.committed() == [0, 1]
-    assert calls == [f"{s}-iter-1" for s in ("generate", "score", "aggregate", "update", "commit")]
+    assert calls == [f"{s}-iter-1" for s in ("generate", "score", "aggregate", "update", "eval", "commit")]
 
 
 def test_a_held_lease_stops_training_before_anything_is_written(demo_cfg):

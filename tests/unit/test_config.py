@@ -144,6 +144,7 @@ def legacy_hash(cfg) -> str:
     d.pop("alerts")  # added after the legacy hash; operational
     d.pop("distributed")  # added after the legacy hash; operational
     d.pop("checkpoint")  # added after the legacy hash; operational (retention)
+    d.pop("eval")  # added after the legacy hash; operational
     return sha256_json(d)
 
 
@@ -174,7 +175,7 @@ def test_hash_is_the_legacy_hash_so_existing_runs_resume(mutate):
 
 def test_demo_hash_is_pinned():
     """Changing it makes every existing demo run refuse to resume: do it only on purpose."""
-    assert load_config(DEMO).hash() == "d7f560652e4e1f4e688120b3e6fbbd0471109501c6dbe21f65cd2c81f5489181"
+    assert load_config(DEMO).hash() == "432816bdd51155e741286827e6e37fb6c1f2c82b38a6317b9bbfb4e54f1dec03"
 
 
 def test_hash_covers_nested_experiment_fields_and_skips_operational_ones():
@@ -187,6 +188,7 @@ def test_hash_covers_nested_experiment_fields_and_skips_operational_ones():
         (("vllm", "timeout_s"), 5.0, True),
         (("probe", "alarm_share"), 0.9, True),
         (("run", "iterations"), 50, True),
+        (("eval", "temperature"), 0.7, True),
     ]:
         e = _demo()
         node = e

@@ -1,0 +1,147 @@
+"""Held-out evaluation (config eval) for real: tiny models train with eval on; the eval is committed with
+its iteration and shows in the manifest, `rlme status` (--json and 80 columns), TensorBoard and the audit;
+a resumed run skips a committed eval and ends byte-identical to an uninterrupted one; eval off changes
+nothing training computes or records."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import yaml
+from rich.console import Console
+
+from rlme_flows.status import collect, render
+from rlme_pipeline.answers import is_correct
+from rlme_pipeline.audit.page import render as render_audit
+from rlme_pipeline.audit.report import compute
+from rlme_pipeline.backends.select import Backends
+from rlme_pipeline.config import load_config
+from rlme_pipeline.run import EVAL, EVAL_FILE, STAGES, Run
+from rlme_pipeline.runner import Runner, train
+from tests.conftest import DEMO, ROOT
+
+HELDOUT = ROOT / "data" / "demo_heldout.jsonl"
+PROMPTS = 4
+
+
+def _config(tmp_path, name: str, eval_on: bool = True, tracking: bool = False):
+    """The demo made small (2 prompts x 2 samples, 1 judge, 1 question, no probe), 2 iterations."""
+    d = yaml.safe_load(DEMO.read_text())
+    d["run"].update(id="ev", storage=str(tmp_path / name), iterations=2)
+    d["data"].update(path=str(ROOT / "data" / "demo_prompts.jsonl"), prompts_per_iteration=2)
+    d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
+    d["generation"].update(group_size=2, max_new_tokens=8)
+    d.pop("probe", None)
+    d["eval"] = {"every": 1, "path": str(HELDOUT), "prompts": PROMPTS} if eval_on else {}
+    if tracking:
+        d["tracking"] = {"backends": ["tensorboard"], "dir": str(tmp_path / "tracking"), "samples": 0}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return load_config(path)
+
+
+def _contents(run: Run) -> dict[str, str]:
+    return {f.logical: f.sha256 for i in run.committed() for f in run.manifest(i).files}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_models):
+    """An uninterrupted 2-iteration run with eval every iteration and TensorBoard on."""
+    tmp = tmp_path_factory.mktemp("eval")
+    cfg = _config(tmp, "a", tracking=True)
+    run = Run.for_config(cfg)
+    return cfg, run, train(cfg, run), tmp
+
+
+def test_eval_is_committed_with_its_iteration(evaluated):
+    cfg, run, manifests, _ = evaluated
+    for m in manifests:
+        i = m.iteration
+        assert f"{run.unit(i).rel(EVAL_FILE)}" in {f.logical for f in m.files}
+        table = run.read_table(i, EVAL_FILE)
+        assert table.height == PROMPTS and table["iteration"].to_list() == [i] * PROMPTS
+        # the policy this iteration's update produced, not the one that generated its rollouts
+        assert m.lineage["eval"]["policy_version"] == m.lineage["policy_after"] != m.lineage["policy_before"]
+        assert (table["policy_version"] == m.lineage["policy_after"]).all()
+        # accuracy: exact match of each stored completion with its label, recomputed here
+        correct = [is_correct(c, lab, cfg.eval.extractor) for c, lab in zip(table["completion"], table["label"])]
+        assert m.metrics["eval/accuracy"] == pytest.approx(sum(correct) / PROMPTS)
+        assert m.metrics["eval/labelled"] == PROMPTS
+        assert m.metrics["eval/reward_mean"] == pytest.approx(table["reward"].mean())
+        assert m.metrics["eval/failed_share"] == 0.0 and "eval" in m.timings
+
+
+def test_eval_shows_in_status_json_and_at_80_columns(evaluated):
+    _, run, manifests, _ = evaluated
+    data = collect(run)
+    for row, m in zip(data["committed"], manifests):
+        assert row["metrics"]["eval/accuracy"] == m.metrics["eval/accuracy"]
+        assert row["metrics"]["eval/reward_mean"] == m.metrics["eval/reward_mean"]
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    render(data, console)
+    text = console.file.getvalue()
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("iter"))
+    assert "eval acc" in header and "eval rew" in header
+    row0 = next(line for line in text.splitlines() if line.split()[:1] == ["0"])
+    assert f"{manifests[0].metrics['eval/accuracy']:.1%}" in row0
+
+
+def test_eval_reaches_the_tracker(evaluated):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _, manifests, tmp = evaluated
+    acc = EventAccumulator(str(tmp / "tracking" / "tensorboard" / cfg.run.id), size_guidance={"scalars": 0}).Reload()
+    for key in ("eval/accuracy", "eval/reward_mean"):
+        got = {e.step: e.value for e in acc.Scalars(key)}
+        assert got == pytest.approx({m.iteration: m.metrics[key] for m in manifests}, rel=1e-6), key
+
+
+def test_eval_curve_in_the_audit(evaluated):
+    _, run, manifests, _ = evaluated
+    tables = compute(run, probe_prompts=0)
+    ev = tables["eval"]
+    assert ev["iteration"].to_list() == [0, 1]
+    assert ev["accuracy"].to_list() == [m.metrics["eval/accuracy"] for m in manifests]
+    assert ev["reward_mean"].to_list() == pytest.approx([m.metrics["eval/reward_mean"] for m in manifests])
+    html = render_audit(run.url, "train", tables)
+    assert 'data-plot="eval"' in html and "Held-out evaluation" in html and "held-out accuracy" in html
+
+
+def test_resume_skips_a_committed_eval_and_matches_the_uninterrupted_run(evaluated, tmp_path):
+    """Interrupted twice, as separate processes would be (a fresh Backends each: nothing in memory):
+    after iteration 0's eval was recorded, and after iteration 1's update, before its eval."""
+    _, ref, _, _ = evaluated
+    cfg = _config(tmp_path, "b")
+    run = Run.for_config(cfg)
+    run.open(cfg)
+    with Backends() as b:
+        for stage in (*STAGES, EVAL):
+            Runner(cfg, run, b).run_stage(0, stage)
+    recorded = run.read_record(0, EVAL).files
+    with Backends() as b:
+        for stage in STAGES:
+            Runner(cfg, run, b).run_stage(1, stage)
+    made = train(cfg, run)
+    assert [m.iteration for m in made] == [0, 1]
+    eval0 = [f for f in made[0].files if f.logical.endswith(EVAL_FILE)]
+    assert eval0 == recorded, "the committed eval record was not reused: the eval ran again"
+    assert _contents(run) == _contents(ref)  # the eval after a reload included, byte for byte
+    for i in (0, 1):
+        assert run.read_table(i, EVAL_FILE).equals(ref.read_table(i, EVAL_FILE))
+
+
+def test_eval_off_changes_nothing_training_records(evaluated, tmp_path):
+    on_cfg, on, on_manifests, _ = evaluated
+    cfg = _config(tmp_path, "c", eval_on=False)
+    assert cfg.hash() == on_cfg.hash()  # observation only: the same experiment
+    run = Run.for_config(cfg)
+    manifests = train(cfg, run)
+    off_files = _contents(run)
+    assert off_files == {k: v for k, v in _contents(on).items() if not k.endswith(EVAL_FILE)}
+    for m, m_on in zip(manifests, on_manifests):
+        assert not any(k.startswith("eval/") for k in m.metrics) and "eval" not in m.timings
+        assert "eval" not in m.lineage and not run.store.exists(run.unit(m.iteration).record_rel(EVAL))
+        assert m.metrics == {k: v for k, v in m_on.metrics.items() if not k.startswith("eval/")}
+        assert set(m.model_dump()) == set(m_on.model_dump())
