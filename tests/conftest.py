@@ -40,6 +40,18 @@ def tiny_models() -> dict[str, Path]:
     return {"policy": resolve_tiny("policy"), "evaluator": resolve_tiny("evaluator")}
 
 
+def demo_dict() -> dict:
+    """configs/demo.yaml as a dict, its data files made absolute, for tests that write a variant of it
+    elsewhere (the relative paths in the file are relative to configs/)."""
+    import yaml
+
+    d = yaml.safe_load(DEMO.read_text())
+    d["data"]["path"] = str((DEMO.parent / d["data"]["path"]).resolve())
+    if (d.get("eval") or {}).get("path"):
+        d["eval"]["path"] = str((DEMO.parent / d["eval"]["path"]).resolve())
+    return d
+
+
 @pytest.fixture
 def demo_cfg(tmp_path, tiny_models):
     """The demo config with storage in a temp dir and a small, fast size."""
@@ -119,12 +131,12 @@ def micro_config(tmp_path, tiny_models):
     import yaml
 
     def make(storage: str, iterations: int = 2, run_id: str = "micro", **run_fields) -> Path:
-        d = yaml.safe_load(DEMO.read_text())
+        d = demo_dict()
         d["run"].update(id=run_id, storage=storage, iterations=iterations, **run_fields)
-        d["data"].update(path=str(ROOT / "data" / "demo_prompts.jsonl"), prompts_per_iteration=2)
+        d["data"].update(prompts_per_iteration=2)
         d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
         d["generation"].update(group_size=2, max_new_tokens=8)
-        d.pop("eval", None)  # its held-out file is relative to configs/; tests that want it add it
+        d.pop("eval", None)  # no held-out eval: not what this test is about
         path = tmp_path / f"{run_id}-{uuid.uuid4().hex[:6]}.yaml"
         path.write_text(yaml.safe_dump(d))
         return path

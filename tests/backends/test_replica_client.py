@@ -9,7 +9,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-import yaml
 
 from rlme_pipeline.backends.openai import Client, OpenAIGenerator
 from rlme_pipeline.backends.server import free_port
@@ -118,9 +117,9 @@ def test_an_unreachable_replica_fails_preflight_naming_it(tmp_path, models_serve
     from rlme_pipeline.config import ConfigError, validate_config
     from rlme_pipeline.preflight import preflight
     from rlme_pipeline.storage import Store
-    from tests.conftest import DEMO
+    from tests.conftest import demo_dict
 
-    d = yaml.safe_load(DEMO.read_text())
+    d = demo_dict()
     d["run"]["storage"] = str(tmp_path / "runs")
     d["scoring"]["backend"] = "openai"
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there

@@ -13,11 +13,10 @@ import re
 
 import httpx
 import pytest
-import yaml
 from polars.testing import assert_frame_equal
 
 from tests.backends.conftest import SERVER_ARGS, VLLM_ENV
-from tests.conftest import DEMO, ROOT
+from tests.conftest import demo_dict
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +41,9 @@ def _iteration_zero(tmp_path, name: str, urls: list[str]):
     from rlme_pipeline.runner import train
     from rlme_pipeline.storage import Store
 
-    d = yaml.safe_load(DEMO.read_text())
+    d = demo_dict()
     d["run"].update(id="replicas", storage=str(tmp_path / name), iterations=1)
-    d["data"].update(path=str(ROOT / "data" / "demo_prompts.jsonl"), prompts_per_iteration=4)
+    d["data"].update(prompts_per_iteration=4)
     d["evaluators"] = [{"name": "frozen", "model": "policy@initial"}]
     d["questions"] = d["questions"][:2]
     d["generation"].update(backend="openai", group_size=4, max_new_tokens=12, batch_size=16)

@@ -10,7 +10,7 @@ from rlme_pipeline.backends import BackendError
 from rlme_pipeline.backends.select import TRAINER_FILES, Backends, serving_dir
 from rlme_pipeline.config import VllmConfig, load_config
 from rlme_pipeline.lineage import ModelRef
-from tests.conftest import DEMO
+from tests.conftest import DEMO, demo_dict
 
 
 def test_backend_choice_is_hashed_and_the_vllm_section_is_not():
@@ -54,9 +54,8 @@ def test_a_relative_interpreter_is_found_next_to_the_config_without_leaving_the_
     venv_bin = tmp_path / "venv" / "bin"
     venv_bin.mkdir(parents=True)
     (venv_bin / "python").symlink_to("/usr/bin/env")
-    d = yaml.safe_load(DEMO.read_text())
+    d = demo_dict()
     d["data"]["path"] = str(DEMO.parent / d["data"]["path"])
-    d["eval"]["path"] = str(DEMO.parent / d["eval"]["path"])
     d["vllm"] = {"python": "venv/bin/python"}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
     assert load_config(tmp_path / "c.yaml").vllm_settings().python == str(venv_bin / "python")

@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
-import yaml
 
 from tests.backends.conftest import SERVER_ARGS, VLLM_ENV
 from tests.backends.test_contract import TOL
-from tests.conftest import DEMO, ROOT
+from tests.conftest import demo_dict
 
 
 def _cfg(tmp_path, vllm_python, max_restarts: int):
     from rlme_pipeline.config import validate_config
 
-    d = yaml.safe_load(DEMO.read_text())
+    d = demo_dict()
     d["run"].update(id="vllm-run", storage=str(tmp_path / "runs"), iterations=2)
-    d["data"].update(path=str(ROOT / "data" / "demo_prompts.jsonl"), prompts_per_iteration=2)
+    d["data"].update(prompts_per_iteration=2)
     d["evaluators"] = [{"name": "self", "model": "policy"}]  # live self: scored by this iteration's policy
     d["questions"] = d["questions"][:1]
-    d.pop("eval", None)  # its held-out file is relative to configs/
+    d.pop("eval", None)  # no held-out eval: not what this test is about
     d["generation"].update(backend="openai", group_size=2, max_new_tokens=8, batch_size=2)
     d["scoring"].update(backend="openai")
     d["vllm"] = {

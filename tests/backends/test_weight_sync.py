@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
-import yaml
 
 from tests.backends.conftest import SERVER_ARGS, VLLM_ENV
 from tests.backends.test_contract import TOL
 from tests.backends.test_vllm_run import _kill_server_at, opened  # noqa: F401 - a fixture
-from tests.conftest import DEMO, ROOT
+from tests.conftest import ROOT, demo_dict
 
 
 def _cfg(tmp_path, vllm_python, lora: bool):
     from rlme_pipeline.config import validate_config
 
-    d = yaml.safe_load(DEMO.read_text())
+    d = demo_dict()
     d["run"].update(id="sync", storage=str(tmp_path / "runs"), iterations=2)
-    d["data"].update(path=str(ROOT / "data" / "demo_prompts.jsonl"), prompts_per_iteration=2)
+    d["data"].update(prompts_per_iteration=2)
     d["evaluators"] = [{"name": "live", "model": "policy"}, {"name": "frozen", "model": "policy@initial"}]
     d["questions"] = d["questions"][:1]
     d["generation"].update(backend="openai", group_size=2, max_new_tokens=8, batch_size=2)

@@ -13,13 +13,12 @@ import yaml
 from rlme_pipeline.config import ConfigError, load_config
 from rlme_pipeline.preflight import preflight
 from rlme_pipeline.storage import StorageError, Store
-from tests.conftest import DEMO, ROOT
+from tests.conftest import ROOT, demo_dict
 
 
 def _config(tmp_path, mutate) -> str:
-    d = yaml.safe_load(DEMO.read_text())
-    d["data"]["path"] = str(ROOT / "data" / "demo_prompts.jsonl")
-    d.pop("eval", None)  # its held-out file is relative to configs/
+    d = demo_dict()
+    d.pop("eval", None)  # no held-out eval: not what this test is about
     d["run"]["storage"] = str(tmp_path / "runs")
     mutate(d)
     path = tmp_path / "cfg.yaml"

@@ -22,7 +22,7 @@ from rlme_pipeline.config import load_config
 from rlme_pipeline.run import Run
 from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
-from tests.conftest import DEMO, ROOT
+from tests.conftest import DEMO, ROOT, demo_dict
 
 GOOD_QUESTIONS = "- id: short\n  text: Is the answer short?\n  weight: -0.5\n"
 
@@ -166,10 +166,8 @@ def test_audit_unknown_score_sets_exit_2_before_prefect(run, tmp_path, no_prefec
 
 # --- train: a refused resume names the changed fields -------------------------------------------------
 def test_changed_experiment_names_each_field_old_to_new(run, tmp_path, no_prefect):
-    d = yaml.safe_load(DEMO.read_text())
-    d["data"]["path"] = str(ROOT / "data" / "demo_prompts.jsonl")
-    d["eval"]["path"] = str(ROOT / "data" / "demo_heldout.jsonl")
-    d.pop("eval", None)  # its held-out file is relative to configs/ (and eval is not part of the experiment)
+    d = demo_dict()
+    d.pop("eval", None)  # no held-out eval: not what this test is about
     d["run"].update(storage=str(tmp_path / "runs"), iterations=2)
     d["optimizer"]["lr"] = 3e-4
     d["questions"][0]["weight"] = 2.0

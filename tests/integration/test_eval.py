@@ -19,7 +19,7 @@ from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import load_config
 from rlme_pipeline.run import EVAL, EVAL_FILE, STAGES, Run
 from rlme_pipeline.runner import Runner, train
-from tests.conftest import DEMO, ROOT
+from tests.conftest import ROOT, demo_dict
 
 HELDOUT = ROOT / "data" / "demo_heldout.jsonl"
 PROMPTS = 4
@@ -27,9 +27,9 @@ PROMPTS = 4
 
 def _config(tmp_path, name: str, eval_on: bool = True, tracking: bool = False):
     """The demo made small (2 prompts x 2 samples, 1 judge, 1 question, no probe), 2 iterations."""
-    d = yaml.safe_load(DEMO.read_text())
+    d = demo_dict()
     d["run"].update(id="ev", storage=str(tmp_path / name), iterations=2)
-    d["data"].update(path=str(ROOT / "data" / "demo_prompts.jsonl"), prompts_per_iteration=2)
+    d["data"].update(prompts_per_iteration=2)
     d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
     d["generation"].update(group_size=2, max_new_tokens=8)
     d.pop("probe", None)

@@ -21,16 +21,24 @@ from rlme_pipeline.run import Run
 from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
 from rlme_pipeline.verify import verify
-from tests.conftest import DEMO
+from tests.conftest import demo_dict
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_models) -> Run:
-    """Two committed iterations of the demo (labels in the data, two evaluators), trained once."""
-    from rlme_pipeline.config import load_config
+    """Two committed iterations of the demo (labels in the data, two evaluators), trained once, with the
+    demo's training settings pinned here (4 samples a prompt, one small step an iteration, the probe every
+    iteration), so that tuning the demo does not move the numbers this test checks."""
+    from rlme_pipeline.config import validate_config
 
     root = tmp_path_factory.mktemp("trained")
-    cfg = load_config(DEMO).with_overrides(storage=str(root / "runs"), iterations=2)
+    d = demo_dict()
+    d["run"].update(storage=str(root / "runs"), iterations=2)
+    d["generation"]["group_size"] = 4
+    d["optimizer"] = {"lr": 1.0e-4, "micro_batch_size": 8, "grad_accumulation": 4}
+    d["probe"]["every"] = 1
+    d.pop("eval", None)
+    cfg = validate_config(d)
     run = Run(Store(cfg.run.storage), cfg.run.id)
     train(cfg, run)
     return run

@@ -19,7 +19,7 @@ from rlme_pipeline.preflight import preflight
 from rlme_pipeline.run import Run
 from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
-from tests.conftest import DEMO
+from tests.conftest import DEMO, demo_dict
 from tests.requires import require
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
@@ -27,10 +27,10 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj
 
 def lora_cfg(root, lora=LORA, iterations=2, **over):
     require("peft")
-    d = yaml.safe_load(DEMO.read_text())
+    d = demo_dict()
     d["run"].update(storage=str(root / "runs"), iterations=iterations)
-    d["data"].update(path=str(DEMO.parent.parent / "data" / "demo_prompts.jsonl"), prompts_per_iteration=4)
-    d.pop("eval", None)  # its held-out file is relative to configs/
+    d["data"].update(prompts_per_iteration=4)
+    d.pop("eval", None)  # no held-out eval: not what this test is about
     d["policy"]["lora"] = lora
     d["evaluators"] = [
         {"name": "other", "model": "tiny:evaluator"},

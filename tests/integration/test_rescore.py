@@ -8,14 +8,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
 from polars.testing import assert_frame_equal
 
 from rlme_pipeline import scoreset
 from rlme_pipeline.run import CorruptRun, Run
 from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
-from tests.conftest import DEMO
+from tests.conftest import DEMO, demo_dict
 
 QUESTIONS = """\
 - id: quoted
@@ -48,11 +47,9 @@ def trained_10gt(tmp_path_factory, tiny_models) -> Run:
     from rlme_pipeline.config import validate_config
 
     root = tmp_path_factory.mktemp("trained-10gt")
-    d = yaml.safe_load(DEMO.read_text())
+    d = demo_dict()
     d["run"].update(storage=str(root / "runs"), iterations=2)
-    d["data"]["path"] = str(DEMO.parent.parent / "data" / "demo_prompts.jsonl")
-    d["eval"]["path"] = str(DEMO.parent.parent / "data" / "demo_heldout.jsonl")
-    d.pop("eval", None)  # its held-out file is relative to configs/
+    d.pop("eval", None)  # no held-out eval: not what this test is about
     d["label_reward"] = {"share": 0.1}
     cfg = validate_config(d)
     run = Run(Store(cfg.run.storage), cfg.run.id)
@@ -148,7 +145,8 @@ def test_interrupted_rescore_resumes_without_duplicates(run, questions_file, bac
     qs = scoreset.load_questions(questions_file)
     defn = scoreset.plan(run, "v3", questions=qs, iterations="1:2", shard_rows=10)
     todo = scoreset.shards(defn)
-    assert {i for i, _ in todo} == {1} and len(todo) == 4
+    rows = run.manifest(1).files[0].rows  # the rollouts of iteration 1, 10 to a shard
+    assert {i for i, _ in todo} == {1} and len(todo) == -(-rows // 10) >= 3
     first = scoreset.score_shard(run, "v3", *todo[0], backends)
     scoreset.score_shard(run, "v3", *todo[1], backends)
     # The process dies while writing shard 2: a data file lands, its manifest never does.
@@ -160,7 +158,7 @@ def test_interrupted_rescore_resumes_without_duplicates(run, questions_file, bac
     defn2 = scoreset.plan(run, "v3", questions=qs, iterations="1:2", shard_rows=10, resume=True)
     assert defn2.hash() == defn.hash()
     again = [scoreset.score_shard(run, "v3", i, s, backends) for i, s in todo]
-    assert [a["ran"] for a in again] == [False, False, True, True]
+    assert [a["ran"] for a in again] == [False, False] + [True] * (len(todo) - 2)
     assert again[0]["files"] == first["files"]  # the committed shard was not rewritten
     scoreset.finalize(run, "v3")
 
@@ -268,7 +266,7 @@ def test_rescore_scores_with_the_runs_vllm_settings(run, questions_file, monkeyp
     seen = []
     real = scoreset.score_rollouts
     # the shards score through the Backends that rescore opened: its vLLM settings are the run's
-    monkeypatch.setattr(scoreset, "score_rollouts", lambda *a: seen.append(a[-1].vllm) or real(*a))
+    monkeypatch.setattr(scoreset, "score_rollouts", lambda *a, **kw: seen.append(a[-1].vllm) or real(*a, **kw))
     scoreset.rescore(run, "v4", questions=scoreset.load_questions(questions_file), iterations="1", shard_rows=64)
     assert seen and all(v.url == "http://vllm.example:8000" and v.max_concurrency == 3 for v in seen)
 

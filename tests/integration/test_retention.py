@@ -19,14 +19,14 @@ from rlme_pipeline.run import Run
 from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
 from rlme_pipeline.verify import verify
-from tests.conftest import DEMO, ROOT
+from tests.conftest import ROOT, demo_dict
 
 
 def micro(storage: str, iterations: int, **retain) -> dict:
     """2 prompts x 2 samples, a frozen other and a live-self evaluator (it needs iteration i-1's checkpoint)."""
-    d = yaml.safe_load(DEMO.read_text())
+    d = demo_dict()
     d["run"].update(id="keep", storage=storage, iterations=iterations)
-    d["data"].update(path=str(ROOT / "data" / "demo_prompts.jsonl"), prompts_per_iteration=2)
+    d["data"].update(prompts_per_iteration=2)
     d["evaluators"] = [d["evaluators"][0], {"name": "live", "model": "policy", "weight": 0.5}]
     d["questions"] = d["questions"][:1]
     d["generation"].update(group_size=2, max_new_tokens=8)

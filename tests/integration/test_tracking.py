@@ -21,19 +21,20 @@ from rlme_pipeline.run import Run
 from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
 from rlme_pipeline.tracking import SAMPLE_COLUMNS, metrics_of
-from tests.conftest import DEMO, ROOT
+from tests.conftest import DEMO, ROOT, demo_dict
 
 SAMPLES = 3
 
 
 def _config_file(tmp_path, backends: list[str], iterations: int = 2) -> str:
     """The demo, made small (2 prompts x 2 samples, 1 judge, 1 question; the probe on), tracking on."""
-    d = yaml.safe_load(DEMO.read_text())
+    d = demo_dict()
     d["run"].update(id="tracked", storage=str(tmp_path / "runs"), iterations=iterations)
-    d["data"].update(path=str(ROOT / "data" / "demo_prompts.jsonl"), prompts_per_iteration=2)
+    d["data"].update(prompts_per_iteration=2)
     d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
     d["generation"].update(group_size=2, max_new_tokens=8)
-    d.pop("eval", None)  # its held-out file is relative to configs/
+    d.pop("eval", None)  # no held-out eval: not what this test is about
+    d["probe"]["every"] = 1  # every iteration carries the probe's metrics
     d["tracking"] = {
         "backends": backends,
         "dir": str(tmp_path / "tracking"),
