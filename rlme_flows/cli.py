@@ -54,10 +54,17 @@ def train(
     iterations: Optional[int] = typer.Option(None, help="total iterations the run should reach"),
     storage: Optional[str] = typer.Option(None, help="storage root (overrides run.storage)"),
     run_id: Optional[str] = typer.Option(None, help="run id (overrides run.id)"),
+    adopt: Optional[str] = typer.Option(
+        None,
+        help="train with these questions from the next iteration, as a recorded phase: "
+        "{run}/proposals/NAME (its chosen set) or a questions YAML file (docs/evolve.md)",
+    ),
 ):
     """Train (or continue) a run through the Prefect flow rlme_train."""
     from rlme_flows.config_io import load
+    from rlme_pipeline import phases
     from rlme_pipeline.config import ConfigError
+    from rlme_pipeline.evolve import adopt as adoption
     from rlme_pipeline.lease import LeaseHeld, LeaseLost
     from rlme_pipeline.oom import StageOutOfMemory
     from rlme_pipeline.preflight import preflight
@@ -69,16 +76,30 @@ def train(
         # the run's own (run.storage_options included), so the check writes where training will.
         cfg = load(config, iterations=iterations, storage=storage, id=run_id)
         run = Run.for_config(cfg)
-        preflight(cfg, run.root)
-        run.check(cfg)  # a changed experiment on an existing run id: the fields that differ, old -> new
+        adopted = adoption.load(adopt, cfg.run.storage_options) if adopt else None
+        preflight(adoption.judged_with(cfg, adopted), run.root)
+        run.check(phases.resume_config(run, cfg))  # a changed experiment on an existing run: old -> new
+        if adopted:
+            phases.next_phase(run, adopted)
         with local_prefect():  # before Prefect's import: it reads its settings then
             from rlme_flows.train import rlme_train
 
-            state = rlme_train(config=config, iterations=iterations, storage=storage, run_id=run_id, return_state=True)
+            state = rlme_train(
+                config=config, iterations=iterations, storage=storage, run_id=run_id, adopt=adopt, return_state=True
+            )
         if state.is_cancelled():  # another process holds the run's lease: the flow touched nothing
             _fail(RuntimeError(state.message))
         result = state.result()
-    except (ConfigError, RunMismatch, StorageError, LeaseHeld, LeaseLost, CorruptRun, StageOutOfMemory) as e:
+    except (
+        ConfigError,
+        RunMismatch,
+        StorageError,
+        LeaseHeld,
+        LeaseLost,
+        CorruptRun,
+        StageOutOfMemory,
+        phases.AdoptionRefused,
+    ) as e:
         _fail(e)
     _print_status(_open(result["run"], result.get("storage_options")))
     console.print(

@@ -15,6 +15,7 @@ from prefect.states import Cancelled
 
 from rlme_flows.config_io import load
 from rlme_flows.events import PROBE_ALARM, alarms, emit
+from rlme_pipeline.evolve import adopt as adoption
 from rlme_pipeline.lease import LeaseHeld
 from rlme_pipeline.preflight import preflight
 from rlme_pipeline.run import Manifest, Run, split_run_url
@@ -69,10 +70,13 @@ def rlme_train(
     run_id: str | None = None,
     run_uri: str | None = None,
     advance: int | None = None,
+    adopt: str | None = None,
 ):
     """`iterations` is the total the run should reach; `advance` instead trains that many iterations past
     the last committed one (what a schedule wants: each scheduled run moves the same run forward by N).
     Committed iterations are never redone. `run_uri` ({storage}/{run_id}) replaces storage and run_id.
+    `adopt` ({run}/proposals/NAME or a questions file) trains with those questions from the next iteration
+    on, as a recorded phase; given again once adopted, it changes nothing (docs/evolve.md).
 
     When another process holds the run's lease (an overlapping scheduled run, a CLI run), the flow touches
     nothing and ends Cancelled with a message naming the holder, so an overlap is never a failure."""
@@ -87,7 +91,8 @@ def rlme_train(
         storage, run_id = split_run_url(run_uri)
     cfg = load(config, iterations=iterations, storage=storage, id=run_id)
     run = Run.for_config(cfg)
-    preflight(cfg, run.root)
+    adopted = adoption.load(adopt, cfg.run.storage_options) if adopt else None
+    preflight(adoption.judged_with(cfg, adopted), run.root)
     # The flow process holds the run's lease for all its tasks (they run in this process); a second flow
     # run on the same run id stops before touching anything, naming this one.
     with background_reports(log) as send:
@@ -100,6 +105,7 @@ def rlme_train(
                 holder={"flow_run": flow_run.id},
                 on_commit=lambda m: _report(cfg, run, m, send, log),
                 logger=log,
+                adopt=adopted,
             )
         except LeaseHeld as e:
             log.warning("not training: %s", e)

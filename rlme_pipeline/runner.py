@@ -23,7 +23,7 @@ import polars as pl
 import torch
 from pydantic import BaseModel
 
-from rlme_pipeline import adapters, checkpoint, distributed_update, oom, retention
+from rlme_pipeline import adapters, checkpoint, distributed_update, oom, phases, retention
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
@@ -102,13 +102,18 @@ def train(
     on_commit: Callable[[Manifest], None] | None = None,
     holder: dict | None = None,
     logger: logging.Logger | logging.LoggerAdapter = log,
+    adopt: phases.Adoption | None = None,
 ) -> list[Manifest]:
     """Advance the run to cfg.run.iterations committed iterations (or `advance` past the last committed
     one); returns the manifests made now. Raises LeaseHeld, touching nothing, while another process
-    trains the run; `holder` adds to what the lease says about this one (e.g. the Prefect flow run)."""
+    trains the run; `holder` adds to what the lease says about this one (e.g. the Prefect flow run).
+    `adopt`: a question set to train with from the next iteration on, recorded as a phase (phases.py)."""
     with Lease(run.store, purpose="train", **(holder or {})) as lease, Backends(cfg.vllm_settings()) as backends:
+        cfg = phases.resume_config(run, cfg)
         run.open(cfg)
         committed = set(check_resume_point(run))
+        if adopt is not None and (p := phases.adopt(run, adopt, sorted(committed))):
+            logger.info("run %s: phase %d (questions %s) from iteration %d", run.url, p.phase, p.questions_sha[:12], p.from_iteration)  # fmt: skip
         if advance is not None:
             cfg = cfg.with_overrides(iterations=(max(committed) + 1 if committed else 0) + advance)
         logger.info("run %s: %d committed iterations, target %d", run.url, len(committed), cfg.run.iterations)
@@ -137,6 +142,7 @@ class Runner:
 
     def __init__(self, cfg: Config, run: Run, backends: Backends):
         self.cfg, self.run, self.backends = cfg, run, backends
+        self.phases = phases.read(run, cfg.questions)  # which questions judge which iteration
 
     def step(self, name: str) -> Step:
         if name == COMMIT:
@@ -210,13 +216,13 @@ class Runner:
         return [self.run.write_table(i, ROLLOUTS_FILE, rollouts, "rollouts")], metrics, info
 
     def _score(self, i: int) -> tuple[list[FileEntry], dict, dict]:
-        cfg = self.cfg
+        cfg = self.phases.config_at(self.cfg, i)
         rollouts = self.run.read_table(i, ROLLOUTS_FILE)
         evaluators = evaluators_at(self.run, cfg, i)
         scores, metrics = score(cfg, rollouts, evaluators, self.backends)
         entry = self.run.write_table(i, SCORES_FILE, scores, "scores")
         if cfg.probe.every and i % cfg.probe.every == 0:
-            metrics.update(self._probe(rollouts, evaluators, i))
+            metrics.update(self._probe(cfg, rollouts, evaluators, i))
         info = {
             "evaluators": [
                 {"name": e.name, "ref": ev.model, "weight": ev.weight, "version": e.ref.version}
@@ -224,19 +230,19 @@ class Runner:
             ],
             "questions": [{"id": q.id, "text": q.text, "weight": q.weight, "sha": q.sha()} for q in cfg.questions],
             "template_sha": cfg.scoring.template_sha(),
+            **self.phases.lineage(i),
         }
         return [entry], metrics, info
 
-    def _probe(self, rollouts, evaluators: list[Evaluator], i: int) -> dict:
+    def _probe(self, cfg: Config, rollouts, evaluators: list[Evaluator], i: int) -> dict:
         """Would this iteration's judges say yes to answers that say nothing? (flow: an alarm warning)"""
-        cfg = self.cfg
         prompts = sample_prompts(rollouts, cfg.probe.prompts, cfg.run.seed)
         table = run_probe(evaluators, cfg.questions, cfg.scoring, prompts, i, self.backends)
         return probe_metrics(table, cfg.probe.alarm_share)
 
     def _aggregate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         rewards, metrics = aggregate(
-            self.cfg, self.run.read_table(i, SCORES_FILE), self.run.read_table(i, ROLLOUTS_FILE)
+            self.phases.config_at(self.cfg, i), self.run.read_table(i, SCORES_FILE), self.run.read_table(i, ROLLOUTS_FILE)
         )
         return [self.run.write_table(i, REWARDS_FILE, rewards, "rewards")], metrics, {}
 

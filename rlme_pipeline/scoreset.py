@@ -28,7 +28,7 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError, model_validator
 
-from rlme_pipeline import checkpoint, retention
+from rlme_pipeline import checkpoint, phases, retention
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import (
     LIVE_SELF,
@@ -80,6 +80,9 @@ class Definition(BaseModel):
     scoring: ScoringConfig  # the run's template and reward form
     scale_advantage_std: bool
     label_reward: LabelRewardConfig | None = None  # the run's label-reward mix, applied as in training
+    # iteration -> the questions of its training phase: set when the run's own questions were asked for and
+    # the run changed them during training (phases.py); `questions` is then the last iteration's
+    phase_questions: dict[str, list[QuestionConfig]] | None = None
     iterations: list[int]
     sources: dict[str, dict]  # iteration -> rollouts entry and the committed manifest's sha256
     evaluator_versions: dict[str, dict[str, str]]  # iteration -> evaluator -> weights hash
@@ -88,13 +91,17 @@ class Definition(BaseModel):
 
     def hash(self) -> str:
         d = self.model_dump(mode="json")
-        if d["label_reward"] is None:  # added later: definitions without it keep their hash
-            del d["label_reward"]
+        for added_later in ("label_reward", "phase_questions"):  # definitions without them keep their hash
+            if d[added_later] is None:
+                del d[added_later]
         return sha256_json(d)
 
-    def config(self, cfg: Config) -> Config:
-        """The run's config with this score set's judges: what the training aggregation reads."""
-        return cfg.model_copy(update={"questions": list(self.questions), "evaluators": list(self.evaluators)})
+    def questions_at(self, i: int) -> list[QuestionConfig]:
+        return self.phase_questions[str(i)] if self.phase_questions else self.questions
+
+    def config(self, cfg: Config, i: int) -> Config:
+        """The run's config with this score set's judges at iteration i: what the training aggregation reads."""
+        return cfg.model_copy(update={"questions": list(self.questions_at(i)), "evaluators": list(self.evaluators)})
 
 
 class ShardManifest(Commit):
@@ -118,6 +125,7 @@ class ScoresetManifest(Commit):
     iterations: list[int]
     metrics: dict[str, dict]
     code: dict
+    phase_questions: dict[str, list[dict]] | None = None  # Definition.phase_questions, each with its sha
 
     @model_validator(mode="before")
     @classmethod
@@ -282,10 +290,15 @@ def plan(
     if questions is None and evaluators is None:
         raise ValueError("give new questions, new evaluators, or both: otherwise the score set would repeat training's")
     cfg = run.config()
-    questions = questions or list(cfg.questions)
     evaluators = evaluators or list(cfg.evaluators)
     its = parse_iterations(iterations, run.committed())
     check_checkpoints(run, evaluators, its)
+    phase_questions = None
+    if questions is None:  # the run's own: the questions each iteration was trained with
+        ps = phases.read(run, cfg.questions)
+        if any(ps.at(i).phase for i in its):
+            phase_questions = {str(i): list(ps.at(i).questions) for i in its}
+        questions = list(ps.at(its[-1]).questions)
     sources, versions, n_shards = {}, {}, {}
     for i in its:
         entry = run.unit(i).entry(ROLLOUTS_FILE)
@@ -305,6 +318,7 @@ def plan(
         scoring=cfg.scoring,
         scale_advantage_std=cfg.algorithm.scale_advantage_std,
         label_reward=cfg.label_reward,
+        phase_questions=phase_questions,
         iterations=its,
         sources=sources,
         evaluator_versions=versions,
@@ -406,11 +420,11 @@ def score_shard(run: Run, name: str, i: int, s: int, backends: Backends) -> dict
             raise ValueError(f"evaluator {j.name!r} at iteration {i} has changed since the score set was planned")
     if rollouts.height:
         scores = score_rollouts(
-            rollouts, judges, defn.questions, defn.scoring, name, backends, label=f"rescore {name} shard {s}"
+            rollouts, judges, defn.questions_at(i), defn.scoring, name, backends, label=f"rescore {name} shard {s}"
         )
     else:
         scores = pl.DataFrame(schema=SCORES)
-    rewards, _ = rewards_and_metrics(defn.config(cfg), scores, rollouts)
+    rewards, _ = rewards_and_metrics(defn.config(cfg, i), scores, rollouts)
     files = [
         shard.write_table(SCORES_FILE, scores, "scores"),
         shard.write_table(REWARDS_FILE, rewards, "rewards"),
@@ -437,9 +451,10 @@ def finalize(run: Run, name: str) -> dict:
     if ss.committed():
         return ss.manifest().model_dump(mode="json")
     defn = load_definition(run, name)
-    J, K = len(defn.evaluators), len(defn.questions)
+    J = len(defn.evaluators)
     files, metrics = [], {}
     for i in defn.iterations:
+        K = len(defn.questions_at(i))
         shards = [shard_unit(run, name, i, s) for s in range(defn.n_shards[str(i)])]
         if missing := [s for s, u in enumerate(shards) if not u.committed()]:
             raise RuntimeError(
@@ -485,7 +500,10 @@ def finalize(run: Run, name: str) -> dict:
             run_id=run.id,
             committed_at=now(),
             definition_hash=defn.hash(),
-            questions=[{**q.model_dump(mode="json"), "sha": q.sha()} for q in defn.questions],
+            questions=_with_sha(defn.questions),
+            phase_questions={i: _with_sha(qs) for i, qs in defn.phase_questions.items()}
+            if defn.phase_questions
+            else None,
             evaluators=[
                 {
                     "name": ev.name,
@@ -515,6 +533,10 @@ def finalize(run: Run, name: str) -> dict:
     )
     run.store.rm(f"{ss.dir}/_shards", recursive=True)  # committed: the merged files replace them (gc would find them)
     return m.model_dump(mode="json")
+
+
+def _with_sha(questions: list[QuestionConfig]) -> list[dict]:
+    return [{**q.model_dump(mode="json"), "sha": q.sha()} for q in questions]
 
 
 def rescore(run: Run, name: str, **plan_args) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlme_pipeline import retention, scoreset
+from rlme_pipeline import phases, retention, scoreset
 from rlme_pipeline.evolve import proposal
 from rlme_pipeline.run import Commit, CorruptRun, Run, Unit, check_files
 
@@ -69,11 +69,16 @@ def verify(run: Run) -> Report:
         rep.problems.append(f"{run.store.where('run.json')}: missing (is {run.url} a run?)")
     else:
         try:
-            run.config()
+            cfg = run.config()
         except Exception as e:  # a config error or a torn file: report it, keep checking the iterations
             rep.problems.append(
                 f"{run.store.where('run.json')}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})"
             )
+        else:
+            try:  # the question-set phases: each record parses and follows the one before
+                phases.read(run, cfg.questions)
+            except CorruptRun as e:
+                rep.problems.append(str(e))
     for i in run.committed():
         if rep.check(run, run.unit(i), iteration=i):
             rep.checked_iterations.append(i)

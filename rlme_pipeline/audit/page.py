@@ -118,6 +118,12 @@ def _glance(name: str, t: dict[str, pl.DataFrame]) -> str:
         f"{tot['reward_mean'][-1]:.4g} at iteration {its[-1]}",
         f"failed judgements: {failed} of {judged} ({failed / max(judged, 1):.1%})",
     ]
+    if "phase" in tot.columns and tot["phase"].n_unique() > 1:  # the run adopted other questions (phases.py)
+        starts = tot.group_by("phase", maintain_order=True).agg(pl.col("iteration").min()).iter_rows()
+        items.append(
+            "question-set phases (the reward sums other questions from each start on): "
+            + ", ".join(f"phase {k} from iteration {i}" for k, i in starts)
+        )
     if "probe" in t:
         p = t["probe"].group_by("evaluator").agg(share=pl.col("positive").sum() / pl.col("n").sum())
         shares = ", ".join(f"<b>{escape(e)}</b> {v:.2f}" for e, v in p.sort("share", descending=True).iter_rows())

@@ -77,6 +77,7 @@ def total_reward(totals: pl.DataFrame) -> str:
         if len(x) == 1:  # a band needs two points
             ax.errorbar(x, m, yerr=s, fmt="none", capsize=4, color="C0", alpha=0.5)
         ax.plot(x, m, marker="o", label="mean")
+        _phase_starts(ax, g)
         ax.set(title=f"score set {name}", xlabel="iteration", ylabel="total reward")
         _iterations(ax, x)
         ax.legend(loc="best")
@@ -107,6 +108,19 @@ def held_out(table: pl.DataFrame) -> str:
         _iterations(ax, x)
 
     return _svg(panels, draw)
+
+
+def _phase_starts(ax: Axes, g: pl.DataFrame) -> None:
+    """A dotted line where the question set changed (a run's phases): the rewards on either side are
+    sums over different questions, so a step there is the rubric's, not the policy's."""
+    if "phase" not in g.columns or g["phase"].null_count() == g.height:
+        return
+    rows = g.select("iteration", "phase").drop_nulls().to_dicts()
+    for prev, r in zip(rows, rows[1:]):
+        if r["phase"] != prev["phase"]:
+            ax.axvline(r["iteration"] - 0.5, color="C3", linestyle=":", linewidth=1.2)
+            ax.annotate(f"phase {r['phase']}", (r["iteration"] - 0.5, 1), xycoords=("data", "axes fraction"),
+                        xytext=(3, -10), textcoords="offset points", color="C3", fontsize=8)  # fmt: skip
 
 
 def components(summary: pl.DataFrame) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from rlme_pipeline import phases
 from rlme_pipeline.audit import compare as cmp
 from rlme_pipeline.audit import labels, stats
 from rlme_pipeline.audit.page import render
@@ -21,8 +22,8 @@ def probe_table(run: Run, ss: Scoreset, prompts: int, seed: int = 0) -> pl.DataF
     the run's last committed iteration (live self = the newest policy)."""
     cfg = run.config()
     last = max(run.committed())
-    if ss.name == "train":
-        evs, qs = cfg.evaluators, cfg.questions
+    if ss.name == "train":  # the questions the last iteration was trained with (its phase)
+        evs, qs = cfg.evaluators, phases.read(run, cfg.questions).at(last).questions
     else:
         from rlme_pipeline.scoreset import load_definition
 
@@ -66,6 +67,23 @@ def eval_table(run: Run) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=EVAL_SCHEMA, orient="row") if rows else pl.DataFrame(schema=EVAL_SCHEMA)
 
 
+def questions_table(ss: Scoreset) -> pl.DataFrame:
+    """The questions and weights; with phases, each phase's set and the first iteration it judged."""
+    if ss.phases is None:
+        return pl.DataFrame(
+            {
+                "question_id": list(ss.question_weights),
+                "weight": list(ss.question_weights.values()),
+                "text": [ss.question_texts[q] for q in ss.question_weights],
+            }
+        )
+    return (
+        ss.phases.group_by("phase", "question_id", "weight", "text", maintain_order=True)
+        .agg(from_iteration=pl.col("iteration").min())
+        .select("phase", "from_iteration", "question_id", "weight", "text")
+    )
+
+
 def compute(
     run: Run, scoreset: str | None = None, compare_to: str | None = None, probe_prompts: int = 4
 ) -> dict[str, pl.DataFrame]:
@@ -85,13 +103,7 @@ def compute(
         "evaluators": pl.DataFrame(
             {"evaluator": list(ss.evaluator_weights), "weight": list(ss.evaluator_weights.values())}
         ),
-        "questions": pl.DataFrame(
-            {
-                "question_id": list(ss.question_weights),
-                "weight": list(ss.question_weights.values()),
-                "text": [ss.question_texts[q] for q in ss.question_weights],
-            }
-        ),
+        "questions": questions_table(ss),
     }
     if (ev := eval_table(run)).height:
         out["eval"] = ev
@@ -99,7 +111,7 @@ def compute(
         out["probe"] = probe_table(run, ss, probe_prompts)
     if compare_to:
         other = load(run, compare_to)
-        out["totals"] = pl.concat([out["totals"], stats.totals(other).collect()])
+        out["totals"] = pl.concat([out["totals"], stats.totals(other).collect()], how="diagonal")  # phase: one side
         out["compare"] = cmp.compare(ss, other)
         out["changed"] = cmp.most_changed(ss, other)
     return out

@@ -19,16 +19,22 @@ def summary(ss: Scoreset) -> pl.LazyFrame:
     for col in ("p_yes", "f"):
         aggs += [pl.col(col).mean().alias(f"{col}_mean"), pl.col(col).std(ddof=0).alias(f"{col}_std")]
         aggs += [pl.col(col).quantile(q, "linear").alias(f"{col}_q{int(q * 100):02d}") for q in QUANTILES]
-    weights = pl.DataFrame(
-        [(e, q, ve * wq) for e, ve in ss.evaluator_weights.items() for q, wq in ss.question_weights.items()],
-        schema={"evaluator": pl.String, "question_id": pl.String, "weight": pl.Float64},
-        orient="row",
-    ).lazy()
+    ev = pl.DataFrame(
+        {"evaluator": list(ss.evaluator_weights), "v": list(ss.evaluator_weights.values())},
+        schema={"evaluator": pl.String, "v": pl.Float64},
+    )
+    if ss.phases is None:  # one question set throughout
+        qw = pl.DataFrame({"question_id": list(ss.question_weights), "w": list(ss.question_weights.values())})
+        keys = ["evaluator", "question_id"]
+    else:  # the weights each iteration's phase gave its questions
+        qw = ss.phases.select("iteration", "phase", "question_id", w="weight")
+        keys = ["iteration", "evaluator", "question_id"]
+    weights = ev.join(qw, how="cross").with_columns(weight=pl.col("v") * pl.col("w")).drop("v", "w").lazy()
     return (
         ss.scores.with_columns(f=component(ss.reward_form, ss.logp_floor))
         .group_by("iteration", "evaluator", "question_id")
         .agg(aggs)
-        .join(weights, on=["evaluator", "question_id"], how="left")
+        .join(weights, on=keys, how="left")
         .with_columns(contribution_mean=pl.col("weight") * pl.col("f_mean"), scoreset=pl.lit(ss.name))
         .sort("iteration", "evaluator", "question_id")
     )
@@ -45,7 +51,10 @@ def totals(ss: Scoreset) -> pl.LazyFrame:
         r.std(ddof=0).alias("reward_std"),
     ]
     aggs += [r.quantile(q, "linear").alias(f"reward_q{int(q * 100):02d}") for q in QUANTILES]
-    return ss.rewards.group_by("iteration").agg(aggs).with_columns(scoreset=pl.lit(ss.name)).sort("iteration")
+    out = ss.rewards.group_by("iteration").agg(aggs).with_columns(scoreset=pl.lit(ss.name))
+    if (phase := ss.phase_of()) is not None:  # the question set changed: which phase each point belongs to
+        out = out.join(phase.lazy(), on="iteration", how="left")
+    return out.sort("iteration")
 
 
 def histograms(ss: Scoreset, bins: int = BINS) -> pl.LazyFrame:
@@ -112,7 +121,7 @@ def _pairwise(ss: Scoreset, over: str, names: list[str], with_agreement: bool) -
 
 def correlations(ss: Scoreset) -> pl.DataFrame:
     """Pearson correlation of p_yes between every pair of questions, per evaluator."""
-    return _pairwise(ss, "question_id", sorted(ss.question_weights), with_agreement=False)
+    return _pairwise(ss, "question_id", ss.question_ids(), with_agreement=False)
 
 
 def agreement(ss: Scoreset) -> pl.DataFrame:

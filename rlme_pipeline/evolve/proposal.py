@@ -9,7 +9,9 @@
     {run}/proposals/{name}/scores.0c4e2a19.json       the measures, eligibility and the choice, with the criteria
     {run}/proposals/{name}/chosen.a81f3d02.yaml       the chosen question set (only when one won)
     {run}/proposals/{name}/MANIFEST.json              the commit, created exclusively: the first stands
-    {run}/scoresets/evolve-{name}-{k}/                candidate k's re-score (scoreset.py), one per accepted draft
+    {run}/scoresets/evolve-{name}-{k}/                candidate k's re-score (scoreset.py), one per accepted draft;
+                                                      evolve-{name}-current when the chosen iterations were
+                                                      trained with other questions than the run's now (phases.py)
 
 Nothing else of the run is written. Steps: `prepare` (evidence, proposer, parse), `measure` per set
 (re-score through the score-set machinery, probe with the set's questions), `finish` (rank, commit).
@@ -25,7 +27,7 @@ from contextlib import nullcontext
 import polars as pl
 import yaml
 
-from rlme_pipeline import scoreset
+from rlme_pipeline import phases, scoreset
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import RUN_ID, QuestionConfig
 from rlme_pipeline.evolve import edits, evidence, propose, rank
@@ -114,21 +116,22 @@ def prepare(
     t0 = time.perf_counter()
     cfg = run.config()
     its = scoreset.parse_iterations(iterations, run.committed())
+    current = list(phases.read(run, cfg.questions).latest.questions)  # what the run trains with now
     with Backends(cfg.vllm_settings()) if backends is None else nullcontext(backends) as b:
         probe = run_probe(
             evaluators_at(run, cfg, its[-1]),
-            list(cfg.questions),
+            current,
             cfg.scoring,
             probe_prompts(run, its[-1], probe_n),
             its[-1],
             b,
         )
     ev = evidence.collect(run, its, probe)
-    drafts, prompt = propose.propose(spec, ev, list(cfg.questions), n, cfg.vllm_settings())
+    drafts, prompt = propose.propose(spec, ev, current, n, cfg.vllm_settings())
     candidates = []
     for k, d in enumerate(drafts):
         c = {"index": k, "source": d.source, "raw": d.text}
-        parsed = edits.Rejected(d.error) if d.error else edits.parse(d.text, list(cfg.questions))
+        parsed = edits.Rejected(d.error) if d.error else edits.parse(d.text, current)
         if isinstance(parsed, edits.Rejected):
             c |= {"status": "rejected", "reason": parsed.reason}
         else:
@@ -145,12 +148,21 @@ def prepare(
         "proposer": spec.record(),
         "accepted": [c["index"] for c in candidates if c["status"] == "accepted"],
         "drafts": len(candidates),
+        "current": [q.model_dump(mode="json") for q in current],
     }
     u.write_record(
         "prepare",
         StageRecord(stage="prepare", iteration=its[-1], files=files, seconds=time.perf_counter() - t0, info=info),
     )
     return info
+
+
+def current_questions(run: Run, name: str) -> list[QuestionConfig]:
+    """The questions the proposal edits: the run's at prepare time (the latest phase's; phases.py)."""
+    info = unit(run, name).read_record("prepare").info
+    if "current" not in info:  # proposals made before phases existed: the run's own
+        return list(run.config().questions)
+    return [QuestionConfig.model_validate(q) for q in info["current"]]
 
 
 def candidates(run: Run, name: str) -> list[dict]:
@@ -172,11 +184,14 @@ def measure(run: Run, name: str, k: int | str, backends: Backends) -> dict:
     info = u.read_record("prepare").info
     cfg = run.config()
     its = info["iterations"]
-    if k == CURRENT:
-        questions = list(cfg.questions)
+    ps = phases.read(run, cfg.questions)
+    current = current_questions(run, name)
+    trained_with_current = all(ps.at(i).questions_sha == phases.questions_sha(current) for i in its)
+    if k == CURRENT and trained_with_current:  # training's own scores
+        questions = current
         scores = pl.concat([run.read_table(i, SCORES_FILE) for i in its], how="vertical_relaxed")
-    else:
-        c = candidates(run, name)[k]
+    else:  # a candidate, or the current set over iterations another phase judged: re-scored
+        c = candidates(run, name)[k] if k != CURRENT else {"questions": current, "scoreset": scoreset_name(name, k)}
         questions = [QuestionConfig.model_validate(q) for q in c["questions"]]
         defn = scoreset.plan(run, c["scoreset"], questions=questions, iterations=info["spec"], resume=True)
         for i, s in scoreset.shards(defn):
@@ -220,8 +235,7 @@ def finish(run: Run, name: str, criteria: rank.Criteria | None = None) -> Propos
         }
         for c in cs
     ]
-    cfg = run.config()
-    current = {"questions": [q.model_dump(mode="json") for q in cfg.questions], "measures": base}
+    current = {"questions": [q.model_dump(mode="json") for q in current_questions(run, name)], "measures": base}
     scores = {"criteria": criteria.model_dump(), "current": current, "candidates": rows, "chosen": chosen, "why": why}
     files = list(prep.files) + [_write(u, "scores.json", _json(scores))]
     if chosen is not None:
