@@ -486,6 +486,35 @@ class CheckpointConfig(Section):
     def _every_needs_last(self) -> CheckpointConfig:
         if self.keep_every is not None and self.keep_last is None:
             raise ValueError("keep_every needs keep_last (without it every checkpoint is kept); set keep_last: 1")
+
+
+class EvolveConfig(Section):
+    """Meta-questions that evolve during training, as in MPO (docs/evolve.md#online): after every `every`-th
+    committed iteration (and, with on_probe_alarm, after one whose probe raised the alarm) the training loop
+    runs `rlme evolve` on the latest `window` committed iterations and adopts the winning set as a new phase
+    from the next iteration (a proposal that keeps the current questions adopts nothing). Part of the
+    experiment: it decides which questions judge later iterations."""
+
+    every: int = experiment(0, "evolve after every N-th committed iteration (N, 2N, ...); 0: only on the probe alarm", ge=0)  # fmt: skip
+    on_probe_alarm: bool = experiment(
+        False, "also evolve after an iteration whose judge-hacking probe raised the alarm (needs probe.every >= 1)"
+    )
+    window: int = experiment(2, "the latest committed iterations each step learns from and re-scores", ge=1)
+    proposer: str = experiment(
+        "rules", "'rules' (the shipped robustness library) or a model reference (path, hub id, tiny:policy)"
+    )
+    backend: Backend = experiment("hf", "how a proposer model runs: hf, vllm or openai (the run's vllm section)")
+    dtype: Literal["float32", "bfloat16", "float16"] = experiment("float32", "proposer model dtype")
+    device: str = experiment("cpu", "proposer device for the hf backend, e.g. cuda")
+    candidates: int = experiment(4, "drafts asked of the proposer per step", ge=1, le=32)
+    max_new_tokens: int = experiment(512, "longest proposer answer, in tokens", ge=1)
+    temperature: float = experiment(0.7, "proposer sampling temperature", gt=0)
+    probe_prompts: int = experiment(4, "prompts of the judge-hacking probe each question set is measured on", ge=1)
+
+    @model_validator(mode="after")
+    def _when(self) -> EvolveConfig:
+        if not self.every and not self.on_probe_alarm:
+            raise ValueError("evolve: set every >= 1 or on_probe_alarm: true (or remove the section)")
         return self
 
 
@@ -550,6 +579,10 @@ class Config(Section):
         CheckpointConfig(), "checkpoint retention: which committed checkpoints keep their files (default: all)"
     )
     eval: EvalConfig = operational(EvalConfig(), "held-out evaluation of the policy: observation only")
+    evolve: EvolveConfig | None = experiment_if_set(
+        None,
+        "online evolution of the meta-questions (docs/evolve.md, Online); None: the questions change only by --adopt",
+    )
     # Relative data/model paths are relative to the config file's folder, so a config works from any
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

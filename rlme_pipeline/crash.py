@@ -5,7 +5,8 @@
 
 Points: generate:mid, score:mid, update:mid, eval:mid (inside each stage, after the first batch/step),
 upload:mid (checkpoint upload, after its first file), {stage}:written (data files written, stage record
-not yet), commit:before-manifest (every stage recorded, MANIFEST.json not yet written).
+not yet), commit:before-manifest (every stage recorded, MANIFEST.json not yet written), evolve:before-phase
+(the online evolve step's proposal committed, its phase not yet recorded).
 Unset (always, outside tests) it costs one environment lookup.
 """
 

@@ -138,11 +138,22 @@ def _check_vllm(cfg: Config) -> None:
             ) from None
 
 
+def _check_evolve(cfg: Config) -> None:
+    ev = cfg.evolve
+    if ev is None:
+        return
+    if ev.on_probe_alarm and not cfg.probe.every:
+        raise ConfigError("evolve.on_probe_alarm: the probe is off (probe.every: 0); set probe.every >= 1")
+    if ev.proposer != "rules":
+        _tokenizer_for(cfg, ev.proposer, "evolve.proposer")
+
+
 def preflight(cfg: Config, store: Store) -> None:
     check_installed(cfg.tracking)
     _check_devices(cfg)
     _check_lora(cfg)
     _check_distributed(cfg)
+    _check_evolve(cfg)
     _check_vllm(cfg)  # after the config checks: it asks the network
     store.check_writable()
     prompts = load_prompts(cfg)

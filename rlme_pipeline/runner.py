@@ -28,6 +28,7 @@ from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.crash import crash_point
 from rlme_pipeline.data import heldout_prompts, load_prompts, prompts_for_iteration
+from rlme_pipeline.evolve import online
 from rlme_pipeline.judging import Evaluator, evaluators_at, probe_metrics, run_probe, sample_prompts
 from rlme_pipeline.lease import Lease
 from rlme_pipeline.lineage import ModelRef, initial_policy, policy_at
@@ -55,7 +56,8 @@ from rlme_pipeline.storage import FileEntry
 from rlme_pipeline.tracking import Trackers
 
 COMMIT = "commit"
-STEPS = (*STAGES, EVAL, COMMIT)
+EVOLVE = online.STEP  # after a commit, when the config's `evolve:` says so (evolve/online.py)
+STEPS = (*STAGES, EVAL, COMMIT, EVOLVE)
 
 # A step takes the iteration and returns its small, JSON-able record (StageRecord, or Manifest for commit).
 Step = Callable[[int], BaseModel]
@@ -123,6 +125,8 @@ def train(
         todo = [i for i in range(cfg.run.iterations) if i not in committed]
         clock = Clock(len(todo), cfg.run.iterations)
         with Trackers(cfg, run.url, runner.samples, logger) as trackers:
+            if committed and runner.evolve_due(last := max(committed)):  # a step killed before it finished
+                steps[EVOLVE](last)
             for i in todo:
                 logger.info(clock.line(i))
                 for stage in steps_of(cfg, i):
@@ -134,6 +138,9 @@ def train(
                 clock.done()
                 if on_commit:
                     on_commit(m)
+                if runner.evolve_due(i):
+                    lease.check()
+                    steps[EVOLVE](i)
         return made
 
 
@@ -147,6 +154,8 @@ class Runner:
     def step(self, name: str) -> Step:
         if name == COMMIT:
             return self.commit
+        if name == EVOLVE:
+            return self.evolve
         return lambda iteration: self.run_stage(iteration, name)[0]
 
     def run_stage(self, iteration: int, stage: str) -> tuple[StageRecord, bool]:
@@ -186,6 +195,16 @@ class Runner:
             m = self.run.commit(iteration, self.cfg, records)
         retention.prune(self.run, self.cfg.checkpoint)  # after the commit: the new checkpoint is the resume point
         return m
+
+    def evolve_due(self, iteration: int) -> bool:
+        return self.cfg.evolve is not None and online.due(self.cfg, self.run.manifest(iteration)) is not None
+
+    def evolve(self, iteration: int) -> StageRecord:
+        """Propose, rank and maybe adopt a question set as the phase from the next iteration (online.py)."""
+        why = online.due(self.cfg, self.run.manifest(iteration))
+        rec = online.step(self.run, self.cfg, iteration, why, self.backends)
+        self.phases = phases.read(self.run, self.cfg.questions)
+        return rec
 
     def samples(self, iteration: int, n: int) -> list[dict]:
         """A few committed completions for the trackers: n rollouts, different prompts first, chosen by
@@ -242,7 +261,9 @@ class Runner:
 
     def _aggregate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         rewards, metrics = aggregate(
-            self.phases.config_at(self.cfg, i), self.run.read_table(i, SCORES_FILE), self.run.read_table(i, ROLLOUTS_FILE)
+            self.phases.config_at(self.cfg, i),
+            self.run.read_table(i, SCORES_FILE),
+            self.run.read_table(i, ROLLOUTS_FILE),
         )
         return [self.run.write_table(i, REWARDS_FILE, rewards, "rewards")], metrics, {}
 
@@ -281,8 +302,8 @@ class Runner:
 
     def _eval(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         """The policy this iteration's update made, on the held-out prompts (stages/eval.py); judged by
-        the evaluators as they judge the next iteration."""
-        cfg, backend = self.cfg, self.cfg.generation.backend
+        the evaluators as they judge the next iteration, with this iteration's questions (its phase)."""
+        cfg, backend = self.phases.config_at(self.cfg, i), self.cfg.generation.backend
         prompts = heldout_prompts(cfg)
         ref = policy_at(self.run, cfg, i + 1)
         with self.backends.generator(ref, backend) as (gen, tok):
