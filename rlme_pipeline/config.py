@@ -486,10 +486,11 @@ class CheckpointConfig(Section):
     def _every_needs_last(self) -> CheckpointConfig:
         if self.keep_every is not None and self.keep_last is None:
             raise ValueError("keep_every needs keep_last (without it every checkpoint is kept); set keep_last: 1")
+        return self
 
 
 class EvolveConfig(Section):
-    """Meta-questions that evolve during training, as in MPO (docs/evolve.md#online): after every `every`-th
+    """Meta-questions that evolve during training, as in MPO (docs/evolve.md, "Online"): after every `every`-th
     committed iteration (and, with on_probe_alarm, after one whose probe raised the alarm) the training loop
     runs `rlme evolve` on the latest `window` committed iterations and adopts the winning set as a new phase
     from the next iteration (a proposal that keeps the current questions adopts nothing). Part of the

@@ -146,6 +146,13 @@ def _check_evolve(cfg: Config) -> None:
         raise ConfigError("evolve.on_probe_alarm: the probe is off (probe.every: 0); set probe.every >= 1")
     if ev.proposer != "rules":
         _tokenizer_for(cfg, ev.proposer, "evolve.proposer")
+    keep = cfg.checkpoint.keep_last
+    if keep is not None and keep <= ev.window and any(e.model == LIVE_SELF for e in cfg.evaluators):
+        # a live-self judge re-scores iteration i with checkpoint i - 1: the window needs window + 1 of them
+        raise ConfigError(
+            f"evolve.window {ev.window} re-scores with the live-self evaluator, which needs the last {ev.window + 1} "
+            f"checkpoints; checkpoint.keep_last is {keep}: raise it to {ev.window + 1} or lower evolve.window"
+        )
 
 
 def preflight(cfg: Config, store: Store) -> None:

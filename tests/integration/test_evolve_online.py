@@ -123,6 +123,10 @@ def test_evolve_section_errors_and_hash(micro_config, tmp_path):
         preflight(
             validate_config({**d, "evolve": {"every": 1, "proposer": "./no-such-model"}}), Run.for_config(base).root
         )
+    live = {**d, "evaluators": [{"name": "live", "model": "policy"}], "checkpoint": {"keep_last": 2}}
+    with pytest.raises(ConfigError, match=r"evolve\.window 2 .* checkpoint\.keep_last is 2: raise it to 3"):
+        preflight(validate_config({**live, "evolve": {"every": 1}}), Run.for_config(base).root)
+    preflight(validate_config({**live, "evolve": {"every": 1, "window": 1}}), Run.for_config(base).root)
     # switching it on in a running run is a changed experiment, refused naming the section
     run = Run.for_config(base)
     run.open(base)

@@ -145,6 +145,8 @@ def legacy_hash(cfg) -> str:
     d.pop("distributed")  # added after the legacy hash; operational
     d.pop("checkpoint")  # added after the legacy hash; operational (retention)
     d.pop("eval")  # added after the legacy hash; operational
+    if d.get("evolve") is None:  # added after the legacy hash; hashed only when set
+        d.pop("evolve", None)
     return sha256_json(d)
 
 
