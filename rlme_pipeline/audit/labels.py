@@ -20,10 +20,13 @@ def correctness(ss: Scoreset) -> pl.LazyFrame:
 
 
 def judged(ss: Scoreset) -> pl.LazyFrame:
+    """OK judgements of labelled rollouts, in a fixed order: a join's row order varies from run to run, and
+    a mean summed in another order differs in its last bits (evidence.json must not)."""
     return (
         ss.scores.filter(pl.col("status") == OK)
         .select("rollout_id", "evaluator", "question_id", "p_yes")
         .join(correctness(ss), on="rollout_id", how="inner")
+        .sort("evaluator", "question_id", "rollout_id")
     )
 
 

@@ -18,21 +18,32 @@ from typer.testing import CliRunner
 from rlme_flows.cli import app
 from rlme_pipeline import phases, scoreset
 from rlme_pipeline.audit.report import audit, compute
-from rlme_pipeline.config import load_config
+from rlme_pipeline.config import validate_config
 from rlme_pipeline.evolve import adopt, proposal
 from rlme_pipeline.evolve.propose import ProposerSpec
 from rlme_pipeline.run import Run, RunMismatch
 from rlme_pipeline.runner import train
 from rlme_pipeline.storage import Store
 from rlme_pipeline.verify import verify
-from tests.conftest import DEMO
+from tests.conftest import DEMO, demo_dict
+
+
+def settings(storage: str, iterations: int) -> dict:
+    """The demo with test_evolve.py's pinned training settings (tuning the demo must not move these runs)."""
+    d = demo_dict()
+    d["run"].update(storage=storage, iterations=iterations)
+    d["generation"]["group_size"] = 4
+    d["optimizer"] = {"lr": 1.0e-4, "micro_batch_size": 8, "grad_accumulation": 4}
+    d["probe"]["every"] = 1
+    d.pop("eval", None)
+    return d
 
 
 @pytest.fixture(scope="module")
 def proposed(tmp_path_factory, tiny_models) -> Run:
     """Two committed iterations of the demo and a committed rules proposal `r` that chose a set."""
     root = tmp_path_factory.mktemp("phases")
-    cfg = load_config(DEMO).with_overrides(storage=str(root / "runs"), iterations=2)
+    cfg = validate_config(settings(str(root / "runs"), 2))
     run = Run(Store(cfg.run.storage), cfg.run.id)
     train(cfg, run)
     m = proposal.evolve(run, "r", ProposerSpec(model="rules"), n=3)
@@ -47,7 +58,7 @@ def run(proposed, tmp_path) -> Run:
 
 
 def demo(run: Run, iterations: int, **changes):
-    cfg = load_config(DEMO).with_overrides(storage=run.root.url, iterations=iterations)
+    cfg = validate_config(settings(run.root.url, iterations))
     return cfg.model_copy(update=changes) if changes else cfg
 
 
