@@ -29,6 +29,7 @@ def _cfg(tmp_path, vllm_python, lora: bool):
     d["data"].update(prompts_per_iteration=2)
     d["evaluators"] = [{"name": "live", "model": "policy"}, {"name": "frozen", "model": "policy@initial"}]
     d["questions"] = d["questions"][:1]
+    d.pop("eval", None)  # no held-out eval: the syncs and requests counted here are the stages'
     d["generation"].update(backend="openai", group_size=2, max_new_tokens=8, batch_size=2)
     d["scoring"].update(backend="openai")
     if lora:
