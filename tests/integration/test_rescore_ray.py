@@ -10,13 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks._common import local_ray_head
 from rlme_pipeline import scoreset
 from rlme_pipeline.run import Run
 from tests.conftest import ROOT
@@ -41,56 +41,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the head's process group (ray start --block stops what it started), then SIGKILL what is
-    left of that group: a GCS server may outlive its parent."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        pass
-    time.sleep(5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 @pytest.fixture(scope="module")
 def ray_head(tiny_models):
-    """`ray start --head --block` in its own session: GCS on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
-    above), 2 CPUs, no dashboard. Its workers import this checkout
-    and find the session's tiny models. Stopped by signalling its own process group."""
+    """A local head of 2 CPUs on 127.0.0.1 for the module (benchmarks._common.local_ray_head); its workers
+    find the session's tiny models (RLME_CACHE is inherited)."""
     require("ray", "prefect_ray")
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="rlme-ray-")  # short: Ray's socket paths live under it
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    cmd = [
-        *(sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"),
-        *("--port", str(port), "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"),
-        *("--ray-client-server-port", str(free_port()), "--temp-dir", temp),
-    ]
-    log = open(Path(temp) / "head.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (Path(temp) / "head.log").read_text()[-3000:]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the Ray head did not listen within 180 s"
-                time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop_group(proc)
-        log.close()
+    with local_ray_head(2) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
