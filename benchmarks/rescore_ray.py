@@ -6,7 +6,8 @@ The run: the demo trained one iteration on the tiny models, then its rollouts re
 API into one committed iteration of N rollouts (benchmarks.rescore_memory.build: new prompt ids, the
 same texts; generating 10,000 rollouts would take far longer than scoring them). Each case is the real
 `rlme_rescore` flow with `ray=ADDRESS` (one question, the run's two evaluators), on a fresh local head of 1
-or 2 CPUs (each shard asks for 1 CPU, so 1 or 2 worker processes), cases alternating 1, 2, 1, 2, ... The
+or 2 CPUs (each shard asks for 1 CPU, so 1 or 2 worker processes, at nice 0 like everything else on the
+machine rather than Ray's default 15), cases alternating 1, 2, 1, 2, ... The
 seconds are the whole flow: plan, the shards on Ray (workers' start-up and model loads included), and the
 final merge. Every case must commit the same score set (same file hashes), or the script fails.
 """
@@ -36,7 +37,9 @@ def case(run_dir: Path, copy: Path, questions: str, shard_rows: int, workers: in
     from rlme_pipeline.run import Run
 
     shutil.copytree(run_dir, copy)
-    with local_ray_head(workers) as address:
+    # Ray starts its workers at nice 15, below everything else on the machine: on a shared box the other
+    # jobs would then take the cores and the comparison would measure them. Same priority as the driver.
+    with local_ray_head(workers, env={"RAY_worker_niceness": "0"}) as address:
         t0 = time.perf_counter()
         out = rlme_rescore(run_uri=str(copy), name="bench", questions=questions, shard_rows=shard_rows, ray=address)
         seconds = time.perf_counter() - t0
