@@ -49,6 +49,7 @@ bench: $(STAMP)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.orchestration $(ARGS)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.vs_trl $(ARGS)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.rescore_memory $(ARGS)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.rescore_ray $(ARGS)
 	PYTHONPATH=. $(BIN)/python -m benchmarks.sampler $(ARGS)
 
 # rlme vs TRL on one GPU at real shapes (bf16, full fine-tune; benchmarks/gpu.py, ~5 minutes on an H100).

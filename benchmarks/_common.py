@@ -13,6 +13,8 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +103,64 @@ def machine() -> str:
     import torch
 
     return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+
+
+@contextmanager
+def local_ray_head(num_cpus: int, env: dict | None = None, timeout: float = 180) -> Iterator[str]:
+    """A Ray head of `num_cpus` CPUs on 127.0.0.1 (`ray start --head --block` in a session of its own; no
+    dashboard), yielding its GCS address "127.0.0.1:PORT". Its workers import this checkout. Stopped by
+    signalling that session's process group only: SIGTERM (ray start stops what it started), then SIGKILL
+    for what outlived it (a GCS server may). The caller's process must have RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    set before it imports ray, so that the driver too takes 127.0.0.1 for the node's address."""
+    import signal
+    import socket
+    import tempfile
+    import time
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="rlme-ray-")  # short: Ray's socket paths live under it
+    e = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray on the loopback: one machine, no cluster across hosts
+        "RAY_USAGE_STATS_ENABLED": "0",
+        **(env or {}),
+    }
+    cmd = [
+        *(sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats"),
+        *("--port", str(port), "--num-cpus", str(num_cpus), "--include-dashboard", "false"),
+        *("--ray-client-server-port", str(free_port()), "--temp-dir", temp),
+    ]
+    log_path = Path(temp) / "head.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the Ray head did not listen within {timeout} s") from None
+                time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(5)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

@@ -244,6 +244,11 @@ def rescore(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted re-score of the same definition"),
     shard_rows: int = typer.Option(256, min=1, help="rollouts per shard: the unit of parallelism, memory and resume"),
     storage_option: list[str] = STORAGE_OPTION,
+    ray: Optional[str] = typer.Option(
+        None, help="run the shards on a Ray cluster: ray://HOST:10001, HOST:6379, auto or local (docs/scale.md)"
+    ),
+    ray_num_cpus: float = typer.Option(1.0, min=0, help="CPUs each shard's Ray task asks for"),
+    ray_num_gpus: float = typer.Option(0.0, min=0, help="GPUs each shard's Ray task asks for"),
 ):
     """Re-score stored rollouts with new meta-questions and/or evaluators (Prefect flow rlme_rescore)."""
     from rlme_pipeline import scoreset
@@ -259,10 +264,14 @@ def rescore(
         evs = scoreset.load_evaluators(evaluators, opts) if evaluators else run.config().evaluators
         scoreset.check_new(run, name, resume)
         scoreset.check_checkpoints(run, evs, scoreset.parse_iterations(iterations, run.committed()))
+        if ray:
+            from rlme_flows.ray_shards import check_address
+
+            check_address(ray)
     except (ValueError, StorageError) as e:  # ConfigError and ScoresetExists are ValueErrors
         _fail(e)
     try:
-        with local_prefect():
+        with local_prefect(shared=bool(ray)):  # Ray workers report their shards to the same server
             from rlme_flows.rescore import rlme_rescore
 
             result = rlme_rescore(
@@ -274,12 +283,16 @@ def rescore(
                 resume=resume,
                 shard_rows=shard_rows,
                 storage_options=opts,
+                ray=ray,
+                ray_num_cpus=ray_num_cpus,
+                ray_num_gpus=ray_num_gpus,
             )
-    except ValueError as e:  # a definition that differs on --resume, a score set created meanwhile
+    except ValueError as e:  # a definition that differs on --resume, a score set created meanwhile, --ray
         _fail(e)
     console.print(
         f"[bold green]score set:[/] {run_uri}/scoresets/{name}  "
-        f"({result['shards_scored_now']} of {result['shards']} shards scored now)"
+        f"({result['shards_scored_now']} of {result['shards']} shards scored now"
+        + (f", on {len(result['workers'])} Ray workers)" if ray else ")")
     )
     for f in result["files"]:
         console.print(f"  {f}")

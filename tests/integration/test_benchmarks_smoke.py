@@ -42,6 +42,15 @@ def test_benchmark_smoke(module):
 
 
 @pytest.mark.slow
+def test_rescore_ray_smoke():
+    """benchmarks/rescore_ray.py at 200 rollouts: two local Ray heads (1 and 2 CPUs) on 127.0.0.1, started
+    and stopped by the script; it fails unless both commit the same score set."""
+    require("ray", "prefect_ray")
+    out = _run("benchmarks.rescore_ray")
+    assert "score sets identical across all cases: yes" in out and "throughput 2 workers / 1 worker" in out
+
+
+@pytest.mark.slow
 def test_vs_trl_smoke():
     require("trl", "accelerate")  # in the dev extra: the TRL comparison runs in CI so it cannot rot
     out = _run("benchmarks.vs_trl", timeout=1500)
