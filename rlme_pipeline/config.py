@@ -402,7 +402,7 @@ class VllmConfig(Section):
     startup_timeout_s: float = operational(600.0, "how long a managed server may take to come up", gt=0)
     max_restarts: int = operational(1, "restarts of a managed server that dies during a stage", ge=0)
     keep_alive: bool = operational(False, "keep a managed server/LLM for the next stage while its model is unchanged")
-    # Past one server (docs/replicas.md): requests spread over replicas; each carries its sample's seed, so
+    # Past one server (docs/scale.md): requests spread over replicas; each carries its sample's seed, so
     # the answer does not depend on which replica gives it.
     urls: list[str] = operational(
         default_factory=list, description="external replicas serving the same model (instead of vllm.url)"
@@ -441,7 +441,7 @@ class AlertsConfig(Section):
 
 
 class DistributedConfig(Section):
-    """The update across several processes with PyTorch FSDP2 (rlme_pipeline/distributed_update.py, docs/fsdp.md).
+    """The update across several processes with PyTorch FSDP2 (rlme_pipeline/distributed_update.py, docs/scale.md).
     Not hashed: a sharded step computes the same gradient as one process; only the order of floating-point
     additions differs (the weights agree within 1e-5), so a run may change it between iterations, and a
     byte-exact resume needs the same number of processes as the uninterrupted run."""

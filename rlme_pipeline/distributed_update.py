@@ -1,4 +1,4 @@
-"""The update stage across several processes with PyTorch FSDP2 (`distributed.processes` > 1, docs/fsdp.md).
+"""The update stage across several processes with PyTorch FSDP2 (`distributed.processes` > 1, docs/scale.md).
 
     launch(cfg, run, i, ref)        in the training process: torchrun --nproc-per-node P -m this module ...
     main()                          in each rank: load, shard, train its share of the step, rank 0 saves
