@@ -58,10 +58,12 @@ def spec(tiny_models) -> dict:
     }
 
 
-def run_inproc_vllm(vllm_python: str, model: str, spec: dict) -> dict:
+def run_inproc_vllm(vllm_python: str, model: str, spec: dict, script: str = "vllm_inproc.py", *args: str) -> dict:
+    """Run one of this folder's in-process vLLM scripts in the vLLM venv (spec on stdin) and return the JSON
+    it prints on its last `RESULT ` line; its stderr tail on failure."""
     env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(ROOT), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     p = subprocess.run(
-        [vllm_python, str(HERE / "vllm_inproc.py"), model],
+        [vllm_python, str(HERE / script), model, *args],
         input=json.dumps(spec),
         text=True,
         capture_output=True,
@@ -73,3 +75,19 @@ def run_inproc_vllm(vllm_python: str, model: str, spec: dict) -> dict:
         sys.stderr.write(p.stderr[-6000:])
         raise AssertionError(f"in-process vllm run failed (exit {p.returncode}); stderr tail above")
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def direct_judgements_of(model, spec: dict) -> list[list[tuple[float, float]]]:
+    """(log P(yes), log P(no)) from one full forward pass per prefix + question: the reference every
+    backend's prefix-shared, packed judging must reproduce (the over-long last prefix excluded)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for prefix in spec["prefixes"][:-1]:
+            row = []
+            for q in spec["questions"]:
+                lp = torch.log_softmax(model(torch.tensor([prefix + q])).logits[0, -1].float(), -1)
+                row.append((torch.logsumexp(lp[spec["yes"]], 0).item(), torch.logsumexp(lp[spec["no"]], 0).item()))
+            out.append(row)
+    return out

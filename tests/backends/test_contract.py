@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from tests.backends.conftest import SERVER_ARGS, run_inproc_vllm  # noqa: F401
+from tests.backends.conftest import SERVER_ARGS, direct_judgements_of, run_inproc_vllm  # noqa: F401
 from tests.backends.scenarios import MAX_NEW, TEMPERATURE, run_scenarios
 
 TOL = 1e-4  # |delta log p| allowed between backends; measured max ~1e-6 on the tiny float32 model
@@ -110,18 +110,8 @@ def test_sample_logprobs_match_the_trainer(result, spec, hf_model):
 
 @pytest.fixture(scope="module")
 def direct_judgements(hf_model, spec) -> list[list[tuple[float, float]]]:
-    """(log P(yes), log P(no)) from one full forward pass per prefix + question: the reference every
-    backend's prefix-shared, packed judging must reproduce (the over-long last prefix excluded)."""
     model, _ = hf_model
-    out = []
-    with torch.no_grad():
-        for prefix in spec["prefixes"][:-1]:
-            row = []
-            for q in spec["questions"]:
-                lp = torch.log_softmax(model(torch.tensor([prefix + q])).logits[0, -1].float(), -1)
-                row.append((torch.logsumexp(lp[spec["yes"]], 0).item(), torch.logsumexp(lp[spec["no"]], 0).item()))
-            out.append(row)
-    return out
+    return direct_judgements_of(model, spec)
 
 
 def test_judgements_match_a_direct_forward_pass(result, direct_judgements):

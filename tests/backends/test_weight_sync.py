@@ -15,10 +15,10 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from tests.backends.conftest import SERVER_ARGS, VLLM_ENV
+from tests.backends.conftest import SERVER_ARGS, VLLM_ENV, direct_judgements_of, run_inproc_vllm
 from tests.backends.test_contract import TOL
 from tests.backends.test_vllm_run import _kill_server_at, opened  # noqa: F401 - a fixture
-from tests.conftest import ROOT, demo_dict
+from tests.conftest import demo_dict
 
 
 def _cfg(tmp_path, vllm_python, lora: bool):
@@ -99,69 +99,37 @@ def test_weights_reach_a_running_server(tmp_path, vllm_python, tiny_models, monk
     assert (live - frozen).abs().max() > 1e-3
 
 
-def _direct(model, spec) -> list[list[tuple[float, float]]]:
-    """(log P(yes), log P(no)) from a plain forward pass per prefix + question (the fitting prefixes)."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for prefix in spec["prefixes"][:-1]:
-            row = []
-            for q in spec["questions"]:
-                lp = torch.log_softmax(model(torch.tensor([prefix + q])).logits[0, -1].float(), -1)
-                row.append((torch.logsumexp(lp[spec["yes"]], 0).item(), torch.logsumexp(lp[spec["no"]], 0).item()))
-            out.append(row)
-    return out
-
-
 def test_in_process_llm_takes_adapters_and_new_weights(tmp_path, vllm_python, tiny_models, spec):
     """vllm backend (vllm.LLM): one engine on the base; a LoRA adapter, then other full weights in place,
     then the base again: each judged like a plain hf forward pass of those weights."""
     pytest.importorskip("peft")
-    import json
-    import os
-    import subprocess
-    import sys
 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tests.backends.conftest import HERE
-
     base = str(tiny_models["policy"])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    want = {"base": _direct(model, spec)}
+    want = {"base": direct_judgements_of(model, spec)}
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)  # B = 0 would make the adapter a no-op
     peft_model.save_pretrained(tmp_path / "adapter")
-    want["adapter"] = _direct(peft_model.eval(), spec)
+    want["adapter"] = direct_judgements_of(peft_model.eval(), spec)
     other = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     with torch.no_grad():
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     other.save_pretrained(tmp_path / "other")
-    want["other"] = _direct(other, spec)
+    want["other"] = direct_judgements_of(other, spec)
     want["base_again"] = want["base"]
 
-    env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(ROOT), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    p = subprocess.run(
-        [vllm_python, str(HERE / "vllm_sync_inproc.py"), base, str(tmp_path / "adapter"), str(tmp_path / "other")],
-        input=json.dumps(spec),
-        text=True,
-        capture_output=True,
-        env=env,
-        timeout=600,
+    got = run_inproc_vllm(
+        vllm_python, base, spec, "vllm_sync_inproc.py", str(tmp_path / "adapter"), str(tmp_path / "other")
     )
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
-        sys.stderr.write(p.stderr[-6000:])
-        raise AssertionError(f"in-process vllm run failed (exit {p.returncode}); stderr tail above")
-    got = json.loads(lines[-1].removeprefix("RESULT "))
     print("in-process sync seconds:", {k: round(v, 3) for k, v in got["seconds"].items()})
     for name, ref in want.items():
         rows = got[name][:-1]  # the last prefix overflows the context
