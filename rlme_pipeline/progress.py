@@ -1,7 +1,8 @@
-"""Progress: rich bars for the stages (quiet when not attached to a terminal), each labelled with what it
-counts ("generate iter 3", "score iter 3: judge other", "probe iter 3: judge other", "rescore v2 shard 2
-iter 3: judge other"), and the runner's line per iteration: "iteration 3 (4/10), 1m05s elapsed, about
-2m10s left"."""
+"""Progress: rich bars for the stages (live on a terminal; piped, each prints its final line once), each
+labelled with what it counts ("generate iter 3: samples", "score iter 3: judge other", "probe iter 3: judge
+other", "update iter 3: optimizer steps", "eval iter 3: samples", "rescore v2 shard 2 iter 3: judge
+other") and ending at its total, and the runner's line per iteration: "iteration 3 (4/10), 1m05s elapsed,
+about 2m10s left"."""
 
 from __future__ import annotations
 

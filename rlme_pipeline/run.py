@@ -47,6 +47,12 @@ ROLLOUTS_FILE, SCORES_FILE, REWARDS_FILE = "rollouts.parquet", "scores.parquet",
 EVAL_FILE = "eval.parquet"
 
 
+def steps_of(cfg: Config, iteration: int) -> tuple[str, ...]:
+    """The recorded steps of an iteration: the stages, and eval after update where it is due."""
+    due = cfg.eval.every and iteration % cfg.eval.every == 0
+    return (*STAGES, EVAL) if due else STAGES
+
+
 class RunMismatch(ValueError):
     pass
 

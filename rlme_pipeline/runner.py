@@ -45,6 +45,7 @@ from rlme_pipeline.run import (
     Manifest,
     Run,
     StageRecord,
+    steps_of,
 )
 from rlme_pipeline.seeds import derive
 from rlme_pipeline.stages import eval as heldout
@@ -68,12 +69,6 @@ log = logging.getLogger(__name__)
 
 def no_wrap(name: str, step: Step) -> Step:
     return step
-
-
-def steps_of(cfg: Config, iteration: int) -> tuple[str, ...]:
-    """The recorded steps of an iteration: the stages, and eval after update where it is due."""
-    due = cfg.eval.every and iteration % cfg.eval.every == 0
-    return (*STAGES, EVAL) if due else STAGES
 
 
 def check_resume_point(run: Run) -> list[int]:

@@ -31,7 +31,7 @@ class Sampling:
     top_p: float
     batch_size: int
     seed: tuple
-    stage: str = "generate"  # names the progress bar ("generate iter 3") and the crash point ("generate:mid")
+    stage: str = "generate"  # names the progress bar ("generate iter 3: samples") and the crash point ("generate:mid")
 
 
 def training(cfg: Config, iteration: int) -> Sampling:
@@ -76,7 +76,7 @@ def _generate(
     requests.sort(key=lambda r: len(r[2]))
 
     rows = []
-    with bar(f"{g.stage} iter {iteration}", len(requests)) as advance:
+    with bar(f"{g.stage} iter {iteration}: samples", len(requests)) as advance:
         for b in range(0, len(requests), g.batch_size):
             chunk = requests[b : b + g.batch_size]
             samples = gen.sample(

@@ -100,7 +100,7 @@ def update(
     model.train()
     if o.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with bar(f"update iter {iteration}", n_steps) as advance:
+    with bar(f"update iter {iteration}: optimizer steps", n_steps) as advance:
         for epoch in range(o.epochs):
             perm = np.random.default_rng(derive(cfg.run.seed, iteration, "update", epoch)).permutation(len(items))
             for s in range(0, len(items), step_size):

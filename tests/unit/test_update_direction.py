@@ -2,7 +2,8 @@
 the positive-advantage completion rises, the negative one's falls. A flipped sign anywhere between the
 rewards table and the optimizer (advantage, loss, weights) fails here in seconds, not only in the slow
 learning test. Real pieces throughout: the tiny policy, the pure update stage on real rollouts and rewards
-tables, AdamW."""
+tables, AdamW. And the stage's progress bar counts its optimizer steps to the end (issue 15: "an update
+bar at 0/1")."""
 
 from __future__ import annotations
 
@@ -110,3 +111,28 @@ def test_one_step_raises_the_positive_and_lowers_the_negative_completion(tmp_pat
     before, after = _logps(before_model, tok, prompt, completions), _logps(lm.model, tok, prompt, completions)
     assert after["good"] > before["good"], (before, after)
     assert after["bad"] < before["bad"], (before, after)
+
+
+def test_the_update_bar_counts_optimizer_steps_to_its_total(tmp_path, tiny_models, capsys):
+    """2 rollouts x 3 epochs, one per step: 6 optimizer steps, and the bar (piped: its final line) says 6/6."""
+    path = str(tiny_models["policy"])
+    cfg = validate_config(
+        {
+            "data": {"path": "x.jsonl"},
+            "policy": {"model": path},
+            "evaluators": [{"name": "e", "model": "tiny:evaluator"}],
+            "questions": [{"id": "k", "text": "Good?"}],
+            "run": {"storage": str(tmp_path / "runs"), "id": "dir"},
+            "generation": {"temperature": 1.0, "max_new_tokens": 8},
+            "optimizer": {"micro_batch_size": 1, "grad_accumulation": 1, "epochs": 3},
+        }
+    )
+    tok = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    prompt = tok("Question: What is 2+3?\nAnswer:")["input_ids"]
+    completions = {n: tok(t, add_special_tokens=False)["input_ids"][:8] for n, t in COMPLETIONS.items()}
+    rollouts, rewards = _iteration_zero(tok, model, prompt, completions, {"good": 1.0, "bad": -1.0})
+    capsys.readouterr()
+    _, _, metrics = update(cfg, 4, rollouts, rewards, Loaded(model, tok, "v0", path), None, None)
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("update iter 4: optimizer steps")]
+    assert metrics["optimizer_steps"] == 6 and " 6/6 " in line, line
