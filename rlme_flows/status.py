@@ -157,7 +157,10 @@ def fitted_table(console: Console, rows: list[dict], phased: bool = False) -> tu
 def render(status: dict, console: Console) -> None:
     rows, target = status["committed"], status["iterations_target"]
     console.print(Text.assemble(("run ", "bold"), status["run"]), soft_wrap=True)
-    console.print(f"{len(rows)} of {target} iterations committed", highlight=False)
+    # The target is the one the run was created with (run.json); a later `--iterations` raises it, so past it
+    # there is nothing to count against.
+    done = f"{len(rows)} of {target}" if len(rows) <= target else f"{len(rows)}"
+    console.print(f"{done} iterations committed", highlight=False)
     phased = len(status["phases"]) > 1
     for p in status["phases"][1:]:
         console.print(

@@ -4,6 +4,7 @@ with a held-out eval still to do, a missing run, `--version` and `--debug`."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -98,6 +99,16 @@ def test_status_reads_at_80_columns_shows_the_uncommitted_iteration_and_prints_j
     assert busy["iteration"] == 1 and busy["stages_done"] == ["generate", "score"]
     assert busy["stages_todo"] == ["aggregate", "update"]
     assert busy["seconds"]["score"] == pytest.approx(run.read_record(1, "score").seconds, abs=1e-3)
+
+    # a run trained past the target it was created with (`--iterations` later): no "2 of 1"
+    from rich.console import Console
+
+    from rlme_flows.status import collect, render
+
+    past = {**collect(run), "iterations_target": 0}
+    out = Console(file=io.StringIO(), width=80)
+    render(past, out)
+    assert "\n1 iterations committed" in out.file.getvalue() and " of 0 " not in out.file.getvalue()
     assert [(p["phase"], p["from_iteration"]) for p in d["phases"]] == [(0, 0)] and busy["phase"] == 0
 
 
