@@ -77,21 +77,22 @@ def failures(ss: Scoreset) -> pl.LazyFrame:
     )
 
 
-def _wide(ss: Scoreset, over: str) -> pl.DataFrame:
+def _wide(scores: pl.LazyFrame, over: str) -> pl.DataFrame:
     """p_yes with one column per `over` value (questions or evaluators), one row per rollout x the other."""
     other = "evaluator" if over == "question_id" else "question_id"
     return (
-        ss.scores.filter(pl.col("status") == OK)
+        scores.filter(pl.col("status") == OK)
         .select("rollout_id", other, over, "p_yes")
         .collect()
         .pivot(on=over, index=["rollout_id", other], values="p_yes")
     )
 
 
-def _pairwise(ss: Scoreset, over: str, names: list[str], with_agreement: bool) -> pl.DataFrame:
-    """For every pair of `over` values (questions or evaluators), within each value of the other key:
-    Pearson correlation of p_yes and, optionally, the share of rollouts on the same side of 0.5."""
-    wide = _wide(ss, over)
+def pairwise(scores: pl.LazyFrame, over: str, names: list[str], with_agreement: bool) -> pl.DataFrame:
+    """For every pair of `over` values (questions or evaluators) in `names` order, within each value of the
+    other key: Pearson correlation of p_yes and, optionally, the share of rollouts on the same side of 0.5.
+    Takes a scores table, not a Scoreset, so that evolve's paraphrase stability (evolve/rank.py) uses it too."""
+    wide = _wide(scores, over)
     group = "evaluator" if over == "question_id" else "question_id"
     a_col, b_col = ("question_a", "question_b") if over == "question_id" else ("evaluator_a", "evaluator_b")
     rows = []
@@ -121,10 +122,10 @@ def _pairwise(ss: Scoreset, over: str, names: list[str], with_agreement: bool) -
 
 def correlations(ss: Scoreset) -> pl.DataFrame:
     """Pearson correlation of p_yes between every pair of questions, per evaluator."""
-    return _pairwise(ss, "question_id", ss.question_ids(), with_agreement=False)
+    return pairwise(ss.scores, "question_id", ss.question_ids(), with_agreement=False)
 
 
 def agreement(ss: Scoreset) -> pl.DataFrame:
     """Between every pair of evaluators, per question: correlation of p_yes and the share of rollouts
     on which both land on the same side of 0.5."""
-    return _pairwise(ss, "evaluator", sorted(ss.evaluator_weights), with_agreement=True)
+    return pairwise(ss.scores, "evaluator", sorted(ss.evaluator_weights), with_agreement=True)

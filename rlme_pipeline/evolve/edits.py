@@ -9,6 +9,9 @@ The proposer (a model or the rules) answers with YAML (a fenced ```yaml block or
       - {op: reweight, id: logical, weight: 0.25, rationale: "..."}
       - {op: drop, id: length, rationale: "..."}
 
+An `add` or `reword` may carry `paraphrase:`, the same question in other words; it is not part of the set,
+only scored beside it at weight 0 to measure stability under paraphrase (paraphrase.py, rank.py).
+
 Edits apply in order to the run's current questions; the result is validated with the config's own
 `QuestionConfig`. Anything else (noise, prose, a missing rationale, an edit of an unknown question, a set
 with no positive weight) is a `Rejected` with the reason: recorded in the proposal, never raised.
@@ -27,8 +30,14 @@ from pydantic import ValidationError
 
 from rlme_pipeline.config import QuestionConfig, describe_errors
 
-OPS = {"add": {"id", "text", "weight"}, "reword": {"id", "text"}, "reweight": {"id", "weight"}, "drop": {"id"}}
-OPTIONAL = {"add": {"weight"}}  # an added question's weight defaults to 1.0
+OPS = {
+    "add": {"id", "text", "weight", "paraphrase"},
+    "reword": {"id", "text", "paraphrase"},
+    "reweight": {"id", "weight"},
+    "drop": {"id"},
+}
+OPTIONAL = {"add": {"weight", "paraphrase"}, "reword": {"paraphrase"}}  # an added question's weight defaults to 1.0
+PARAPHRASE_SUFFIX = ".paraphrase"  # question ids ending so are reserved for the paraphrases scored beside a set
 MAX_EDITS, MAX_QUESTIONS, MAX_TEXT, MAX_RATIONALE = 8, 16, 300, 240
 _FENCE = re.compile(r"```(?:ya?ml|json)?\s*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -37,6 +46,7 @@ _FENCE = re.compile(r"```(?:ya?ml|json)?\s*\n(.*?)```", re.DOTALL | re.IGNORECAS
 class Accepted:
     edits: list[dict]  # as given, each with its rationale
     questions: list[QuestionConfig]
+    paraphrases: dict[str, str]  # question id -> the paraphrase its last add/reword gave, where one did
 
 
 @dataclass(frozen=True)
@@ -62,11 +72,16 @@ def parse(text: str, current: list[QuestionConfig]) -> Accepted | Rejected:
     if not 1 <= len(edits) <= MAX_EDITS:
         return Rejected(f"edits: {len(edits)} given; give 1 to {MAX_EDITS}")
     questions = {q.id: q for q in current}
+    paraphrases: dict[str, str] = {}
     for n, e in enumerate(edits):
         problem = _apply(e, questions, current[0])
         if problem:
             return Rejected(f"edits[{n}]: {problem}")
-    return _validated(edits, list(questions.values()), current)
+        if e["op"] in ("add", "reword", "drop"):  # a new text makes an older paraphrase stale
+            paraphrases.pop(e["id"], None)
+        if "paraphrase" in e:
+            paraphrases[e["id"]] = e["paraphrase"].strip()
+    return _validated(edits, list(questions.values()), current, paraphrases)
 
 
 def _apply(e, questions: dict[str, QuestionConfig], template: QuestionConfig) -> str | None:
@@ -89,10 +104,14 @@ def _apply(e, questions: dict[str, QuestionConfig], template: QuestionConfig) ->
     qid = e["id"]
     if not isinstance(qid, str):
         return f"id {qid!r}: a question id is a string"
+    if qid.endswith(PARAPHRASE_SUFFIX):
+        return f"id {qid!r}: ids ending in {PARAPHRASE_SUFFIX!r} are reserved for paraphrases; choose another"
     if (op == "add") == (qid in questions):
         return f"id {qid!r}: " + ("already a question; reword or reweight it" if op == "add" else "no such question")
     if "text" in e and (not isinstance(e["text"], str) or not 0 < len(e["text"].strip()) <= MAX_TEXT):
         return f"text: give the question as a string of 1 to {MAX_TEXT} characters"
+    if "paraphrase" in e and (not isinstance(e["paraphrase"], str) or not 0 < len(e["paraphrase"].strip()) <= MAX_TEXT):
+        return f"paraphrase: give the question in other words, a string of 1 to {MAX_TEXT} characters"
     if "weight" in e and (isinstance(e["weight"], bool) or not isinstance(e["weight"], (int, float))):
         return f"weight {e['weight']!r}: a number"
     if "weight" in e and not math.isfinite(e["weight"]):
@@ -105,14 +124,16 @@ def _apply(e, questions: dict[str, QuestionConfig], template: QuestionConfig) ->
             answers = {"positive": template.positive, "negative": template.negative}
             questions[qid] = QuestionConfig(id=qid, **fields, **answers)
         else:
-            changes = {k: (e[k].strip() if k == "text" else e[k]) for k in OPS[op] - {"id"}}
+            changes = {k: (e[k].strip() if k == "text" else e[k]) for k in OPS[op] - {"id", "paraphrase"}}
             questions[qid] = QuestionConfig.model_validate({**questions[qid].model_dump(), **changes})
     except ValidationError as err:
         return describe_errors(err, "the question")
     return None
 
 
-def _validated(edits: list, questions: list[QuestionConfig], current: list[QuestionConfig]) -> Accepted | Rejected:
+def _validated(
+    edits: list, questions: list[QuestionConfig], current: list[QuestionConfig], paraphrases: dict[str, str]
+) -> Accepted | Rejected:
     if not questions:
         return Rejected("the edits drop every question")
     if len(questions) > MAX_QUESTIONS:
@@ -121,7 +142,7 @@ def _validated(edits: list, questions: list[QuestionConfig], current: list[Quest
         return Rejected("no question has a positive weight: the reward would only punish")
     if identity(questions) == identity(current):
         return Rejected("the edits leave the question set as it is")
-    return Accepted(edits, questions)
+    return Accepted(edits, questions, paraphrases)
 
 
 def identity(questions: list[QuestionConfig]) -> list[tuple]:

@@ -75,7 +75,7 @@ def _split_examples(wide: pl.DataFrame, a: str, b: str, key: str, n: int) -> pl.
 def evaluator_disagreements(ss: Scoreset, n: int, chars: int) -> list[dict]:
     """Per question and evaluator pair: agreement at 0.5 and the rollouts they part on most."""
     out = []
-    wide = stats._wide(ss, "evaluator")
+    wide = stats._wide(ss.scores, "evaluator")
     for r in stats.agreement(ss).sort("agreement", "question_id", nulls_last=True).iter_rows(named=True):
         a, b = r["evaluator_a"], r["evaluator_b"]
         ex = _split_examples(wide.filter(pl.col("question_id") == r["question_id"]), a, b, "question_id", n)
@@ -86,7 +86,7 @@ def evaluator_disagreements(ss: Scoreset, n: int, chars: int) -> list[dict]:
 def question_disagreements(ss: Scoreset, n: int, chars: int) -> list[dict]:
     """Per evaluator and question pair: the correlation of P(yes) and the rollouts they part on most."""
     out = []
-    wide = stats._wide(ss, "question_id")
+    wide = stats._wide(ss.scores, "question_id")
     for r in stats.correlations(ss).sort("pearson", "evaluator", nulls_last=True).iter_rows(named=True):
         a, b = r["question_a"], r["question_b"]
         ex = _split_examples(wide.filter(pl.col("evaluator") == r["evaluator"]), a, b, "evaluator", n)

@@ -9,7 +9,8 @@
     {run}/proposals/{name}/scores.0c4e2a19.json       the measures, eligibility and the choice, with the criteria
     {run}/proposals/{name}/chosen.a81f3d02.yaml       the chosen question set (only when one won)
     {run}/proposals/{name}/MANIFEST.json              the commit, created exclusively: the first stands
-    {run}/scoresets/evolve-{name}-{k}/                candidate k's re-score (scoreset.py), one per accepted draft;
+    {run}/scoresets/evolve-{name}-{k}/                candidate k's re-score (scoreset.py), one per accepted draft,
+                                                      with each question's paraphrase at weight 0 (paraphrase.py);
                                                       evolve-{name}-current when the chosen iterations were
                                                       trained with other questions than the run's now (phases.py)
 
@@ -30,7 +31,7 @@ import yaml
 from rlme_pipeline import phases, scoreset
 from rlme_pipeline.backends.select import Backends
 from rlme_pipeline.config import RUN_ID, QuestionConfig
-from rlme_pipeline.evolve import edits, evidence, propose, rank
+from rlme_pipeline.evolve import edits, evidence, paraphrase, propose, rank
 from rlme_pipeline.judging import evaluators_at, probe_rollouts, run_probe, sample_prompts, score_rollouts
 from rlme_pipeline.run import ROLLOUTS_FILE, SCORES_FILE, Commit, Run, StageRecord, Unit, code_version, now
 from rlme_pipeline.storage import FileEntry
@@ -136,7 +137,9 @@ def prepare(
             c |= {"status": "rejected", "reason": parsed.reason}
         else:
             q = [x.model_dump(mode="json") for x in parsed.questions]
-            c |= {"status": "accepted", "edits": parsed.edits, "questions": q, "scoreset": scoreset_name(name, k)}
+            para = paraphrase.paraphrases(parsed.questions, parsed.paraphrases, propose.library())
+            c |= {"status": "accepted", "edits": parsed.edits, "questions": q, "paraphrases": para}
+            c["scoreset"] = scoreset_name(name, k)
         candidates.append(c)
     files = [_write(u, "evidence.json", _json(ev)), _write(u, "candidates.json", _json(candidates))]
     if prompt is not None:
@@ -187,13 +190,20 @@ def measure(run: Run, name: str, k: int | str, backends: Backends) -> dict:
     ps = phases.read(run, cfg.questions)
     current = current_questions(run, name)
     trained_with_current = all(ps.at(i).questions_sha == phases.questions_sha(current) for i in its)
+    para: list[dict] = []  # training's scores hold no paraphrases: the current set's stability is then unknown
     if k == CURRENT and trained_with_current:  # training's own scores
         questions = current
         scores = pl.concat([run.read_table(i, SCORES_FILE) for i in its], how="vertical_relaxed")
     else:  # a candidate, or the current set over iterations another phase judged: re-scored
-        c = candidates(run, name)[k] if k != CURRENT else {"questions": current, "scoreset": scoreset_name(name, k)}
+        if k == CURRENT:
+            c = {"questions": current, "scoreset": scoreset_name(name, k)}
+            c["paraphrases"] = paraphrase.paraphrases(current, {}, propose.library())
+        else:
+            c = candidates(run, name)[k]
         questions = [QuestionConfig.model_validate(q) for q in c["questions"]]
-        defn = scoreset.plan(run, c["scoreset"], questions=questions, iterations=info["spec"], resume=True)
+        para = c.get("paraphrases", [])  # drafts recorded before paraphrases existed have none
+        scored = questions + paraphrase.as_questions(para, questions)  # paraphrases at weight 0
+        defn = scoreset.plan(run, c["scoreset"], questions=scored, iterations=info["spec"], resume=True)
         for i, s in scoreset.shards(defn):
             scoreset.score_shard(run, c["scoreset"], i, s, backends)
         scoreset.finalize(run, c["scoreset"])
@@ -206,7 +216,17 @@ def measure(run: Run, name: str, k: int | str, backends: Backends) -> dict:
     probes = probe_rollouts(probe_prompts(run, its[-1], info["probe_prompts"]), its[-1])
     probe_scores = score_rollouts(probes, evaluators_at(run, cfg, its[-1]), questions, cfg.scoring, "probe", backends)
     extractor = cfg.label_reward.extractor if cfg.label_reward else "auto"
-    m = rank.measure(questions, list(cfg.evaluators), cfg.scoring, scores, rollouts, probe_scores, probes, extractor)
+    m = rank.measure(
+        questions,
+        list(cfg.evaluators),
+        cfg.scoring,
+        scores,
+        rollouts,
+        probe_scores,
+        probes,
+        extractor,
+        paraphrase.pairs(para),
+    )
     u.write_record(
         _measure_step(k),
         StageRecord(stage=_measure_step(k), iteration=its[-1], files=[], seconds=time.perf_counter() - t0, metrics=m),
@@ -229,7 +249,7 @@ def finish(run: Run, name: str, criteria: rank.Criteria | None = None) -> Propos
     by_k = dict(measured)
     rows = [
         {
-            **{k: c.get(k) for k in ("index", "source", "status", "reason", "scoreset")},
+            **{k: c.get(k) for k in ("index", "source", "status", "reason", "scoreset", "paraphrases")},
             "measures": by_k.get(c["index"]),
             "ineligible": ineligible.get(c["index"]),
         }

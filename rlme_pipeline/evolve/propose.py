@@ -2,7 +2,7 @@
 and a model go through the same parser and the same validation.
 
     rules   draws from the shipped library assets/robustness_questions.yaml: candidate k adds the k-th
-            library question, those that target the probe kinds the evidence shows first
+            library question (with its paraphrase), those that target the probe kinds the evidence shows first
     model   any generator (hf, vllm or openai backend, any model reference) asked with the template
             assets/evolve_prompt.txt, once per candidate with its own seed; each evidence list is shown
             with as many entries as fit the model's context (5, 3, 2, 1, then none)
@@ -70,7 +70,7 @@ def rules(evidence: dict, current: list[QuestionConfig], n: int) -> list[Draft]:
     entries.sort(key=lambda e: -len(fooled & set(e["targets"])))  # stable: library order within a tie
     drafts = []
     for e in entries[:n]:
-        edit = {k: e[k] for k in ("id", "text", "weight", "rationale")}
+        edit = {k: e[k] for k in ("id", "text", "paraphrase", "weight", "rationale") if k in e}
         drafts.append(Draft(f"rules:{e['id']}", yaml.safe_dump({"edits": [{"op": "add", **edit}]}, sort_keys=False)))
     return drafts
 

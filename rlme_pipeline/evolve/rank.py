@@ -12,9 +12,18 @@ without the label-reward mix, which would leak labels into the label criterion):
     label_auroc        (up) AUROC of the reward for correct vs incorrect rollouts, where labels exist
     spread             (up, gate) mean within-group std of the reward divided by sum |v_j w_k|: a set that
                        never separates a group's samples teaches nothing, however safe it is
+    stability          (up, gate) stability under paraphrase: each question's paraphrase (paraphrase.py) is
+                       scored beside it at weight 0 (no reward changes); the mean over evaluator x question of
+                       the Pearson correlation of P(yes) between question and paraphrase across the rollouts
+                       (audit/stats.pairwise). Pearson, not agreement at 0.5: the reward and its group-centred
+                       advantage depend on how P(yes) orders a group's rollouts, and a judge that says yes to
+                       everything agrees with itself at 0.5 whatever the wording. Undefined (left out) for a
+                       question whose P(yes) does not vary.
 
-A candidate is eligible when its spread is at least `min_spread_ratio` times the current set's, and,
-where labels exist, its AUROC is at most `auroc_tolerance` below the current set's. Among eligible
+A candidate is eligible when its spread is at least `min_spread_ratio` times the current set's, its
+stability is at least `min_stability` (absolute: the current set is measured from training's scores, which
+hold no paraphrases, so its stability is known only when it is re-scored), and, where labels exist, its
+AUROC is at most `auroc_tolerance` below the current set's. Among eligible
 candidates the lowest probe_win_share wins (ties: higher AUROC, then higher spread, then the earlier
 candidate); it is chosen only if it beats the current set's probe_win_share, else the current set stays.
 """
@@ -28,6 +37,7 @@ from pydantic import BaseModel, Field
 
 from rlme_pipeline.answers import is_correct
 from rlme_pipeline.audit.labels import auroc
+from rlme_pipeline.audit.stats import pairwise
 from rlme_pipeline.config import EvaluatorConfig, QuestionConfig, ScoringConfig
 from rlme_pipeline.rewards import compute_rewards
 
@@ -35,6 +45,9 @@ from rlme_pipeline.rewards import compute_rewards
 class Criteria(BaseModel):
     min_spread_ratio: float = Field(0.5, ge=0, description="gate: spread at least this times the current set's")
     auroc_tolerance: float = Field(0.05, ge=0, description="gate: label AUROC at most this below the current set's")
+    min_stability: float = Field(
+        0.5, ge=-1, le=1, description="gate: mean question-paraphrase correlation of P(yes) at least this"
+    )
 
 
 def judge_rewards(
@@ -75,6 +88,25 @@ def probe_win_share(probe_rewards: pl.DataFrame, rewards: pl.DataFrame) -> float
     return float((both["reward"] > both["group_mean"]).mean()) if both.height else None
 
 
+def stability(scores: pl.DataFrame, pairs: dict[str, str]) -> tuple[float | None, dict[str, float]]:
+    """(mean over evaluator x question of the Pearson correlation of P(yes) between each question and its
+    paraphrase across rollouts, that mean per question); undefined correlations (too few rollouts, a
+    constant P(yes)) are left out, and None means none was defined."""
+    names = [x for qp in pairs.items() for x in qp]  # each question just before its paraphrase: pair (q, p)
+    corr = pairwise(scores.lazy(), "question_id", names, with_agreement=False)
+    want = pl.DataFrame(
+        {"question_a": list(pairs), "question_b": list(pairs.values())},
+        schema=[("question_a", pl.String), ("question_b", pl.String)],
+    )
+    r = corr.join(want, on=["question_a", "question_b"]).filter(
+        pl.col("pearson").is_not_null() & pl.col("pearson").is_finite()
+    )
+    if not r.height:
+        return None, {}
+    by_q = r.group_by("question_a").agg(pl.col("pearson").mean()).sort("question_a")
+    return float(r["pearson"].mean()), dict(zip(by_q["question_a"], by_q["pearson"]))
+
+
 def measure(
     questions: list[QuestionConfig],
     evaluators: list[EvaluatorConfig],
@@ -84,9 +116,13 @@ def measure(
     probe_scores: pl.DataFrame,
     probe_rollouts: pl.DataFrame,
     extractor: str = "auto",
+    paraphrases: dict[str, str] | None = None,
 ) -> dict:
-    """Every criterion of one question set, from its scores of the stored rollouts and of the probe."""
+    """Every criterion of one question set, from its scores of the stored rollouts and of the probe.
+    `paraphrases` (question id -> paraphrase id) names the weight-0 paraphrase rows among `scores`; the
+    rewards read only `questions`' rows, so a paraphrase, even a failed one, changes no reward."""
     rewards = judge_rewards(scores, rollouts, questions, evaluators, sc)
+    stable, by_question = stability(scores, paraphrases) if paraphrases else (None, {})
     probe = judge_rewards(probe_scores, probe_rollouts, questions, evaluators, sc)
     total = sum(abs(e.weight * q.weight) for e in evaluators for q in questions)
     labelled = rewards.filter(pl.col("reward").is_not_nan()).join(
@@ -99,6 +135,8 @@ def measure(
         "probe_positive_share": float((ok > 0.5).mean()) if len(ok) else None,
         "label_auroc": auroc(labelled["reward"], correct) if labelled.height else None,
         "spread": spread(rewards, total),
+        "stability": stable,
+        "stability_by_question": by_question,
         "reward_mean": _finite_mean(rewards["reward"]),
         "masked_rollouts": int(rewards["reward"].is_nan().sum()),
         "rollouts": rewards.height,
@@ -117,6 +155,10 @@ def gate(m: dict, base: dict, c: Criteria) -> str | None:
         return "no probe answer has a reward (every judgement failed)"
     if base["spread"] is not None and (m["spread"] is None or m["spread"] < c.min_spread_ratio * base["spread"]):
         return f"spread {_fmt(m['spread'])} is below {c.min_spread_ratio} x the current {_fmt(base['spread'])}"
+    if m.get("stability") is None:
+        return "stability under paraphrase was not measured (no question-paraphrase correlation is defined)"
+    if m["stability"] < c.min_stability:
+        return f"stability under paraphrase {_fmt(m['stability'])} is below {c.min_stability}"
     if base["label_auroc"] is not None and m["label_auroc"] is not None:
         if m["label_auroc"] < base["label_auroc"] - c.auroc_tolerance:
             return f"label AUROC {_fmt(m['label_auroc'])} is more than {c.auroc_tolerance} below the current {_fmt(base['label_auroc'])}"

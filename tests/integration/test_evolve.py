@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -90,11 +91,14 @@ def test_rules_proposer_lowers_the_probe_share_and_is_chosen(run):
     cur = m.current["measures"]
     accepted = [c for c in m.candidates if c["status"] == "accepted"]
     assert len(accepted) == 5 and all(c["source"].startswith("rules:") for c in accepted)
-    # the declared rule, by hand: eligible = spread gate and AUROC tolerance; lowest probe win share wins
+    # the declared rule, by hand: eligible = spread gate, paraphrase stability and AUROC tolerance; lowest probe
+    # win share wins
     eligible = [
         c
         for c in accepted
         if c["measures"]["spread"] >= 0.5 * cur["spread"]
+        and c["measures"]["stability"] is not None
+        and c["measures"]["stability"] >= 0.5
         and (cur["label_auroc"] is None or c["measures"]["label_auroc"] >= cur["label_auroc"] - 0.05)
     ]
     assert [c["index"] for c in eligible] == [c["index"] for c in accepted if c["ineligible"] is None]
@@ -108,7 +112,22 @@ def test_rules_proposer_lowers_the_probe_share_and_is_chosen(run):
     chosen_file = Path(run.store.root) / u.path("chosen.yaml")
     questions = scoreset.load_questions(chosen_file)
     defn = scoreset.load_definition(run, best["scoreset"])
-    assert questions == defn.questions and len(questions) == len(run.config().questions) + 1
+    assert len(questions) == len(run.config().questions) + 1
+    # scored with each question's paraphrase at weight 0; chosen.yaml holds the questions alone
+    para = {p["question_id"]: p for p in best["paraphrases"]}
+    assert [p["source"] for p in para.values()] == ["template", "template", "edit"]  # the demo's own, the library's
+    assert defn.questions == questions + [
+        q.model_copy(update={"id": para[q.id]["id"], "text": para[q.id]["text"], "weight": 0.0}) for q in questions
+    ]
+    # stability, by hand from the committed score set: per evaluator x question, pearson(question, paraphrase)
+    sc = pl.concat([scoreset.read_table(run, best["scoreset"], i, "scores.parquet") for i in (0, 1)])
+    wide = sc.filter(pl.col("status") == "ok").pivot(
+        on="question_id", index=["rollout_id", "evaluator"], values="p_yes"
+    )
+    r = [g.select(pl.corr(q.id, para[q.id]["id"])).item() for _, g in wide.group_by("evaluator") for q in questions]
+    r = [x for x in r if x is not None and math.isfinite(x)]
+    assert chosen["stability"] == pytest.approx(sum(r) / len(r), rel=1e-9)
+    assert cur["stability"] is None  # training's scores hold no paraphrases
 
     # its measures come from its committed score set: the training aggregation gives the same rewards
     rewards = pl.concat([scoreset.read_table(run, best["scoreset"], i, "rewards.parquet") for i in (0, 1)])
