@@ -28,7 +28,7 @@ from tests.requires import require
 # the fixtures of those modules, used here too
 trained_run, no_prefect = test_rescore.trained_run, test_cli_errors.no_prefect
 
-SHARD_ROWS = 7  # 32 rollouts per iteration: 5 uneven shards each, 10 in all
+SHARD_ROWS = 27  # the demo's 128 rollouts an iteration: 5 uneven shards each, 10 in all
 
 # Ray on one machine, on the loopback: the head, its workers and this process (the driver) must agree on
 # the node's address, and Ray reads this when it is first imported. Ray-only: nothing else reads it.
@@ -98,7 +98,8 @@ def rescore_on_ray(run: Run, questions: Path, address: str) -> str:
 def test_ray_rescore_is_the_sequential_score_set(trained_run, tmp_path, questions_path, sequential, ray_head):
     run = copy_run(trained_run, tmp_path)
     out = rescore_on_ray(run, questions_path, ray_head)
-    assert re.search(r"\(10 of 10 shards scored now, on [12] Ray workers\)", out), out
+    n = sum(-(-run.manifest(i).files[0].rows // SHARD_ROWS) for i in run.committed())  # shards, uneven last ones
+    assert re.search(rf"\({n} of {n} shards scored now, on [12] Ray workers\)", out), out
     assert committed_files(run, "v2") == sequential  # same logical files, same bytes, same rows
 
 
