@@ -15,6 +15,7 @@ list, so the prompt can be shrunk to fit a proposer's context.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import polars as pl
 import yaml
@@ -118,16 +119,31 @@ def label_disagreements(ss: Scoreset, n: int, chars: int) -> dict | None:
 def collect(run: Run, iterations: list[int], probe: pl.DataFrame, n: int = EXAMPLES, chars: int = 400) -> dict:
     """The evidence of `iterations`, as JSON-ready data (written to the proposal as evidence.json)."""
     ss = training_scores(run, iterations)
-    return {
-        "iterations": iterations,
-        "questions": [{"id": q, "text": ss.question_texts[q], "weight": w} for q, w in ss.question_weights.items()],
-        "evaluators": [{"name": e, "weight": v} for e, v in ss.evaluator_weights.items()],
-        "top_rollouts": top_rollouts(ss, n, chars),
-        "probe_hits": probe_hits(probe),
-        "evaluator_disagreements": evaluator_disagreements(ss, n, chars),
-        "question_disagreements": question_disagreements(ss, n, chars),
-        "label_disagreements": label_disagreements(ss, n, chars),
-    }
+    return settled(
+        {
+            "iterations": iterations,
+            "questions": [{"id": q, "text": ss.question_texts[q], "weight": w} for q, w in ss.question_weights.items()],
+            "evaluators": [{"name": e, "weight": v} for e, v in ss.evaluator_weights.items()],
+            "top_rollouts": top_rollouts(ss, n, chars),
+            "probe_hits": probe_hits(probe),
+            "evaluator_disagreements": evaluator_disagreements(ss, n, chars),
+            "question_disagreements": question_disagreements(ss, n, chars),
+            "label_disagreements": label_disagreements(ss, n, chars),
+        }
+    )
+
+
+def settled(x):
+    """Floats to 12 significant digits. Polars' multi-threaded aggregations may sum a group in another order
+    from one process to the next, moving a mean in its last bits; evidence.json is part of a write-once
+    proposal that a resumed run must write byte for byte as an uninterrupted one does."""
+    if isinstance(x, dict):
+        return {k: settled(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [settled(v) for v in x]
+    if isinstance(x, float) and math.isfinite(x):
+        return float(f"{x:.12g}")
+    return x
 
 
 def render(evidence: dict, rows: int) -> str:

@@ -170,3 +170,13 @@ def test_a_zero_weight_paraphrase_leaves_every_reward_identical():
     assert with_para["reward"].to_list() == without["reward"].to_list()  # bit for bit
     assert with_para["advantage"].to_list() == without["advantage"].to_list()
     assert rewards(_scores(base | para), qw)["reward"].to_list() == without["reward"].to_list()  # rank.py's way
+
+
+def test_evidence_numbers_are_settled_so_a_resumed_proposal_writes_the_same_bytes():
+    """Two means of the same numbers summed in another order differ in their last bits; evidence.json may not."""
+    from rlme_pipeline.evolve.evidence import settled
+
+    a, b = sum([0.1, 0.2, 0.3]) / 3, sum([0.3, 0.2, 0.1]) / 3
+    assert a != b
+    assert settled({"x": [a, {"y": a}], "n": 3, "s": "t"}) == settled({"x": [b, {"y": b}], "n": 3, "s": "t"})
+    assert settled([float("nan")])[0] != settled([float("nan")])[0]  # NaN passes through untouched
