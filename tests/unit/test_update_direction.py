@@ -81,20 +81,26 @@ def _iteration_zero(
     return rollouts, rewards
 
 
-@pytest.mark.parametrize("loss", ["cispo", "grpo", "dr_grpo"])
-def test_one_step_raises_the_positive_and_lowers_the_negative_completion(tmp_path, tiny_models, loss):
-    path = str(tiny_models["policy"])
-    cfg = validate_config(
+def _config(tmp_path, policy: str, **sections):
+    """A one-question config around the tiny policy; `sections` (algorithm, optimizer) are what a test varies."""
+    return validate_config(
         {
             "data": {"path": "x.jsonl"},
-            "policy": {"model": path},
+            "policy": {"model": policy},
             "evaluators": [{"name": "e", "model": "tiny:evaluator"}],
             "questions": [{"id": "k", "text": "Good?"}],
             "run": {"storage": str(tmp_path / "runs"), "id": "dir"},
             "generation": {"temperature": 1.0, "max_new_tokens": 8},
-            "algorithm": {"loss": loss},
-            "optimizer": {"lr": 1e-3, "micro_batch_size": 1, "grad_accumulation": 2, "epochs": 1},
+            **sections,
         }
+    )
+
+
+@pytest.mark.parametrize("loss", ["cispo", "grpo", "dr_grpo"])
+def test_one_step_raises_the_positive_and_lowers_the_negative_completion(tmp_path, tiny_models, loss):
+    path = str(tiny_models["policy"])
+    cfg = _config(
+        tmp_path, path, algorithm={"loss": loss}, optimizer={"lr": 1e-3, "micro_batch_size": 1, "grad_accumulation": 2}
     )
     tok = load_tokenizer(path)
     before_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -116,17 +122,7 @@ def test_one_step_raises_the_positive_and_lowers_the_negative_completion(tmp_pat
 def test_the_update_bar_counts_optimizer_steps_to_its_total(tmp_path, tiny_models, capsys):
     """2 rollouts x 3 epochs, one per step: 6 optimizer steps, and the bar (piped: its final line) says 6/6."""
     path = str(tiny_models["policy"])
-    cfg = validate_config(
-        {
-            "data": {"path": "x.jsonl"},
-            "policy": {"model": path},
-            "evaluators": [{"name": "e", "model": "tiny:evaluator"}],
-            "questions": [{"id": "k", "text": "Good?"}],
-            "run": {"storage": str(tmp_path / "runs"), "id": "dir"},
-            "generation": {"temperature": 1.0, "max_new_tokens": 8},
-            "optimizer": {"micro_batch_size": 1, "grad_accumulation": 1, "epochs": 3},
-        }
-    )
+    cfg = _config(tmp_path, path, optimizer={"micro_batch_size": 1, "grad_accumulation": 1, "epochs": 3})
     tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     prompt = tok("Question: What is 2+3?\nAnswer:")["input_ids"]
