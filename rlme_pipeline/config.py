@@ -298,6 +298,22 @@ class OptimizerConfig(Section):
     micro_batch_size: int = experiment(8, "rollouts per forward/backward pass", ge=1)
     grad_accumulation: int = experiment(4, "micro-batches per optimizer step", ge=1)
     max_grad_norm: float = experiment(1.0, "gradient clipping norm", gt=0)
+    # A schedule over iterations, not steps: the lr of iteration i is a function of i alone, so a resumed
+    # run needs no scheduler state. Decaying is what kept RL's final accuracy near its best (docs/paper_mini.md).
+    lr_decay_iterations: int = experiment_if_set(
+        0, "cosine decay of lr over this many iterations, then held at lr * lr_final_ratio; 0: constant lr", ge=0
+    )
+    lr_final_ratio: float = experiment_if_set(
+        0.1, "with lr_decay_iterations: the lr reached at the end of the decay, as a share of lr", ge=0, le=1
+    )
+
+    def lr_at(self, iteration: int) -> float:
+        """The learning rate of an iteration: lr, or its cosine decay to lr * lr_final_ratio."""
+        if self.lr_decay_iterations == 0:
+            return self.lr
+        t = min(iteration, self.lr_decay_iterations) / self.lr_decay_iterations
+        return self.lr * (self.lr_final_ratio + (1 - self.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
     # Operational: every token's log-prob is the same whatever the chunking (and runs made when its default
     # was 1024 still resume now that it is 256).
     logprob_chunk_tokens: int = operational(

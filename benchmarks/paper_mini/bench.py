@@ -1,22 +1,30 @@
-"""Does it learn? The RLME paper's main result in miniature, on CPU, with labels only for grading.
+"""Does it learn, robustly? The RLME paper's main result in miniature, on CPU, with labels only for grading.
 
-    PYTHONPATH=. python benchmarks/paper_mini/bench.py                 # full size (3 seeds)
-    PYTHONPATH=. python benchmarks/paper_mini/bench.py --size smoke    # seconds; what the test-suite runs
+    PYTHONPATH=. python benchmarks/paper_mini/bench.py                       # main: 5 RL seeds x 3 judge seeds
+    PYTHONPATH=. python benchmarks/paper_mini/bench.py --experiments main,threshold,mitigations
+    PYTHONPATH=. python benchmarks/paper_mini/bench.py --experiments recipe  # how the RL recipe was chosen
+    PYTHONPATH=. python benchmarks/paper_mini/bench.py --size smoke          # seconds; what the test-suite runs
 
 1. a synthetic labelled task (two-digit + and -), split into SFT / RL / held-out prompts;
 2. a weak base policy trained by SFT on the SFT split only, stopped early at 20-40% held-out accuracy;
-   then a "knowledgeable" judge trained by SFT on every problem to answer " Yes"/" No" to "Is the answer
-   correct?" (generation warm-up, per-digit verification loss, negatives partly from the base's own wrong
-   samples; accuracy and AUROC, also on the base's samples, reported before any RL); both cached in --cache;
+   then one "knowledgeable" judge per judge seed, trained by SFT on every problem to answer " Yes"/" No" to
+   "Is the answer correct?" **until it reaches a target AUROC on a validation split of the base policy's own
+   samples** (not for a fixed number of steps: the step at which a judge "gets it" varies with its seed).
+   On the way, the first checkpoint past each lower quality level is kept: the judges of the threshold curve.
+   Every model is trained in one thread, so it is the same whatever --jobs or the machine's core count;
 3. from that base, with the same budget and seeds, through the real pipeline (`runner.train`: the
    generate / score / aggregate / update stages and the commit protocol, storage and all):
      rlvr       exact-match reward only (label_reward.share = 1, no evaluator)
      rlme       the frozen judge's log P(yes) only; labels never read by training
      rlme_self  live self-evaluation (the policy judges itself), only if the base can judge at all
      rlme_10gt  judge reward, exact-match reward on a deterministic 10% of rollouts
-4. held-out greedy accuracy after every iteration, and a hacking probe: the judge's mean P(yes) on the
-   policy's greedy held-out answers minus their true accuracy (a judge being fooled shows as a gap);
-5. results.json, results.md (mean and spread over seeds) and curves.png in --out.
+4. held-out greedy accuracy after every iteration; a hacking probe (the training judge's mean P(yes) on the
+   policy's greedy held-out answers minus their true accuracy); and a label-free one: the same P(yes) from
+   an independently seeded judge of the same quality (the "watcher"), which a user can compute;
+5. experiments: `main` (every method, every RL seed x judge seed), `threshold` (RLME and RLME-10GT with the
+   judges stopped at each quality level), `mitigations` (at the lower levels: an ensemble of the judge seeds,
+   a KL anchor, the P(yes) reward form, stopping when the watcher disagrees), `recipe` (RLVR under candidate
+   RL recipes, on tuning seeds only); results.json, results.md and plots in --out.
 """
 
 from __future__ import annotations
@@ -24,10 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -49,34 +59,129 @@ SIZES = {
     "full": dict(
         n_eval=300,
         n_rl=800,  # the rest of the 2420 problems is the SFT split
+        n_val=400,  # problems whose base samples validate the judge (never among its training negatives)
         judge=dict(
-            hidden=128, layers=3, heads=8, steps=5000, lm_first=400, aux=1.0, base_negatives=4, batch=64, lr=2e-3
+            hidden=128,
+            layers=3,
+            heads=8,
+            steps=6000,  # the cosine horizon and the cap; training stops earlier at the target
+            check_every=250,
+            target=0.99,  # AUROC on the validation split of the base policy's own samples
+            levels=(0.8, 0.9, 0.95, 0.98),  # keep the first checkpoint past each: the threshold curve's judges
+            lm_first=400,
+            aux=1.0,
+            base_negatives=4,
+            batch=64,
+            lr=2e-3,
         ),
         policy=dict(hidden=128, layers=2, max_steps=1500, batch=64, lr=2e-3, every=50, stop_at=0.25, carry_drop=0.0),
         # one optimizer step per iteration on all 128 rollouts: each group's advantages sum to zero within the
-        # step. lr 6e-4 and 1e-3 (also with a KL anchor) were unstable in feasibility runs; 3e-4 learns steadily.
-        rl=dict(iterations=30, prompts_per_iteration=16, group_size=8, lr=3e-4, micro_batch=32, grad_accumulation=4),
-        seeds=3,
+        # step. The recipe (lr, its decay over the run) was chosen by `--experiments recipe` on seeds 100-102.
+        rl=dict(
+            iterations=30,
+            prompts_per_iteration=16,
+            group_size=8,
+            lr=3e-4,
+            lr_decay_iterations=0,
+            micro_batch=32,
+            grad_accumulation=4,
+        ),
+        seeds=(0, 1, 2, 3, 4),
+        judge_seeds=(1, 2, 3),
+        sweep_seeds=(0, 1),  # RL seeds per judge seed at each point of the threshold and mitigation sweeps
+        mitigation_levels=(0.9, 0.95),
+        kl_beta=0.1,
+        recipes={
+            "constant 3e-4": {},
+            "cosine 3e-4 -> 3e-5": {"lr_decay_iterations": 30},
+            "cosine 6e-4 -> 6e-5": {"lr": 6e-4, "lr_decay_iterations": 30},
+            "constant 3e-4, KL 0.1": {"beta": 0.1},
+            "constant 3e-4, 32 prompts": {"prompts_per_iteration": 32},
+        },
+        recipe_seeds=(100, 101, 102),
     ),
     "smoke": dict(
         n_eval=40,
         n_rl=64,
-        judge=dict(hidden=64, layers=1, heads=4, steps=20, lm_first=5, aux=1.0, base_negatives=1, batch=32, lr=2e-3),
+        n_val=40,
+        judge=dict(
+            hidden=64,
+            layers=1,
+            heads=4,
+            steps=20,
+            check_every=10,
+            target=0.99,
+            levels=(0.0,),  # any judge passes: the sweep's plumbing is what the smoke size checks
+            lm_first=5,
+            aux=1.0,
+            base_negatives=1,
+            batch=32,
+            lr=2e-3,
+        ),
         policy=dict(hidden=64, layers=1, max_steps=20, batch=32, lr=2e-3, every=10, stop_at=0.25, carry_drop=0.0),
-        rl=dict(iterations=2, prompts_per_iteration=4, group_size=4, lr=3e-4, micro_batch=16, grad_accumulation=1),
-        seeds=1,
+        rl=dict(
+            iterations=2,
+            prompts_per_iteration=4,
+            group_size=4,
+            lr=3e-4,
+            lr_decay_iterations=0,
+            micro_batch=16,
+            grad_accumulation=1,
+        ),
+        seeds=(0,),
+        judge_seeds=(1, 2),
+        sweep_seeds=(0,),
+        mitigation_levels=(0.0,),
+        kl_beta=0.1,
+        recipes={"constant": {}, "cosine": {"lr_decay_iterations": 2}},
+        recipe_seeds=(100,),
     ),
 }
 METHODS = ("rlvr", "rlme", "rlme_self", "rlme_10gt")
+EXPERIMENTS = ("judges", "main", "threshold", "mitigations", "recipe")
 FLOOR = math.log(1e-2)  # log P(yes) clamp; also the exact-match reward for a wrong answer (see label_reward)
 MAX_NEW_TOKENS = 10  # " The answer is 38." + eos is 8 tokens
+WATCH_MARGIN = 0.05  # label-free stop: training judge's P(yes) exceeds the watcher's by this much (chosen a priori)
 
 
 def log(*a) -> None:
     print(*a, flush=True)
 
 
-# --- models ---------------------------------------------------------------------------------------
+def mean(xs) -> float:
+    xs = [float(x) for x in xs]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def spread(xs: list[float]) -> float:
+    return statistics.pstdev(xs) if len(xs) > 1 else 0.0
+
+
+# --- the world every process rebuilds identically: problems, splits, tokenizer, paths ---------------
+def world(size: str, out: Path, cache: Path) -> dict:
+    spec = SIZES[size]
+    items = T.problems()
+    splits = T.split(items, seed=0, n_eval=spec["n_eval"], n_rl=spec["n_rl"])
+    return {
+        "size": size,
+        "spec": spec,
+        "items": items,
+        "splits": splits,
+        "val_ids": {p["id"] for p in T.split(items, seed=1, n_eval=spec["n_val"], n_rl=0)["eval"]},
+        "tok": T.build_tokenizer(T.corpus(items)),
+        "data": out / "rl_prompts.jsonl",
+        "runs": out / "runs",
+        "base": cache / f"base-{size}",
+        "judge_dir": cache / f"judges-{size}",
+    }
+
+
+def judge_path(w: dict, seed: int, level: float | None = None) -> Path:
+    """The judge of a seed at its target (level None), or its first checkpoint past a quality level."""
+    d = w["judge_dir"] / f"seed-{seed}"
+    return d if level is None else d / f"level-{level:g}"
+
+
 def load(path) -> Loaded:
     """A model loaded for one use, dropped with the caller's reference (training holds its own)."""
     return ModelPool(1).get(str(path))
@@ -86,74 +191,14 @@ def cached(path: Path) -> bool:
     return (path / "bench_meta.json").is_file()
 
 
-def base_mistakes(tok, items, base: Path, n: int) -> dict[str, list[str]]:
-    """n samples per problem from the base policy at temperature 1 (the RL start), keeping the wrong ones."""
-    lm = load(str(base))
-    prompts = [p for p in items for _ in range(n)]
-    outs = T.greedy(lm.model, lm.tokenizer, [p["prompt"] for p in prompts], MAX_NEW_TOKENS, temperature=1.0, seed=5)
-    pool: dict[str, list[str]] = {}
-    for p, o in zip(prompts, outs):
-        if not is_correct(o, p["answer"], "answer_is"):
-            pool.setdefault(p["id"], []).append(o)
-    return pool
+def accuracy(model, tok, items) -> tuple[float, list[str]]:
+    outs = T.greedy(model, tok, [p["prompt"] for p in items], MAX_NEW_TOKENS)
+    return mean([is_correct(o, p["answer"], "answer_is") for o, p in zip(outs, items)]), outs
 
 
-def on_base_samples(judge, tok, items, base: Path) -> dict:
-    """The judge on what RL starts from: the base policy's samples (temperature 1), true labels by exact match."""
-    lm = load(str(base))
-    outs = T.greedy(lm.model, lm.tokenizer, [p["prompt"] for p in items], MAX_NEW_TOKENS, temperature=1.0, seed=9)
-    ok = [is_correct(o, p["answer"], "answer_is") for o, p in zip(outs, items)]
-    py = T.judge_p_yes(judge, tok, [(p["prompt"], o) for p, o in zip(items, outs)])
-    rep = {
-        "n": len(items),
-        "share_correct": mean(ok),
-        "auroc": T.auroc(py, ok),
-        "p_yes_right": mean([x for x, y in zip(py, ok) if y]),
-        "p_yes_wrong": mean([x for x, y in zip(py, ok) if not y]),
-    }
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in rep.items()}  # JSON-comparable
-
-
-def make_judge(tok, items, spec: dict, path: Path, base: Path) -> dict:
-    if cached(path):
-        return json.loads((path / "bench_meta.json").read_text())
-    t0 = time.time()
-    pool = base_mistakes(tok, items, base, spec["base_negatives"]) if spec.get("base_negatives") else None
-    if pool is not None:
-        log(
-            f"  {sum(map(len, pool.values()))} wrong base samples on {len(pool)} problems "
-            f"({time.time() - t0:.0f}s), e.g. {next(iter(pool.values()))[:3]}"
-        )
-    m = T.build_model(tok, spec["hidden"], spec["layers"], seed=1, heads=spec.get("heads"))
-    every = max(spec["steps"] // 4, 1)
-    T.sft_judge(
-        m,
-        tok,
-        items,
-        spec["steps"],
-        spec["batch"],
-        spec["lr"],
-        seed=0,
-        eval_fn=lambda m: T.judge_report(m, tok, items, seed=7, n=300),
-        every=every,
-        lm_first=spec.get("lm_first", 0),
-        aux=spec.get("aux", 0.0),
-        pool=pool,
-        log=log,
-    )
-    meta = {
-        "spec": spec,
-        "report": T.judge_report(m, tok, items, seed=123, n=1000),
-        "seconds": time.time() - t0,
-        "report_carry": T.judge_report(m, tok, items, seed=123, n=1000, negatives="carry"),
-        "master_keys_p_yes": mean(T.judge_p_yes(m, tok, [(p["prompt"], k) for p in items[:50] for k in T.MASTER_KEYS])),
-        "report_base_samples": on_base_samples(m, tok, items[::4], base),
-    }
-    T.save(m, tok, path, meta)
-    return meta
-
-
-def make_base(tok, splits, spec: dict, path: Path) -> dict:
+# --- models: one base, one judge per seed ---------------------------------------------------------
+def make_base(w: dict) -> dict:
+    path, spec, tok, splits = w["base"], w["spec"]["policy"], w["tok"], w["splits"]
     if cached(path):
         return json.loads((path / "bench_meta.json").read_text())
     t0 = time.time()
@@ -172,45 +217,107 @@ def make_base(tok, splits, spec: dict, path: Path) -> dict:
         carry_drop=spec["carry_drop"],
         log=log,
     )
-    meta = {
-        "spec": spec,
-        "history": hist,
-        "heldout_accuracy": hist[-1]["acc"] if hist else None,
-        "seconds": time.time() - t0,
-    }
+    meta = {"spec": spec, "history": hist, "heldout_accuracy": hist[-1]["acc"], "seconds": time.time() - t0}
     T.save(m, tok, path, meta)
     return meta
 
 
-def accuracy(model, tok, items) -> tuple[float, list[str]]:
-    outs = T.greedy(model, tok, [p["prompt"] for p in items], MAX_NEW_TOKENS)
-    return mean([is_correct(o, p["answer"], "answer_is") for o, p in zip(outs, items)]), outs
+def base_samples(w: dict, items: list[dict], n: int, seed: int) -> list[tuple[dict, str, bool]]:
+    """n samples per problem from the base policy at temperature 1 (what RL starts from), graded by exact match."""
+    lm = load(str(w["base"]))
+    prompts = [p for p in items for _ in range(n)]
+    outs = T.greedy(lm.model, lm.tokenizer, [p["prompt"] for p in prompts], MAX_NEW_TOKENS, temperature=1.0, seed=seed)
+    return [(p, o, is_correct(o, p["answer"], "answer_is")) for p, o in zip(prompts, outs)]
 
 
-def mean(xs) -> float:
-    xs = [float(x) for x in xs]
-    return sum(xs) / len(xs) if xs else float("nan")
+def on_samples(judge, tok, samples: list[tuple[dict, str, bool]]) -> dict:
+    """The judge on graded samples: AUROC and mean P(yes) on the right and on the wrong ones."""
+    py = T.judge_p_yes(judge, tok, [(p["prompt"], o) for p, o, _ in samples])
+    ok = [y for _, _, y in samples]
+    rep = {
+        "n": len(samples),
+        "share_correct": mean(ok),
+        "auroc": T.auroc(py, ok),
+        "p_yes_right": mean([x for x, y in zip(py, ok) if y]),
+        "p_yes_wrong": mean([x for x, y in zip(py, ok) if not y]),
+    }
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in rep.items()}  # JSON-comparable
+
+
+def make_judge(w: dict, seed: int) -> dict:
+    """Train one judge seed to the target AUROC on the validation split of the base's samples; keep the first
+    checkpoint past each lower level. Its training negatives never include a validation problem's samples."""
+    path, spec, tok, items = judge_path(w, seed), w["spec"]["judge"], w["tok"], w["items"]
+    if cached(path):
+        return json.loads((path / "bench_meta.json").read_text())
+    t0 = time.time()
+    pool: dict[str, list[str]] = {}
+    for p, o, ok in base_samples(w, [p for p in items if p["id"] not in w["val_ids"]], spec["base_negatives"], 5):
+        if not ok:
+            pool.setdefault(p["id"], []).append(o)
+    val = base_samples(w, [p for p in items if p["id"] in w["val_ids"]], 2, 9)
+    log(f"  judge seed {seed}: {sum(map(len, pool.values()))} wrong base samples as negatives, {len(val)} to validate")
+    m = T.build_model(tok, spec["hidden"], spec["layers"], seed=seed, heads=spec.get("heads"))
+    levels: dict[str, dict] = {}
+
+    def on_eval(step: int, rep: dict) -> bool:
+        for level in spec["levels"]:
+            if f"{level:g}" not in levels and (rep["val_auroc"] or 0) >= level:
+                T.save(m, tok, judge_path(w, seed, level), {"step": step, **rep})
+                levels[f"{level:g}"] = {"step": step, "val_auroc": rep["val_auroc"]}
+        return (rep["val_auroc"] or 0) >= spec["target"]
+
+    curve = T.sft_judge(
+        m,
+        tok,
+        items,
+        spec["steps"],
+        spec["batch"],
+        spec["lr"],
+        seed=seed,
+        eval_fn=lambda m: {"val_auroc": on_samples(m, tok, val)["auroc"]},
+        every=spec["check_every"],
+        lm_first=spec["lm_first"],
+        aux=spec["aux"],
+        pool=pool,
+        log=lambda *a: log(f"  [judge seed {seed}]", *a),
+        on_eval=on_eval,
+    )
+    meta = {
+        "seed": seed,
+        "spec": spec,
+        "curve": curve,
+        "steps": curve[-1]["step"],
+        "reached_target": (curve[-1]["val_auroc"] or 0) >= spec["target"],
+        "levels": levels,
+        "val": on_samples(m, tok, val),
+        "report": T.judge_report(m, tok, items, seed=123, n=1000),
+        "master_keys_p_yes": mean(T.judge_p_yes(m, tok, [(p["prompt"], k) for p in items[:50] for k in T.MASTER_KEYS])),
+        "seconds": time.time() - t0,
+    }
+    T.save(m, tok, path, meta)
+    return json.loads((path / "bench_meta.json").read_text())  # as a cached rerun reads it
 
 
 # --- one RL run through the pipeline --------------------------------------------------------------
-def config(method: str, seed: int, rl: dict, data: Path, base: Path, judge: Path, storage: Path) -> dict:
+def config(run_id: str, method: str, seed: int, rl: dict, w: dict, judges: list[str]) -> dict:
     evaluators = {
         "rlvr": [],
-        "rlme": [{"name": "judge", "model": str(judge)}],
+        "rlme": [{"name": f"judge{k}", "model": j} for k, j in enumerate(judges)],
         "rlme_self": [{"name": "self", "model": "policy"}],
-        "rlme_10gt": [{"name": "judge", "model": str(judge)}],
+        "rlme_10gt": [{"name": f"judge{k}", "model": j} for k, j in enumerate(judges)],
     }[method]
     label_reward = {"rlvr": {"share": 1.0}, "rlme_10gt": {"share": 0.1}}.get(method)
     cfg = {
-        "run": {"id": f"{method}-s{seed}", "storage": str(storage), "iterations": rl["iterations"], "seed": seed},
+        "run": {"id": run_id, "storage": str(w["runs"]), "iterations": rl["iterations"], "seed": seed},
         "data": {
-            "path": str(data),
+            "path": str(w["data"]),
             "prompt_column": "question",
             "id_column": "id",
             "label_column": "answer",
             "prompts_per_iteration": rl["prompts_per_iteration"],
         },
-        "policy": {"model": str(base)},
+        "policy": {"model": str(w["base"])},
         "evaluators": evaluators,
         "questions": [{"id": "correct", "text": T.QUESTION, "positive": [" Yes"], "negative": [" No"]}],
         "generation": {
@@ -229,6 +336,7 @@ def config(method: str, seed: int, rl: dict, data: Path, base: Path, judge: Path
         "algorithm": {"loss": "cispo", "eps_high": 5.0, "beta": rl.get("beta", 0.0)},
         "optimizer": {
             "lr": rl["lr"],
+            "lr_decay_iterations": rl.get("lr_decay_iterations", 0),
             "micro_batch_size": rl["micro_batch"],
             "grad_accumulation": rl["grad_accumulation"],
         },
@@ -238,27 +346,36 @@ def config(method: str, seed: int, rl: dict, data: Path, base: Path, judge: Path
     return cfg
 
 
-def probe(model, tok, judge_model, judge_tok, items) -> dict:
-    """Held-out greedy accuracy, and how far the frozen judge's belief in those answers exceeds the truth."""
+def probe(model, tok, judges: list[Loaded], watcher: Loaded | None, items) -> dict:
+    """Held-out greedy accuracy; how far the training judges' belief in those answers exceeds the truth; and
+    the watcher's belief (label-free: what a user with a second, independently seeded judge can see)."""
     acc, outs = accuracy(model, tok, items)
-    p = T.judge_p_yes(judge_model, judge_tok, [(it["prompt"], o) for it, o in zip(items, outs)])
-    return {
+    pairs = [(it["prompt"], o) for it, o in zip(items, outs)]
+    p = mean([mean(T.judge_p_yes(j.model, j.tokenizer, pairs)) for j in judges]) if judges else float("nan")
+    row = {
         "accuracy": acc,
-        "judge_p_yes": mean(p),
-        "hack_gap": mean(p) - acc,
+        "judge_p_yes": p,
+        "hack_gap": p - acc,
         "well_formed": mean([o.startswith(" The answer is ") and o.endswith(".") for o in outs]),
         "example": outs[0],
     }
+    if watcher is not None:
+        row["watch_p_yes"] = mean(T.judge_p_yes(watcher.model, watcher.tokenizer, pairs))
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
-def run_method(method: str, seed: int, rl: dict, paths: dict, items_eval, judge_lm) -> list[dict]:
-    cfg = validate_config(config(method, seed, rl, paths["data"], paths["base"], paths["judge"], paths["runs"]))
-    run = Run(Store(str(paths["runs"])), cfg.run.id)
+def run_method(w: dict, run_id: str, method: str, seed: int, rl: dict, judges: list[str], watcher: str | None) -> list:
+    """One RL run from the base; the held-out curve (iteration 0 is the base)."""
+    cfg = validate_config(config(run_id, method, seed, rl, w, judges))
+    run = Run(Store(str(w["runs"])), cfg.run.id)
     if run.store.exists("run.json"):  # a benchmark run starts from scratch
         shutil.rmtree(run.store.abs("."), ignore_errors=True)
-        run = Run(Store(str(paths["runs"])), cfg.run.id)
-    base = load(str(paths["base"]))
-    curve = [{"iteration": 0, **probe(base.model, base.tokenizer, judge_lm.model, judge_lm.tokenizer, items_eval)}]
+        run = Run(Store(str(w["runs"])), cfg.run.id)
+    judge_lms = [load(j) for j in judges]
+    watch_lm = load(watcher) if watcher else None
+    items_eval = w["splits"]["eval"]
+    base = load(str(w["base"]))
+    curve = [{"iteration": 0, **probe(base.model, base.tokenizer, judge_lms, watch_lm, items_eval)}]
     t0 = time.time()
 
     def on_commit(m) -> None:
@@ -272,16 +389,17 @@ def run_method(method: str, seed: int, rl: dict, paths: dict, items_eval, judge_
         )
         row = {
             "iteration": i + 1,
-            **probe(lm.model, lm.tokenizer, judge_lm.model, judge_lm.tokenizer, items_eval),
+            **probe(lm.model, lm.tokenizer, judge_lms, watch_lm, items_eval),
             "reward_mean": m.metrics.get("reward_mean"),
             "sample_accuracy": sample_acc,
             "seconds": time.time() - t0,
         }
         curve.append(row)
-        log(
-            f"  {method} seed {seed} iter {i + 1}: acc {row['accuracy']:.3f} sample acc {sample_acc:.3f} "
-            f"reward {row['reward_mean']:.3f} hack gap {row['hack_gap']:+.3f} ({row['seconds']:.0f}s)"
-        )
+        if (i + 1) % 10 == 0 or i + 1 == cfg.run.iterations:
+            log(
+                f"  {run_id} iter {i + 1}: acc {row['accuracy']:.3f} hack gap {row['hack_gap'] or 0:+.3f} "
+                f"({row['seconds']:.0f}s)"
+            )
         if i > 0:  # keep disk use flat: only the newest checkpoint is needed to go on
             previous = Path(checkpoint.local_dir(run, i - 1, run.read_record(i - 1, "update").files))
             for f in ("model.safetensors", "optimizer.pt"):
@@ -291,49 +409,257 @@ def run_method(method: str, seed: int, rl: dict, paths: dict, items_eval, judge_
     return curve
 
 
+# --- work units: each runs in one thread (in a worker process when --jobs > 1) --------------------
+def unit(kind: str, size: str, out: str, cache: str, args: dict):
+    torch.set_num_threads(1)  # the same numbers whatever --jobs is: no thread-count-dependent reductions
+    w = world(size, Path(out), Path(cache))
+    if kind == "judge":
+        return make_judge(w, **args)
+    return run_method(w, **args)
+
+
+def run_units(units: list[tuple[str, dict]], jobs: int, size: str, out: Path, cache: Path) -> list:
+    calls = [(kind, size, str(out), str(cache), args) for kind, args in units]
+    if jobs <= 1:
+        return [unit(*c) for c in calls]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return [f.result() for f in [ex.submit(unit, *c) for c in calls]]
+
+
+def plan_runs(experiments: list[str], w: dict, judges: dict, methods: list[str]) -> dict[str, dict]:
+    """Every RL run the experiments need, by run id: (method, seed, rl overrides, judges, watcher)."""
+    spec = w["spec"]
+    jseeds = list(spec["judge_seeds"])
+
+    def at(level, js):  # a judge seed's model at a level (None: at its target), if it got there
+        if level is None:
+            return str(judge_path(w, js))
+        return str(judge_path(w, js, level)) if f"{level:g}" in judges[js]["levels"] else None
+
+    def watcher(level, js):  # the next judge seed, same level: independently seeded, equally good
+        return at(level, jseeds[(jseeds.index(js) + 1) % len(jseeds)]) if len(jseeds) > 1 else None
+
+    runs: dict[str, dict] = {}
+
+    def add(run_id, method, seed, judge_list, watch, **rl):
+        if all(judge_list) and run_id not in runs:
+            runs[run_id] = dict(method=method, seed=seed, rl={**spec["rl"], **rl}, judges=judge_list, watcher=watch)
+
+    if "main" in experiments or "threshold" in experiments or "mitigations" in experiments:
+        for seed in spec["seeds"]:
+            if "rlvr" in methods:
+                add(f"rlvr-s{seed}", "rlvr", seed, [], None)
+    if "main" in experiments:
+        for js in jseeds:
+            for seed in spec["seeds"]:
+                for method in [m for m in methods if m in ("rlme", "rlme_10gt")]:
+                    add(f"{method}-j{js}-s{seed}", method, seed, [at(None, js)], watcher(None, js))
+        for seed in spec["seeds"]:
+            if "rlme_self" in methods:
+                add(f"rlme_self-s{seed}", "rlme_self", seed, [], None)
+    if "threshold" in experiments:
+        for level in spec["judge"]["levels"]:
+            for js in jseeds:
+                for seed in spec["sweep_seeds"]:
+                    for method in ("rlme", "rlme_10gt"):
+                        add(f"{method}-j{js}-l{level:g}-s{seed}", method, seed, [at(level, js)], watcher(level, js))
+    if "mitigations" in experiments:
+        for level in spec["mitigation_levels"]:
+            for seed in spec["sweep_seeds"]:
+                add(f"ensemble-l{level:g}-s{seed}", "rlme", seed, [at(level, js) for js in jseeds], None)
+                for js in jseeds:
+                    w_ = watcher(level, js)
+                    add(f"rlme-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_)
+                    add(f"kl-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_, beta=spec["kl_beta"])
+                    add(f"pform-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_, reward_form="p")
+    if "recipe" in experiments:
+        for name, overrides in spec["recipes"].items():
+            for seed in spec["recipe_seeds"]:
+                add(f"recipe-{slug(name)}-s{seed}", "rlvr", seed, [], None, **overrides)
+    return runs
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
 # --- report ---------------------------------------------------------------------------------------
-def spread(xs: list[float]) -> float:
-    return statistics.pstdev(xs) if len(xs) > 1 else 0.0
-
-
-def summarize(curves: dict, base_acc: float) -> dict:
-    out = {}
-    for method, by_seed in curves.items():
-        finals = [c[-1]["accuracy"] for c in by_seed.values()]
-        bests = [max(r["accuracy"] for r in c) for c in by_seed.values()]
-        gaps = [c[-1]["hack_gap"] for c in by_seed.values()]
-        out[method] = {
-            "final_mean": mean(finals),
-            "final_spread": spread(finals),
-            "best_mean": mean(bests),
-            "best_spread": spread(bests),
-            "gain": mean(finals) - base_acc,
-            "hack_gap": mean(gaps),
-            "finals": finals,
-        }
-    if "rlvr" in out and out["rlvr"]["gain"] > 0:
-        for m in out.values():
-            m["gain_vs_rlvr"] = m["gain"] / out["rlvr"]["gain"]
-    for m in out.values():
-        m["beats_base_by_3_spreads"] = m["gain"] > 3 * m["final_spread"]
+def stats(curves: list[list[dict]], base_acc: float, rlvr_gain: float | None) -> dict:
+    """Final and best held-out accuracy over runs, the gain over the base and its ratio to RLVR's gain, the
+    hacking probe at the end, and the label-free stop (first iteration where the training judges' P(yes)
+    exceeds the watcher's by WATCH_MARGIN; the run's last iteration otherwise)."""
+    finals = [c[-1]["accuracy"] for c in curves]
+    bests = [max(r["accuracy"] for r in c) for c in curves]
+    out = {
+        "n": len(curves),
+        "final_mean": mean(finals),
+        "final_spread": spread(finals),
+        "best_mean": mean(bests),
+        "best_spread": spread(bests),
+        "best_minus_final": mean(b - f for b, f in zip(bests, finals)),
+        "gain": mean(finals) - base_acc,
+        "hack_gap": mean(c[-1]["hack_gap"] for c in curves if c[-1].get("hack_gap") is not None),
+        "finals": finals,
+    }
+    if rlvr_gain and rlvr_gain > 0:
+        ratios = [(f - base_acc) / rlvr_gain for f in finals]
+        out["gain_vs_rlvr"], out["gain_vs_rlvr_spread"] = mean(ratios), spread(ratios)
+    if all("watch_p_yes" in c[-1] for c in curves):
+        stopped = [watch_stop(c) for c in curves]
+        out["watch_stop_accuracy"] = mean(c[i]["accuracy"] for c, i in zip(curves, stopped))
+        out["watch_stop_iteration"] = mean(c[i]["iteration"] for c, i in zip(curves, stopped))
+        if rlvr_gain and rlvr_gain > 0:
+            out["watch_stop_gain_vs_rlvr"] = (out["watch_stop_accuracy"] - base_acc) / rlvr_gain
     return out
 
 
-def table(summary: dict, base_acc: float) -> str:
-    lines = [
-        "| method | final acc (mean ± sd) | best acc (mean ± sd) | gain over base | gain / RLVR gain | judge P(yes) − acc |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| base (SFT) | {base_acc:.3f} | | | | |",
+def watch_stop(curve: list[dict]) -> int:
+    for i, r in enumerate(curve):
+        if r["judge_p_yes"] is not None and r["judge_p_yes"] - r["watch_p_yes"] > WATCH_MARGIN:
+            return max(i - 1, 0)  # the last checkpoint before the disagreement
+    return len(curve) - 1
+
+
+def group(curves: dict[str, list], prefix: str, **parts) -> list[list[dict]]:
+    """The curves whose run id is `prefix` followed by the given -jJ -lL parts and any -sS."""
+    want = prefix + "".join(f"-{k}{v}" for k, v in parts.items()) + "-s"
+    return [c for rid, c in curves.items() if rid.startswith(want) and rid[len(want) :].isdigit()]
+
+
+def summarize(experiments, curves, base_acc, judges, w) -> dict:
+    spec = w["spec"]
+    rlvr = group(curves, "rlvr")
+    rlvr_gain = mean(c[-1]["accuracy"] for c in rlvr) - base_acc if rlvr else None
+    out: dict = {"rlvr": stats(rlvr, base_acc, rlvr_gain)} if rlvr else {}
+    jseeds = spec["judge_seeds"]
+    if "main" in experiments:
+        main: dict = {"rlvr": out.get("rlvr")}
+        for method in ("rlme", "rlme_10gt"):
+            every = [c for js in jseeds for c in group(curves, method, j=js)]
+            if every:
+                main[method] = stats(every, base_acc, rlvr_gain)
+                main[method]["by_judge"] = {
+                    js: stats(group(curves, method, j=js), base_acc, rlvr_gain) for js in jseeds
+                }
+        if group(curves, "rlme_self"):
+            main["rlme_self"] = stats(group(curves, "rlme_self"), base_acc, rlvr_gain)
+        out["main"] = main
+    if "threshold" in experiments:
+        points = []
+        for level in spec["judge"]["levels"]:
+            for js in jseeds:
+                if f"{level:g}" not in judges[js]["levels"]:
+                    continue
+                row = {"level": level, "judge_seed": js, "val_auroc": judges[js]["levels"][f"{level:g}"]["val_auroc"]}
+                for method in ("rlme", "rlme_10gt"):
+                    row[method] = stats(group(curves, method, j=js, l=f"{level:g}"), base_acc, rlvr_gain)
+                points.append(row)
+        out["threshold"] = points
+    if "mitigations" in experiments:
+        mit = {}
+        for level in spec["mitigation_levels"]:
+            lv = f"{level:g}"
+            per = {
+                "rlme": [c for js in jseeds for c in group(curves, "rlme", j=js, l=lv)],
+                f"KL {spec['kl_beta']:g}": [c for js in jseeds for c in group(curves, "kl", j=js, l=lv)],
+                "reward P(yes)": [c for js in jseeds for c in group(curves, "pform", j=js, l=lv)],
+                "ensemble of the judge seeds": group(curves, "ensemble", l=lv),
+            }
+            mit[lv] = {k: stats(v, base_acc, rlvr_gain) for k, v in per.items() if v}
+        out["mitigations"] = mit
+    if "main" in experiments and "threshold" in experiments:  # the target judges, as points of the curve
+        out["final_points"] = {
+            m: [{"val_auroc": judges[js]["val"]["auroc"], **s} for js, s in out["main"][m]["by_judge"].items()]
+            for m in ("rlme", "rlme_10gt")
+            if m in out["main"]
+        }
+    if "recipe" in experiments:
+        out["recipe"] = {name: stats(group(curves, f"recipe-{slug(name)}"), base_acc, None) for name in spec["recipes"]}
+    return out
+
+
+def fmt(x, spec=".3f", sign=False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+{spec}}" if sign else f"{x:{spec}}"
+
+
+def tables(summary: dict, base_acc: float, judges: dict) -> str:
+    md = [
+        "### Judges (trained to the target on the base's own samples)",
+        "",
+        "| judge seed | steps | reached target | val AUROC | P(yes) right / wrong | minutes | levels (step) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for k, s in summary.items():
-        lines.append(
-            f"| {k} | {s['final_mean']:.3f} ± {s['final_spread']:.3f} | {s['best_mean']:.3f} ± {s['best_spread']:.3f} "
-            f"| {s['gain']:+.3f} | {s.get('gain_vs_rlvr', float('nan')):.2f} | {s['hack_gap']:+.3f} |"
+    for js, j in judges.items():
+        lv = ", ".join(f"{k}: {v['step']}" for k, v in j["levels"].items())
+        md.append(
+            f"| {js} | {j['steps']} | {j['reached_target']} | {fmt(j['val']['auroc'], '.4f')} | "
+            f"{fmt(j['val']['p_yes_right'])} / {fmt(j['val']['p_yes_wrong'])} | {j['seconds'] / 60:.1f} | {lv} |"
         )
-    return "\n".join(lines)
+    head = [
+        "| method | runs | final acc (mean ± sd) | best acc | best − final | gain | gain / RLVR gain (± sd) | "
+        "judge P(yes) − acc |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def line(name, s):
+        return (
+            f"| {name} | {s['n']} | {fmt(s['final_mean'])} ± {fmt(s['final_spread'])} | {fmt(s['best_mean'])} | "
+            f"{fmt(s['best_minus_final'])} | {fmt(s['gain'], sign=True)} | {fmt(s.get('gain_vs_rlvr'), '.2f')}"
+            f" ± {fmt(s.get('gain_vs_rlvr_spread'), '.2f')} | {fmt(s['hack_gap'], sign=True)} |"
+        )
+
+    if "main" in summary:
+        md += [
+            "",
+            "### Main: every RL seed x every judge seed",
+            "",
+            *head,
+            f"| base (SFT) | | {base_acc:.3f} | | | | | |",
+        ]
+        for k, s in summary["main"].items():
+            if s:
+                md.append(line(k, s))
+                for js, sj in s.get("by_judge", {}).items():
+                    md.append(line(f"  {k}, judge seed {js}", sj))
+    if "threshold" in summary:
+        md += [
+            "",
+            "### Threshold: judges stopped at lower quality",
+            "",
+            "| level | judge seed | val AUROC | RLME gain / RLVR | RLME-10GT gain / RLVR | RLME P(yes) − acc | "
+            "RLME, label-free stop |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for p in summary["threshold"]:
+            r, g = p["rlme"], p["rlme_10gt"]
+            md.append(
+                f"| {p['level']:g} | {p['judge_seed']} | {fmt(p['val_auroc'], '.3f')} | "
+                f"{fmt(r.get('gain_vs_rlvr'), '.2f')} ± {fmt(r.get('gain_vs_rlvr_spread'), '.2f')} | "
+                f"{fmt(g.get('gain_vs_rlvr'), '.2f')} ± {fmt(g.get('gain_vs_rlvr_spread'), '.2f')} | "
+                f"{fmt(r['hack_gap'], sign=True)} | {fmt(r.get('watch_stop_gain_vs_rlvr'), '.2f')} |"
+            )
+    if "mitigations" in summary:
+        for lv, per in summary["mitigations"].items():
+            md += ["", f"### Mitigations with judges at level {lv}", "", *head]
+            md += [line(k, s) for k, s in per.items()]
+            stops = [(k, s) for k, s in per.items() if "watch_stop_gain_vs_rlvr" in s]
+            md += [
+                f"\nLabel-free stop (watcher margin {WATCH_MARGIN}): "
+                + "; ".join(
+                    f"{k}: gain / RLVR {fmt(s['watch_stop_gain_vs_rlvr'], '.2f')} at iteration "
+                    f"{fmt(s['watch_stop_iteration'], '.1f')}"
+                    for k, s in stops
+                )
+            ]
+    if "recipe" in summary:
+        md += ["", "### RL recipe (RLVR, tuning seeds)", "", *head]
+        md += [line(k, s) for k, s in summary["recipe"].items()]
+    return "\n".join(md)
 
 
-def plot(curves: dict, path: Path) -> bool:
+def plot(curves: dict, summary: dict, path: Path) -> bool:
     try:
         import matplotlib
 
@@ -342,30 +668,46 @@ def plot(curves: dict, path: Path) -> bool:
     except ImportError:
         log("matplotlib is not installed (pip install 'rlme[bench]'): no plot")
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = 4 if summary.get("threshold") else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
     keys = [
         ("accuracy", "held-out greedy accuracy"),
         ("reward_mean", "mean training reward (log P(yes) units)"),
         ("hack_gap", "hacking probe: judge P(yes) − accuracy"),
     ]
+    methods = {
+        m: group(curves, m) + [c for rid, c in curves.items() if rid.startswith(f"{m}-j") and "-l" not in rid]
+        for m in ("rlvr", "rlme", "rlme_10gt", "rlme_self")
+    }
     for ax, (key, title) in zip(axes, keys):
-        for color, (method, by_seed) in zip(("C0", "C1", "C2", "C3", "C4"), curves.items()):
-            runs = list(by_seed.values())
+        for color, (method, runs) in zip(("C0", "C1", "C2", "C3"), methods.items()):
+            if not runs:
+                continue
             n = min(len(c) for c in runs)
-            xs = [runs[0][i]["iteration"] for i in range(n)]
-            vals = [[c[i].get(key) for c in runs] for i in range(n)]
-            pts = [(x, v) for x, v in zip(xs, vals) if all(u is not None for u in v)]
+            pts = [(runs[0][i]["iteration"], [c[i].get(key) for c in runs]) for i in range(n)]
+            pts = [(x, v) for x, v in pts if all(u is not None for u in v)]
             if not pts:
                 continue
-            m = [mean(v) for _, v in pts]
-            s = [spread(v) for _, v in pts]
-            x = [p[0] for p in pts]
-            ax.plot(x, m, color=color, label=method)
+            x, m, s = [p[0] for p in pts], [mean(v) for _, v in pts], [spread(v) for _, v in pts]
+            ax.plot(x, m, color=color, label=f"{method} ({len(runs)} runs)")
             ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color, alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
+    if panels == 4:
+        ax = axes[3]
+        for method, color in (("rlme", "C1"), ("rlme_10gt", "C2")):
+            pts = [(p["val_auroc"], p[method].get("gain_vs_rlvr")) for p in summary["threshold"]]
+            pts += [(j["val_auroc"], j.get("gain_vs_rlvr")) for j in summary.get("final_points", {}).get(method, [])]
+            pts = sorted((a, g) for a, g in pts if a is not None and g is not None)
+            ax.plot([a for a, _ in pts], [g for _, g in pts], "o", color=color, label=method)
+        ax.axhline(0.8, color="grey", ls="--", lw=0.8)
+        ax.axhline(0.0, color="black", lw=0.5)
+        ax.set_title("RLME gain / RLVR gain vs judge AUROC (base samples)", fontsize=10)
+        ax.set_xlabel("judge AUROC on the base policy's own samples")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -375,58 +717,56 @@ def plot(curves: dict, path: Path) -> bool:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=SIZES, default="full")
+    ap.add_argument("--experiments", default="main", help=f"comma-separated, of {','.join(EXPERIMENTS)}")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
-    ap.add_argument("--seeds", type=int, help="number of seeds (default: the size's)")
-    ap.add_argument("--iterations", type=int, help="RL iterations per run (default: the size's)")
+    ap.add_argument("--seeds", help="RL seeds, comma-separated (default: the size's)")
+    ap.add_argument("--judge-seeds", help="judge seeds, comma-separated (default: the size's)")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--prompts", type=int, help="RL prompts per iteration (default: the size's)")
-    ap.add_argument("--reward-form", choices=("logp", "norm_logp", "p"), help="scoring.reward_form (default logp)")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    t_start = time.time()
-    size = dict(SIZES[args.size])
-    rl = dict(
-        size["rl"],
-        **({"iterations": args.iterations} if args.iterations else {}),
-        **({"prompts_per_iteration": args.prompts} if args.prompts else {}),
-        **({"reward_form": args.reward_form} if args.reward_form else {}),
+    ap.add_argument(
+        "--jobs", type=int, default=2, help="worker processes, one thread each (results do not depend on it)"
     )
-    n_seeds = args.seeds or size["seeds"]
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    experiments = [e for e in args.experiments.split(",") if e]
+    bad = [e for e in experiments if e not in EXPERIMENTS]
+    if bad:
+        ap.error(f"--experiments: unknown {bad}; choose from {', '.join(EXPERIMENTS)}")
+    spec = dict(SIZES[args.size])
+    if args.seeds:
+        spec["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.judge_seeds:
+        spec["judge_seeds"] = tuple(int(s) for s in args.judge_seeds.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
-
-    items = T.problems()
-    splits = T.split(items, seed=0, n_eval=size["n_eval"], n_rl=size["n_rl"])
-    tok = T.build_tokenizer(T.corpus(items))
-    data = args.out / "rl_prompts.jsonl"
-    data.write_text(
+    w = {**world(args.size, args.out, args.cache), "spec": spec}
+    w["data"].write_text(
         "".join(
-            json.dumps({"id": p["id"], "question": p["prompt"], "answer": p["answer"]}) + "\n" for p in splits["rl"]
+            json.dumps({"id": p["id"], "question": p["prompt"], "answer": p["answer"]}) + "\n"
+            for p in w["splits"]["rl"]
         )
     )
-    paths = {
-        "data": data,
-        "runs": args.out / "runs",
-        "judge": args.cache / f"judge-{args.size}",
-        "base": args.cache / f"base-{args.size}",
-    }
 
-    log(f"[{time.time() - t_start:.0f}s] base policy: SFT on {len(splits['sft'])} problems, early stop")
-    base_meta = make_base(tok, splits, size["policy"], paths["base"])
-    log(f"[{time.time() - t_start:.0f}s] judge: SFT on all {len(items)} problems (cached in {paths['judge']})")
-    judge_meta = make_judge(tok, items, size["judge"], paths["judge"], paths["base"])
+    torch.set_num_threads(1)
+    log(f"[{time.time() - t_start:.0f}s] base policy: SFT on {len(w['splits']['sft'])} problems, early stop")
+    base_meta = make_base(w)
     log(
-        f"  judge {judge_meta['report']}  carry mistakes {judge_meta['report_carry']}  "
-        f"on base samples {judge_meta.get('report_base_samples')}  "
-        f"master keys P(yes) {judge_meta['master_keys_p_yes']:.3f}"
+        f"[{time.time() - t_start:.0f}s] judges {spec['judge_seeds']}: SFT on all {len(w['items'])} problems to "
+        f"AUROC {spec['judge']['target']} on the base's samples ({args.jobs} at a time, cached in {w['judge_dir']})"
     )
+    need_judges = experiments != ["recipe"]
+    metas = (
+        run_units([("judge", {"seed": js}) for js in spec["judge_seeds"]], args.jobs, args.size, args.out, args.cache)
+        if need_judges
+        else []
+    )
+    judges = dict(zip(spec["judge_seeds"], metas))
+    for js, j in judges.items():
+        log(f"  judge seed {js}: {j['steps']} steps, val {j['val']}, levels {j['levels']}")
     t_models = time.time() - t_start
 
-    judge_lm = load(str(paths["judge"]))
-    base_lm = load(str(paths["base"]))
-    base_acc, _ = accuracy(base_lm.model, base_lm.tokenizer, splits["eval"])
-    base_as_judge = T.judge_report(base_lm.model, base_lm.tokenizer, items, seed=123, n=400)
+    base_lm = load(str(w["base"]))
+    base_acc, _ = accuracy(base_lm.model, base_lm.tokenizer, w["splits"]["eval"])
+    base_as_judge = T.judge_report(base_lm.model, base_lm.tokenizer, w["items"], seed=123, n=400)
     log(f"  base held-out accuracy {base_acc:.3f}; the base as a judge: {base_as_judge}")
     methods = [m for m in args.methods.split(",") if m]
     skipped = {}
@@ -437,38 +777,39 @@ def main(argv=None) -> dict:
         )
         log(f"  skip rlme_self: {skipped['rlme_self']}")
 
-    curves: dict[str, dict[int, list]] = {m: {} for m in methods}
+    runs = plan_runs(experiments, w, judges, methods)
+    log(f"[{time.time() - t_start:.0f}s] {len(runs)} RL runs, {args.jobs} at a time")
     t_rl = time.time()
-    for seed in range(n_seeds):
-        for method in methods:
-            judge_lm = load(str(paths["judge"]))
-            curves[method][seed] = run_method(method, seed, rl, paths, splits["eval"], judge_lm)
+    # the slowest first (ensembles score with every judge), so the pool does not end on one long run
+    order = sorted(runs, key=lambda r: -len(runs[r]["judges"]))
+    results = run_units([("rl", {"run_id": r, **runs[r]}) for r in order], args.jobs, args.size, args.out, args.cache)
+    curves = dict(sorted(zip(order, results)))
     t_rl = time.time() - t_rl
 
-    summary = summarize(curves, base_acc)
+    summary = summarize(experiments, curves, base_acc, judges, w)
     wall = time.time() - t_start
     result = {
         "size": args.size,
-        "seeds": n_seeds,
-        "rl": rl,
-        "methods": methods,
+        "experiments": experiments,
+        "spec": spec,
         "skipped": skipped,
-        "judge": judge_meta,
+        "judges": judges,
         "base": {"heldout_accuracy": base_acc, "as_judge": base_as_judge, "sft": base_meta},
         "summary": summary,
+        "runs": runs,
         "curves": curves,
         "seconds": {"total": wall, "models (SFT, 0 when cached)": t_models, "rl": t_rl},
         "command": "PYTHONPATH=. python benchmarks/paper_mini/bench.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    md = table(summary, base_acc)
+    md = tables(summary, base_acc, judges)
     (args.out / "results.md").write_text(
-        f"{md}\n\nJudge (before RL): accuracy {judge_meta['report']['accuracy']:.3f}, AUROC {judge_meta['report']['auroc']:.3f}. "
-        f"Base as a judge: AUROC {base_as_judge['auroc']:.3f}.\n{n_seeds} seeds x {rl['iterations']} iterations; "
-        f"wall time {wall / 60:.1f} min (models {t_models / 60:.1f} min, RL {t_rl / 60:.1f} min).\n"
+        f"{md}\n\nBase held-out accuracy {base_acc:.3f}; base as a judge: AUROC {base_as_judge['auroc']:.3f}.\n"
+        f"{len(runs)} RL runs x {spec['rl']['iterations']} iterations; wall time {wall / 60:.1f} min "
+        f"(models {t_models / 60:.1f} min, RL {t_rl / 60:.1f} min, {args.jobs} jobs).\n"
     )
-    plot(curves, args.out / "curves.png")
+    plot(curves, summary, args.out / "curves.png")
     log(md)
     log(f"wall time {wall:.0f}s (models {t_models:.0f}s, RL {t_rl:.0f}s); results in {args.out}")
     return result

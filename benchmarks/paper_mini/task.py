@@ -262,6 +262,7 @@ def sft_judge(
     pool: dict[str, list[str]] | None = None,
     pool_share: float = 0.5,
     log=print,
+    on_eval=None,
 ) -> list[dict]:
     """A "knowledgeable" judge, in one forward pass per step over three kinds of rows:
     - the answer-generation loss on every problem (pretraining: the judge knows the facts; alone for the
@@ -274,7 +275,8 @@ def sft_judge(
       (AUROC 0.66 vs 0.81 after 800 steps in feasibility runs).
     pool: problem id -> wrong completions sampled from the base policy (labelled by exact match, the way
     reward models are trained on their policy's outputs); `pool_share` of the wrong-answer negatives of a
-    problem that has some are drawn from it."""
+    problem that has some are drawn from it.
+    on_eval(step, report) -> bool: called after each evaluation; True stops training there (a quality target)."""
     rng = random.Random(seed)
     yes, no = tok.encode(" Yes", add_special_tokens=False)[0], tok.encode(" No", add_special_tokens=False)[0]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -329,6 +331,8 @@ def sft_judge(
             rep = eval_fn(model) if eval_fn else {}
             history.append({"step": step + 1, "loss": loss.item(), **rep})
             log(f"  judge step {step + 1}: loss {loss.item():.3f} {rep} ({time.time() - t0:.0f}s)")
+            if on_eval is not None and on_eval(step + 1, rep):
+                break
             model.train()
     model.eval()
     return history

@@ -93,6 +93,8 @@ def update(
         opt = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay)
         if optimizer_state is not None:
             opt.load_state_dict(optimizer_state)
+    for group in opt.param_groups:  # the schedule's lr, whatever the saved state or the last iteration held
+        group["lr"] = o.lr_at(iteration)
 
     step_size = o.micro_batch_size * o.grad_accumulation
     n_steps = o.epochs * -(-len(items) // step_size) if items else 0

@@ -140,6 +140,9 @@ def legacy_hash(cfg) -> str:
         d["policy"].pop("lora", None)
     d["optimizer"].pop("logprob_chunk_tokens")
     d["optimizer"].pop("gradient_checkpointing")  # added after the legacy hash; operational
+    for k, default in (("lr_decay_iterations", 0), ("lr_final_ratio", 0.1)):  # added later; hashed only when set
+        if d["optimizer"][k] == default:
+            d["optimizer"].pop(k)
     d.pop("tracking")  # added after the legacy hash; operational
     d.pop("alerts")  # added after the legacy hash; operational
     d.pop("distributed")  # added after the legacy hash; operational
@@ -165,6 +168,7 @@ def legacy_hash(cfg) -> str:
         lambda d: d["evaluators"][0].update(dtype="bfloat16", device="cuda"),
         lambda d: d["policy"].update(lora={"r": 8, "target_modules": ["q_proj"]}),
         lambda d: d.update(distributed={"processes": 4, "backend": "gloo"}),
+        lambda d: d["optimizer"].update(lr_decay_iterations=30),
     ],
 )
 def test_hash_is_the_legacy_hash_so_existing_runs_resume(mutate):

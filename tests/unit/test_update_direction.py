@@ -132,3 +132,28 @@ def test_the_update_bar_counts_optimizer_steps_to_its_total(tmp_path, tiny_model
     _, _, metrics = update(cfg, 4, rollouts, rewards, Loaded(model, tok, "v0", path), None, None)
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("update iter 4: optimizer steps")]
     assert metrics["optimizer_steps"] == 6 and " 6/6 " in line, line
+
+
+def test_the_lr_schedule_is_hand_checked_and_reaches_the_optimizer(tmp_path, tiny_models):
+    """Cosine over iterations, then held: 1e-3 at 0, 5.5e-4 half way (0.1 + 0.9 * 0.5), 1e-4 at and past
+    the end. The stage steps with that lr whatever the optimizer held before: at a final ratio of 0 the
+    weights do not move."""
+    path = str(tiny_models["policy"])
+    o = _config(tmp_path, path, optimizer={"lr": 1e-3, "lr_decay_iterations": 4}).optimizer
+    assert [round(o.lr_at(i), 12) for i in (0, 2, 4, 9)] == [1e-3, 5.5e-4, 1e-4, 1e-4]
+    assert _config(tmp_path, path, optimizer={"lr": 1e-3}).optimizer.lr_at(7) == 1e-3  # constant by default
+
+    cfg = _config(tmp_path, path, optimizer={"lr": 1e-2, "lr_decay_iterations": 1, "lr_final_ratio": 0.0})
+    tok = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    prompt = tok("Question: What is 2+3?\nAnswer:")["input_ids"]
+    completions = {n: tok(t, add_special_tokens=False)["input_ids"][:8] for n, t in COMPLETIONS.items()}
+    rollouts, rewards = _iteration_zero(tok, model, prompt, completions, {"good": 1.0, "bad": -1.0})
+    lm = Loaded(model, tok, "v0", path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lm.optimizer, _, _ = update(cfg, 0, rollouts, rewards, lm, None, None)  # lr 1e-2: the weights move
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(before[k], moved[k]) for k in before)
+    opt, _, _ = update(cfg, 1, rollouts, rewards, lm, None, None)  # lr 0, through the kept optimizer
+    assert opt.param_groups[0]["lr"] == 0.0
+    assert all(torch.equal(moved[k], v) for k, v in model.state_dict().items())
