@@ -55,8 +55,9 @@ def test_paper_mini_smoke(tmp_path):
     md = (out / "results.md").read_text()
     assert "| rlvr |" in md and "### Threshold" in md and "### RL recipe" in md
     assert (out / "curves.png").stat().st_size > 1000
-    # a rerun reuses the cached models (no SFT) and starts the RL runs afresh
+    # a rerun reuses the cached models (no SFT) and the finished runs' curves (no RL)
     again = bench.main(
         ["--size", "smoke", "--out", str(out), "--cache", str(cache), "--jobs", "1", "--methods", "rlvr"]
     )
     assert again["judges"] == result["judges"]
+    assert again["curves"] == {"rlvr-s0": result["curves"]["rlvr-s0"]} and again["seconds"]["rl"] < 1
