@@ -722,6 +722,31 @@ def plot(curves: dict, summary: dict, path: Path) -> bool:
     return True
 
 
+def plot_judges(judges: dict, path: Path) -> bool:
+    """Each judge seed's validation AUROC (the base policy's own samples) against its training step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for js, j in judges.items():
+        pts = [(r["step"], r["val_auroc"]) for r in j["curve"] if r.get("val_auroc") is not None]
+        ax.plot([s for s, _ in pts], [a for _, a in pts], marker=".", label=f"judge seed {js}")
+    if judges:
+        target = next(iter(judges.values()))["spec"]["target"]
+        ax.axhline(target, color="grey", ls="--", lw=0.8, label=f"target {target}")
+    ax.set_xlabel("judge SFT step")
+    ax.set_ylabel("AUROC on the base policy's samples (validation)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 # --- main -----------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -758,17 +783,16 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     log(f"[{time.time() - t_start:.0f}s] base policy: SFT on {len(w['splits']['sft'])} problems, early stop")
     base_meta = make_base(w)
-    log(
-        f"[{time.time() - t_start:.0f}s] judges {spec['judge_seeds']}: SFT on all {len(w['items'])} problems to "
-        f"AUROC {spec['judge']['target']} on the base's samples ({args.jobs} at a time, cached in {w['judge_dir']})"
-    )
-    need_judges = experiments != ["recipe"]
-    metas = (
-        run_units([("judge", {"seed": js}) for js in spec["judge_seeds"]], args.jobs, args.size, args.out, args.cache)
-        if need_judges
-        else []
-    )
-    judges = dict(zip(spec["judge_seeds"], metas))
+    methods = [m for m in args.methods.split(",") if m]
+    judged = {"rlme", "rlme_10gt"} & set(methods)
+    judges = {}
+    if {"judges", "threshold", "mitigations"} & set(experiments) or ("main" in experiments and judged):
+        log(
+            f"[{time.time() - t_start:.0f}s] judges {spec['judge_seeds']}: SFT on all {len(w['items'])} problems to "
+            f"AUROC {spec['judge']['target']} on the base's samples ({args.jobs} at a time, cached in {w['judge_dir']})"
+        )
+        units = [("judge", {"seed": js}) for js in spec["judge_seeds"]]
+        judges = dict(zip(spec["judge_seeds"], run_units(units, args.jobs, args.size, args.out, args.cache)))
     for js, j in judges.items():
         log(f"  judge seed {js}: {j['steps']} steps, val {j['val']}, levels {j['levels']}")
     t_models = time.time() - t_start
@@ -777,7 +801,6 @@ def main(argv=None) -> dict:
     base_acc, _ = accuracy(base_lm.model, base_lm.tokenizer, w["splits"]["eval"])
     base_as_judge = T.judge_report(base_lm.model, base_lm.tokenizer, w["items"], seed=123, n=400)
     log(f"  base held-out accuracy {base_acc:.3f}; the base as a judge: {base_as_judge}")
-    methods = [m for m in args.methods.split(",") if m]
     skipped = {}
     if "rlme_self" in methods and base_as_judge["auroc"] < 0.6:
         methods.remove("rlme_self")
@@ -819,6 +842,7 @@ def main(argv=None) -> dict:
         f"(models {t_models / 60:.1f} min, RL {t_rl / 60:.1f} min, {args.jobs} jobs).\n"
     )
     plot(curves, summary, args.out / "curves.png")
+    plot_judges(judges, args.out / "judges.png")
     log(md)
     log(f"wall time {wall:.0f}s (models {t_models:.0f}s, RL {t_rl:.0f}s); results in {args.out}")
     return result

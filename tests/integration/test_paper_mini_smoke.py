@@ -54,10 +54,11 @@ def test_paper_mini_smoke(tmp_path):
     assert saved["summary"].keys() == s.keys()
     md = (out / "results.md").read_text()
     assert "| rlvr |" in md and "### Threshold" in md and "### RL recipe" in md
-    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "judges.png").stat().st_size > 1000
     # a rerun reuses the cached models (no SFT) and the finished runs' curves (no RL)
     again = bench.main(
-        ["--size", "smoke", "--out", str(out), "--cache", str(cache), "--jobs", "1", "--methods", "rlvr"]
+        ["--size", "smoke", "--out", str(out), "--cache", str(cache), "--jobs", "1", "--experiments", "judges,main"]
+        + ["--methods", "rlvr"]
     )
     assert again["judges"] == result["judges"]
     assert again["curves"] == {"rlvr-s0": result["curves"]["rlvr-s0"]} and again["seconds"]["rl"] < 1
