@@ -89,7 +89,8 @@ SIZES = {
         seeds=(0, 1, 2, 3, 4),
         judge_seeds=(1, 2, 3),
         sweep_seeds=(0, 1),  # RL seeds per judge seed at each point of the threshold and mitigation sweeps
-        mitigation_levels=(0.9, 0.95),
+        mitigation_levels=(0.9,),
+        gt_levels=(0.9, 0.95),  # RLME-10GT beside RLME at these levels of the threshold sweep
         kl_beta=0.1,
         recipes={
             "constant 3e-4": {"lr_decay_iterations": 0},
@@ -132,6 +133,7 @@ SIZES = {
         judge_seeds=(1, 2),
         sweep_seeds=(0,),
         mitigation_levels=(0.0,),
+        gt_levels=(0.0,),
         kl_beta=0.1,
         recipes={"constant": {}, "cosine": {"lr_decay_iterations": 2}},
         recipe_seeds=(100,),
@@ -470,7 +472,7 @@ def plan_runs(experiments: list[str], w: dict, judges: dict, methods: list[str])
         for level in spec["judge"]["levels"]:
             for js in jseeds:
                 for seed in spec["sweep_seeds"]:
-                    for method in ("rlme", "rlme_10gt"):
+                    for method in ("rlme", "rlme_10gt") if level in spec["gt_levels"] else ("rlme",):
                         add(f"{method}-j{js}-l{level:g}-s{seed}", method, seed, [at(level, js)], watcher(level, js))
     if "mitigations" in experiments:
         for level in spec["mitigation_levels"]:
@@ -561,7 +563,9 @@ def summarize(experiments, curves, base_acc, judges, w) -> dict:
                     continue
                 row = {"level": level, "judge_seed": js, "val_auroc": judges[js]["levels"][f"{level:g}"]["val_auroc"]}
                 for method in ("rlme", "rlme_10gt"):
-                    row[method] = stats(group(curves, method, j=js, l=f"{level:g}"), base_acc, rlvr_gain)
+                    runs = group(curves, method, j=js, l=f"{level:g}")
+                    if runs:
+                        row[method] = stats(runs, base_acc, rlvr_gain)
                 points.append(row)
         out["threshold"] = points
     if "mitigations" in experiments:
@@ -642,7 +646,7 @@ def tables(summary: dict, base_acc: float, judges: dict) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for p in summary["threshold"]:
-            r, g = p["rlme"], p["rlme_10gt"]
+            r, g = p["rlme"], p.get("rlme_10gt", {})
             md.append(
                 f"| {p['level']:g} | {p['judge_seed']} | {fmt(p['val_auroc'], '.3f')} | "
                 f"{fmt(r.get('gain_vs_rlvr'), '.2f')} ± {fmt(r.get('gain_vs_rlvr_spread'), '.2f')} | "
@@ -668,7 +672,8 @@ def tables(summary: dict, base_acc: float, judges: dict) -> str:
     return "\n".join(md)
 
 
-def plot(curves: dict, summary: dict, path: Path) -> bool:
+def pyplot():
+    """matplotlib's pyplot on a file backend, or None (said once per plot) when it is not installed."""
     try:
         import matplotlib
 
@@ -676,6 +681,13 @@ def plot(curves: dict, summary: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         log("matplotlib is not installed (pip install 'rlme[bench]'): no plot")
+        return None
+    return plt
+
+
+def plot(curves: dict, summary: dict, path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     panels = 4 if summary.get("threshold") else 3
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
@@ -707,7 +719,7 @@ def plot(curves: dict, summary: dict, path: Path) -> bool:
     if panels == 4:
         ax = axes[3]
         for method, color in (("rlme", "C1"), ("rlme_10gt", "C2")):
-            pts = [(p["val_auroc"], p[method].get("gain_vs_rlvr")) for p in summary["threshold"]]
+            pts = [(p["val_auroc"], p[method].get("gain_vs_rlvr")) for p in summary["threshold"] if method in p]
             pts += [(j["val_auroc"], j.get("gain_vs_rlvr")) for j in summary.get("final_points", {}).get(method, [])]
             pts = sorted((a, g) for a, g in pts if a is not None and g is not None)
             ax.plot([a for a, _ in pts], [g for _, g in pts], "o", color=color, label=method)
@@ -724,12 +736,8 @@ def plot(curves: dict, summary: dict, path: Path) -> bool:
 
 def plot_judges(judges: dict, path: Path) -> bool:
     """Each judge seed's validation AUROC (the base policy's own samples) against its training step."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for js, j in judges.items():
