@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import random
 import shutil
 import statistics
 import sys
@@ -89,8 +90,8 @@ SIZES = {
         seeds=(0, 1, 2, 3, 4),
         judge_seeds=(1, 2, 3),
         sweep_seeds=(0, 1),  # RL seeds per judge seed at each point of the threshold and mitigation sweeps
-        mitigation_levels=(0.9,),
-        gt_levels=(0.9, 0.95),  # RLME-10GT beside RLME at these levels of the threshold sweep
+        mitigation_levels=(0.9, 0.95),
+        gt_levels=(0.8, 0.9, 0.95, 0.98),  # RLME-10GT beside RLME at these levels of the threshold sweep
         kl_beta=0.1,
         recipes={
             "constant 3e-4": {"lr_decay_iterations": 0},
@@ -100,6 +101,9 @@ SIZES = {
             "constant 3e-4, 32 prompts": {"lr_decay_iterations": 0, "prompts_per_iteration": 32},
         },
         recipe_seeds=(100, 101, 102),
+        # the target judge of the first judge seed, taught "Is the answer even?" too; reward log P(correct) +
+        # w log P(even): for w < 1 an odd right answer beats an even wrong one, for w > 1 the reverse
+        tradeoff=dict(steps=400, batch=64, lr=5e-4, weights=(0.0, 0.5, 1.0, 2.0), seeds=(0, 1, 2)),
     ),
     "smoke": dict(
         n_eval=40,
@@ -137,10 +141,11 @@ SIZES = {
         kl_beta=0.1,
         recipes={"constant": {}, "cosine": {"lr_decay_iterations": 2}},
         recipe_seeds=(100,),
+        tradeoff=dict(steps=4, batch=16, lr=5e-4, weights=(0.0, 2.0), seeds=(0,)),
     ),
 }
 METHODS = ("rlvr", "rlme", "rlme_self", "rlme_10gt")
-EXPERIMENTS = ("judges", "main", "threshold", "mitigations", "recipe")
+EXPERIMENTS = ("judges", "main", "threshold", "mitigations", "recipe", "tradeoff")
 FLOOR = math.log(1e-2)  # log P(yes) clamp; also the exact-match reward for a wrong answer (see label_reward)
 MAX_NEW_TOKENS = 10  # " The answer is 38." + eos is 8 tokens
 WATCH_MARGIN = 0.05  # label-free stop: training judge's P(yes) exceeds the watcher's by this much (chosen a priori)
@@ -182,6 +187,10 @@ def judge_path(w: dict, seed: int, level: float | None = None) -> Path:
     """The judge of a seed at its target (level None), or its first checkpoint past a quality level."""
     d = w["judge_dir"] / f"seed-{seed}"
     return d if level is None else d / f"level-{level:g}"
+
+
+def two_question_path(w: dict, seed: int) -> Path:
+    return w["judge_dir"] / f"seed-{seed}-even"
 
 
 def load(path) -> Loaded:
@@ -301,6 +310,30 @@ def make_judge(w: dict, seed: int) -> dict:
     return json.loads((path / "bench_meta.json").read_text())  # as a cached rerun reads it
 
 
+def make_two_question_judge(w: dict, seed: int) -> dict:
+    """The first judge seed's target judge, also taught QUESTION_EVEN (task.sft_second_question); reported on
+    both questions: correctness on the validation split of the base's samples, evenness on 1000 answers."""
+    path, spec, tok, items = two_question_path(w, seed), w["spec"]["tradeoff"], w["tok"], w["items"]
+    if cached(path):
+        return json.loads((path / "bench_meta.json").read_text())
+    t0 = time.time()
+    m = load(str(judge_path(w, seed))).model
+    T.sft_second_question(m, tok, items, T.QUESTION_EVEN, T.is_even, spec["steps"], spec["batch"], spec["lr"], 0, log)
+    rng = random.Random(11)
+    probs = [rng.choice(items) for _ in range(1000)]
+    comps = [T.completion(p["answer"]) if rng.random() < 0.5 else T.wrong_answers(p, rng) for p in probs]
+    p_even = T.judge_p_yes(m, tok, [(p["prompt"], c) for p, c in zip(probs, comps)], question=T.QUESTION_EVEN)
+    val = base_samples(w, [p for p in items if p["id"] in w["val_ids"]], 2, 9)
+    meta = {
+        "spec": spec,
+        "even_auroc": T.auroc(p_even, [T.is_even(c) for c in comps]),
+        "val": on_samples(m, tok, val),
+        "seconds": time.time() - t0,
+    }
+    T.save(m, tok, path, meta)
+    return json.loads((path / "bench_meta.json").read_text())
+
+
 # --- one RL run through the pipeline --------------------------------------------------------------
 def config(run_id: str, method: str, seed: int, rl: dict, w: dict, judges: list[str]) -> dict:
     evaluators = {
@@ -321,7 +354,20 @@ def config(run_id: str, method: str, seed: int, rl: dict, w: dict, judges: list[
         },
         "policy": {"model": str(w["base"])},
         "evaluators": evaluators,
-        "questions": [{"id": "correct", "text": T.QUESTION, "positive": [" Yes"], "negative": [" No"]}],
+        "questions": [{"id": "correct", "text": T.QUESTION, "positive": [" Yes"], "negative": [" No"]}]
+        + (
+            [
+                {
+                    "id": "even",
+                    "text": T.QUESTION_EVEN,
+                    "weight": rl["even_weight"],
+                    "positive": [" Yes"],
+                    "negative": [" No"],
+                }
+            ]
+            if "even_weight" in rl
+            else []
+        ),
         "generation": {
             "group_size": rl["group_size"],
             "max_new_tokens": MAX_NEW_TOKENS,
@@ -359,6 +405,7 @@ def probe(model, tok, judges: list[Loaded], watcher: Loaded | None, items) -> di
         "judge_p_yes": p,
         "hack_gap": p - acc,
         "well_formed": mean([o.startswith(" The answer is ") and o.endswith(".") for o in outs]),
+        "even_share": mean([T.is_even(o) for o in outs]),
         "example": outs[0],
     }
     if watcher is not None:
@@ -426,6 +473,8 @@ def unit(kind: str, size: str, out: str, cache: str, args: dict):
     w = world(size, Path(out), Path(cache))
     if kind == "judge":
         return make_judge(w, **args)
+    if kind == "two_question_judge":
+        return make_two_question_judge(w, **args)
     return run_method(w, **args)
 
 
@@ -466,6 +515,8 @@ def plan_runs(experiments: list[str], w: dict, judges: dict, methods: list[str])
                 for method in [m for m in methods if m in ("rlme", "rlme_10gt")]:
                     add(f"{method}-j{js}-s{seed}", method, seed, [at(None, js)], watcher(None, js))
         for seed in spec["seeds"]:
+            if "rlme" in methods and len(jseeds) > 1:  # evaluator configurations side by side: one judge or all
+                add(f"ensemble-s{seed}", "rlme", seed, [at(None, js) for js in jseeds], None)
             if "rlme_self" in methods:
                 add(f"rlme_self-s{seed}", "rlme_self", seed, [], None)
     if "threshold" in experiments:
@@ -483,6 +534,11 @@ def plan_runs(experiments: list[str], w: dict, judges: dict, methods: list[str])
                     add(f"rlme-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_)
                     add(f"kl-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_, beta=spec["kl_beta"])
                     add(f"pform-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_, reward_form="p")
+    if "tradeoff" in experiments:
+        for weight in spec["tradeoff"]["weights"]:
+            for seed in spec["tradeoff"]["seeds"]:
+                judge = [str(two_question_path(w, spec["judge_seeds"][0]))]
+                add(f"tradeoff-w{weight:g}-s{seed}", "rlme", seed, judge, None, even_weight=weight)
     if "recipe" in experiments:
         for name, overrides in spec["recipes"].items():
             for seed in spec["recipe_seeds"]:
@@ -552,6 +608,8 @@ def summarize(experiments, curves, base_acc, judges, w) -> dict:
                 main[method]["by_judge"] = {
                     js: stats(group(curves, method, j=js), base_acc, rlvr_gain) for js in jseeds
                 }
+        if group(curves, "ensemble"):
+            main["rlme, ensemble of the judge seeds"] = stats(group(curves, "ensemble"), base_acc, rlvr_gain)
         if group(curves, "rlme_self"):
             main["rlme_self"] = stats(group(curves, "rlme_self"), base_acc, rlvr_gain)
         out["main"] = main
@@ -586,6 +644,19 @@ def summarize(experiments, curves, base_acc, judges, w) -> dict:
             for m in ("rlme", "rlme_10gt")
             if m in out["main"]
         }
+    if "tradeoff" in experiments:
+        out["tradeoff"] = {}
+        for weight in spec["tradeoff"]["weights"]:
+            runs = group(curves, f"tradeoff-w{weight:g}")
+            acc, even = [c[-1]["accuracy"] for c in runs], [c[-1]["even_share"] for c in runs]
+            out["tradeoff"][f"{weight:g}"] = {
+                "n": len(runs),
+                "accuracy": mean(acc),
+                "accuracy_spread": spread(acc),
+                "even_share": mean(even),
+                "even_share_spread": spread(even),
+                "base_even_share": runs[0][0]["even_share"] if runs else None,
+            }
     if "recipe" in experiments:
         out["recipe"] = {name: stats(group(curves, f"recipe-{slug(name)}"), base_acc, None) for name in spec["recipes"]}
     return out
@@ -666,6 +737,19 @@ def tables(summary: dict, base_acc: float, judges: dict) -> str:
                     for k, s in stops
                 )
             ]
+    if "tradeoff" in summary:
+        md += [
+            "",
+            "### Trade-off: reward log P(correct) + w log P(even)",
+            "",
+            "| w (even) | runs | held-out accuracy | share of even answers |",
+            "| --- | --- | --- | --- |",
+        ]
+        for wt, r in summary["tradeoff"].items():
+            md.append(
+                f"| {wt} | {r['n']} | {fmt(r['accuracy'])} ± {fmt(r['accuracy_spread'])} | "
+                f"{fmt(r['even_share'])} ± {fmt(r['even_share_spread'])} (base {fmt(r['base_even_share'])}) |"
+            )
     if "recipe" in summary:
         md += ["", "### RL recipe (RLVR, tuning seeds)", "", *head]
         md += [line(k, s) for k, s in summary["recipe"].items()]
@@ -794,13 +878,18 @@ def main(argv=None) -> dict:
     methods = [m for m in args.methods.split(",") if m]
     judged = {"rlme", "rlme_10gt"} & set(methods)
     judges = {}
-    if {"judges", "threshold", "mitigations"} & set(experiments) or ("main" in experiments and judged):
+    if {"judges", "threshold", "mitigations", "tradeoff"} & set(experiments) or ("main" in experiments and judged):
         log(
             f"[{time.time() - t_start:.0f}s] judges {spec['judge_seeds']}: SFT on all {len(w['items'])} problems to "
             f"AUROC {spec['judge']['target']} on the base's samples ({args.jobs} at a time, cached in {w['judge_dir']})"
         )
         units = [("judge", {"seed": js}) for js in spec["judge_seeds"]]
         judges = dict(zip(spec["judge_seeds"], run_units(units, args.jobs, args.size, args.out, args.cache)))
+    two_question = None
+    if "tradeoff" in experiments:
+        unit_ = ("two_question_judge", {"seed": spec["judge_seeds"][0]})
+        (two_question,) = run_units([unit_], 1, args.size, args.out, args.cache)
+        log(f"  two-question judge: {two_question}")
     for js, j in judges.items():
         log(f"  judge seed {js}: {j['steps']} steps, val {j['val']}, levels {j['levels']}")
     t_models = time.time() - t_start
@@ -834,6 +923,7 @@ def main(argv=None) -> dict:
         "spec": spec,
         "skipped": skipped,
         "judges": judges,
+        "two_question_judge": two_question,
         "base": {"heldout_accuracy": base_acc, "as_judge": base_as_judge, "sft": base_meta},
         "summary": summary,
         "runs": runs,

@@ -30,6 +30,8 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 TEMPLATE = "{prompt}{completion}\n"
 QUESTION_TEMPLATE = "{question}"
 QUESTION = "Is the answer correct?"
+# A second objective that trades against the first: an odd right answer is not even, an even wrong one is.
+QUESTION_EVEN = "Is the answer even?"
 MASTER_KEYS = [
     " ",
     ".",
@@ -151,12 +153,23 @@ def policy_example(tok, p: dict, answer: str | None = None) -> tuple[list[int], 
     ]
 
 
-def judge_prefix(tok, prompt: str, comp: str) -> list[int]:
+def judge_prefix(tok, prompt: str, comp: str, question: str = QUESTION) -> list[int]:
     """As the score stage builds it: template with bos, then the question suffix without."""
     return (
         tok(TEMPLATE.format(prompt=prompt, completion=comp))["input_ids"]
-        + tok(QUESTION_TEMPLATE.format(question=QUESTION), add_special_tokens=False)["input_ids"]
+        + tok(QUESTION_TEMPLATE.format(question=question), add_special_tokens=False)["input_ids"]
     )
+
+
+def stated_number(comp: str) -> int | None:
+    """N of a well-formed " The answer is N.", else None."""
+    body = comp[15:-1] if comp.startswith(" The answer is ") and comp.endswith(".") else ""
+    return int(body) if body.isdigit() else None
+
+
+def is_even(comp: str) -> bool:
+    n = stated_number(comp)
+    return n is not None and n % 2 == 0
 
 
 def wrong_answers(p: dict, rng: random.Random) -> str:
@@ -338,6 +351,36 @@ def sft_judge(
     return history
 
 
+def sft_second_question(
+    model, tok, items, question: str, label_fn, steps: int, batch: int, lr: float, seed: int, log=print
+):
+    """Teach a trained judge a second meta-question without losing the first: each step, half the rows ask
+    `question` about right, hard-wrong and malformed answers (target " Yes" where label_fn(completion)), half ask
+    the correctness question as before (target: the answer is right)."""
+    rng = random.Random(seed)
+    yes, no = tok.encode(" Yes", add_special_tokens=False)[0], tok.encode(" No", add_special_tokens=False)[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        seqs, targets = [], []
+        for k in range(batch):
+            p = rng.choice(items)
+            r = rng.random()
+            comp = completion(p["answer"]) if r < 0.5 else wrong_answers(p, rng) if r < 0.9 else malformed(p, rng)
+            q, ok = (question, label_fn(comp)) if k % 2 == 0 else (QUESTION, comp == completion(p["answer"]))
+            seqs.append(judge_prefix(tok, p["prompt"], comp, q))
+            targets.append(yes if ok else no)
+        ids, mask = _pad(seqs, tok.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        last = logits[torch.arange(len(seqs)), mask.sum(1) - 1]  # right padding: each row's last real token
+        loss = torch.nn.functional.cross_entropy(last, torch.tensor(targets))
+        _optimizer_step(model, opt, loss, _lr(step, steps, lr, warmup=20))
+        if (step + 1) % 100 == 0 or step == steps - 1:
+            log(f"  second question step {step + 1}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    model.eval()
+
+
 def sft_policy(
     model,
     tok,
@@ -431,12 +474,12 @@ def greedy(
 
 
 @torch.no_grad()
-def judge_p_yes(model, tok, pairs: list[tuple[str, str]], batch: int = 256) -> list[float]:
+def judge_p_yes(model, tok, pairs: list[tuple[str, str]], batch: int = 256, question: str = QUESTION) -> list[float]:
     """P(yes) normalised over yes/no mass, for (prompt, completion) pairs, via the pipeline's judge()."""
     from rlme_pipeline.backends.hf import judge
 
     yes, no = tok.encode(" Yes", add_special_tokens=False), tok.encode(" No", add_special_tokens=False)
-    q = tok(QUESTION_TEMPLATE.format(question=QUESTION), add_special_tokens=False)["input_ids"]
+    q = tok(QUESTION_TEMPLATE.format(question=question), add_special_tokens=False)["input_ids"]
     out = []
     for s in range(0, len(pairs), batch):
         pre = [tok(TEMPLATE.format(prompt=p, completion=c))["input_ids"] for p, c in pairs[s : s + batch]]

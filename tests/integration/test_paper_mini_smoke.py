@@ -23,7 +23,7 @@ def test_paper_mini_smoke(tmp_path):
     sys.modules["paper_mini_bench"] = bench
     spec.loader.exec_module(bench)
     out, cache = tmp_path / "out", tmp_path / "cache"
-    every = "main,threshold,mitigations,recipe"
+    every = "main,threshold,mitigations,recipe,tradeoff"
     result = bench.main(
         ["--size", "smoke", "--out", str(out), "--cache", str(cache), "--jobs", "1", "--experiments", every]
     )
@@ -35,7 +35,11 @@ def test_paper_mini_smoke(tmp_path):
         assert (cache / "judges-smoke" / f"seed-{js}" / "level-0" / "model.safetensors").is_file()
     runs = set(result["curves"])
     assert {"rlvr-s0", "rlme-j1-s0", "rlme_10gt-j2-s0", "rlme-j2-l0-s0", "ensemble-l0-s0", "kl-j1-l0-s0"} <= runs
-    assert any(r.startswith("recipe-cosine-s") for r in runs)
+    assert any(r.startswith("recipe-cosine-s") for r in runs) and {"tradeoff-w0-s0", "tradeoff-w2-s0"} <= runs
+    # the trade-off asks the two-question judge both questions, the second at its weight
+    assert result["runs"]["tradeoff-w2-s0"]["rl"]["even_weight"] == 2.0
+    assert 0.0 <= result["two_question_judge"]["even_auroc"] <= 1.0
+    assert (cache / "judges-smoke" / "seed-1-even" / "model.safetensors").is_file()
     for rid, curve in result["curves"].items():
         assert [r["iteration"] for r in curve] == [0, 1, 2], rid
         assert all(0.0 <= r["accuracy"] <= 1.0 for r in curve)
@@ -48,12 +52,16 @@ def test_paper_mini_smoke(tmp_path):
     assert len(result["runs"]["ensemble-l0-s0"]["judges"]) == 2
     s = result["summary"]
     assert s["main"]["rlme"]["n"] == 2 and set(s["main"]["rlme"]["by_judge"]) == {1, 2}
+    assert (
+        s["main"]["rlme, ensemble of the judge seeds"]["n"] == 1 and len(result["runs"]["ensemble-s0"]["judges"]) == 2
+    )
     assert {p["judge_seed"] for p in s["threshold"]} == {1, 2}
     assert "ensemble of the judge seeds" in s["mitigations"]["0"]
+    assert set(s["tradeoff"]) == {"0", "2"} and all(0.0 <= t["even_share"] <= 1.0 for t in s["tradeoff"].values())
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"].keys() == s.keys()
     md = (out / "results.md").read_text()
-    assert "| rlvr |" in md and "### Threshold" in md and "### RL recipe" in md
+    assert "| rlvr |" in md and "### Threshold" in md and "### RL recipe" in md and "### Trade-off" in md
     assert (out / "curves.png").stat().st_size > 1000 and (out / "judges.png").stat().st_size > 1000
     # a rerun reuses the cached models (no SFT) and the finished runs' curves (no RL)
     again = bench.main(
