@@ -90,8 +90,8 @@ SIZES = {
         seeds=(0, 1, 2, 3, 4),
         judge_seeds=(1, 2, 3),
         sweep_seeds=(0, 1),  # RL seeds per judge seed at each point of the threshold and mitigation sweeps
-        mitigation_levels=(0.9, 0.95),
-        gt_levels=(0.8, 0.9, 0.95, 0.98),  # RLME-10GT beside RLME at these levels of the threshold sweep
+        mitigation_levels=(0.9,),
+        gt_levels=(0.9,),  # RLME-10GT beside RLME at these levels of the threshold sweep
         kl_beta=0.1,
         recipes={
             "constant 3e-4": {"lr_decay_iterations": 0},
