@@ -422,7 +422,7 @@ def run_method(w: dict, run_id: str, method: str, seed: int, rl: dict, judges: l
     done = w["runs"].parent / "curves" / f"{run_id}.json"
     if done.is_file() and json.loads(done.read_text())["made_by"] == made_by:
         return json.loads(done.read_text())["curve"]
-    cfg = validate_config(raw)
+    cfg = validate_config({**raw, "checkpoint": {"keep_last": 1}})  # operational: disk use flat, the newest kept
     run = Run(Store(str(w["runs"])), cfg.run.id)
     if run.store.exists("run.json"):  # a benchmark run starts from scratch
         shutil.rmtree(run.store.abs("."), ignore_errors=True)
@@ -456,10 +456,6 @@ def run_method(w: dict, run_id: str, method: str, seed: int, rl: dict, judges: l
                 f"  {run_id} iter {i + 1}: acc {row['accuracy']:.3f} hack gap {row['hack_gap'] or 0:+.3f} "
                 f"({row['seconds']:.0f}s)"
             )
-        if i > 0:  # keep disk use flat: only the newest checkpoint is needed to go on
-            previous = Path(checkpoint.local_dir(run, i - 1, run.read_record(i - 1, "update").files))
-            for f in ("model.safetensors", "optimizer.pt"):
-                (previous / f).unlink(missing_ok=True)
 
     train(cfg, run, on_commit=on_commit)
     done.parent.mkdir(parents=True, exist_ok=True)
@@ -881,10 +877,13 @@ def main(argv=None) -> dict:
     if {"judges", "threshold", "mitigations", "tradeoff"} & set(experiments) or ("main" in experiments and judged):
         log(
             f"[{time.time() - t_start:.0f}s] judges {spec['judge_seeds']}: SFT on all {len(w['items'])} problems to "
-            f"AUROC {spec['judge']['target']} on the base's samples ({args.jobs} at a time, cached in {w['judge_dir']})"
+            f"AUROC {spec['judge']['target']} on the base's samples (cached in {w['judge_dir']})"
         )
         units = [("judge", {"seed": js}) for js in spec["judge_seeds"]]
-        judges = dict(zip(spec["judge_seeds"], run_units(units, args.jobs, args.size, args.out, args.cache)))
+        # all judges at once when running in parallel at all: 3 judges on 2 cores finish in half their summed
+        # time, where 2-then-1 waits for the last one alone
+        jobs = len(units) if args.jobs > 1 else 1
+        judges = dict(zip(spec["judge_seeds"], run_units(units, jobs, args.size, args.out, args.cache)))
     two_question = None
     if "tradeoff" in experiments:
         unit_ = ("two_question_judge", {"seed": spec["judge_seeds"][0]})
