@@ -589,6 +589,18 @@ def group(curves: dict[str, list], prefix: str, **parts) -> list[list[dict]]:
     return [c for rid, c in curves.items() if rid.startswith(want) and rid[len(want) :].isdigit()]
 
 
+def paired(curves: dict[str, list], prefixes: list[str]) -> dict:
+    """Final accuracy minus RLVR's on the same RL seed (same prompts, same sampling seeds): the seed-to-seed
+    noise that both share cancels. Mean, sd and standard error over the runs."""
+    diffs = []
+    for rid, c in curves.items():
+        stem, _, seed = rid.rpartition("-s")
+        if any(stem == p for p in prefixes) and f"rlvr-s{seed}" in curves:
+            diffs.append(c[-1]["accuracy"] - curves[f"rlvr-s{seed}"][-1]["accuracy"])
+    sd = spread(diffs)
+    return {"n": len(diffs), "mean": mean(diffs), "sd": sd, "se": sd / math.sqrt(len(diffs)) if diffs else None}
+
+
 def summarize(experiments, curves, base_acc, judges, w) -> dict:
     spec = w["spec"]
     rlvr = group(curves, "rlvr")
@@ -601,11 +613,13 @@ def summarize(experiments, curves, base_acc, judges, w) -> dict:
             every = [c for js in jseeds for c in group(curves, method, j=js)]
             if every:
                 main[method] = stats(every, base_acc, rlvr_gain)
+                main[method]["minus_rlvr_same_seed"] = paired(curves, [f"{method}-j{js}" for js in jseeds])
                 main[method]["by_judge"] = {
                     js: stats(group(curves, method, j=js), base_acc, rlvr_gain) for js in jseeds
                 }
         if group(curves, "ensemble"):
             main["rlme, ensemble of the judge seeds"] = stats(group(curves, "ensemble"), base_acc, rlvr_gain)
+            main["rlme, ensemble of the judge seeds"]["minus_rlvr_same_seed"] = paired(curves, ["ensemble"])
         if group(curves, "rlme_self"):
             main["rlme_self"] = stats(group(curves, "rlme_self"), base_acc, rlvr_gain)
         out["main"] = main
@@ -703,6 +717,17 @@ def tables(summary: dict, base_acc: float, judges: dict) -> str:
                 md.append(line(k, s))
                 for js, sj in s.get("by_judge", {}).items():
                     md.append(line(f"  {k}, judge seed {js}", sj))
+        pairs = [
+            (k, s["minus_rlvr_same_seed"]) for k, s in summary["main"].items() if s and "minus_rlvr_same_seed" in s
+        ]
+        md += [
+            "",
+            "Final accuracy minus RLVR's on the same RL seed: "
+            + "; ".join(
+                f"{k} {fmt(p['mean'], sign=True)} (sd {fmt(p['sd'])}, se {fmt(p['se'])}, {p['n']} runs)"
+                for k, p in pairs
+            ),
+        ]
     if "threshold" in summary:
         md += [
             "",

@@ -52,6 +52,7 @@ def test_paper_mini_smoke(tmp_path):
     assert len(result["runs"]["ensemble-l0-s0"]["judges"]) == 2
     s = result["summary"]
     assert s["main"]["rlme"]["n"] == 2 and set(s["main"]["rlme"]["by_judge"]) == {1, 2}
+    assert s["main"]["rlme"]["minus_rlvr_same_seed"]["n"] == 2  # each judge seed's run against RLVR's, seed 0
     assert (
         s["main"]["rlme, ensemble of the judge seeds"]["n"] == 1 and len(result["runs"]["ensemble-s0"]["judges"]) == 2
     )
