@@ -148,7 +148,7 @@ METHODS = ("rlvr", "rlme", "rlme_self", "rlme_10gt")
 EXPERIMENTS = ("judges", "main", "threshold", "mitigations", "recipe", "tradeoff")
 FLOOR = math.log(1e-2)  # log P(yes) clamp; also the exact-match reward for a wrong answer (see label_reward)
 MAX_NEW_TOKENS = 10  # " The answer is 38." + eos is 8 tokens
-WATCH_MARGIN = 0.05  # label-free stop: training judge's P(yes) exceeds the watcher's by this much (chosen a priori)
+WATCH_MARGIN = 0.05  # label-free stop: the training judge's P(yes) gains this much on the watcher's (set a priori)
 
 
 def log(*a) -> None:
@@ -577,8 +577,12 @@ def stats(curves: list[list[dict]], base_acc: float, rlvr_gain: float | None) ->
 
 
 def watch_stop(curve: list[dict]) -> int:
+    """The iteration to keep: the last before the training judges' P(yes) pulled away from the watcher's by
+    WATCH_MARGIN more than at the start. Relative to the start because two judges' calibrations differ on the
+    base's answers already (by more than 0.05 for some pairs, which stopped an absolute rule at iteration 0)."""
+    start = curve[0]["judge_p_yes"] - curve[0]["watch_p_yes"]
     for i, r in enumerate(curve):
-        if r["judge_p_yes"] is not None and r["judge_p_yes"] - r["watch_p_yes"] > WATCH_MARGIN:
+        if r["judge_p_yes"] - r["watch_p_yes"] - start > WATCH_MARGIN:
             return max(i - 1, 0)  # the last checkpoint before the disagreement
     return len(curve) - 1
 
@@ -738,6 +742,8 @@ def tables(summary: dict, base_acc: float, judges: dict) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for p in summary["threshold"]:
+            if "rlme" not in p:  # its runs were not asked for (--methods)
+                continue
             r, g = p["rlme"], p.get("rlme_10gt", {})
             md.append(
                 f"| {p['level']:g} | {p['judge_seed']} | {fmt(p['val_auroc'], '.3f')} | "
