@@ -796,6 +796,12 @@ def pyplot():
     return plt
 
 
+def saved(fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def plot(curves: dict, summary: dict, path: Path) -> bool:
     plt = pyplot()
     if plt is None:
@@ -840,9 +846,7 @@ def plot(curves: dict, summary: dict, path: Path) -> bool:
         ax.set_xlabel("judge AUROC on the base policy's own samples")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return saved(fig, path)
 
 
 def plot_judges(judges: dict, path: Path) -> bool:
@@ -861,9 +865,7 @@ def plot_judges(judges: dict, path: Path) -> bool:
     ax.set_ylabel("AUROC on the base policy's samples (validation)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return saved(fig, path)
 
 
 # --- main -----------------------------------------------------------------------------------------
