@@ -233,9 +233,8 @@ def make_base(w: dict) -> dict:
     return meta
 
 
-def base_samples(w: dict, items: list[dict], n: int, seed: int) -> list[tuple[dict, str, bool]]:
+def base_samples(lm: Loaded, items: list[dict], n: int, seed: int) -> list[tuple[dict, str, bool]]:
     """n samples per problem from the base policy at temperature 1 (what RL starts from), graded by exact match."""
-    lm = load(str(w["base"]))
     prompts = [p for p in items for _ in range(n)]
     outs = T.greedy(lm.model, lm.tokenizer, [p["prompt"] for p in prompts], MAX_NEW_TOKENS, temperature=1.0, seed=seed)
     return [(p, o, is_correct(o, p["answer"], "answer_is")) for p, o in zip(prompts, outs)]
@@ -263,10 +262,11 @@ def make_judge(w: dict, seed: int) -> dict:
         return json.loads((path / "bench_meta.json").read_text())
     t0 = time.time()
     pool: dict[str, list[str]] = {}
-    for p, o, ok in base_samples(w, [p for p in items if p["id"] not in w["val_ids"]], spec["base_negatives"], 5):
+    base = load(str(w["base"]))  # one load for the negatives and the validation samples
+    for p, o, ok in base_samples(base, [p for p in items if p["id"] not in w["val_ids"]], spec["base_negatives"], 5):
         if not ok:
             pool.setdefault(p["id"], []).append(o)
-    val = base_samples(w, [p for p in items if p["id"] in w["val_ids"]], 2, 9)
+    val = base_samples(base, [p for p in items if p["id"] in w["val_ids"]], 2, 9)
     log(f"  judge seed {seed}: {sum(map(len, pool.values()))} wrong base samples as negatives, {len(val)} to validate")
     m = T.build_model(tok, spec["hidden"], spec["layers"], seed=seed, heads=spec.get("heads"))
     levels: dict[str, dict] = {}
@@ -323,7 +323,7 @@ def make_two_question_judge(w: dict, seed: int) -> dict:
     probs = [rng.choice(items) for _ in range(1000)]
     comps = [T.completion(p["answer"]) if rng.random() < 0.5 else T.wrong_answers(p, rng) for p in probs]
     p_even = T.judge_p_yes(m, tok, [(p["prompt"], c) for p, c in zip(probs, comps)], question=T.QUESTION_EVEN)
-    val = base_samples(w, [p for p in items if p["id"] in w["val_ids"]], 2, 9)
+    val = base_samples(load(str(w["base"])), [p for p in items if p["id"] in w["val_ids"]], 2, 9)
     meta = {
         "spec": spec,
         "even_auroc": T.auroc(p_even, [T.is_even(c) for c in comps]),
