@@ -30,6 +30,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import multiprocessing
@@ -65,7 +67,8 @@ SIZES = {
             hidden=128,
             layers=3,
             heads=8,
-            steps=6000,  # the cosine horizon and the cap; training stops earlier at the target
+            steps=6000,  # the cosine horizon; training stops earlier at the target
+            tail=4000,  # then at most this many steps at a constant 0.1 x lr (the cap: 10,000 steps in all)
             check_every=250,
             target=0.99,  # AUROC on the validation split of the base policy's own samples
             levels=(0.8, 0.9, 0.95, 0.98),  # keep the first checkpoint past each: the threshold curve's judges
@@ -101,6 +104,10 @@ SIZES = {
             "constant 3e-4, 32 prompts": {"lr_decay_iterations": 0, "prompts_per_iteration": 32},
         },
         recipe_seeds=(100, 101, 102),
+        # the base, also taught to judge on its SFT problems (the live-self evaluator); validated on RL problems
+        self_judge=dict(
+            steps=4000, check_every=250, target=0.99, n_val=400, base_negatives=4, aux=1.0, batch=64, lr=1e-3
+        ),
         # the target judge of the first judge seed, taught "Is the answer even?" too; reward log P(correct) +
         # w log P(even): for w < 1 an odd right answer beats an even wrong one, for w > 1 the reverse
         tradeoff=dict(steps=400, batch=64, lr=5e-4, weights=(0.0, 0.5, 1.0, 2.0), seeds=(0, 1, 2)),
@@ -114,6 +121,7 @@ SIZES = {
             layers=1,
             heads=4,
             steps=20,
+            tail=10,
             check_every=10,
             target=0.99,
             levels=(0.0,),  # any judge passes: the sweep's plumbing is what the smoke size checks
@@ -142,10 +150,11 @@ SIZES = {
         recipes={"constant": {}, "cosine": {"lr_decay_iterations": 2}},
         recipe_seeds=(100,),
         tradeoff=dict(steps=4, batch=16, lr=5e-4, weights=(0.0, 2.0), seeds=(0,)),
+        self_judge=dict(steps=10, check_every=5, target=0.99, n_val=20, base_negatives=1, aux=1.0, batch=16, lr=1e-3),
     ),
 }
 METHODS = ("rlvr", "rlme", "rlme_self", "rlme_10gt")
-EXPERIMENTS = ("judges", "main", "threshold", "mitigations", "recipe", "tradeoff")
+EXPERIMENTS = ("check", "judges", "main", "threshold", "mitigations", "recipe", "tradeoff", "self")
 FLOOR = math.log(1e-2)  # log P(yes) clamp; also the exact-match reward for a wrong answer (see label_reward)
 MAX_NEW_TOKENS = 10  # " The answer is 38." + eos is 8 tokens
 WATCH_MARGIN = 0.05  # label-free stop: the training judge's P(yes) gains this much on the watcher's (set a priori)
@@ -189,6 +198,10 @@ def judge_path(w: dict, seed: int, level: float | None = None) -> Path:
     return d if level is None else d / f"level-{level:g}"
 
 
+def self_judging_path(w: dict) -> Path:
+    return w["judge_dir"].parent / f"self-judging-base-{w['size']}"
+
+
 def two_question_path(w: dict, seed: int) -> Path:
     return w["judge_dir"] / f"seed-{seed}-even"
 
@@ -196,6 +209,19 @@ def two_question_path(w: dict, seed: int) -> Path:
 def load(path) -> Loaded:
     """A model loaded for one use, dropped with the caller's reference (training holds its own)."""
     return ModelPool(1).get(str(path))
+
+
+@functools.cache
+def weights_id(path: str) -> str:
+    """The sha256 of a model directory's weights: a retrained judge at the same path is a different judge."""
+    with open(Path(path) / "model.safetensors", "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def weights_of(raw: dict, watcher: str | None) -> dict[str, str]:
+    """The weights a run's curve depends on: its policy, its evaluators (not the live policy) and its watcher."""
+    paths = [raw["policy"]["model"], *(e["model"] for e in raw["evaluators"]), *([watcher] if watcher else [])]
+    return {p: weights_id(p) for p in paths if not p.startswith("policy")}
 
 
 def cached(path: Path) -> bool:
@@ -293,6 +319,7 @@ def make_judge(w: dict, seed: int) -> dict:
         pool=pool,
         log=lambda *a: log(f"  [judge seed {seed}]", *a),
         on_eval=on_eval,
+        tail=spec.get("tail", 0),
     )
     meta = {
         "seed": seed,
@@ -308,6 +335,57 @@ def make_judge(w: dict, seed: int) -> dict:
     }
     T.save(m, tok, path, meta)
     return json.loads((path / "bench_meta.json").read_text())  # as a cached rerun reads it
+
+
+def make_self_judging_base(w: dict) -> dict:
+    """The base policy, then taught to judge as well, on its own SFT problems only (it must not learn the RL or
+    held-out answers): the same recipe as a judge, its wrong samples on those problems as negatives, the answer
+    loss kept on. Validated on its own samples on RL problems it never trained on, the ones it will judge."""
+    path, spec, tok, splits = self_judging_path(w), w["spec"]["self_judge"], w["tok"], w["splits"]
+    if cached(path):
+        return json.loads((path / "bench_meta.json").read_text())
+    t0 = time.time()
+    lm = load(str(w["base"]))
+    pool: dict[str, list[str]] = {}
+    for p, o, ok in base_samples(lm, splits["sft"], spec["base_negatives"], 5):
+        if not ok:
+            pool.setdefault(p["id"], []).append(o)
+    val = base_samples(lm, splits["rl"][: spec["n_val"]], 2, 9)
+    log(
+        f"  self-judging base: {sum(map(len, pool.values()))} of its wrong samples as negatives, {len(val)} to validate"
+    )
+    m = lm.model
+    curve = T.sft_judge(
+        m,
+        tok,
+        splits["sft"],
+        spec["steps"],
+        spec["batch"],
+        spec["lr"],
+        seed=0,
+        eval_fn=lambda m: {
+            "val_auroc": on_samples(m, tok, val)["auroc"],
+            "heldout_accuracy": accuracy(m, tok, splits["eval"])[0],
+        },
+        every=spec["check_every"],
+        lm_first=0,
+        aux=spec["aux"],
+        pool=pool,
+        log=lambda *a: log("  [self-judging base]", *a),
+        on_eval=lambda step, rep: (rep["val_auroc"] or 0) >= spec["target"],
+    )
+    own = base_samples(lm, splits["eval"], 2, 11)  # lm.model is m, trained in place: its own answers, unseen problems
+    meta = {
+        "spec": spec,
+        "curve": curve,
+        "steps": curve[-1]["step"],
+        "heldout_accuracy": accuracy(m, tok, splits["eval"])[0],
+        "val": on_samples(m, tok, val),
+        "as_judge_on_own_heldout_samples": on_samples(m, tok, own),
+        "seconds": time.time() - t0,
+    }
+    T.save(m, tok, path, meta)
+    return json.loads((path / "bench_meta.json").read_text())
 
 
 def make_two_question_judge(w: dict, seed: int) -> dict:
@@ -340,6 +418,7 @@ def config(run_id: str, method: str, seed: int, rl: dict, w: dict, judges: list[
         "rlvr": [],
         "rlme": [{"name": f"judge{k}", "model": j} for k, j in enumerate(judges)],
         "rlme_self": [{"name": "self", "model": "policy"}],
+        "rlme_frozen_self": [{"name": "self", "model": "policy@initial"}],
         "rlme_10gt": [{"name": f"judge{k}", "model": j} for k, j in enumerate(judges)],
     }[method]
     label_reward = {"rlvr": {"share": 1.0}, "rlme_10gt": {"share": 0.1}}.get(method)
@@ -352,7 +431,7 @@ def config(run_id: str, method: str, seed: int, rl: dict, w: dict, judges: list[
             "label_column": "answer",
             "prompts_per_iteration": rl["prompts_per_iteration"],
         },
-        "policy": {"model": str(w["base"])},
+        "policy": {"model": rl.get("policy", str(w["base"]))},
         "evaluators": evaluators,
         "questions": [{"id": "correct", "text": T.QUESTION, "positive": [" Yes"], "negative": [" No"]}]
         + (
@@ -418,7 +497,7 @@ def run_method(w: dict, run_id: str, method: str, seed: int, rl: dict, judges: l
     --out/curves/ with what made it, and reused by a later invocation that asks for the same run: experiments
     can be run one after another, and an interrupted sweep goes on where it stopped."""
     raw = config(run_id, method, seed, rl, w, judges)
-    made_by = {"config": raw, "watcher": watcher}
+    made_by = {"config": raw, "watcher": watcher, "weights": weights_of(raw, watcher)}
     done = w["runs"].parent / "curves" / f"{run_id}.json"
     if done.is_file() and json.loads(done.read_text())["made_by"] == made_by:
         return json.loads(done.read_text())["curve"]
@@ -430,7 +509,7 @@ def run_method(w: dict, run_id: str, method: str, seed: int, rl: dict, judges: l
     judge_lms = [load(j) for j in judges]
     watch_lm = load(watcher) if watcher else None
     items_eval = w["splits"]["eval"]
-    base = load(str(w["base"]))
+    base = load(raw["policy"]["model"])
     curve = [{"iteration": 0, **probe(base.model, base.tokenizer, judge_lms, watch_lm, items_eval)}]
     t0 = time.time()
 
@@ -471,6 +550,8 @@ def unit(kind: str, size: str, out: str, cache: str, args: dict):
         return make_judge(w, **args)
     if kind == "two_question_judge":
         return make_two_question_judge(w, **args)
+    if kind == "self_judging_base":
+        return make_self_judging_base(w)
     return run_method(w, **args)
 
 
@@ -530,6 +611,13 @@ def plan_runs(experiments: list[str], w: dict, judges: dict, methods: list[str])
                     add(f"rlme-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_)
                     add(f"kl-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_, beta=spec["kl_beta"])
                     add(f"pform-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_, reward_form="p")
+    if "self" in experiments:  # evaluator configurations from one base that was also taught to judge
+        me = str(self_judging_path(w))
+        for seed in spec["seeds"]:
+            add(f"self-rlvr-s{seed}", "rlvr", seed, [], None, policy=me)
+            add(f"self-live-s{seed}", "rlme_self", seed, [me], None, policy=me)  # judged by the policy itself
+            add(f"self-frozen-s{seed}", "rlme_frozen_self", seed, [me], None, policy=me)  # by its initial self
+            add(f"self-other-s{seed}", "rlme", seed, [at(None, jseeds[0])], None, policy=me)  # by a judge seed
     if "tradeoff" in experiments:
         for weight in spec["tradeoff"]["weights"]:
             for seed in spec["tradeoff"]["seeds"]:
@@ -593,19 +681,19 @@ def group(curves: dict[str, list], prefix: str, **parts) -> list[list[dict]]:
     return [c for rid, c in curves.items() if rid.startswith(want) and rid[len(want) :].isdigit()]
 
 
-def paired(curves: dict[str, list], prefixes: list[str]) -> dict:
+def paired(curves: dict[str, list], prefixes: list[str], ref: str = "rlvr") -> dict:
     """Final accuracy minus RLVR's on the same RL seed (same prompts, same sampling seeds): the seed-to-seed
     noise that both share cancels. Mean, sd and standard error over the runs."""
     diffs = []
     for rid, c in curves.items():
         stem, _, seed = rid.rpartition("-s")
-        if any(stem == p for p in prefixes) and f"rlvr-s{seed}" in curves:
-            diffs.append(c[-1]["accuracy"] - curves[f"rlvr-s{seed}"][-1]["accuracy"])
+        if any(stem == p for p in prefixes) and f"{ref}-s{seed}" in curves:
+            diffs.append(c[-1]["accuracy"] - curves[f"{ref}-s{seed}"][-1]["accuracy"])
     sd = spread(diffs)
     return {"n": len(diffs), "mean": mean(diffs), "sd": sd, "se": sd / math.sqrt(len(diffs)) if diffs else None}
 
 
-def summarize(experiments, curves, base_acc, judges, w) -> dict:
+def summarize(experiments, curves, base_acc, judges, w, self_base=None) -> dict:
     spec = w["spec"]
     rlvr = group(curves, "rlvr")
     rlvr_gain = mean(c[-1]["accuracy"] for c in rlvr) - base_acc if rlvr else None
@@ -671,6 +759,15 @@ def summarize(experiments, curves, base_acc, judges, w) -> dict:
                 "even_share_spread": spread(even),
                 "base_even_share": runs[0][0]["even_share"] if runs else None,
             }
+    if "self" in experiments:  # against the self-judging base and RLVR from it
+        acc0 = self_base["heldout_accuracy"]
+        ref = group(curves, "self-rlvr")
+        gain = mean(c[-1]["accuracy"] for c in ref) - acc0 if ref else None
+        out["self"] = {"rlvr": stats(ref, acc0, gain)} if ref else {}
+        for name in ("live", "frozen", "other"):
+            if group(curves, f"self-{name}"):
+                out["self"][name] = stats(group(curves, f"self-{name}"), acc0, gain)
+                out["self"][name]["minus_rlvr_same_seed"] = paired(curves, [f"self-{name}"], ref="self-rlvr")
     if "recipe" in experiments:
         out["recipe"] = {name: stats(group(curves, f"recipe-{slug(name)}"), base_acc, None) for name in spec["recipes"]}
     return out
@@ -777,6 +874,24 @@ def tables(summary: dict, base_acc: float, judges: dict) -> str:
                 f"| {wt} | {r['n']} | {fmt(r['accuracy'])} ± {fmt(r['accuracy_spread'])} | "
                 f"{fmt(r['even_share'])} ± {fmt(r['even_share_spread'])} (base {fmt(r['base_even_share'])}) |"
             )
+    if summary.get("self"):
+        names = {
+            "rlvr": "RLVR",
+            "live": "RLME, live self (`policy`)",
+            "frozen": "RLME, frozen self (`policy@initial`)",
+            "other": "RLME, frozen other (judge seed 1)",
+        }
+        md += ["", "### Evaluator configurations, from a base also taught to judge", "", *head]
+        md += [line(names[k], s) for k, s in summary["self"].items()]
+        md += [
+            "",
+            "Final accuracy minus RLVR's (from the same base) on the same RL seed: "
+            + "; ".join(
+                f"{names[k]} {fmt(p['mean'], sign=True)} (se {fmt(p['se'])}, {p['n']} runs)"
+                for k, s in summary["self"].items()
+                if (p := s.get("minus_rlvr_same_seed"))
+            ),
+        ]
     if "recipe" in summary:
         md += ["", "### RL recipe (RLVR, tuning seeds)", "", *head]
         md += [line(k, s) for k, s in summary["recipe"].items()]
@@ -872,7 +987,7 @@ def plot_judges(judges: dict, path: Path) -> bool:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=SIZES, default="full")
-    ap.add_argument("--experiments", default="main", help=f"comma-separated, of {','.join(EXPERIMENTS)}")
+    ap.add_argument("--experiments", default="check", help=f"comma-separated, of {','.join(EXPERIMENTS)}")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
     ap.add_argument("--seeds", help="RL seeds, comma-separated (default: the size's)")
@@ -892,6 +1007,9 @@ def main(argv=None) -> dict:
         spec["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     if args.judge_seeds:
         spec["judge_seeds"] = tuple(int(s) for s in args.judge_seeds.split(","))
+    if "check" in experiments:  # the default: `main` with one judge seed, under 45 minutes cold on 2 cores
+        experiments = list(dict.fromkeys("main" if e == "check" else e for e in experiments))
+        spec["judge_seeds"] = spec["judge_seeds"] if args.judge_seeds else spec["judge_seeds"][:1]
     args.out.mkdir(parents=True, exist_ok=True)
     w = {**world(args.size, args.out, args.cache), "spec": spec}
     w["data"].write_text(
@@ -907,7 +1025,9 @@ def main(argv=None) -> dict:
     methods = [m for m in args.methods.split(",") if m]
     judged = {"rlme", "rlme_10gt"} & set(methods)
     judges = {}
-    if {"judges", "threshold", "mitigations", "tradeoff"} & set(experiments) or ("main" in experiments and judged):
+    if {"judges", "threshold", "mitigations", "tradeoff", "self"} & set(experiments) or (
+        "main" in experiments and judged
+    ):
         log(
             f"[{time.time() - t_start:.0f}s] judges {spec['judge_seeds']}: SFT on all {len(w['items'])} problems to "
             f"AUROC {spec['judge']['target']} on the base's samples (cached in {w['judge_dir']})"
@@ -922,6 +1042,13 @@ def main(argv=None) -> dict:
         unit_ = ("two_question_judge", {"seed": spec["judge_seeds"][0]})
         (two_question,) = run_units([unit_], 1, args.size, args.out, args.cache)
         log(f"  two-question judge: {two_question}")
+    self_base = None
+    if "self" in experiments:
+        (self_base,) = run_units([("self_judging_base", {})], 1, args.size, args.out, args.cache)
+        log(
+            f"  self-judging base: {self_base['steps']} steps, held-out accuracy {self_base['heldout_accuracy']:.3f}, "
+            f"as a judge of its own held-out samples {self_base['as_judge_on_own_heldout_samples']}"
+        )
     for js, j in judges.items():
         log(f"  judge seed {js}: {j['steps']} steps, val {j['val']}, levels {j['levels']}")
     t_models = time.time() - t_start
@@ -947,7 +1074,7 @@ def main(argv=None) -> dict:
     curves = dict(sorted(zip(order, results)))
     t_rl = time.time() - t_rl
 
-    summary = summarize(experiments, curves, base_acc, judges, w)
+    summary = summarize(experiments, curves, base_acc, judges, w, self_base)
     wall = time.time() - t_start
     result = {
         "size": args.size,
@@ -956,6 +1083,7 @@ def main(argv=None) -> dict:
         "skipped": skipped,
         "judges": judges,
         "two_question_judge": two_question,
+        "self_judging_base": self_base,
         "base": {"heldout_accuracy": base_acc, "as_judge": base_as_judge, "sft": base_meta},
         "summary": summary,
         "runs": runs,

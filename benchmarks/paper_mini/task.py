@@ -276,6 +276,8 @@ def sft_judge(
     pool_share: float = 0.5,
     log=print,
     on_eval=None,
+    tail: int = 0,
+    tail_lr: float = 0.1,
 ) -> list[dict]:
     """A "knowledgeable" judge, in one forward pass per step over three kinds of rows:
     - the answer-generation loss on every problem (pretraining: the judge knows the facts; alone for the
@@ -289,7 +291,9 @@ def sft_judge(
     pool: problem id -> wrong completions sampled from the base policy (labelled by exact match, the way
     reward models are trained on their policy's outputs); `pool_share` of the wrong-answer negatives of a
     problem that has some are drawn from it.
-    on_eval(step, report) -> bool: called after each evaluation; True stops training there (a quality target)."""
+    on_eval(step, report) -> bool: called after each evaluation; True stops training there (a quality target).
+    tail: steps past the cosine's end at a constant tail_lr x lr, for a seed still short of its target there (the
+    cosine's last steps move almost nothing); seeds that stop earlier never reach it."""
     rng = random.Random(seed)
     yes, no = tok.encode(" Yes", add_special_tokens=False)[0], tok.encode(" No", add_special_tokens=False)[0]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -297,7 +301,7 @@ def sft_judge(
     history = []
     t0 = time.time()
     F = torch.nn.functional
-    for step in range(steps):
+    for step in range(steps + tail):
         judging = step >= lm_first
         seqs, labels, ends, checks = [], [], [], []
         for _ in range(batch if judging else 0):
@@ -338,8 +342,8 @@ def sft_judge(
                 li, lj = torch.tensor([i for i, _, _ in pairs]), torch.tensor([j for _, j, _ in pairs])
                 d = logits[li, lj, yes] - logits[li, lj, no]
                 loss = loss + aux * F.binary_cross_entropy_with_logits(d, torch.tensor([y for _, _, y in pairs]))
-        _optimizer_step(model, opt, loss, _lr(step, steps, lr))
-        if judging and ((step + 1) % every == 0 or step == steps - 1):
+        _optimizer_step(model, opt, loss, _lr(step, steps, lr) if step < steps else lr * tail_lr)
+        if judging and ((step + 1) % every == 0 or step == steps + tail - 1):
             model.eval()
             rep = eval_fn(model) if eval_fn else {}
             history.append({"step": step + 1, "loss": loss.item(), **rep})
