@@ -5,7 +5,8 @@ f is one of
     norm_logp  max(log (P(yes) / (P(yes)+P(no))), floor)
     p          P(yes)
 A failed judgement makes its rollout's reward NaN (never 0), and NaN rewards are left out of the group
-mean and masked out of the loss.
+mean and masked out of the loss. A judgement at weight 0 (a watched question, evolve's paraphrases) is not a
+component of the reward: its failure stays in the scores table's status and voids nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def compute_rewards(
 ) -> pl.DataFrame:
     """One row per rollout (all of `rollouts`, even those with no scores) with reward and advantage."""
     weights = pl.DataFrame(
-        [(e, q, ve * wq) for e, ve in evaluator_weights.items() for q, wq in question_weights.items()],
+        [(e, q, ve * wq) for e, ve in evaluator_weights.items() for q, wq in question_weights.items() if ve * wq],
         schema={"evaluator": pl.String, "question_id": pl.String, "weight": pl.Float64},
         orient="row",
     )
@@ -56,7 +57,7 @@ def compute_rewards(
             n_null=pl.col("term").is_null().sum(),
         )
     )
-    expected = weights.height  # every evaluator x question
+    expected = weights.height  # every evaluator x question of nonzero weight
     out = (
         rollouts.select("rollout_id", "prompt_id", "iteration")
         .join(parts, on="rollout_id", how="left")
@@ -66,6 +67,7 @@ def compute_rewards(
             n_failed=(pl.col("n_null").fill_null(0) + expected - pl.col("n_present").fill_null(0)).cast(pl.Int32),
         )
         # A missing or failed component leaves the reward undefined, not smaller.
+        # (With no weighted component at all it stays null: no reward, never a silent 0; label_reward may set it.)
         .with_columns(reward=pl.when(pl.col("n_failed") == 0).then(pl.col("reward")).otherwise(float("nan")))
     )
     return with_advantages(out, scale_std).select(

@@ -169,6 +169,21 @@ def test_a_judgement_of_an_unknown_evaluator_or_question_is_ignored_and_a_missin
     assert all(math.isnan(two[r]["reward"]) and two[r]["n_failed"] == 1 and two[r]["n_components"] == 2 for r in "ab")
 
 
+def test_a_failed_judgement_at_weight_zero_voids_no_reward():
+    """A watched question (weight 0) whose judgement fails: the reward is the weighted ones' sum, not NaN; a
+    failure of a weighted one still voids it. Evolve scores each question's paraphrase this way."""
+    scores, rollouts = _tables({"p": {"a": -1.0, "b": -3.0}})
+    watched = scores.with_columns(question_id=pl.lit("w"), status=pl.lit("context_overflow"), logp_yes=None)
+    both = pl.concat([scores, watched])
+    out = _by_id(compute_rewards(both, rollouts, {"e": 1.0}, {"k": 1.0, "w": 0.0}, form="logp", floor=FLOOR))
+    assert (out["a"]["reward"], out["b"]["reward"]) == (-1.0, -3.0)
+    assert (out["a"]["advantage"], out["a"]["n_components"], out["a"]["n_failed"]) == (1.0, 1, 0)
+    flipped = _by_id(compute_rewards(both, rollouts, {"e": 1.0}, {"k": 0.0, "w": 1.0}, form="logp", floor=FLOOR))
+    assert all(math.isnan(flipped[r]["reward"]) and flipped[r]["n_failed"] == 1 for r in "ab")
+    nothing = _by_id(compute_rewards(both, rollouts, {"e": 0.0}, {"k": 1.0, "w": 1.0}, form="logp", floor=FLOOR))
+    assert all(nothing[r]["reward"] is None and nothing[r]["n_components"] == 0 for r in "ab")  # no reward, not 0
+
+
 def test_reward_forms_and_floors_exactly():
     """f(p) per form at values where the floor binds and where it does not."""
     rollouts = pl.DataFrame({"rollout_id": ["a", "b"], "prompt_id": ["p", "q"], "iteration": [0, 0]})
