@@ -108,6 +108,8 @@ SIZES = {
         self_judge=dict(
             steps=4000, check_every=250, target=0.99, n_val=400, base_negatives=4, aux=1.0, batch=64, lr=1e-3
         ),
+        self_rl={},  # overrides of `rl` for every run from the self-judging base
+        self_recipes={"lr 3e-4 (the main recipe)": {}, "lr 1e-4": {"lr": 1e-4}, "lr 3e-5": {"lr": 3e-5}},
         # the target judge of the first judge seed, taught "Is the answer even?" too; reward log P(correct) +
         # w log P(even): for w < 1 an odd right answer beats an even wrong one, for w > 1 the reverse
         tradeoff=dict(steps=400, batch=64, lr=5e-4, weights=(0.0, 0.5, 1.0, 2.0), seeds=(0, 1, 2)),
@@ -151,10 +153,12 @@ SIZES = {
         recipe_seeds=(100,),
         tradeoff=dict(steps=4, batch=16, lr=5e-4, weights=(0.0, 2.0), seeds=(0,)),
         self_judge=dict(steps=10, check_every=5, target=0.99, n_val=20, base_negatives=1, aux=1.0, batch=16, lr=1e-3),
+        self_rl={"lr": 1e-4},
+        self_recipes={"main": {}, "low": {"lr": 3e-5}},
     ),
 }
 METHODS = ("rlvr", "rlme", "rlme_self", "rlme_10gt")
-EXPERIMENTS = ("check", "judges", "main", "threshold", "mitigations", "recipe", "tradeoff", "self")
+EXPERIMENTS = ("check", "judges", "main", "threshold", "mitigations", "recipe", "tradeoff", "self", "self_recipe")
 FLOOR = math.log(1e-2)  # log P(yes) clamp; also the exact-match reward for a wrong answer (see label_reward)
 MAX_NEW_TOKENS = 10  # " The answer is 38." + eos is 8 tokens
 WATCH_MARGIN = 0.05  # label-free stop: the training judge's P(yes) gains this much on the watcher's (set a priori)
@@ -611,13 +615,18 @@ def plan_runs(experiments: list[str], w: dict, judges: dict, methods: list[str])
                     add(f"rlme-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_)
                     add(f"kl-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_, beta=spec["kl_beta"])
                     add(f"pform-j{js}-l{level:g}-s{seed}", "rlme", seed, [at(level, js)], w_, reward_form="p")
+    me = str(self_judging_path(w))
     if "self" in experiments:  # evaluator configurations from one base that was also taught to judge
-        me = str(self_judging_path(w))
+        rl = {"policy": me, **spec["self_rl"]}
         for seed in spec["seeds"]:
-            add(f"self-rlvr-s{seed}", "rlvr", seed, [], None, policy=me)
-            add(f"self-live-s{seed}", "rlme_self", seed, [me], None, policy=me)  # judged by the policy itself
-            add(f"self-frozen-s{seed}", "rlme_frozen_self", seed, [me], None, policy=me)  # by its initial self
-            add(f"self-other-s{seed}", "rlme", seed, [at(None, jseeds[0])], None, policy=me)  # by a judge seed
+            add(f"self-rlvr-s{seed}", "rlvr", seed, [], None, **rl)
+            add(f"self-live-s{seed}", "rlme_self", seed, [me], None, **rl)  # judged by the policy itself
+            add(f"self-frozen-s{seed}", "rlme_frozen_self", seed, [me], None, **rl)  # by its initial self
+            add(f"self-other-s{seed}", "rlme", seed, [at(None, jseeds[0])], None, **rl)  # by a judge seed
+    if "self_recipe" in experiments:  # the RL recipe from the self-judging base (RLVR, tuning seeds)
+        for name, overrides in spec["self_recipes"].items():
+            for seed in spec["recipe_seeds"]:
+                add(f"self-recipe-{slug(name)}-s{seed}", "rlvr", seed, [], None, policy=me, **overrides)
     if "tradeoff" in experiments:
         for weight in spec["tradeoff"]["weights"]:
             for seed in spec["tradeoff"]["seeds"]:
@@ -768,6 +777,11 @@ def summarize(experiments, curves, base_acc, judges, w, self_base=None) -> dict:
             if group(curves, f"self-{name}"):
                 out["self"][name] = stats(group(curves, f"self-{name}"), acc0, gain)
                 out["self"][name]["minus_rlvr_same_seed"] = paired(curves, [f"self-{name}"], ref="self-rlvr")
+    if "self_recipe" in experiments:
+        out["self_recipe"] = {
+            name: stats(group(curves, f"self-recipe-{slug(name)}"), self_base["heldout_accuracy"], None)
+            for name in spec["self_recipes"]
+        }
     if "recipe" in experiments:
         out["recipe"] = {name: stats(group(curves, f"recipe-{slug(name)}"), base_acc, None) for name in spec["recipes"]}
     return out
@@ -895,6 +909,9 @@ def tables(summary: dict, base_acc: float, judges: dict) -> str:
     if "recipe" in summary:
         md += ["", "### RL recipe (RLVR, tuning seeds)", "", *head]
         md += [line(k, s) for k, s in summary["recipe"].items()]
+    if "self_recipe" in summary:
+        md += ["", "### RL recipe from the self-judging base (RLVR, tuning seeds)", "", *head]
+        md += [line(k, s) for k, s in summary["self_recipe"].items()]
     return "\n".join(md)
 
 
@@ -1043,7 +1060,7 @@ def main(argv=None) -> dict:
         (two_question,) = run_units([unit_], 1, args.size, args.out, args.cache)
         log(f"  two-question judge: {two_question}")
     self_base = None
-    if "self" in experiments:
+    if {"self", "self_recipe"} & set(experiments):
         (self_base,) = run_units([("self_judging_base", {})], 1, args.size, args.out, args.cache)
         log(
             f"  self-judging base: {self_base['steps']} steps, held-out accuracy {self_base['heldout_accuracy']:.3f}, "

@@ -24,7 +24,7 @@ def test_paper_mini_smoke(tmp_path):
     sys.modules["paper_mini_bench"] = bench
     spec.loader.exec_module(bench)
     out, cache = tmp_path / "out", tmp_path / "cache"
-    every = "main,threshold,mitigations,recipe,tradeoff,self"
+    every = "main,threshold,mitigations,recipe,tradeoff,self,self_recipe"
     result = bench.main(
         ["--size", "smoke", "--out", str(out), "--cache", str(cache), "--jobs", "1", "--experiments", every]
     )
@@ -56,7 +56,7 @@ def test_paper_mini_smoke(tmp_path):
     assert result["self_judging_base"]["steps"] > 0 and (Path(me) / "model.safetensors").is_file()
     for name, evaluator in (("live", "policy"), ("frozen", "policy@initial"), ("rlvr", None), ("other", None)):
         ran = json.loads((out / "runs" / f"self-{name}-s0" / "run.json").read_text())["config"]  # what the pipeline ran
-        assert ran["policy"]["model"] == me, name
+        assert ran["policy"]["model"] == me and ran["optimizer"]["lr"] == 1e-4, name  # the smoke size's self_rl
         assert result["curves"][f"self-{name}-s0"][0]["accuracy"] == result["curves"]["self-rlvr-s0"][0]["accuracy"]
         if evaluator:
             assert [e["model"] for e in ran["evaluators"]] == [evaluator], name
@@ -69,6 +69,7 @@ def test_paper_mini_smoke(tmp_path):
     assert {p["judge_seed"] for p in s["threshold"]} == {1, 2}
     assert "ensemble of the judge seeds" in s["mitigations"]["0"]
     assert set(s["self"]) == {"rlvr", "live", "frozen", "other"} and s["self"]["live"]["n"] == 1
+    assert set(s["self_recipe"]) == {"main", "low"} and result["runs"]["self-recipe-low-s100"]["rl"]["lr"] == 3e-5
     assert set(s["tradeoff"]) == {"0", "2"} and all(0.0 <= t["even_share"] <= 1.0 for t in s["tradeoff"].values())
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"].keys() == s.keys()
