@@ -108,7 +108,7 @@ SIZES = {
         self_judge=dict(
             steps=4000, check_every=250, target=0.99, n_val=400, base_negatives=4, aux=1.0, batch=64, lr=1e-3
         ),
-        self_rl={},  # overrides of `rl` for every run from the self-judging base
+        self_rl={"lr": 3e-5},  # chosen by `--experiments self_recipe` (seeds 100-102): 3e-4 falls 0.15 from 0.89
         self_recipes={"lr 3e-4 (the main recipe)": {}, "lr 1e-4": {"lr": 1e-4}, "lr 3e-5": {"lr": 3e-5}},
         # the target judge of the first judge seed, taught "Is the answer even?" too; reward log P(correct) +
         # w log P(even): for w < 1 an odd right answer beats an even wrong one, for w > 1 the reverse
