@@ -1,7 +1,8 @@
 """Does it learn, robustly? The RLME paper's main result in miniature, on CPU, with labels only for grading.
 
-    PYTHONPATH=. python benchmarks/paper_mini/bench.py                       # main: 5 RL seeds x 3 judge seeds
-    PYTHONPATH=. python benchmarks/paper_mini/bench.py --experiments main,threshold,mitigations
+    PYTHONPATH=. python benchmarks/paper_mini/bench.py                       # check: 5 RL seeds x judge seed 1
+    PYTHONPATH=. python benchmarks/paper_mini/bench.py --experiments main    # 5 RL seeds x 3 judge seeds
+    PYTHONPATH=. python benchmarks/paper_mini/bench.py --experiments main,threshold,mitigations,tradeoff,self
     PYTHONPATH=. python benchmarks/paper_mini/bench.py --experiments recipe  # how the RL recipe was chosen
     PYTHONPATH=. python benchmarks/paper_mini/bench.py --size smoke          # seconds; what the test-suite runs
 
@@ -16,15 +17,19 @@
    generate / score / aggregate / update stages and the commit protocol, storage and all):
      rlvr       exact-match reward only (label_reward.share = 1, no evaluator)
      rlme       the frozen judge's log P(yes) only; labels never read by training
-     rlme_self  live self-evaluation (the policy judges itself), only if the base can judge at all
+     rlme_self  live self-evaluation (the policy judges itself), only if the base can judge at all (the
+                `self` experiment starts from a base also taught to judge, and adds frozen self)
      rlme_10gt  judge reward, exact-match reward on a deterministic 10% of rollouts
 4. held-out greedy accuracy after every iteration; a hacking probe (the training judge's mean P(yes) on the
    policy's greedy held-out answers minus their true accuracy); and a label-free one: the same P(yes) from
    an independently seeded judge of the same quality (the "watcher"), which a user can compute;
-5. experiments: `main` (every method, every RL seed x judge seed), `threshold` (RLME and RLME-10GT with the
+5. experiments: `check` (the default: `main` with the first judge seed, under 45 minutes cold on 2 cores),
+   `main` (every method, every RL seed x judge seed), `threshold` (RLME and RLME-10GT with the
    judges stopped at each quality level), `mitigations` (at the lower levels: an ensemble of the judge seeds,
    a KL anchor, the P(yes) reward form, stopping when the watcher disagrees), `recipe` (RLVR under candidate
-   RL recipes, on tuning seeds only); results.json, results.md and plots in --out.
+   RL recipes, on tuning seeds only), `tradeoff` (a second question at several weights), `self` (live self,
+   frozen self, frozen other and RLVR from a base also taught to judge) and `self_recipe` (its RL recipe, on
+   tuning seeds); results.json, results.md and plots in --out.
 """
 
 from __future__ import annotations
