@@ -35,7 +35,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import math
@@ -220,9 +219,9 @@ def load(path) -> Loaded:
     return ModelPool(1).get(str(path))
 
 
-@functools.cache
 def weights_id(path: str) -> str:
-    """The sha256 of a model directory's weights: a retrained judge at the same path is a different judge."""
+    """The sha256 of a model directory's weights: a retrained judge at the same path is a different judge.
+    Read each time (a few MB, milliseconds): no cache that a retrained file could outlive."""
     with open(Path(path) / "model.safetensors", "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -275,6 +274,15 @@ def base_samples(lm: Loaded, items: list[dict], n: int, seed: int) -> list[tuple
     return [(p, o, is_correct(o, p["answer"], "answer_is")) for p, o in zip(prompts, outs)]
 
 
+def wrong_by_problem(lm: Loaded, items: list[dict], n: int) -> dict[str, list[str]]:
+    """The base's wrong answers among n samples per problem, by problem id: a judge's own-policy negatives."""
+    pool: dict[str, list[str]] = {}
+    for p, o, ok in base_samples(lm, items, n, 5):
+        if not ok:
+            pool.setdefault(p["id"], []).append(o)
+    return pool
+
+
 def on_samples(judge, tok, samples: list[tuple[dict, str, bool]]) -> dict:
     """The judge on graded samples: AUROC and mean P(yes) on the right and on the wrong ones."""
     py = T.judge_p_yes(judge, tok, [(p["prompt"], o) for p, o, _ in samples])
@@ -296,11 +304,8 @@ def make_judge(w: dict, seed: int) -> dict:
     if cached(path):
         return json.loads((path / "bench_meta.json").read_text())
     t0 = time.time()
-    pool: dict[str, list[str]] = {}
     base = load(str(w["base"]))  # one load for the negatives and the validation samples
-    for p, o, ok in base_samples(base, [p for p in items if p["id"] not in w["val_ids"]], spec["base_negatives"], 5):
-        if not ok:
-            pool.setdefault(p["id"], []).append(o)
+    pool = wrong_by_problem(base, [p for p in items if p["id"] not in w["val_ids"]], spec["base_negatives"])
     val = base_samples(base, [p for p in items if p["id"] in w["val_ids"]], 2, 9)
     log(f"  judge seed {seed}: {sum(map(len, pool.values()))} wrong base samples as negatives, {len(val)} to validate")
     m = T.build_model(tok, spec["hidden"], spec["layers"], seed=seed, heads=spec.get("heads"))
@@ -355,10 +360,7 @@ def make_self_judging_base(w: dict) -> dict:
         return json.loads((path / "bench_meta.json").read_text())
     t0 = time.time()
     lm = load(str(w["base"]))
-    pool: dict[str, list[str]] = {}
-    for p, o, ok in base_samples(lm, splits["sft"], spec["base_negatives"], 5):
-        if not ok:
-            pool.setdefault(p["id"], []).append(o)
+    pool = wrong_by_problem(lm, splits["sft"], spec["base_negatives"])
     val = base_samples(lm, splits["rl"][: spec["n_val"]], 2, 9)
     log(
         f"  self-judging base: {sum(map(len, pool.values()))} of its wrong samples as negatives, {len(val)} to validate"

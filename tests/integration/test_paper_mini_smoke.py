@@ -100,7 +100,6 @@ def test_paper_mini_smoke(tmp_path):
     first = next(iter(tensors))
     tensors[first] = tensors[first] + 0.01
     save_file(tensors, judge1, metadata={"format": "pt"})
-    bench.weights_id.cache_clear()
     redone = bench.main(
         ["--size", "smoke", "--out", str(out), "--cache", str(cache), "--jobs", "1", "--methods", "rlme"]
     )
