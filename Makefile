@@ -60,10 +60,10 @@ bench-gpu:
 # Mutation testing of the core math and the commit protocol (docs/testing.md): one module at a time, one
 # mutant at a time, each against only the fast unit tests that cover the mutated function (the
 # [tool.mutmut] section of pyproject.toml). Takes about an hour on 2 cores; MUTANTS=... narrows it.
-MUTANTS ?= rlme_pipeline.losses.* rlme_pipeline.rewards.* rlme_pipeline.stages.aggregate.* \
-	rlme_pipeline.label_reward.* rlme_pipeline.answers.* rlme_pipeline.lease.* \
-	rlme_pipeline.run.x_attempt_name* rlme_pipeline.run.x_check_files* rlme_pipeline.run.xǁUnitǁ* \
-	rlme_pipeline.run.xǁRunǁcommit* rlme_pipeline.run.xǁRunǁiterations* rlme_pipeline.run.xǁRunǁunit*
+MUTANTS ?= rlme_pipeline.algorithm.losses.* rlme_pipeline.algorithm.rewards.* rlme_pipeline.stages.aggregate.* \
+	rlme_pipeline.algorithm.label_reward.* rlme_pipeline.algorithm.answers.* rlme_pipeline.storage.lease.* \
+	rlme_pipeline.storage.run.x_attempt_name* rlme_pipeline.storage.run.x_check_files* rlme_pipeline.storage.run.xǁUnitǁ* \
+	rlme_pipeline.storage.run.xǁRunǁcommit* rlme_pipeline.storage.run.xǁRunǁiterations* rlme_pipeline.storage.run.xǁRunǁunit*
 
 mutate: $(STAMP)
 	rm -rf mutants  # from scratch: mutmut's per-test coverage cache misses a test whose body changed

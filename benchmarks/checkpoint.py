@@ -5,7 +5,7 @@
     PYTHONPATH=. python -m benchmarks.checkpoint --hidden 1024 --intermediate 2816   # ~219M parameters
     PYTHONPATH=. python -m benchmarks.checkpoint --tiny           # smoke sizes (the test suite runs it)
 
-  new  rlme_pipeline.checkpoint.save: weights and the optimizer's tensors in safetensors files of about
+  new  rlme_pipeline.models.checkpoint.save: weights and the optimizer's tensors in safetensors files of about
        equal size, one thread each; device tensors copied through two pinned 64 MiB buffers
   old  the writer before it, kept here as the baseline only: model.safetensors with one blocking .cpu()
        per tensor, and torch.save(optimizer.state_dict()) (pickle + zip), the two in two threads
@@ -33,9 +33,9 @@ import torch
 from safetensors.torch import save
 
 from benchmarks._common import machine, median, spread, table
-from rlme_pipeline import checkpoint
-from rlme_pipeline.run import Run
-from rlme_pipeline.storage import Store
+from rlme_pipeline.models import checkpoint
+from rlme_pipeline.storage.run import Run
+from rlme_pipeline.storage.store import Store
 
 SHAPE = {
     "vocab_size": 32000,
@@ -165,7 +165,7 @@ def main() -> None:
     shape = TINY if args.tiny else {k: getattr(args, k) for k in SHAPE}
     repeats = 1 if args.tiny else args.repeats
 
-    from rlme_pipeline.tiny import build_tokenizer
+    from rlme_pipeline.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     model, opt = build(shape, args.device)

@@ -6,7 +6,7 @@
 Models are built offline from configs with random weights (nothing is downloaded), in fp32 files as a
 training run starts from, so both trainers keep fp32 master weights and compute in bf16:
   pair    a ~194M Llama policy and a ~277M Qwen2 evaluator (hidden 1024, untied embeddings) with rlme's own
-          2,048-token tokenizer (rlme_pipeline/tiny.py): the pair of issue 14;
+          2,048-token tokenizer (rlme_pipeline/models/tiny.py): the pair of issue 14;
   qwen05  a Qwen2.5-0.5B-shaped policy (494M: hidden 896, 24 layers, 14 heads / 2 KV heads, tied embeddings)
           and the pair's evaluator, both with a 151,936-token vocabulary: rlme's tokenizer padded with
           filler tokens to Qwen's size, so every id the models can sample decodes.
@@ -99,7 +99,7 @@ def tokenizer(vocab: int | None):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from rlme_pipeline.tiny import build_tokenizer
+    from rlme_pipeline.models.tiny import build_tokenizer
 
     tok = build_tokenizer()
     if vocab is None or vocab == len(tok):

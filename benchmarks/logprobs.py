@@ -3,7 +3,7 @@
     PYTHONPATH=. python -m benchmarks.logprobs [--vocabs 32000,150000] [--batch 8] [--prompt 64] [--completion 256] [--tiny]
 
 One micro-batch, forward and backward, on a Llama with the tiny demo's shape (hidden 256, 2 layers) and a
-vocabulary of V. "rlme" is `rlme_pipeline.logprobs.completion_logprobs` (only completion positions go through
+vocabulary of V. "rlme" is `rlme_pipeline.algorithm.logprobs.completion_logprobs` (only completion positions go through
 the LM head, in chunks of `--chunk-tokens`, each recomputed in the backward pass); "naive" is
 `model(ids).logits.log_softmax(-1).gather(...)` over every position. Each case runs in a fresh subprocess; its
 peak is VmHWM after resetting the high-water mark (/proc/self/clear_refs) once the model and inputs exist,
@@ -23,7 +23,7 @@ def case(c: dict) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlme_pipeline.logprobs import completion_logprobs
+    from rlme_pipeline.algorithm.logprobs import completion_logprobs
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(

@@ -12,10 +12,10 @@ import tempfile
 import torch
 import yaml
 
-from rlme_pipeline import checkpoint
 from rlme_pipeline.config import validate_config
-from rlme_pipeline.run import Run
-from rlme_pipeline.runner import train
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.models import checkpoint
+from rlme_pipeline.storage.run import Run
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

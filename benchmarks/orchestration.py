@@ -3,7 +3,7 @@
     PYTHONPATH=. python -m benchmarks.orchestration [--config configs/demo.yaml] [--iterations 3] [--repeats 2] [--tiny]
 
 Each case is a fresh subprocess with a fresh storage dir and PREFECT_HOME. "direct" does what the flow
-does without Prefect: load the config, `preflight`, `rlme_pipeline.runner.train(cfg, run)`. "prefect"
+does without Prefect: load the config, `preflight`, `rlme_pipeline.jobs.train.train(cfg, run)`. "prefect"
 runs under the Prefect settings `rlme train` uses (rlme_flows.local_prefect): an empty flow first (it starts
 Prefect's temporary local server; reported as startup), then `rlme_flows.train.rlme_train` for the same
 config. Per-iteration time is the wall time of the training call divided by the iterations; the first
@@ -38,7 +38,7 @@ def _steady(c: dict) -> float | None:
     """Median time between consecutive commits (iteration 1 on: no model loads, no flow start or end),
     read from the mtimes of the manifests in the local run directory."""
     from rlme_pipeline.config import load_config
-    from rlme_pipeline.run import MANIFEST, Run
+    from rlme_pipeline.storage.run import MANIFEST, Run
 
     run = Run.for_config(load_config(c["config"]).with_overrides(storage=c["storage"]))
     t = [os.stat(os.path.join(run.url, run.rel(i, MANIFEST))).st_mtime for i in range(c["iterations"])]
@@ -47,9 +47,9 @@ def _steady(c: dict) -> float | None:
 
 def _direct(c: dict) -> tuple[float, float, float]:
     from rlme_pipeline.config import load_config
-    from rlme_pipeline.preflight import preflight
-    from rlme_pipeline.run import Run
-    from rlme_pipeline.runner import train
+    from rlme_pipeline.jobs.preflight import preflight
+    from rlme_pipeline.jobs.train import train
+    from rlme_pipeline.storage.run import Run
 
     t0, c0 = time.perf_counter(), time.process_time()
     # what rlme_train does, minus Prefect: load the config, check every input, train
@@ -66,7 +66,6 @@ def _prefect(c: dict) -> tuple[float, float, float]:
     t0 = time.perf_counter()
     with local_prefect():  # the settings `rlme train` runs its flow under
         from prefect import flow
-
         from rlme_flows.train import rlme_train
 
         @flow

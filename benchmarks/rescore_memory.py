@@ -27,9 +27,9 @@ def build(base: Path, n: int, tokens: int) -> str:
     import polars as pl
 
     from rlme_pipeline.config import load_config
-    from rlme_pipeline.run import Run
-    from rlme_pipeline.runner import train
-    from rlme_pipeline.storage import Store
+    from rlme_pipeline.jobs.train import train
+    from rlme_pipeline.storage.run import Run
+    from rlme_pipeline.storage.store import Store
 
     seed_run = base / "seed"
     if not (seed_run / "demo" / "iter-000000" / "MANIFEST.json").exists():
@@ -64,8 +64,8 @@ def peak_mb() -> float:
 
 def child(run_url: str, mode: str, shard_rows: int) -> None:
     from rlme_pipeline.config import EvaluatorConfig, QuestionConfig
-    from rlme_pipeline.run import Run
     from rlme_pipeline.scoreset import rescore
+    from rlme_pipeline.storage.run import Run
 
     run = Run.from_url(run_url)
     if mode == "naive":

@@ -33,8 +33,9 @@ def load() -> str:
 def case(run_dir: Path, copy: Path, questions: str, shard_rows: int, workers: int) -> dict:
     """One re-score, named "bench", of a fresh copy of the run: every case must write the same bytes."""
     from rlme_flows.rescore import rlme_rescore
+
     from rlme_pipeline import scoreset
-    from rlme_pipeline.run import Run
+    from rlme_pipeline.storage.run import Run
 
     shutil.copytree(run_dir, copy)
     # Ray starts its workers at nice 15, below everything else on the machine: on a shared box the other
@@ -63,8 +64,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.tiny:
         a.n, a.shard_rows, a.repeats = 200, 50, 1
-    from benchmarks.rescore_memory import build
     from rlme_flows.local_prefect import local_prefect
+
+    from benchmarks.rescore_memory import build
 
     with tempfile.TemporaryDirectory(prefix="rlme-bench-") as tmp:
         os.environ.setdefault("RLME_CACHE", str(Path(tmp) / "cache"))

@@ -158,8 +158,8 @@ def timed(name, model, prompts, seeds, device, **kw) -> dict:
 
 def checks(model, prompts, seeds, device, kw) -> list[str]:
     """Uniforms equal across devices; rows sampled in a batch of 8 against the whole batch."""
+    from rlme_pipeline.algorithm.sampling import uniforms
     from rlme_pipeline.backends.hf import sample
-    from rlme_pipeline.sampling import uniforms
 
     s = torch.tensor(seeds, dtype=torch.int64)
     same_u = torch.equal(uniforms(s.to(device), 64).cpu(), uniforms(s, 64))

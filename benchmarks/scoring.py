@@ -74,11 +74,11 @@ def main() -> None:
     if a.tiny:
         a.rollouts, a.completion_words, a.ks, a.repeats = 4, "10", "1,2", 1
 
-    from rlme_pipeline.backends.select import Backends
+    from rlme_pipeline.backends.session import Backends
     from rlme_pipeline.config import QuestionConfig, ScoringConfig
-    from rlme_pipeline.judging import Evaluator, score_rollouts
-    from rlme_pipeline.lineage import ModelRef
-    from rlme_pipeline.tiny import resolve_tiny
+    from rlme_pipeline.judging.judges import Evaluator, score_rollouts
+    from rlme_pipeline.models.tiny import resolve_tiny
+    from rlme_pipeline.models.weights_at import ModelRef
 
     path = str(resolve_tiny("evaluator"))
     judge = Evaluator("ev", ModelRef(path=path, dtype="float32", device="cpu", version="bench"))

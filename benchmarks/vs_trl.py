@@ -8,7 +8,7 @@ each in a fresh subprocess:
   (a) TRL GRPOTrainer, loss_type="cispo", beta=0, epsilon_high=5, scale_rewards="none" (Dr. GRPO advantages),
       one reward function per meta-question that runs the evaluator forward on "prompt + completion +
       question" and returns max(log P(yes), floor), with reward_weights = the question weights;
-  (b) `rlme_pipeline.runner.train` (what `rlme train` runs, minus Prefect: see benchmarks/orchestration.py)
+  (b) `rlme_pipeline.jobs.train.train` (what `rlme train` runs, minus Prefect: see benchmarks/orchestration.py)
       with the same prompts (8 per iteration, chat template), G, max new tokens, temperature, learning
       rate, micro-batch x accumulation (one optimizer step per iteration), evaluator, template and questions,
       writing every artifact (rollouts/scores/rewards Parquet, safetensors checkpoint + optimizer, manifest).
@@ -53,7 +53,7 @@ CONFIGS = {
 
 
 def build_models(out: Path, large: bool) -> dict[str, str]:
-    from rlme_pipeline.tiny import build_model, build_tokenizer, make_tiny
+    from rlme_pipeline.models.tiny import build_model, build_tokenizer, make_tiny
 
     paths = make_tiny(out / "tiny")
     if not large:
@@ -113,10 +113,10 @@ def rlme_config(c: dict, storage: str) -> dict:
 def run_rlme(c: dict) -> dict:
     """`runner.train` on the job; per iteration: commit time, stage seconds, generated tokens, and the
     seconds spent in checkpoint.save (part of the update stage)."""
-    from rlme_pipeline import checkpoint
     from rlme_pipeline.config import Config
-    from rlme_pipeline.run import Run
-    from rlme_pipeline.runner import train
+    from rlme_pipeline.jobs.train import train
+    from rlme_pipeline.models import checkpoint
+    from rlme_pipeline.storage.run import Run
 
     cfg = Config.model_validate(rlme_config(c, c["storage"]))
     stamps, stages, saves = [], [], []
@@ -164,8 +164,8 @@ def run_trl(c: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from rlme_pipeline.config import DEFAULT_QUESTION_TEMPLATE, DEFAULT_TEMPLATE
-    from rlme_pipeline.judging import answer_ids
-    from rlme_pipeline.models import DTYPES
+    from rlme_pipeline.judging.judges import answer_ids
+    from rlme_pipeline.models.loading import DTYPES
 
     t0 = time.perf_counter()
     j = job_of(c)

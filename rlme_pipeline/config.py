@@ -120,7 +120,7 @@ class RunConfig(Section):
     @field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, v: dict) -> dict:
-        from rlme_pipeline.storage import secret_option_keys
+        from rlme_pipeline.storage.store import secret_option_keys
 
         if bad := secret_option_keys(v):
             raise ValueError(
@@ -165,7 +165,7 @@ class ModelConfig(Section):
 
 
 class LoraConfig(Section):
-    """LoRA adapters on the policy (peft): only they train; the base weights stay frozen (rlme_pipeline/adapters.py)."""
+    """LoRA adapters on the policy (peft): only they train; the base weights stay frozen (rlme_pipeline/models/adapters.py)."""
 
     r: int = experiment(16, "adapter rank: each adapted weight W (out x in) gains B (out x r) @ A (r x in)", ge=1)
     alpha: float = experiment(32.0, "scale: the adapter adds (alpha / r) * B @ A to W", gt=0)
@@ -333,7 +333,7 @@ class OptimizerConfig(Section):
 
 
 class ProbeConfig(Section):
-    """The judge-hacking probe during training (see rlme_pipeline/judging.py). Off by default (every: 0).
+    """The judge-hacking probe during training (see rlme_pipeline/judging/judges.py). Off by default (every: 0).
     It measures the judges and changes nothing computed: not part of the hash."""
 
     every: int = operational(0, "run the probe every N iterations; 0 disables it", ge=0)
@@ -457,7 +457,7 @@ class AlertsConfig(Section):
 
 
 class DistributedConfig(Section):
-    """The update across several processes with PyTorch FSDP2 (rlme_pipeline/distributed_update.py, docs/scale.md).
+    """The update across several processes with PyTorch FSDP2 (rlme_pipeline/stages/update_fsdp.py, docs/scale.md).
     Not hashed: a sharded step computes the same gradient as one process; only the order of floating-point
     additions differs (the weights agree within 1e-5), so a run may change it between iterations, and a
     byte-exact resume needs the same number of processes as the uninterrupted run."""
@@ -474,7 +474,7 @@ class DistributedConfig(Section):
 
 
 class CheckpointConfig(Section):
-    """Which committed iterations keep their checkpoint files (rlme_pipeline/retention.py). Pruning deletes
+    """Which committed iterations keep their checkpoint files (rlme_pipeline/storage/retention.py). Pruning deletes
     files, never a record: the manifests keep every pruned file's hash, and what a checkpoint would have
     computed stays computed. Not part of the hash: it decides what is kept, not what is computed, and it
     may change between resumes. The defaults keep every checkpoint."""

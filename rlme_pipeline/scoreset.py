@@ -28,8 +28,7 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError, model_validator
 
-from rlme_pipeline import checkpoint, phases, retention
-from rlme_pipeline.backends.select import Backends
+from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import (
     LIVE_SELF,
     RUN_ID,
@@ -42,10 +41,13 @@ from rlme_pipeline.config import (
     describe_errors,
     sha256_json,
 )
-from rlme_pipeline.judging import evaluators_at, score_rollouts
-from rlme_pipeline.lineage import evaluator_at
-from rlme_pipeline.parquet_io import iter_batches
-from rlme_pipeline.run import (
+from rlme_pipeline.judging.judges import evaluators_at, score_rollouts
+from rlme_pipeline.models import checkpoint
+from rlme_pipeline.models.weights_at import evaluator_at
+from rlme_pipeline.stages.aggregate import rewards_and_metrics
+from rlme_pipeline.storage import phases, retention
+from rlme_pipeline.storage.parquet import iter_batches
+from rlme_pipeline.storage.run import (
     MANIFEST,
     REWARDS_FILE,
     ROLLOUTS_FILE,
@@ -57,9 +59,8 @@ from rlme_pipeline.run import (
     iter_dir,
     now,
 )
-from rlme_pipeline.schemas import OK, ROLLOUTS, SCORES
-from rlme_pipeline.stages.aggregate import rewards_and_metrics
-from rlme_pipeline.storage import Store
+from rlme_pipeline.storage.schemas import OK, ROLLOUTS, SCORES
+from rlme_pipeline.storage.store import Store
 
 DEFINITION = "DEFINITION.json"
 ROLLOUT_COLUMNS = ["rollout_id", "iteration", "prompt_id", "prompt", "completion", "label"]

@@ -35,7 +35,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     """The demo's tiny policy and evaluator, built once into the session cache."""
-    from rlme_pipeline.tiny import resolve_tiny
+    from rlme_pipeline.models.tiny import resolve_tiny
 
     return {"policy": resolve_tiny("policy"), "evaluator": resolve_tiny("evaluator")}
 
@@ -63,7 +63,7 @@ def demo_cfg(tmp_path, tiny_models):
 @pytest.fixture
 def backends():
     """Models and servers for one test, closed after it: nothing loaded by one test leaks into the next."""
-    from rlme_pipeline.backends.select import Backends
+    from rlme_pipeline.backends.session import Backends
 
     with Backends() as b:
         yield b

@@ -53,13 +53,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import task as T  # noqa: E402
 
-from rlme_pipeline import checkpoint  # noqa: E402
-from rlme_pipeline.answers import is_correct  # noqa: E402
+from rlme_pipeline.algorithm.answers import is_correct  # noqa: E402
 from rlme_pipeline.config import validate_config  # noqa: E402
-from rlme_pipeline.models import Loaded, ModelPool  # noqa: E402
-from rlme_pipeline.run import Run  # noqa: E402
-from rlme_pipeline.runner import train  # noqa: E402
-from rlme_pipeline.storage import Store  # noqa: E402
+from rlme_pipeline.jobs.train import train  # noqa: E402
+from rlme_pipeline.models.loading import (  # noqa: E402
+    Loaded,
+    ModelPool,
+    checkpoint,  # noqa: E402
+)
+from rlme_pipeline.storage.run import Run  # noqa: E402
+from rlme_pipeline.storage.store import Store  # noqa: E402
 
 # --- sizes: everything that sets the budget, visible in one place ---------------------------------
 SIZES = {

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from rlme_pipeline.answers import is_correct
+from rlme_pipeline.algorithm.answers import is_correct
 from rlme_pipeline.audit.sources import Scoreset
-from rlme_pipeline.schemas import OK
+from rlme_pipeline.storage.schemas import OK
 
 
 def correctness(ss: Scoreset) -> pl.LazyFrame:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import polars as pl
 
-from rlme_pipeline import phases
 from rlme_pipeline.audit import compare as cmp
 from rlme_pipeline.audit import labels, stats
 from rlme_pipeline.audit.page import render
 from rlme_pipeline.audit.sources import Scoreset, load
-from rlme_pipeline.backends.select import Backends
-from rlme_pipeline.judging import evaluators_at, run_probe, sample_prompts
-from rlme_pipeline.parquet_io import write_frame
-from rlme_pipeline.retention import CheckpointPruned
-from rlme_pipeline.run import Run
-from rlme_pipeline.storage import Store
+from rlme_pipeline.backends.session import Backends
+from rlme_pipeline.judging.judges import evaluators_at, run_probe, sample_prompts
+from rlme_pipeline.storage import phases
+from rlme_pipeline.storage.parquet import write_frame
+from rlme_pipeline.storage.retention import CheckpointPruned
+from rlme_pipeline.storage.run import Run
+from rlme_pipeline.storage.store import Store
 
 
 def probe_table(run: Run, ss: Scoreset, prompts: int, seed: int = 0) -> pl.DataFrame:

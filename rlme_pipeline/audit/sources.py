@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from rlme_pipeline import phases as run_phases
 from rlme_pipeline import scoreset
-from rlme_pipeline.parquet_io import scan
-from rlme_pipeline.run import ROLLOUTS_FILE, Run
 from rlme_pipeline.scoreset import TRAIN
+from rlme_pipeline.storage import phases as run_phases
+from rlme_pipeline.storage.parquet import scan
+from rlme_pipeline.storage.run import ROLLOUTS_FILE, Run
 
 
 @dataclass

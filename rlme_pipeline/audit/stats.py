@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import polars as pl
 
+from rlme_pipeline.algorithm.rewards import component
 from rlme_pipeline.audit.sources import Scoreset
-from rlme_pipeline.rewards import component
-from rlme_pipeline.schemas import OK
+from rlme_pipeline.storage.schemas import OK
 
 QUANTILES = (0.1, 0.5, 0.9)
 BINS = 20  # P(yes) histogram bins

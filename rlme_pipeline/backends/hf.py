@@ -3,7 +3,7 @@
 Sampling is our own short loop rather than `generate()` because each sample needs its own random stream
 (seeded by run, iteration, prompt and sample index): a rollout is then the same whatever batch it lands
 in, which is what makes a resumed run reproduce an uninterrupted one. The stream is counter-based
-(rlme_pipeline.sampling), so everything stays on the model's device: only the chosen ids and their
+(rlme_pipeline.algorithm.sampling), so everything stays on the model's device: only the chosen ids and their
 log-probs come back, once, at the end, and the host looks at the batch only to ask whether every row has
 stopped (every step on a CPU, every few steps on an accelerator, where a sync stalls the launch queue).
 Every tensor is built on the model's device: nothing crosses to the host inside the loops.
@@ -17,8 +17,8 @@ import math
 import torch
 from transformers import DynamicCache
 
+from rlme_pipeline.algorithm.sampling import draw, uniforms
 from rlme_pipeline.backends import STATUS_NONFINITE, Judgement, Sample, fitting_rows
-from rlme_pipeline.sampling import draw, uniforms
 
 ACCELERATOR_EOS_CHECK_EVERY = 8  # steps between "all rows stopped?" syncs off the CPU; rows run on at most 7 steps
 

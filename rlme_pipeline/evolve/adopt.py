@@ -8,8 +8,8 @@ from __future__ import annotations
 from rlme_pipeline import scoreset
 from rlme_pipeline.config import Config, ConfigError, QuestionConfig
 from rlme_pipeline.evolve import proposal
-from rlme_pipeline.phases import Adoption, questions_sha
-from rlme_pipeline.run import MANIFEST, CorruptRun, Run
+from rlme_pipeline.storage.phases import Adoption, questions_sha
+from rlme_pipeline.storage.run import MANIFEST, CorruptRun, Run
 
 
 def proposal_ref(ref: str) -> tuple[str, str] | None:

@@ -22,8 +22,8 @@ import yaml
 
 from rlme_pipeline.audit import labels, stats
 from rlme_pipeline.audit.sources import Scoreset, load
-from rlme_pipeline.run import Run
 from rlme_pipeline.scoreset import TRAIN
+from rlme_pipeline.storage.run import Run
 
 EXAMPLES = 5  # rollouts kept per section in evidence.json; the prompt may show fewer
 

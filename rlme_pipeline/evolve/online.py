@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import time
 
-from rlme_pipeline import phases, seeds
-from rlme_pipeline.backends.select import Backends
+from rlme_pipeline import seeds
+from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import Config
-from rlme_pipeline.crash import crash_point
 from rlme_pipeline.evolve import adopt, proposal
 from rlme_pipeline.evolve.propose import RULES, ProposerSpec
-from rlme_pipeline.run import Manifest, Run, StageRecord
+from rlme_pipeline.storage import phases
+from rlme_pipeline.storage.crash import crash_point
+from rlme_pipeline.storage.run import Manifest, Run, StageRecord
 
 STEP = "evolve"
 

@@ -28,13 +28,14 @@ from contextlib import nullcontext
 import polars as pl
 import yaml
 
-from rlme_pipeline import phases, scoreset
-from rlme_pipeline.backends.select import Backends
+from rlme_pipeline import scoreset
+from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import RUN_ID, QuestionConfig
 from rlme_pipeline.evolve import edits, evidence, paraphrase, propose, rank
-from rlme_pipeline.judging import evaluators_at, probe_rollouts, run_probe, sample_prompts, score_rollouts
-from rlme_pipeline.run import ROLLOUTS_FILE, SCORES_FILE, Commit, Run, StageRecord, Unit, code_version, now
-from rlme_pipeline.storage import FileEntry
+from rlme_pipeline.judging.judges import evaluators_at, probe_rollouts, run_probe, sample_prompts, score_rollouts
+from rlme_pipeline.storage import phases
+from rlme_pipeline.storage.run import ROLLOUTS_FILE, SCORES_FILE, Commit, Run, StageRecord, Unit, code_version, now
+from rlme_pipeline.storage.store import FileEntry
 
 CURRENT = "current"
 

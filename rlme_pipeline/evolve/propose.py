@@ -17,12 +17,12 @@ from pathlib import Path
 import yaml
 
 from rlme_pipeline import seeds
-from rlme_pipeline.backends.select import Backends, max_positions_of
+from rlme_pipeline.backends.session import Backends, max_positions_of
 from rlme_pipeline.config import QuestionConfig, VllmConfig
 from rlme_pipeline.evolve.edits import MAX_EDITS
 from rlme_pipeline.evolve.evidence import render
-from rlme_pipeline.lineage import ModelRef
-from rlme_pipeline.models import resolve_ref, weights_version
+from rlme_pipeline.models.loading import resolve_ref, weights_version
+from rlme_pipeline.models.weights_at import ModelRef
 from rlme_pipeline.stages.generate import chat_prompt_ids
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

@@ -35,11 +35,11 @@ import math
 import polars as pl
 from pydantic import BaseModel, Field
 
-from rlme_pipeline.answers import is_correct
+from rlme_pipeline.algorithm.answers import is_correct
+from rlme_pipeline.algorithm.rewards import compute_rewards
 from rlme_pipeline.audit.labels import auroc
 from rlme_pipeline.audit.stats import pairwise
 from rlme_pipeline.config import EvaluatorConfig, QuestionConfig, ScoringConfig
-from rlme_pipeline.rewards import compute_rewards
 
 
 class Criteria(BaseModel):

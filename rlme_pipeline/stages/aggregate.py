@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import polars as pl
 
+from rlme_pipeline.algorithm.label_reward import mix_label_rewards
+from rlme_pipeline.algorithm.rewards import component, compute_rewards
 from rlme_pipeline.config import Config
-from rlme_pipeline.label_reward import mix_label_rewards
-from rlme_pipeline.rewards import component, compute_rewards
 
 
 def rewards_for(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame) -> pl.DataFrame:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import polars as pl
 
-from rlme_pipeline.answers import extract_answer, is_correct
-from rlme_pipeline.backends.select import Backends
+from rlme_pipeline.algorithm.answers import extract_answer, is_correct
+from rlme_pipeline.algorithm.rewards import compute_rewards
+from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import Config
-from rlme_pipeline.judging import Evaluator, score_rollouts
-from rlme_pipeline.rewards import compute_rewards
-from rlme_pipeline.schemas import OK
+from rlme_pipeline.judging.judges import Evaluator, score_rollouts
 from rlme_pipeline.stages.generate import Sampling
+from rlme_pipeline.storage.schemas import OK
 
 PREFIX = "eval/"  # of the metrics, and of the eval rows' rollout ids
 

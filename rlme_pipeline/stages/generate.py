@@ -8,8 +8,8 @@ import polars as pl
 
 from rlme_pipeline import seeds
 from rlme_pipeline.config import Config
-from rlme_pipeline.crash import crash_point
 from rlme_pipeline.progress import bar
+from rlme_pipeline.storage.crash import crash_point
 
 
 def chat_prompt_ids(tokenizer, prompt: str, system: str | None) -> list[int]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import polars as pl
 
-from rlme_pipeline.backends.select import Backends
+from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import Config
-from rlme_pipeline.judging import Evaluator, score_rollouts
-from rlme_pipeline.schemas import OK
+from rlme_pipeline.judging.judges import Evaluator, score_rollouts
+from rlme_pipeline.storage.schemas import OK
 
 
 def score(

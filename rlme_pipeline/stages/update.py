@@ -9,13 +9,13 @@ import numpy as np
 import polars as pl
 import torch
 
+from rlme_pipeline.algorithm.logprobs import completion_logprobs
+from rlme_pipeline.algorithm.losses import per_token, token_terms, token_weights
 from rlme_pipeline.config import Config
-from rlme_pipeline.crash import crash_point
-from rlme_pipeline.logprobs import completion_logprobs
-from rlme_pipeline.losses import per_token, token_terms, token_weights
-from rlme_pipeline.models import DTYPES, Loaded
+from rlme_pipeline.models.loading import DTYPES, Loaded
 from rlme_pipeline.progress import bar
 from rlme_pipeline.seeds import derive
+from rlme_pipeline.storage.crash import crash_point
 
 
 def training_items(rollouts: pl.DataFrame, rewards: pl.DataFrame) -> tuple[list[dict], int]:

@@ -40,7 +40,7 @@ def vllm_server(vllm_python, tiny_models):
 
 @pytest.fixture(scope="session")
 def spec(tiny_models) -> dict:
-    from rlme_pipeline.models import load_tokenizer
+    from rlme_pipeline.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_models["policy"]))
     texts = ["Question: what is 2 + 2?", "Hello there, how are you today?", "Name three prime numbers."]

@@ -29,7 +29,7 @@ BACKENDS = ["hf", "openai", "vllm"]
 def hf_model(tiny_models):
     from transformers import AutoModelForCausalLM
 
-    from rlme_pipeline.models import load_tokenizer
+    from rlme_pipeline.models.loading import load_tokenizer
 
     path = str(tiny_models["policy"])
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), load_tokenizer(path)
@@ -37,7 +37,7 @@ def hf_model(tiny_models):
 
 def _hf_backends(hf_model):
     from rlme_pipeline.backends.hf import HFGenerator, HFJudge
-    from rlme_pipeline.backends.select import eos_ids
+    from rlme_pipeline.backends.session import eos_ids
 
     model, tok = hf_model
     return HFGenerator(model, eos_ids(model, tok), tok.pad_token_id), HFJudge(model, tok.pad_token_id)
@@ -95,7 +95,7 @@ def test_seeded_determinism_and_batch_independence(result):
 
 def test_sample_logprobs_match_the_trainer(result, spec, hf_model):
     """Behaviour log-probs are the trainer's log_softmax(logits / T) of the sampled tokens."""
-    from rlme_pipeline.logprobs import completion_logprobs
+    from rlme_pipeline.algorithm.logprobs import completion_logprobs
 
     _, r = result
     model, tok = hf_model
@@ -130,9 +130,9 @@ def test_judgements_match_a_direct_forward_pass(result, direct_judgements):
 
 def test_an_external_server_is_used_only_for_the_weights_it_serves(vllm_server, tiny_models):
     from rlme_pipeline.backends import BackendError
-    from rlme_pipeline.backends.select import Backends
+    from rlme_pipeline.backends.session import Backends
     from rlme_pipeline.config import VllmConfig
-    from rlme_pipeline.lineage import ModelRef
+    from rlme_pipeline.models.weights_at import ModelRef
 
     with Backends(VllmConfig(url=vllm_server.url)) as backends:
         policy = ModelRef(str(tiny_models["policy"]), "v0", "float32", "cpu")

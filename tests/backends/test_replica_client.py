@@ -73,9 +73,9 @@ def test_config_one_way_to_reach_vllm():
 
 
 def test_managed_replicas_get_disjoint_gpus_and_tensor_parallel(monkeypatch, tiny_models):
-    from rlme_pipeline.backends.select import _server_group
+    from rlme_pipeline.backends.session import _server_group
     from rlme_pipeline.config import VllmConfig
-    from rlme_pipeline.lineage import ModelRef
+    from rlme_pipeline.models.weights_at import ModelRef
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     v = VllmConfig(python="/x/python", replicas=2, tensor_parallel_size=2, env={"A": "1"})
@@ -115,8 +115,8 @@ def models_server():
 
 def test_an_unreachable_replica_fails_preflight_naming_it(tmp_path, models_server):
     from rlme_pipeline.config import ConfigError, validate_config
-    from rlme_pipeline.preflight import preflight
-    from rlme_pipeline.storage import Store
+    from rlme_pipeline.jobs.preflight import preflight
+    from rlme_pipeline.storage.store import Store
     from tests.conftest import demo_dict
 
     d = demo_dict()
@@ -131,6 +131,6 @@ def test_an_unreachable_replica_fails_preflight_naming_it(tmp_path, models_serve
     assert not (tmp_path / "runs").exists()  # before anything is written
     d["vllm"] = {"urls": [models_server]}
     cfg = validate_config(d)
-    from rlme_pipeline.preflight import _check_vllm
+    from rlme_pipeline.jobs.preflight import _check_vllm
 
     _check_vllm(cfg)  # reachable: passes

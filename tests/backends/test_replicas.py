@@ -36,10 +36,10 @@ def _served_requests(url: str) -> float:
 def _iteration_zero(tmp_path, name: str, urls: list[str]):
     """Iteration 0 of a small run, generated and scored (frozen self, the served tiny policy) on `urls`."""
     from rlme_pipeline.config import validate_config
-    from rlme_pipeline.preflight import preflight
-    from rlme_pipeline.run import Run
-    from rlme_pipeline.runner import train
-    from rlme_pipeline.storage import Store
+    from rlme_pipeline.jobs.preflight import preflight
+    from rlme_pipeline.jobs.train import train
+    from rlme_pipeline.storage.run import Run
+    from rlme_pipeline.storage.store import Store
 
     d = demo_dict()
     d["run"].update(id="replicas", storage=str(tmp_path / name), iterations=1)
@@ -70,7 +70,7 @@ def test_two_replicas_give_the_rollouts_and_judgements_of_one(tmp_path, vllm_ser
 
 def test_a_replica_killed_mid_stage_loses_nothing(vllm_server, second_server, tiny_models):
     from rlme_pipeline.backends.openai import Client, OpenAIGenerator
-    from rlme_pipeline.models import load_tokenizer
+    from rlme_pipeline.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_models["policy"]))
     prompts = [tok(f"Tell me about the number {i}.")["input_ids"] for i in range(24)]

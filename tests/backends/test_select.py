@@ -7,9 +7,9 @@ import os
 import pytest
 
 from rlme_pipeline.backends import BackendError
-from rlme_pipeline.backends.select import TRAINER_FILES, Backends, serving_dir
+from rlme_pipeline.backends.session import TRAINER_FILES, Backends, serving_dir
 from rlme_pipeline.config import VllmConfig, load_config
-from rlme_pipeline.lineage import ModelRef
+from rlme_pipeline.models.weights_at import ModelRef
 from tests.conftest import DEMO, demo_dict
 
 

@@ -47,8 +47,8 @@ def _cfg(tmp_path, vllm_python, max_restarts: int):
 @pytest.fixture
 def opened(monkeypatch):
     """Every Backends the runner opens, so a test can reach the server a stage is using; all closed after."""
-    from rlme_pipeline import runner
-    from rlme_pipeline.backends.select import Backends
+    from rlme_pipeline.backends.session import Backends
+    from rlme_pipeline.jobs import train as runner
 
     seen = []
 
@@ -80,11 +80,11 @@ def _kill_server_at(monkeypatch, opened: list, point: str, iteration: int):
 
 def test_two_iterations_on_vllm_server(tmp_path, vllm_python, tiny_models, monkeypatch, opened, backends):
     from rlme_pipeline.backends import BackendError
-    from rlme_pipeline.judging import evaluators_at, score_rollouts
-    from rlme_pipeline.lineage import policy_at
-    from rlme_pipeline.run import Run
-    from rlme_pipeline.runner import train
-    from rlme_pipeline.storage import Store
+    from rlme_pipeline.jobs.train import train
+    from rlme_pipeline.judging.judges import evaluators_at, score_rollouts
+    from rlme_pipeline.models.weights_at import policy_at
+    from rlme_pipeline.storage.run import Run
+    from rlme_pipeline.storage.store import Store
 
     # 1. killed mid-stage, no restart allowed: a clear failure and a resumable run
     cfg = _cfg(tmp_path, vllm_python, max_restarts=0)

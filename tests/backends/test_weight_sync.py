@@ -52,11 +52,11 @@ def _cfg(tmp_path, vllm_python, lora: bool):
 def test_weights_reach_a_running_server(tmp_path, vllm_python, tiny_models, monkeypatch, opened, backends, lora):  # noqa: F811
     if lora:
         pytest.importorskip("peft")
-    from rlme_pipeline.judging import evaluators_at, score_rollouts
-    from rlme_pipeline.preflight import preflight
-    from rlme_pipeline.run import Run
-    from rlme_pipeline.runner import train
-    from rlme_pipeline.storage import Store
+    from rlme_pipeline.jobs.preflight import preflight
+    from rlme_pipeline.jobs.train import train
+    from rlme_pipeline.judging.judges import evaluators_at, score_rollouts
+    from rlme_pipeline.storage.run import Run
+    from rlme_pipeline.storage.store import Store
 
     cfg = _cfg(tmp_path, vllm_python, lora)
     run = Run(Store(cfg.run.storage), cfg.run.id)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rlme_pipeline.lease import Lease
-from rlme_pipeline.run import Run
+from rlme_pipeline.storage.lease import Lease
+from rlme_pipeline.storage.run import Run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,9 +38,8 @@ def test_cli_on_s3_lease_and_no_secret_anywhere(s3, micro_config, tmp_path):
     p = rlme("train", str(config), prefect_home=home)
     outputs.append(p.stdout + p.stderr)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    from typer.testing import CliRunner
-
     from rlme_flows.cli import app
+    from typer.testing import CliRunner
 
     for args in (("verify", run_url), ("gc", run_url), ("status", run_url)):  # in-process: no train, no Prefect
         r = CliRunner().invoke(app, list(args), terminal_width=200)

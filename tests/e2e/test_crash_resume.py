@@ -20,11 +20,11 @@ import yaml
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
-from rlme_pipeline import gc
 from rlme_pipeline.config import load_config
-from rlme_pipeline.run import Run
-from rlme_pipeline.runner import train
-from rlme_pipeline.verify import verify
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.storage import gc
+from rlme_pipeline.storage.run import Run
+from rlme_pipeline.storage.verify import verify
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from rlme_pipeline import gc
-from rlme_pipeline.lease import Lease
-from rlme_pipeline.run import Run
+from rlme_pipeline.storage import gc
+from rlme_pipeline.storage.lease import Lease
+from rlme_pipeline.storage.run import Run
 from tests.conftest import ROOT
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}

@@ -24,11 +24,11 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 from prefect.flow_engine import run_flow
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
-
 from rlme_flows.events import FAILED_JUDGEMENTS, PROBE_ALARM, resource_id
 from rlme_flows.train import rlme_train
-from rlme_pipeline.config import ConfigError, load_config
 from rlme_tasks.stages import stage_task
+
+from rlme_pipeline.config import ConfigError, load_config
 from tests.conftest import DEMO, ROOT
 
 AUTOMATION = ROOT / "infra" / "automations" / "pause-on-probe-alarm.yaml"

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from rlme_pipeline import gc
 from rlme_pipeline.config import load_config
-from rlme_pipeline.run import CorruptRun, Run
-from rlme_pipeline.runner import Runner, train
-from rlme_pipeline.verify import verify
+from rlme_pipeline.jobs.train import Runner, train
+from rlme_pipeline.storage import gc
+from rlme_pipeline.storage.run import CorruptRun, Run
+from rlme_pipeline.storage.verify import verify
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
-
 from rlme_flows.train import artifact_key, rlme_train
+
 from tests.conftest import DEMO
 
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from rlme_pipeline.config import ConfigError, load_config
-from rlme_pipeline.preflight import preflight
-from rlme_pipeline.storage import StorageError, Store
+from rlme_pipeline.jobs.preflight import preflight
+from rlme_pipeline.storage.store import StorageError, Store
 from tests.conftest import ROOT, demo_dict
 
 
@@ -104,7 +104,7 @@ def test_cli_reports_and_exits_2_without_starting_prefect(tmp_path, tiny_models)
 
 
 def test_changed_experiment_on_an_existing_run_is_refused(demo_cfg):
-    from rlme_pipeline.run import Run, RunMismatch
+    from rlme_pipeline.storage.run import Run, RunMismatch
 
     run = Run(Store(demo_cfg.run.storage), demo_cfg.run.id)
     run.open(demo_cfg)

@@ -12,16 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import rlme_flows.cli
 import yaml
+from rlme_flows.cli import app
 from typer.testing import CliRunner
 
-import rlme_flows.cli
-from rlme_flows.cli import app
 from rlme_pipeline import scoreset
 from rlme_pipeline.config import load_config
-from rlme_pipeline.run import Run
-from rlme_pipeline.runner import train
-from rlme_pipeline.storage import Store
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.storage.run import Run
+from rlme_pipeline.storage.store import Store
 from tests.conftest import DEMO, ROOT, demo_dict
 
 GOOD_QUESTIONS = "- id: short\n  text: Is the answer short?\n  weight: -0.5\n"
@@ -186,7 +186,7 @@ def test_changed_experiment_names_each_field_old_to_new(run, tmp_path, no_prefec
 
 
 def test_refusal_without_a_readable_snapshot_falls_back_to_the_hashes(run, demo_cfg):
-    from rlme_pipeline.run import RunMismatch
+    from rlme_pipeline.storage.run import RunMismatch
 
     meta = run.store.read_json("run.json")
     meta["config"]["optimizer"]["no_such_field"] = 1  # a snapshot this code cannot read, of another experiment

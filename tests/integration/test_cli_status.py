@@ -16,20 +16,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
-
 from rlme_flows.cli import app
 from rlme_flows.status import NoRun, duration, number
+from typer.testing import CliRunner
+
 from rlme_pipeline.config import load_config
 from rlme_pipeline.evolve import adopt
-from rlme_pipeline.run import Run, code_version
-from rlme_pipeline.runner import train
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.storage.run import Run, code_version
 from tests.conftest import demo_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = (
-    "import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.runner import train; "
-    "from rlme_pipeline.run import Run; cfg = load_config(sys.argv[1]); train(cfg, Run.for_config(cfg))"
+    "import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.jobs.train import train; "
+    "from rlme_pipeline.storage.run import Run; cfg = load_config(sys.argv[1]); train(cfg, Run.for_config(cfg))"
 )
 
 
@@ -102,7 +102,6 @@ def test_status_reads_at_80_columns_shows_the_uncommitted_iteration_and_prints_j
 
     # a run trained past the target it was created with (`--iterations` later): no "2 of 1"
     from rich.console import Console
-
     from rlme_flows.status import collect, render
 
     past = {**collect(run), "iterations_target": 0}

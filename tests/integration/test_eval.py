@@ -10,15 +10,15 @@ import io
 import pytest
 import yaml
 from rich.console import Console
-
 from rlme_flows.status import collect, render
-from rlme_pipeline.answers import is_correct
+
+from rlme_pipeline.algorithm.answers import is_correct
 from rlme_pipeline.audit.page import render as render_audit
 from rlme_pipeline.audit.report import compute
-from rlme_pipeline.backends.select import Backends
+from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import load_config
-from rlme_pipeline.run import EVAL, EVAL_FILE, STAGES, Run
-from rlme_pipeline.runner import Runner, train
+from rlme_pipeline.jobs.train import Runner, train
+from rlme_pipeline.storage.run import EVAL, EVAL_FILE, STAGES, Run
 from tests.conftest import ROOT, demo_dict
 
 HELDOUT = ROOT / "data" / "demo_heldout.jsonl"

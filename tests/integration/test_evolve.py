@@ -12,16 +12,16 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from rlme_flows.cli import app
 from typer.testing import CliRunner
 
-from rlme_flows.cli import app
 from rlme_pipeline import scoreset
 from rlme_pipeline.evolve import proposal, rank
 from rlme_pipeline.evolve.propose import ProposerSpec
-from rlme_pipeline.run import Run
-from rlme_pipeline.runner import train
-from rlme_pipeline.storage import Store
-from rlme_pipeline.verify import verify
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.storage.run import Run
+from rlme_pipeline.storage.store import Store
+from rlme_pipeline.storage.verify import verify
 from tests.conftest import demo_dict
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlme_pipeline import phases
 from rlme_pipeline.config import ConfigError, load_config, validate_config
 from rlme_pipeline.evolve import online, proposal
-from rlme_pipeline.preflight import preflight
-from rlme_pipeline.run import Run, RunMismatch
-from rlme_pipeline.runner import train
+from rlme_pipeline.jobs.preflight import preflight
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.storage import phases
+from rlme_pipeline.storage.run import Run, RunMismatch
 from tests.conftest import ROOT
 
 
@@ -50,8 +50,10 @@ def train_process(config: Path, crash_at: str | None = None) -> subprocess.Compl
     cmd = [sys.executable, "-m", "rlme_flows.cli", "train", str(config)]
     if crash_at:
         env["RLME_CRASH_AT"] = crash_at
-        code = "import sys; from rlme_pipeline.config import load_config as L; from rlme_pipeline.run import Run; "
-        code += "from rlme_pipeline.runner import train; c = L(sys.argv[1]); train(c, Run.for_config(c))"
+        code = (
+            "import sys; from rlme_pipeline.config import load_config as L; from rlme_pipeline.storage.run import Run; "
+        )
+        code += "from rlme_pipeline.jobs.train import train; c = L(sys.argv[1]); train(c, Run.for_config(c))"
         cmd = [sys.executable, "-c", code, str(config)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

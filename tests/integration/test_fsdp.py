@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlme_pipeline import checkpoint, distributed_update
 from rlme_pipeline.config import ConfigError, load_config
-from rlme_pipeline.lineage import policy_at
-from rlme_pipeline.preflight import _check_distributed
-from rlme_pipeline.run import Run
-from rlme_pipeline.runner import train
+from rlme_pipeline.jobs.preflight import _check_distributed
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.models import checkpoint
+from rlme_pipeline.models.weights_at import policy_at
+from rlme_pipeline.stages import update_fsdp as distributed_update
+from rlme_pipeline.storage.run import Run
 
 
 def _cfg(path: Path, processes: int, **changes):

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 
 from rlme_pipeline.config import validate_config
-from rlme_pipeline.run import Run
-from rlme_pipeline.runner import train
-from rlme_pipeline.storage import Store
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.storage.run import Run
+from rlme_pipeline.storage.store import Store
 
 pytestmark = pytest.mark.slow
 

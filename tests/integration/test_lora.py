@@ -11,14 +11,15 @@ import transformers
 import yaml
 from safetensors.torch import load_file
 
-from rlme_pipeline import checkpoint, scoreset
+from rlme_pipeline import scoreset
 from rlme_pipeline.audit.report import audit
 from rlme_pipeline.config import ConfigError, validate_config
-from rlme_pipeline.models import weights_version
-from rlme_pipeline.preflight import preflight
-from rlme_pipeline.run import Run
-from rlme_pipeline.runner import train
-from rlme_pipeline.storage import Store
+from rlme_pipeline.jobs.preflight import preflight
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.models import checkpoint
+from rlme_pipeline.models.loading import weights_version
+from rlme_pipeline.storage.run import Run
+from rlme_pipeline.storage.store import Store
 from tests.conftest import DEMO, demo_dict
 from tests.requires import require
 
@@ -211,8 +212,8 @@ def _train_process(config_path, crash_at: str | None):
     import sys
 
     code = (
-        "import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.run import Run; "
-        "from rlme_pipeline.runner import train; c = load_config(sys.argv[1]); train(c, Run.for_config(c))"
+        "import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.storage.run import Run; "
+        "from rlme_pipeline.jobs.train import train; c = load_config(sys.argv[1]); train(c, Run.for_config(c))"
     )
     env = {**os.environ, "PYTHONPATH": str(DEMO.parent.parent), "OMP_NUM_THREADS": "1"}
     env.pop("RLME_CRASH_AT", None)
@@ -250,7 +251,7 @@ def test_a_lora_run_killed_anywhere_resumes_to_the_uninterrupted_result(tiny_mod
 def test_a_bf16_lora_policy_keeps_a_bf16_base_and_trains_an_fp32_adapter(tiny_models, tmp_path):
     import torch
 
-    from rlme_pipeline.backends.select import Backends
+    from rlme_pipeline.backends.session import Backends
 
     cfg = lora_cfg(tmp_path, lora={**LORA, "dropout": 0.0})
     d = cfg.model_dump(mode="json")
@@ -264,8 +265,8 @@ def test_a_bf16_lora_policy_keeps_a_bf16_base_and_trains_an_fp32_adapter(tiny_mo
     assert run.read_record(1, "update").metrics["optimizer_steps"] > 0
     # a fresh process's model: the bf16 base with checkpoint 1's adapter in fp32
     with Backends() as backends:
-        from rlme_pipeline.adapters import load
-        from rlme_pipeline.lineage import policy_at
+        from rlme_pipeline.models.adapters import load
+        from rlme_pipeline.models.weights_at import policy_at
 
         lm = load(backends.pool, policy_at(run, cfg, 2))
         params = list(lm.model.named_parameters())

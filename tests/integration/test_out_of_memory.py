@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlme_pipeline import runner
 from rlme_pipeline.config import load_config
-from rlme_pipeline.oom import StageOutOfMemory
-from rlme_pipeline.run import STAGES, Run
+from rlme_pipeline.jobs import train as runner
+from rlme_pipeline.jobs.oom import StageOutOfMemory
+from rlme_pipeline.storage.run import STAGES, Run
 
 CUDA_OOM = "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.11 GiB"
 

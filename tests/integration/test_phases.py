@@ -13,18 +13,19 @@ import polars as pl
 import pytest
 import yaml
 from polars.testing import assert_frame_equal
+from rlme_flows.cli import app
 from typer.testing import CliRunner
 
-from rlme_flows.cli import app
-from rlme_pipeline import phases, scoreset
+from rlme_pipeline import scoreset
 from rlme_pipeline.audit.report import audit, compute
 from rlme_pipeline.config import validate_config
 from rlme_pipeline.evolve import adopt, proposal
 from rlme_pipeline.evolve.propose import ProposerSpec
-from rlme_pipeline.run import Run, RunMismatch
-from rlme_pipeline.runner import train
-from rlme_pipeline.storage import Store
-from rlme_pipeline.verify import verify
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.storage import phases
+from rlme_pipeline.storage.run import Run, RunMismatch
+from rlme_pipeline.storage.store import Store
+from rlme_pipeline.storage.verify import verify
 from tests.conftest import DEMO, demo_dict
 
 

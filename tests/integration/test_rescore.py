@@ -11,9 +11,9 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from rlme_pipeline import scoreset
-from rlme_pipeline.run import CorruptRun, Run
-from rlme_pipeline.runner import train
-from rlme_pipeline.storage import Store
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.storage.run import CorruptRun, Run
+from rlme_pipeline.storage.store import Store
 from tests.conftest import DEMO, demo_dict
 
 QUESTIONS = """\
@@ -175,9 +175,8 @@ def test_rescore_flow_cli_on_s3(run, tmp_path, monkeypatch):
     import boto3
     import s3fs
     from moto import server as moto_server
-    from typer.testing import CliRunner
-
     from rlme_flows.cli import app
+    from typer.testing import CliRunner
 
     srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     srv.start()
@@ -272,8 +271,8 @@ def test_rescore_scores_with_the_runs_vllm_settings(run, questions_file, monkeyp
 
 
 def test_verify_and_gc_cover_score_sets(run, questions_file, backends):
-    from rlme_pipeline import gc
-    from rlme_pipeline.verify import verify
+    from rlme_pipeline.storage import gc
+    from rlme_pipeline.storage.verify import verify
 
     qs = scoreset.load_questions(questions_file)
     m = scoreset.rescore(run, "v2", questions=qs, shard_rows=16)

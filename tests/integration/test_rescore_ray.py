@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks._common import local_ray_head
 from rlme_pipeline import scoreset
-from rlme_pipeline.run import Run
+from rlme_pipeline.storage.run import Run
 from tests.conftest import ROOT
 from tests.integration import test_cli_errors, test_rescore
 from tests.integration.test_cli_errors import one_line_error
@@ -157,8 +157,9 @@ def test_unreachable_or_malformed_ray_address_is_one_line_before_anything(traine
 
 def test_a_worker_keeps_one_backends_per_settings(tiny_models):
     """Shards on one worker share its loaded models; other vLLM settings (another re-score) close the old set."""
-    from rlme_pipeline.config import VllmConfig
     from rlme_tasks.rescore import close_worker_backends, worker_backends
+
+    from rlme_pipeline.config import VllmConfig
 
     evaluator = str(tiny_models["evaluator"])
     try:

@@ -11,14 +11,16 @@ import sys
 import pytest
 import yaml
 
-from rlme_pipeline import checkpoint, gc, retention, scoreset
+from rlme_pipeline import scoreset
 from rlme_pipeline.audit.report import audit
 from rlme_pipeline.config import ConfigError, validate_config
-from rlme_pipeline.lineage import policy_at
-from rlme_pipeline.run import Run
-from rlme_pipeline.runner import train
-from rlme_pipeline.storage import Store
-from rlme_pipeline.verify import verify
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.models import checkpoint
+from rlme_pipeline.models.weights_at import policy_at
+from rlme_pipeline.storage import gc, retention
+from rlme_pipeline.storage.run import Run
+from rlme_pipeline.storage.store import Store
+from rlme_pipeline.storage.verify import verify
 from tests.conftest import ROOT, demo_dict
 
 
@@ -124,8 +126,8 @@ def test_a_crash_between_the_record_and_the_deletion_is_finished_by_gc(tiny_mode
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(micro(str(tmp_path / "runs"), 2, keep_last=1)))
     script = (
-        "import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.run import Run; "
-        "from rlme_pipeline.runner import train; cfg = load_config(sys.argv[1]); train(cfg, Run.for_config(cfg))"
+        "import sys; from rlme_pipeline.config import load_config; from rlme_pipeline.storage.run import Run; "
+        "from rlme_pipeline.jobs.train import train; cfg = load_config(sys.argv[1]); train(cfg, Run.for_config(cfg))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RLME_CRASH_AT": "prune:recorded@0"}
     out = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True)

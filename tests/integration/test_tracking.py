@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from rlme_pipeline.config import ConfigError, load_config
-from rlme_pipeline.preflight import preflight
-from rlme_pipeline.run import Run
-from rlme_pipeline.runner import train
-from rlme_pipeline.storage import Store
-from rlme_pipeline.tracking import SAMPLE_COLUMNS, metrics_of
+from rlme_pipeline.jobs.preflight import preflight
+from rlme_pipeline.jobs.tracking import SAMPLE_COLUMNS, metrics_of
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.storage.run import Run
+from rlme_pipeline.storage.store import Store
 from tests.conftest import DEMO, ROOT, demo_dict
 
 SAMPLES = 3
@@ -187,9 +187,9 @@ def test_trackio_local_run_is_read_back(tmp_path, tiny_models):
     script = textwrap.dedent(f"""
         import json
         from rlme_pipeline.config import load_config
-        from rlme_pipeline.run import Run
-        from rlme_pipeline.runner import train
-        from rlme_pipeline.tracking import metrics_of
+        from rlme_pipeline.storage.run import Run
+        from rlme_pipeline.jobs.train import train
+        from rlme_pipeline.jobs.tracking import metrics_of
         cfg = load_config({config!r})
         run = Run.for_config(cfg)
         made = train(cfg, run) + train(cfg.with_overrides(iterations=3), run)

@@ -9,9 +9,9 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlme_pipeline.run import Run, iter_dir
-from rlme_pipeline.runner import Runner, train
-from rlme_pipeline.storage import Store, sha256_file
+from rlme_pipeline.jobs.train import Runner, train
+from rlme_pipeline.storage.run import Run, iter_dir
+from rlme_pipeline.storage.store import Store, sha256_file
 
 
 def _run(cfg) -> Run:
@@ -152,7 +152,7 @@ def test_advance_trains_past_the_last_commit_through_the_wrap_hook(demo_cfg):
 
 
 def test_a_held_lease_stops_training_before_anything_is_written(demo_cfg):
-    from rlme_pipeline.lease import Lease, LeaseHeld
+    from rlme_pipeline.storage.lease import Lease, LeaseHeld
 
     run = _run(demo_cfg)
     with Lease(run.store, purpose="another trainer"):

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from rlme_pipeline.algorithm.rewards import compute_rewards, with_advantages
 from rlme_pipeline.config import validate_config
-from rlme_pipeline.rewards import compute_rewards, with_advantages
 from rlme_pipeline.stages.aggregate import rewards_and_metrics, rewards_for
 
 FLOOR = -20.0

@@ -12,13 +12,13 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from rlme_pipeline.backends.select import Backends
+from rlme_pipeline.algorithm.rewards import compute_rewards
+from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import validate_config
-from rlme_pipeline.rewards import compute_rewards
-from rlme_pipeline.run import Run, StageRecord
-from rlme_pipeline.runner import Runner
+from rlme_pipeline.jobs.train import Runner
 from rlme_pipeline.stages.aggregate import aggregate, component_metrics
-from rlme_pipeline.storage import Store
+from rlme_pipeline.storage.run import Run, StageRecord
+from rlme_pipeline.storage.store import Store
 
 FLOOR = -20.0
 IDS = ["a", "b", "c", "d"]

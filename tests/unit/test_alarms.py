@@ -1,4 +1,4 @@
-"""Which committed iterations raise an alarm event (rlme_flows/events.py), and the config that sets them.
+"""Which committed iterations raise an alarm event (flows/events.py), and the config that sets them.
 
 The events themselves go to a real Prefect server in tests/e2e/test_flow_events.py."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from rlme_flows.events import FAILED_JUDGEMENTS, PROBE_ALARM, alarms
+
 from rlme_pipeline.config import ConfigError, load_config, validate_config
-from rlme_pipeline.run import Manifest
+from rlme_pipeline.storage.run import Manifest
 from tests.conftest import DEMO, ROOT
 
 

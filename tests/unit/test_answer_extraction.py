@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlme_pipeline.answers import EXTRACTORS, extract_answer, is_correct, normalize
+from rlme_pipeline.algorithm.answers import EXTRACTORS, extract_answer, is_correct, normalize
 
 
 @pytest.mark.parametrize(

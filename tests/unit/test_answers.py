@@ -1,4 +1,4 @@
-from rlme_pipeline.answers import extract_answer, is_correct
+from rlme_pipeline.algorithm.answers import extract_answer, is_correct
 
 
 def test_extract_answer():

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlme_pipeline import checkpoint
-from rlme_pipeline.models import load_tokenizer
-from rlme_pipeline.run import Run
-from rlme_pipeline.storage import Store, sha256_file
+from rlme_pipeline.models import checkpoint
+from rlme_pipeline.models.loading import load_tokenizer
+from rlme_pipeline.storage.run import Run
+from rlme_pipeline.storage.store import Store, sha256_file
 
 
 def _same(a, b, where="state_dict"):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlme_pipeline.checkpoint import write_safetensors
-from rlme_pipeline.storage import Store
+from rlme_pipeline.models.checkpoint import write_safetensors
+from rlme_pipeline.storage.store import Store
 
 DATA = bytes(range(256)) * 4096 * 3  # 3 MiB per chunk
 

@@ -12,8 +12,8 @@ import signal
 import pytest
 
 from rlme_pipeline.config import validate_config
-from rlme_pipeline.run import MANIFEST, CorruptRun, Run, StageRecord, attempt_name
-from rlme_pipeline.storage import Store
+from rlme_pipeline.storage.run import MANIFEST, CorruptRun, Run, StageRecord, attempt_name
+from rlme_pipeline.storage.store import Store
 
 BASE = {
     "data": {"path": "x.jsonl"},
@@ -125,7 +125,7 @@ def test_attempt_names_are_unique_per_attempt():
 def test_a_crash_just_before_the_manifest_leaves_the_iteration_uncommitted(tmp_path, monkeypatch):
     """The crash hook the resume tests use (RLME_CRASH_AT, a SIGKILL of the process) sits after every
     data file and before the commit point. Here the kill is caught in-process: os.kill raises instead."""
-    from rlme_pipeline import crash
+    from rlme_pipeline.storage import crash
 
     class Killed(BaseException):
         pass

@@ -6,10 +6,11 @@ import inspect
 
 import pytest
 import yaml
-
+from prefect.flows import load_flow_from_entrypoint
 from rlme_flows.train import stage_tasks
+
 from rlme_pipeline.config import ConfigError, load_config
-from rlme_pipeline.run import split_run_url
+from rlme_pipeline.storage.run import split_run_url
 from tests.conftest import DEMO, ROOT
 
 
@@ -18,14 +19,12 @@ def test_prefect_yaml_deployments():
     deps = {x["name"]: x for x in d["deployments"]}
     assert set(deps) == {"scheduled", "rescore", "audit", "evolve"}
     train = deps["scheduled"]
-    assert train["entrypoint"] == "rlme_flows.train:rlme_train" and train["work_pool"]["name"] == "rlme-process"
+    assert train["entrypoint"] == "flows/train.py:rlme_train" and train["work_pool"]["name"] == "rlme-process"
     assert train["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     assert train["schedules"][0]["cron"] and set(train["parameters"]) == {"config", "run_uri", "advance"}
     assert d["definitions"]["work_pools"]["gpu"]["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"]
-    for dep in deps.values():  # every entrypoint names a flow the package exports, taking those parameters
-        from prefect.utilities.importtools import import_object
-
-        flow = import_object(dep["entrypoint"])
+    for dep in deps.values():  # every entrypoint names a flow of this repository, taking those parameters
+        flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
         assert flow.name.startswith("rlme_")
         assert set(dep.get("parameters", {})) <= set(inspect.signature(flow.fn).parameters), dep["name"]
 
@@ -65,7 +64,6 @@ def test_rescore_questions_file_from_s3(s3):
 
 def test_local_prefect_turns_heartbeats_off_only_without_an_api_url():
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
-
     from rlme_flows.local_prefect import local_prefect
 
     default = get_current_settings().flows.heartbeat_frequency

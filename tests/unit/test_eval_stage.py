@@ -5,11 +5,11 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
+from rlme_pipeline.algorithm.sampling import draw
 from rlme_pipeline.config import ConfigError, load_config, validate_config
-from rlme_pipeline.preflight import preflight
-from rlme_pipeline.sampling import draw
+from rlme_pipeline.jobs.preflight import preflight
 from rlme_pipeline.stages.eval import evaluate, sampling
-from rlme_pipeline.storage import Store
+from rlme_pipeline.storage.store import Store
 from tests.conftest import DEMO
 
 

@@ -9,9 +9,9 @@ import jinja2
 import yaml
 from prefect.events.schemas.deployment_triggers import DeploymentTriggerTypes
 from pydantic import TypeAdapter
-
 from rlme_flows.events import PROBE_ALARM
 from rlme_flows.evolve import rlme_evolve
+
 from rlme_pipeline.config import RUN_ID
 from rlme_pipeline.scoreset import parse_iterations
 from tests.conftest import ROOT
@@ -31,7 +31,7 @@ def test_evolve_automation_runs_the_evolve_flow_on_the_probe_alarm():
     auto = trigger.as_automation()
     assert auto.trigger.expect == {PROBE_ALARM} and [a.type for a in auto.actions] == ["run-deployment"]
 
-    # the payload rlme_flows/events.py emits (run URL, iteration, ...)
+    # the payload flows/events.py emits (run URL, iteration, ...)
     event = {"event": PROBE_ALARM, "payload": {"run_id": "exp-1", "run": "s3://b/runs/exp-1", "iteration": 7}}
     params = {k: render(v, event) for k, v in trigger.parameters.items()}
     assert params["run_uri"] == "s3://b/runs/exp-1" and RUN_ID.match(params["name"])

@@ -7,11 +7,11 @@ import math
 import polars as pl
 import pytest
 
+from rlme_pipeline.algorithm.rewards import compute_rewards
 from rlme_pipeline.audit.labels import auroc
 from rlme_pipeline.config import QuestionConfig
 from rlme_pipeline.evolve import edits, paraphrase, rank
-from rlme_pipeline.rewards import compute_rewards
-from rlme_pipeline.schemas import OK
+from rlme_pipeline.storage.schemas import OK
 
 CURRENT = [
     QuestionConfig(id="correct", text="Is the answer correct?", weight=1.0),

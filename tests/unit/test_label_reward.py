@@ -7,10 +7,10 @@ import math
 import polars as pl
 import pytest
 
-from rlme_pipeline.answers import extract_answer, is_correct
+from rlme_pipeline.algorithm.answers import extract_answer, is_correct
+from rlme_pipeline.algorithm.label_reward import mix_label_rewards, selected
+from rlme_pipeline.algorithm.rewards import compute_rewards
 from rlme_pipeline.config import ConfigError, LabelRewardConfig, validate_config
-from rlme_pipeline.label_reward import mix_label_rewards, selected
-from rlme_pipeline.rewards import compute_rewards
 
 FLOOR = math.log(1e-6)
 

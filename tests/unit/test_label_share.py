@@ -14,9 +14,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from rlme_pipeline.algorithm.label_reward import mix_label_rewards, selected, values
+from rlme_pipeline.algorithm.rewards import compute_rewards
 from rlme_pipeline.config import LabelRewardConfig, validate_config
-from rlme_pipeline.label_reward import mix_label_rewards, selected, values
-from rlme_pipeline.rewards import compute_rewards
 from rlme_pipeline.stages.aggregate import rewards_and_metrics
 
 FLOOR = -20.0

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from rlme_pipeline.lease import Lease, LeaseHeld, LeaseLost, describe
-from rlme_pipeline.storage import Store
+from rlme_pipeline.storage.lease import Lease, LeaseHeld, LeaseLost, describe
+from rlme_pipeline.storage.store import Store
 
 T0 = 1_700_000_000.0
 
@@ -122,7 +122,7 @@ def test_a_dead_local_holder_is_taken_over_before_expiry(tmp_path, caplog):
     dead = Lease(here, ttl=600, clock=clock)
     dead.holder["pid"] = gone  # a process of this host that has exited
     dead.acquire()
-    with caplog.at_level(logging.WARNING, logger="rlme_pipeline.lease"):
+    with caplog.at_level(logging.WARNING, logger="rlme_pipeline.storage.lease"):
         assert Lease(here, ttl=60, clock=clock).acquire().gen == 2
     assert [r.getMessage() for r in caplog.records] == [
         f"taking over the lease of pid {gone} on {socket.gethostname()}: that process is gone"
@@ -223,7 +223,7 @@ def test_renewal_runs_every_third_of_the_ttl(tmp_path):
 
 
 def test_a_local_pid_owned_by_another_user_is_alive(tmp_path, monkeypatch):
-    import rlme_pipeline.lease as lease_module
+    import rlme_pipeline.storage.lease as lease_module
 
     def kill(pid, sig):
         raise PermissionError(1, "Operation not permitted")

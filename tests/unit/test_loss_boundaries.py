@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from rlme_pipeline.losses import token_terms, token_weights
+from rlme_pipeline.algorithm.losses import token_terms, token_weights
 
 EPS, EPS_HIGH = 0.25, 4.0
 

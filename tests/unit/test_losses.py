@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlme_pipeline.losses import token_terms, token_weights
+from rlme_pipeline.algorithm.losses import token_terms, token_weights
 
 # Three tokens: sequence A = tokens 0, 1; sequence B = token 2.
 LOGP = [-1.0, -2.0, -0.5]

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlme_pipeline import checkpoint
 from rlme_pipeline.config import load_config
-from rlme_pipeline.models import inference_copy, master_dtype
-from rlme_pipeline.run import Run
-from rlme_pipeline.runner import train
+from rlme_pipeline.jobs.train import train
+from rlme_pipeline.models import checkpoint
+from rlme_pipeline.models.loading import inference_copy, master_dtype
 from rlme_pipeline.stages.update import accumulate_step
+from rlme_pipeline.storage.run import Run
 from tests.conftest import DEMO
 from tests.unit.test_update_device import _items
 

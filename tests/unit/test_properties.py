@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlme_pipeline.answers import extract_answer, is_correct, normalize
-from rlme_pipeline.label_reward import selected
-from rlme_pipeline.rewards import compute_rewards, with_advantages
+from rlme_pipeline.algorithm.answers import extract_answer, is_correct, normalize
+from rlme_pipeline.algorithm.label_reward import selected
+from rlme_pipeline.algorithm.rewards import compute_rewards, with_advantages
 
 FLOOR = math.log(1e-6)
 FAST = settings(max_examples=60, deadline=None)

@@ -1,4 +1,4 @@
-"""Which failures the stage and re-score tasks retry (rlme_tasks/retries.py): transient faults only.
+"""Which failures the stage and re-score tasks retry (tasks/retries.py): transient faults only.
 
 The failures are made for real where this machine can make them (a refused connection, a store whose
 retries run out, a path under a file, a bad config, a lease another process holds); a CUDA out-of-memory
@@ -16,16 +16,16 @@ import httpx
 import pytest
 import torch
 from prefect.states import Failed
+from rlme_tasks import rescore, stages
+from rlme_tasks.retries import retry_if_transient, transient
 
 from rlme_pipeline.backends import BackendConfigError, BackendError
 from rlme_pipeline.backends.server import ManagedServer
 from rlme_pipeline.config import ConfigError, load_config
-from rlme_pipeline.lease import Lease, LeaseHeld
-from rlme_pipeline.oom import StageOutOfMemory
-from rlme_pipeline.run import CorruptRun, Run
-from rlme_pipeline.storage import StorageError, Store, retrying
-from rlme_tasks import rescore, stages
-from rlme_tasks.retries import retry_if_transient, transient
+from rlme_pipeline.jobs.oom import StageOutOfMemory
+from rlme_pipeline.storage.lease import Lease, LeaseHeld
+from rlme_pipeline.storage.run import CorruptRun, Run
+from rlme_pipeline.storage.store import StorageError, Store, retrying
 from tests.conftest import DEMO
 
 

@@ -7,7 +7,7 @@ import math
 import polars as pl
 import pytest
 
-from rlme_pipeline.rewards import compute_rewards
+from rlme_pipeline.algorithm.rewards import compute_rewards
 
 FLOOR = math.log(1e-6)
 ROLLOUTS = pl.DataFrame({"rollout_id": ["a", "b", "c", "d"], "prompt_id": ["p", "p", "p", "q"], "iteration": [0] * 4})

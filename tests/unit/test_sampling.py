@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlme_pipeline import sampling
-from rlme_pipeline.sampling import draw, uniforms
+from rlme_pipeline.algorithm import sampling
+from rlme_pipeline.algorithm.sampling import draw, uniforms
 from rlme_pipeline.seeds import derive
 
 SEEDS = [0, 1, 2, 3, -1, -(1 << 63), (1 << 63) - 1, (1 << 32) - 1, 1 << 32, derive(7, 0, "p", 3), derive(7, 0, "p", 4)]
@@ -131,7 +131,7 @@ def test_the_block_search_picks_what_a_full_cumulative_sum_picks(top_p):
 def policy(tiny_models):
     from transformers import AutoModelForCausalLM
 
-    from rlme_pipeline.models import load_tokenizer
+    from rlme_pipeline.models.loading import load_tokenizer
 
     path = str(tiny_models["policy"])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlme_pipeline.backends.hf import judge
 from rlme_pipeline.config import ConfigError, QuestionConfig, ScoringConfig
-from rlme_pipeline.judging import Evaluator, answer_ids, score_rollouts
-from rlme_pipeline.lineage import ModelRef
-from rlme_pipeline.models import weights_version
+from rlme_pipeline.judging.judges import Evaluator, answer_ids, score_rollouts
+from rlme_pipeline.models.loading import weights_version
+from rlme_pipeline.models.weights_at import ModelRef
 
 QUESTIONS = [
     QuestionConfig(id="correct", text="Is the answer correct?"),

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from rlme_pipeline.config import ConfigError, load_config
-from rlme_pipeline.run import Run, attempt_name
-from rlme_pipeline.storage import StorageError, Store
+from rlme_pipeline.storage.run import Run, attempt_name
+from rlme_pipeline.storage.store import StorageError, Store
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -154,7 +154,7 @@ def test_uploads_survive_dropped_connections(s3, tmp_path):
 
 
 def test_gc_on_local_disk_finds_temp_files_and_unreferenced_attempts(tmp_path):
-    from rlme_pipeline import gc
+    from rlme_pipeline.storage import gc
 
     run = Run(Store(str(tmp_path / "runs")), "r1")
     run.store.write_json("run.json", {})
@@ -197,7 +197,7 @@ def test_store_retries_after_botocore_gives_up(s3, caplog):
         store = Store(s3.url("proxied"), opts)
         store.fs.retries = 1  # s3fs's own retry loop (a class attribute, 5 by default)
         store.fs.retries = 1  # s3fs's own retry loop (a class attribute, 5 by default)
-        with caplog.at_level("WARNING", logger="rlme_pipeline.storage"):
+        with caplog.at_level("WARNING", logger="rlme_pipeline.storage.store"):
             entry = store.write_bytes("x.bin", b"y" * 300_000)
         assert proxy.dropped == 3
         assert "transient" in caplog.text and "retrying" in caplog.text
@@ -227,7 +227,7 @@ def _rewards(reward: float):
 
 def test_a_second_commit_of_an_iteration_or_a_shard_leaves_the_first_standing(store):
     from rlme_pipeline import scoreset
-    from rlme_pipeline.run import MANIFEST, CorruptRun, StageRecord, now
+    from rlme_pipeline.storage.run import MANIFEST, CorruptRun, StageRecord, now
 
     run, cfg = Run(store, "r1"), load_config(DEMO)
     store = run.store
@@ -318,14 +318,14 @@ def test_child_store_shares_the_connection_and_options(s3):
     ],
 )
 def test_one_run_url_parser(url, expected):
-    from rlme_pipeline.run import split_run_url
+    from rlme_pipeline.storage.run import split_run_url
 
     assert split_run_url(url) == expected
 
 
 @pytest.mark.parametrize("url", ["demo", "s3://bucket", "s3://", "/", "./runs/a..b"])
 def test_bad_run_urls_are_refused(url):
-    from rlme_pipeline.run import split_run_url
+    from rlme_pipeline.storage.run import split_run_url
 
     with pytest.raises(ValueError, match="not a run URL|not a safe run id"):
         split_run_url(url)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlme_pipeline.tiny import make_tiny, resolve_tiny
+from rlme_pipeline.models.tiny import make_tiny, resolve_tiny
 
 FILES = ("model.safetensors", "tokenizer.json", "config.json", "generation_config.json")
 

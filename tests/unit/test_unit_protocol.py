@@ -9,8 +9,8 @@ import math
 import polars as pl
 import pytest
 
-from rlme_pipeline.run import MANIFEST, Commit, CorruptRun, Manifest, StageRecord, Unit
-from rlme_pipeline.storage import Store
+from rlme_pipeline.storage.run import MANIFEST, Commit, CorruptRun, Manifest, StageRecord, Unit
+from rlme_pipeline.storage.store import Store
 
 DIR = "scoresets/v2/_shards/iter-000003/shard-00002"
 

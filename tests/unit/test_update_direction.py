@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rlme_pipeline.algorithm.logprobs import completion_logprobs
 from rlme_pipeline.config import validate_config
-from rlme_pipeline.logprobs import completion_logprobs
-from rlme_pipeline.models import Loaded, load_tokenizer
+from rlme_pipeline.models.loading import Loaded, load_tokenizer
 from rlme_pipeline.stages.update import update
 
 COMPLETIONS = {"good": " The answer is 5.", "bad": " blah blah blah no"}

@@ -1,0 +1,347 @@
+"""The one training loop: the CLI's Prefect flow, the tests and the benchmarks all train through `train`.
+
+    train(cfg, run)                       a plain process (tests, benchmarks)
+    train(cfg, run, wrap=stage_task)      flows/train.py: each step becomes a Prefect task
+
+For each iteration not yet committed, for each stage (and the held-out eval after update, where config
+`eval` makes it due: `steps_of`): check the lease, read the stage's inputs from the run, call the pure
+stage (stages/), write its outputs under attempt-unique names, then its stage record; then commit the
+iteration (MANIFEST.json, created exclusively; run.py). A stage whose record and files check out is not
+run again, so a killed process resumes at the first unfinished stage. The stages never
+touch storage: the runner owns it, the lease, the backends (models, servers: their settings and
+lifetimes), the judge-hacking probe, the timings and the experiment trackers (tracking.py), which get each
+manifest as it is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import polars as pl
+import torch
+from pydantic import BaseModel
+
+from rlme_pipeline.backends.session import Backends
+from rlme_pipeline.config import Config
+from rlme_pipeline.data import heldout_prompts, load_prompts, prompts_for_iteration
+from rlme_pipeline.evolve import online
+from rlme_pipeline.jobs import oom
+from rlme_pipeline.jobs.tracking import Trackers
+from rlme_pipeline.judging.judges import Evaluator, evaluators_at, probe_metrics, run_probe, sample_prompts
+from rlme_pipeline.models import adapters, checkpoint
+from rlme_pipeline.models.loading import Loaded, inference_copy, master_dtype
+from rlme_pipeline.models.weights_at import ModelRef, initial_policy, policy_at
+from rlme_pipeline.progress import Clock
+from rlme_pipeline.seeds import derive
+from rlme_pipeline.stages import eval as heldout
+from rlme_pipeline.stages import update_fsdp as distributed_update
+from rlme_pipeline.stages.aggregate import aggregate
+from rlme_pipeline.stages.generate import generate
+from rlme_pipeline.stages.score import score
+from rlme_pipeline.stages.update import update
+from rlme_pipeline.storage import phases, retention
+from rlme_pipeline.storage.crash import crash_point
+from rlme_pipeline.storage.lease import Lease
+from rlme_pipeline.storage.run import (
+    EVAL,
+    EVAL_FILE,
+    REWARDS_FILE,
+    ROLLOUTS_FILE,
+    SCORES_FILE,
+    STAGES,
+    CorruptRun,
+    Manifest,
+    Run,
+    StageRecord,
+    steps_of,
+)
+from rlme_pipeline.storage.store import FileEntry
+
+COMMIT = "commit"
+EVOLVE = online.STEP  # after a commit, when the config's `evolve:` says so (evolve/online.py)
+STEPS = (*STAGES, EVAL, COMMIT, EVOLVE)
+
+# A step takes the iteration and returns its small, JSON-able record (StageRecord, or Manifest for commit).
+Step = Callable[[int], BaseModel]
+Wrap = Callable[[str, Step], Step]
+
+log = logging.getLogger(__name__)
+
+
+def no_wrap(name: str, step: Step) -> Step:
+    return step
+
+
+def check_resume_point(run: Run) -> list[int]:
+    """Committed iterations, after proving that what training continues from is intact: every manifest
+    parses, and the newest one's files (the checkpoint the next iteration loads) match their hashes.
+    Older iterations are left to `rlme verify`, which re-hashes everything. On object storage the
+    checkpoint's files are only size-checked here: their download into the cache verifies each sha256,
+    and hashing them here too would fetch a multi-GB checkpoint twice."""
+    committed = run.committed()
+    for i in committed:
+        run.manifest(i)  # raises CorruptRun with the file named
+    hash_if = (lambda f: True) if run.store.local_path() is not None else (lambda f: "/checkpoint/" not in f.logical)
+    if committed and (problems := run.check_files(run.manifest(committed[-1]).files, hash_if)):
+        raise CorruptRun(
+            f"run {run.url}: committed iteration {committed[-1]} is damaged, refusing to continue on top of it:\n  "
+            + "\n  ".join(problems)
+            + f"\nSee `rlme verify {run.url}`."
+        )
+    return committed
+
+
+def train(
+    cfg: Config,
+    run: Run,
+    *,
+    wrap: Wrap = no_wrap,
+    advance: int | None = None,
+    on_commit: Callable[[Manifest], None] | None = None,
+    holder: dict | None = None,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+    adopt: phases.Adoption | None = None,
+) -> list[Manifest]:
+    """Advance the run to cfg.run.iterations committed iterations (or `advance` past the last committed
+    one); returns the manifests made now. Raises LeaseHeld, touching nothing, while another process
+    trains the run; `holder` adds to what the lease says about this one (e.g. the Prefect flow run).
+    `adopt`: a question set to train with from the next iteration on, recorded as a phase (phases.py)."""
+    with Lease(run.store, purpose="train", **(holder or {})) as lease, Backends(cfg.vllm_settings()) as backends:
+        cfg = phases.resume_config(run, cfg)
+        run.open(cfg)
+        committed = set(check_resume_point(run))
+        if adopt is not None and (p := phases.adopt(run, adopt, sorted(committed))):
+            logger.info("run %s: phase %d (questions %s) from iteration %d", run.url, p.phase, p.questions_sha[:12], p.from_iteration)  # fmt: skip
+        if advance is not None:
+            cfg = cfg.with_overrides(iterations=(max(committed) + 1 if committed else 0) + advance)
+        logger.info("run %s: %d committed iterations, target %d", run.url, len(committed), cfg.run.iterations)
+        runner = Runner(cfg, run, backends)
+        steps = {name: wrap(name, runner.step(name)) for name in STEPS}
+        made = []
+        todo = [i for i in range(cfg.run.iterations) if i not in committed]
+        clock = Clock(len(todo), cfg.run.iterations)
+        with Trackers(cfg, run.url, runner.samples, logger) as trackers:
+            if committed and runner.evolve_due(last := max(committed)):  # a step killed before it finished
+                steps[EVOLVE](last)
+            for i in todo:
+                logger.info(clock.line(i))
+                for stage in steps_of(cfg, i):
+                    lease.check()
+                    steps[stage](i)
+                lease.check()
+                made.append(m := steps[COMMIT](i))
+                trackers.record(m)
+                clock.done()
+                if on_commit:
+                    on_commit(m)
+                if runner.evolve_due(i):
+                    lease.check()
+                    steps[EVOLVE](i)
+        return made
+
+
+class Runner:
+    """The stages of one run: inputs read from the run, outputs written to it, models from `backends`."""
+
+    def __init__(self, cfg: Config, run: Run, backends: Backends):
+        self.cfg, self.run, self.backends = cfg, run, backends
+        self.phases = phases.read(run, cfg.questions)  # which questions judge which iteration
+
+    def step(self, name: str) -> Step:
+        if name == COMMIT:
+            return self.commit
+        if name == EVOLVE:
+            return self.evolve
+        return lambda iteration: self.run_stage(iteration, name)[0]
+
+    def run_stage(self, iteration: int, stage: str) -> tuple[StageRecord, bool]:
+        """(record, ran): a stage whose record and files check out is not run again."""
+        rec = self.run.stage_record(iteration, stage)
+        if rec is not None:
+            return rec, False
+        t0 = time.perf_counter()
+        with self.backends.starts() as started:
+            files, metrics, info = self._io(iteration, stage)
+        # loading this iteration's weights into vLLM: a server start, or a sync into a running one
+        for kind, name in (("start", "backend_start_seconds"), ("sync", "weight_sync_seconds")):
+            if seconds := [s for k, s in started if k == kind]:
+                metrics[name] = float(sum(seconds))
+        rec = StageRecord(
+            stage=stage, iteration=iteration, files=files, seconds=time.perf_counter() - t0, metrics=metrics, info=info
+        )
+        crash_point(f"{stage}:written", iteration)
+        self.run.write_stage_record(rec)  # written after its data files: the record is the stage's commit
+        return rec, True
+
+    def _io(self, iteration: int, stage: str) -> tuple[list[FileEntry], dict, dict]:
+        """The stage's reads, call and writes. Out of GPU memory it raises one StageOutOfMemory naming the
+        knobs, raised outside the except block: the failed attempt's frames (and their tensors) are let go."""
+        try:
+            return getattr(self, f"_{stage}")(iteration)
+        except torch.OutOfMemoryError as e:
+            error = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        oom.free()
+        raise oom.StageOutOfMemory(oom.message(self.cfg, stage, iteration, error))
+
+    def commit(self, iteration: int) -> Manifest:
+        if iteration in self.run.committed():
+            m = self.run.manifest(iteration)
+        else:
+            records = [self.run.read_record(iteration, s) for s in steps_of(self.cfg, iteration)]
+            m = self.run.commit(iteration, self.cfg, records)
+        retention.prune(self.run, self.cfg.checkpoint)  # after the commit: the new checkpoint is the resume point
+        return m
+
+    def evolve_due(self, iteration: int) -> bool:
+        return self.cfg.evolve is not None and online.due(self.cfg, self.run.manifest(iteration)) is not None
+
+    def evolve(self, iteration: int) -> StageRecord:
+        """Propose, rank and maybe adopt a question set as the phase from the next iteration (online.py)."""
+        why = online.due(self.cfg, self.run.manifest(iteration))
+        rec = online.step(self.run, self.cfg, iteration, why, self.backends)
+        self.phases = phases.read(self.run, self.cfg.questions)
+        return rec
+
+    def samples(self, iteration: int, n: int) -> list[dict]:
+        """A few committed completions for the trackers: n rollouts, different prompts first, chosen by
+        rollout id (a hash), so the same rows whoever asks."""
+        columns = ("rollout_id", "prompt_id", "iteration", "prompt", "completion")
+        rollouts = self.run.read_table(iteration, ROLLOUTS_FILE).select(columns)
+        rewards = self.run.read_table(iteration, REWARDS_FILE).select("rollout_id", "reward")
+        picked = (
+            rollouts.join(rewards, on="rollout_id", how="left")
+            .with_columns(nth=pl.col("rollout_id").rank("ordinal").over("prompt_id"))
+            .sort("nth", "rollout_id")
+            .head(n)
+        )
+        return picked.select("iteration", "prompt", "completion", "reward").to_dicts()
+
+    # --- the stages' I/O: each returns (files, metrics, info) -------------------------------------------
+    def _generate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        cfg, backend = self.cfg, self.cfg.generation.backend
+        prompts = prompts_for_iteration(load_prompts(cfg), cfg, i)
+        ref = policy_at(self.run, cfg, i)
+        with self.backends.generator(ref, backend) as (gen, tok):
+            rollouts, metrics = generate(cfg, self.run.id, i, prompts, ref.version, gen, tok)
+        info = {
+            "policy": {"ref": cfg.policy.model, "version": ref.version},
+            "prompt_ids": prompts["prompt_id"].to_list(),
+            "backend": backend,
+        }
+        return [self.run.write_table(i, ROLLOUTS_FILE, rollouts, "rollouts")], metrics, info
+
+    def _score(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        cfg = self.phases.config_at(self.cfg, i)
+        rollouts = self.run.read_table(i, ROLLOUTS_FILE)
+        evaluators = evaluators_at(self.run, cfg, i)
+        scores, metrics = score(cfg, rollouts, evaluators, self.backends)
+        entry = self.run.write_table(i, SCORES_FILE, scores, "scores")
+        if cfg.probe.every and i % cfg.probe.every == 0:
+            metrics.update(self._probe(cfg, rollouts, evaluators, i))
+        info = {
+            "evaluators": [
+                {"name": e.name, "ref": ev.model, "weight": ev.weight, "version": e.ref.version}
+                for e, ev in zip(evaluators, cfg.evaluators)
+            ],
+            "questions": [{"id": q.id, "text": q.text, "weight": q.weight, "sha": q.sha()} for q in cfg.questions],
+            "template_sha": cfg.scoring.template_sha(),
+            **self.phases.lineage(i),
+        }
+        return [entry], metrics, info
+
+    def _probe(self, cfg: Config, rollouts, evaluators: list[Evaluator], i: int) -> dict:
+        """Would this iteration's judges say yes to answers that say nothing? (flow: an alarm warning)"""
+        prompts = sample_prompts(rollouts, cfg.probe.prompts, cfg.run.seed)
+        table = run_probe(evaluators, cfg.questions, cfg.scoring, prompts, i, self.backends)
+        return probe_metrics(table, cfg.probe.alarm_share)
+
+    def _aggregate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        rewards, metrics = aggregate(
+            self.phases.config_at(self.cfg, i),
+            self.run.read_table(i, SCORES_FILE),
+            self.run.read_table(i, ROLLOUTS_FILE),
+        )
+        return [self.run.write_table(i, REWARDS_FILE, rewards, "rewards")], metrics, {}
+
+    def _update(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        cfg, run, pool = self.cfg, self.run, self.backends.pool
+        ref = policy_at(run, cfg, i)
+        if cfg.distributed.processes > 1:
+            return self._distributed_update(ref, i)
+        rollouts, rewards = run.read_table(i, ROLLOUTS_FILE), run.read_table(i, REWARDS_FILE)
+        lora = cfg.policy.lora is not None
+        lm, reference = self._trainee(ref, i) if not lora else self._adapted_trainee(ref, i)
+        opt_state = checkpoint.load_optimizer_state(ref.path) if lm.optimizer is None and i > 0 else None
+        # The global torch RNG (dropout, if a model has it) continues from the previous checkpoint.
+        checkpoint.restore_rng(ref.path if i > 0 else None, derive(cfg.run.seed, "torch"))
+        opt, state, metrics = update(cfg, i, rollouts, rewards, lm, reference, opt_state)
+        if lora:
+            state["base"] = adapters.base_record(cfg)
+        files = checkpoint.save(run, i, lm.model, lm.tokenizer, opt, state)
+        version = checkpoint.weights_entry(files).sha256
+        if lora:
+            adapters.trained(pool, cfg, lm, opt, version)
+        else:
+            self._keep_trained(ref, lm, opt, version, checkpoint.local_dir(run, i, files))
+        return files, metrics, {"policy_before": ref.version, "policy_after": version, "update_processes": 1}
+
+    def _distributed_update(self, ref: ModelRef, i: int) -> tuple[list[FileEntry], dict, dict]:
+        """The update in cfg.distributed.processes ranks (FSDP2, distributed_update.py). The ranks get every
+        GPU whole: this process lets go of its models first, and the next iteration loads the checkpoint."""
+        self.backends.pool.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        files, metrics = distributed_update.launch(self.cfg, self.run, i, ref.path)
+        version = checkpoint.weights_entry(files).sha256
+        info = {"policy_before": ref.version, "policy_after": version}
+        return files, metrics, {**info, "update_processes": self.cfg.distributed.processes}
+
+    def _eval(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        """The policy this iteration's update made, on the held-out prompts (stages/eval.py); judged by
+        the evaluators as they judge the next iteration, with this iteration's questions (its phase)."""
+        cfg, backend = self.phases.config_at(self.cfg, i), self.cfg.generation.backend
+        prompts = heldout_prompts(cfg)
+        ref = policy_at(self.run, cfg, i + 1)
+        with self.backends.generator(ref, backend) as (gen, tok):
+            rollouts, _ = generate(cfg, self.run.id, i, prompts, ref.version, gen, tok, heldout.sampling(cfg, i))
+        evaluators = evaluators_at(self.run, cfg, i + 1) if cfg.eval.judges else []
+        table, metrics = heldout.evaluate(cfg, rollouts, evaluators, self.backends)
+        info = {
+            "eval": {
+                "policy_version": ref.version,
+                "prompt_ids": prompts["prompt_id"].to_list(),
+                "evaluators": {e.name: e.ref.version for e in evaluators},
+            }
+        }
+        return [self.run.write_table(i, EVAL_FILE, table, "eval")], metrics, info
+
+    def _trainee(self, ref: ModelRef, i: int) -> tuple[Loaded, object]:
+        """(the policy to train, the KL reference or None). Training changes the weights, so the model
+        leaves the pool. A half-precision policy trains fp32 master weights (models.master_dtype); its
+        half copy that generated this iteration is done with."""
+        pool, master = self.backends.pool, master_dtype(ref.dtype)
+        lm = pool.take(ref.path, master, ref.device, ref.version)
+        if master != ref.dtype:
+            pool.discard(ref.path, ref.dtype, ref.device)
+        reference = None
+        if self.cfg.algorithm.beta > 0:  # the KL anchor is the initial policy; loaded only when it is used
+            init = initial_policy(self.cfg)
+            reference = pool.get(init.path, init.dtype, init.device, init.version).model
+        return lm, reference
+
+    def _adapted_trainee(self, ref: ModelRef, i: int) -> tuple[Loaded, object]:
+        """A LoRA policy trains its adapter in the pool's one copy of the base; the KL anchor is that same
+        model with the adapters off."""
+        lm = adapters.trainable(self.backends.pool, self.cfg, ref, i)
+        return lm, adapters.AdaptersOff(lm.model) if self.cfg.algorithm.beta > 0 else None
+
+    def _keep_trained(self, ref: ModelRef, lm: Loaded, opt, version: str, path: str) -> None:
+        """The trained model (and its optimizer) serves the next iteration without a reload."""
+        pool, master = self.backends.pool, master_dtype(ref.dtype)
+        pool.put((path, master, ref.device), Loaded(lm.model, lm.tokenizer, version, path, opt))
+        if master != ref.dtype:  # what the next iteration generates (and a live-self evaluator judges) with
+            pool.put(
+                (path, ref.dtype, ref.device), Loaded(inference_copy(lm.model, ref.dtype), lm.tokenizer, version, path)
+            )

@@ -1,0 +1,1 @@
+"""Judging: what the evaluators say about rollouts, and whether they can be fooled."""
