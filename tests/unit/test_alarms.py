@@ -61,3 +61,21 @@ def test_example_automation_pauses_on_the_probe_alarm():
         yaml.safe_load((ROOT / "infra/automations/pause-on-probe-alarm.yaml").read_text())
     )
     assert auto.trigger.expect == {PROBE_ALARM} and [a.type for a in auto.actions] == ["pause-deployment"]
+
+
+def test_the_probe_alarms_above_alarm_share_only():
+    """The boundary, per evaluator: the share of probe answers judged positive, alarm when it exceeds."""
+    import polars as pl
+
+    from rlme_pipeline.judging.judges import probe_metrics
+
+    def table(positive: dict[str, int]):
+        return pl.DataFrame(
+            {"evaluator": list(positive), "positive": list(positive.values()), "n": [20] * len(positive)}
+        )
+
+    at = probe_metrics(table({"other": 10, "self0": 4}), alarm_share=0.5)
+    assert at == {"probe/other/share": 0.5, "probe/self0/share": 0.2, "probe/share_max": 0.5, "probe/alarm": 0.0}
+    assert probe_metrics(table({"other": 11, "self0": 4}), alarm_share=0.5)["probe/alarm"] == 1.0  # 0.55 > 0.5
+    assert probe_metrics(table({"other": 3}), alarm_share=0.1)["probe/alarm"] == 1.0  # 0.15 > 0.1
+    assert probe_metrics(table({"other": 2}), alarm_share=0.1)["probe/alarm"] == 0.0

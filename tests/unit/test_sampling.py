@@ -203,3 +203,17 @@ def test_stopping_is_the_same_whichever_step_the_host_checks(policy):
         cut = [i for i, t in enumerate(s.token_ids) if t in stops]
         assert (s.finish_reason, cut) == (("stop", [len(s.token_ids) - 1]) if cut else ("length", []))
     assert len(every_step[0].token_ids) <= 3 and every_step[0].finish_reason == "stop"
+
+
+def test_the_nucleus_ends_at_the_token_whose_mass_reaches_top_p_exactly():
+    """At the boundary: top_p equal to the mass of the two likeliest tokens (summed as the sampler sums it:
+    float32 probabilities, a float64 running sum) keeps those two only; a nucleus cut where the mass
+    exceeds top_p, instead of where it reaches it, would take the third as well."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = torch.log_softmax(logits.float(), -1).exp()[0]
+    top_p = float(p[:2].cumsum(0, dtype=torch.float64)[-1])
+    near_one = torch.tensor([1 - 2.0**-40], dtype=torch.float64)  # uniforms are float64
+    ids, _ = draw(logits, near_one, 1.0, top_p)
+    assert ids.tolist() == [1]  # the top of the nucleus's CDF: its last token, never token 2
+    ids, _ = draw(logits, near_one, 1.0, top_p + 1e-9)
+    assert ids.tolist() == [2]  # a hair more mass asked for: the third token joins
