@@ -9,23 +9,43 @@ import typer
 from rich.console import Console
 from rich.text import Text
 from rlme_flows.local_prefect import local_prefect
+from typer.core import TyperGroup
 
-app = typer.Typer(help="Reinforcement Learning from Meta-Evaluation.", no_args_is_help=True, add_completion=False)
-models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
 console = Console()
 
 
-# --debug, set by the app callback at the start of every invocation (a process runs one command)
-options = {"debug": False}
+class UserError(Exception):
+    """A mistake in what the user gave (`_fail`): one line naming the field or file and the fix."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Commands(TyperGroup):
+    """Every command runs here: a UserError becomes one line and exit 2, or, with --debug (the invocation's
+    context, set by `main`), the original error with its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if (ctx.obj or {}).get("debug"):
+                raise e.error from None
+            console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=_Commands, help="Reinforcement Learning from Meta-Evaluation.", no_args_is_help=True, add_completion=False
+)
+models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 
 def _fail(e: Exception) -> None:
-    """A user error: one line and exit 2; with --debug, the traceback instead."""
-    if options["debug"]:
-        raise e
-    console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
-    raise typer.Exit(2)
+    """A user error: stops the command (see _Commands for how it is shown)."""
+    raise UserError(e)
 
 
 def _version(show: bool) -> None:
@@ -40,11 +60,12 @@ def _version(show: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version, exit"),
     debug: bool = typer.Option(False, "--debug", envvar="RLME_DEBUG", help="tracebacks instead of one-line errors"),
 ):
     """Reinforcement Learning from Meta-Evaluation."""
-    options["debug"] = debug
+    ctx.obj = {"debug": debug}
 
 
 @app.command()
@@ -66,6 +87,7 @@ def train(
     from rlme_pipeline.evolve import adopt as adoption
     from rlme_pipeline.jobs.oom import StageOutOfMemory
     from rlme_pipeline.jobs.preflight import preflight
+    from rlme_pipeline.jobs.train import check_resume_point
     from rlme_pipeline.storage import phases
     from rlme_pipeline.storage.lease import LeaseHeld, LeaseLost
     from rlme_pipeline.storage.run import CorruptRun, Run, RunMismatch
@@ -79,6 +101,7 @@ def train(
         adopted = adoption.load(adopt, cfg.run.storage_options) if adopt else None
         preflight(adoption.judged_with(cfg, adopted), run.root)
         run.check(phases.resume_config(run, cfg))  # a changed experiment on an existing run: old -> new
+        check_resume_point(run)  # a damaged newest commit: refused here, not after Prefect has started
         if adopted:
             phases.next_phase(run, adopted)
         with local_prefect():  # before Prefect's import: it reads its settings then
@@ -265,7 +288,7 @@ def rescore(
         scoreset.check_new(run, name, resume)
         scoreset.check_checkpoints(run, evs, scoreset.parse_iterations(iterations, run.committed()))
         if ray:
-            from rlme_flows.ray_shards import check_address
+            from rlme_tasks.ray import check_address
 
             check_address(ray)
     except (ValueError, StorageError) as e:  # ConfigError and ScoresetExists are ValueErrors
@@ -360,8 +383,8 @@ def evolve(
     candidates: int = typer.Option(4, min=1, max=32, help="drafts to ask the proposer for"),
     iterations: Optional[str] = typer.Option(None, help="committed iterations to learn from and re-score; default all"),
     probe_prompts: int = typer.Option(4, min=1, help="prompts for the judge-hacking probe of each question set"),
-    max_new_tokens: int = typer.Option(512, min=1, help="longest proposer answer, in tokens"),
-    temperature: float = typer.Option(0.7, min=0.0, help="proposer sampling temperature"),
+    max_new_tokens: int = typer.Option(512, help="longest proposer answer, in tokens"),
+    temperature: float = typer.Option(0.7, help="proposer sampling temperature"),
     dtype: str = typer.Option("float32", help="proposer dtype: float32, bfloat16, float16"),
     device: str = typer.Option("cpu", help="proposer device for the hf backend, e.g. cuda"),
     storage_option: list[str] = STORAGE_OPTION,
@@ -369,26 +392,33 @@ def evolve(
     """Propose edited meta-question sets, re-score the stored rollouts with each, rank them (docs/evolve.md)."""
     import datetime as dt
 
+    from pydantic import ValidationError
+
     from rlme_pipeline import scoreset
+    from rlme_pipeline.config import ProposerConfig
     from rlme_pipeline.evolve import proposal
-    from rlme_pipeline.evolve.propose import RULES, ProposerSpec
     from rlme_pipeline.storage.store import StorageError
 
     opts = _options(storage_option)
     name = name or "p-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    if backend not in ("hf", "vllm", "openai"):
-        _fail(ValueError(f"--backend {backend!r}: use hf, vllm or openai"))
-    if dtype not in ("float32", "bfloat16", "float16"):
-        _fail(ValueError(f"--dtype {dtype!r}: use float32, bfloat16 or float16"))
-    if temperature <= 0 and proposer != RULES:
-        _fail(ValueError("--temperature: must be above 0 (each draft is sampled with its own seed)"))
+    try:
+        spec = ProposerConfig(
+            model=proposer,
+            backend=backend,
+            dtype=dtype,
+            device=device,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+    except ValidationError as e:  # the one definition of what a proposer may be (config.ProposerConfig)
+        flag = lambda field: "--" + ("proposer" if field == "model" else field.replace("_", "-"))  # noqa: E731
+        _fail(ValueError("; ".join(f"{flag(str(err['loc'][0]))}: {err['msg']}" for err in e.errors())))
     run = _existing(run_uri, opts)
     try:
         proposal.check_new(run, name)
         scoreset.parse_iterations(iterations, run.committed())
     except (ValueError, StorageError) as e:
         _fail(e)
-    spec = ProposerSpec(proposer, backend, dtype, device, max_new_tokens, temperature or 1.0)
     try:
         with local_prefect():
             from rlme_flows.evolve import rlme_evolve
@@ -396,7 +426,7 @@ def evolve(
             m = rlme_evolve(
                 run_uri=run_uri,
                 name=name,
-                proposer=spec.record(),
+                proposer=spec.model_dump(),
                 candidates=candidates,
                 iterations=iterations,
                 probe_prompts=probe_prompts,

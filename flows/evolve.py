@@ -7,10 +7,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from rlme_flows.config_io import public_options
 from rlme_flows.train import artifact_key
-from rlme_tasks.evolve import finish_task, measure_task, prepare_task
+from rlme_tasks.steps import as_tasks
 
-from rlme_pipeline.backends.session import Backends
+from rlme_pipeline.config import ProposerConfig
 from rlme_pipeline.evolve.proposal import CURRENT
+from rlme_pipeline.jobs.evolve import evolve
 from rlme_pipeline.storage.run import Run
 
 
@@ -24,17 +25,14 @@ def rlme_evolve(
     probe_prompts: int = 4,
     storage_options: dict | None = None,
 ) -> dict:
-    """proposer: the fields of rlme_pipeline.evolve.propose.ProposerSpec ({"model": "rules"} or a model
-    reference with its backend). The question sets are measured one after another: each re-scores every
-    stored rollout, and they share the flow's models."""
+    """The evolve job (rlme_pipeline/jobs/evolve.py), each step a task. proposer: the fields of
+    rlme_pipeline.config.ProposerConfig ({"model": "rules"}, or a model reference with its backend)."""
     log = get_run_logger()
-    opts = public_options(storage_options)
-    with Backends(Run.from_url(run_uri, opts).config().vllm_settings()) as backends:
-        info = prepare_task(run_uri, name, proposer, candidates, iterations, probe_prompts, backends, opts)
-        log.info("proposal %s: %d of %d drafts accepted", name, len(info["accepted"]), info["drafts"])
-        for k in [CURRENT, *info["accepted"]]:
-            measure_task(run_uri, name, k, backends, opts)
-    m = finish_task(run_uri, name, opts)
+    run = Run.from_url(run_uri, public_options(storage_options))
+    spec = ProposerConfig.model_validate(proposer)
+    m = evolve(run, name, spec, candidates, iterations, probe_prompts, wrap=as_tasks()).model_dump(mode="json")
+    accepted = sum(1 for c in m["candidates"] if c["status"] == "accepted")
+    log.info("proposal %s: %d of %d drafts accepted; %s", name, accepted, len(m["candidates"]), m["why"])
     rows = [{"set": CURRENT, **m["current"]["measures"]}]
     rows += [
         {"set": c["index"], "source": c["source"], **(c["measures"] or {}), "status": c["status"]}

@@ -16,8 +16,9 @@ from rich.table import Table
 from rich.text import Text
 
 from rlme_pipeline.progress import duration
+from rlme_pipeline.steps import steps_of
 from rlme_pipeline.storage import phases
-from rlme_pipeline.storage.run import NoRun, Run, iter_dir, steps_of  # noqa: F401 (NoRun: what collect raises)
+from rlme_pipeline.storage.run import NoRun, Run, iter_dir  # noqa: F401 (NoRun: what collect raises)
 
 
 def collect(run: Run) -> dict:

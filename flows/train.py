@@ -14,11 +14,11 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 from rlme_flows.config_io import load
 from rlme_flows.events import PROBE_ALARM, alarms, emit
-from rlme_tasks.stages import stage_task, wrap_in
+from rlme_tasks.steps import as_tasks
 
 from rlme_pipeline.evolve import adopt as adoption
 from rlme_pipeline.jobs.preflight import preflight
-from rlme_pipeline.jobs.train import STEPS, train
+from rlme_pipeline.jobs.train import train
 from rlme_pipeline.storage.lease import LeaseHeld
 from rlme_pipeline.storage.run import Manifest, Run, split_run_url
 
@@ -54,12 +54,6 @@ def background_reports(log) -> Iterator[Callable[..., None]]:
         for f in sent:
             if f.exception() is not None:
                 log.warning("a Prefect artifact was not created: %r", f.exception())
-
-
-def stage_tasks(cfg) -> dict:
-    """The step tasks by name, each with its `run.stage_timeout_s` limit."""
-    timeouts = cfg.run.stage_timeout_s
-    return {name: stage_task(name, timeouts.get(name)) for name in STEPS}
 
 
 @flow(name="rlme_train", log_prints=True)
@@ -100,7 +94,7 @@ def rlme_train(
             made = train(
                 cfg,
                 run,
-                wrap=wrap_in(stage_tasks(cfg)),
+                wrap=as_tasks(cfg.run.stage_timeout_s),
                 advance=advance,
                 holder={"flow_run": flow_run.id},
                 on_commit=lambda m: _report(cfg, run, m, send, log),

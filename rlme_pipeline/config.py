@@ -23,6 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 
+from rlme_pipeline.steps import STEPS
+
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LIVE_SELF, FROZEN_SELF = "policy", "policy@initial"
 
@@ -102,13 +104,10 @@ class RunConfig(Section):
     )
     iterations: int = operational(5, "total iterations the run should reach", ge=1)
     seed: int = experiment(0, "seeds prompt sampling, generation and the update, per iteration")
-    stage_timeout_s: dict[
-        Literal["generate", "score", "aggregate", "update", "eval", "commit"], Annotated[float, Field(gt=0)]
-    ] = operational(
+    stage_timeout_s: dict[Literal[STEPS], Annotated[float, Field(gt=0)]] = operational(
         default_factory=dict,
-        description="wall-clock limit per stage task in seconds (keys: generate, score, aggregate, update, eval, "
-        "commit); "
-        "a stage that runs past it fails that try and is retried",
+        description=f"wall-clock limit per step task in seconds (keys: {', '.join(STEPS)}); "
+        "a step that runs past it fails that try and is retried",
     )
 
     @field_validator("id")
@@ -457,7 +456,7 @@ class AlertsConfig(Section):
 
 
 class DistributedConfig(Section):
-    """The update across several processes with PyTorch FSDP2 (rlme_pipeline/stages/update_fsdp.py, docs/scale.md).
+    """The update across several processes with PyTorch FSDP2 (rlme_pipeline/jobs/update_fsdp.py, docs/scale.md).
     Not hashed: a sharded step computes the same gradient as one process; only the order of floating-point
     additions differs (the weights agree within 1e-5), so a run may change it between iterations, and a
     byte-exact resume needs the same number of processes as the uninterrupted run."""
@@ -505,7 +504,30 @@ class CheckpointConfig(Section):
         return self
 
 
-class EvolveConfig(Section):
+class ProposerSettings(Section):
+    """How a proposer model runs and samples: the part `evolve:` (online) and `rlme evolve` share."""
+
+    backend: Backend = experiment("hf", "how a proposer model runs: hf, vllm or openai (the run's vllm section)")
+    dtype: Literal["float32", "bfloat16", "float16"] = experiment("float32", "proposer model dtype")
+    device: str = experiment("cpu", "proposer device for the hf backend, e.g. cuda")
+    max_new_tokens: int = experiment(512, "longest proposer answer, in tokens", ge=1)
+    temperature: float = experiment(0.7, "proposer sampling temperature (each draft has its own seed)", gt=0)
+
+
+RULES = "rules"  # the proposer that draws from the shipped robustness library (evolve/propose.py)
+
+
+class ProposerConfig(ProposerSettings):
+    """Who proposes question sets: the rules, or a model with its settings. Recorded in every proposal;
+    `rlme evolve` and the rlme_evolve flow validate their arguments with it, the online step builds it
+    from `evolve:` (EvolveConfig.proposer_config)."""
+
+    model: str = experiment(RULES, "'rules' (the shipped robustness library) or a model reference (path, hub id, tiny:policy)")  # fmt: skip
+    top_p: float = experiment(0.95, "proposer nucleus sampling", gt=0, le=1)
+    seed: int = experiment(0, "the drafts' seeds derive from it: a proposal is reproducible")
+
+
+class EvolveConfig(ProposerSettings):
     """Meta-questions that evolve during training, as in MPO (docs/evolve.md, "Online"): after every `every`-th
     committed iteration (and, with on_probe_alarm, after one whose probe raised the alarm) the training loop
     runs `rlme evolve` on the latest `window` committed iterations and adopts the winning set as a new phase
@@ -518,15 +540,15 @@ class EvolveConfig(Section):
     )
     window: int = experiment(2, "the latest committed iterations each step learns from and re-scores", ge=1)
     proposer: str = experiment(
-        "rules", "'rules' (the shipped robustness library) or a model reference (path, hub id, tiny:policy)"
+        RULES, "'rules' (the shipped robustness library) or a model reference (path, hub id, tiny:policy)"
     )
-    backend: Backend = experiment("hf", "how a proposer model runs: hf, vllm or openai (the run's vllm section)")
-    dtype: Literal["float32", "bfloat16", "float16"] = experiment("float32", "proposer model dtype")
-    device: str = experiment("cpu", "proposer device for the hf backend, e.g. cuda")
     candidates: int = experiment(4, "drafts asked of the proposer per step", ge=1, le=32)
-    max_new_tokens: int = experiment(512, "longest proposer answer, in tokens", ge=1)
-    temperature: float = experiment(0.7, "proposer sampling temperature", gt=0)
     probe_prompts: int = experiment(4, "prompts of the judge-hacking probe each question set is measured on", ge=1)
+
+    def proposer_config(self, model: str, seed: int) -> ProposerConfig:
+        """The proposer of one online step: `model` (the proposer reference, resolved) with these settings."""
+        settings = self.model_dump(include=set(ProposerSettings.model_fields))
+        return ProposerConfig(model=model, seed=seed, **settings)
 
     @model_validator(mode="after")
     def _when(self) -> EvolveConfig:
@@ -604,6 +626,11 @@ class Config(Section):
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative data/model paths are resolved against (validate_config's base_dir)."""
+        return self._base_dir
+
     def resolve(self, ref: str) -> str:
         """A data/model reference as a usable string: relative paths that exist become absolute."""
         p = Path(ref).expanduser()
@@ -667,20 +694,24 @@ class Config(Section):
         fields = {k: v for k, v in run_fields.items() if v is not None}
         if not fields:
             return self
-        cfg = validate_config({**self.model_dump(mode="json"), "run": {**self.run.model_dump(), **fields}})
-        cfg._base_dir = self._base_dir
-        return cfg
+        data = {**self.model_dump(mode="json"), "run": {**self.run.model_dump(), **fields}}
+        return validate_config(data, base_dir=self._base_dir)
 
 
 def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def validate_config(data: dict, source: str = "config") -> Config:
+def validate_config(data: dict, source: str = "config", base_dir: str | Path | None = None) -> Config:
+    """The config in `data`; its relative data/model paths resolve against `base_dir` (the config file's
+    folder; default: the working directory)."""
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(describe_errors(e, source)) from None
+    if base_dir is not None:
+        cfg._base_dir = Path(base_dir)
+    return cfg
 
 
 def describe_errors(e: ValidationError, source: str, prefix: str = "") -> str:
@@ -731,6 +762,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    cfg = validate_config(data, str(path))
-    cfg._base_dir = path.parent.resolve()
-    return cfg
+    return validate_config(data, str(path), base_dir=path.parent.resolve())

@@ -18,8 +18,11 @@ Memory is one shard, however many rollouts the run holds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
+import socket
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -444,6 +447,25 @@ def score_shard(run: Run, name: str, i: int, s: int, backends: Backends) -> dict
     return {**m.model_dump(mode="json"), "ran": True}
 
 
+def score_shards(
+    run_uri: str,
+    name: str,
+    shards: list[tuple[int, int]],
+    storage_options: dict | None = None,
+    backends: Backends | None = None,
+) -> list[dict]:
+    """Score these (iteration, shard)s of the score set, each committed on its own. With `backends` the
+    shards share that process's models; without, they open their own for the call (a task on another
+    process or machine: a Ray worker), loaded once for all of them."""
+    run = Run.from_url(run_uri, storage_options)
+    with contextlib.nullcontext(backends) if backends is not None else Backends(run.config().vllm_settings()) as b:
+        done = [score_shard(run, name, i, s, b) for i, s in shards]
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    return [
+        {k: d.get(k) for k in ("iteration", "shard", "rollouts", "seconds", "ran")} | {"worker": worker} for d in done
+    ]
+
+
 # --- finalize ------------------------------------------------------------------------------------
 def finalize(run: Run, name: str) -> dict:
     """Merge each iteration's committed shards (one shard in memory at a time, each checked against its
@@ -538,15 +560,6 @@ def finalize(run: Run, name: str) -> dict:
 
 def _with_sha(questions: list[QuestionConfig]) -> list[dict]:
     return [{**q.model_dump(mode="json"), "sha": q.sha()} for q in questions]
-
-
-def rescore(run: Run, name: str, **plan_args) -> dict:
-    """The whole re-score in one process, shard after shard (the Prefect flow runs shards in parallel)."""
-    defn = plan(run, name, **plan_args)
-    with Backends(run.config().vllm_settings()) as backends:
-        for i, s in shards(defn):
-            score_shard(run, name, i, s, backends)
-    return finalize(run, name)
 
 
 def names(run: Run) -> list[str]:

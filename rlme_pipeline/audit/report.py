@@ -9,7 +9,8 @@ from rlme_pipeline.audit import labels, stats
 from rlme_pipeline.audit.page import render
 from rlme_pipeline.audit.sources import Scoreset, load
 from rlme_pipeline.backends.session import Backends
-from rlme_pipeline.judging.judges import evaluators_at, run_probe, sample_prompts
+from rlme_pipeline.judging.judges import evaluators_at
+from rlme_pipeline.judging.probe import run_probe, sample_prompts
 from rlme_pipeline.storage import phases
 from rlme_pipeline.storage.parquet import write_frame
 from rlme_pipeline.storage.retention import CheckpointPruned

@@ -15,7 +15,8 @@
                                                       trained with other questions than the run's now (phases.py)
 
 Nothing else of the run is written. Steps: `prepare` (evidence, proposer, parse), `measure` per set
-(re-score through the score-set machinery, probe with the set's questions), `finish` (rank, commit).
+(re-score through the re-score job, probe with the set's questions), `finish` (rank, commit); the evolve
+job (jobs/evolve.py) runs them in that order.
 A rerun of an interrupted proposal reuses the recorded drafts and continues the candidates' score sets.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import polars as pl
@@ -30,14 +32,17 @@ import yaml
 
 from rlme_pipeline import scoreset
 from rlme_pipeline.backends.session import Backends
-from rlme_pipeline.config import RUN_ID, QuestionConfig
+from rlme_pipeline.config import RUN_ID, ProposerConfig, QuestionConfig
 from rlme_pipeline.evolve import edits, evidence, paraphrase, propose, rank
-from rlme_pipeline.judging.judges import evaluators_at, probe_rollouts, run_probe, sample_prompts, score_rollouts
+from rlme_pipeline.judging.judges import evaluators_at, score_rollouts
+from rlme_pipeline.judging.probe import probe_rollouts, run_probe, sample_prompts
 from rlme_pipeline.storage import phases
 from rlme_pipeline.storage.run import ROLLOUTS_FILE, SCORES_FILE, Commit, Run, StageRecord, Unit, code_version, now
 from rlme_pipeline.storage.store import FileEntry
 
 CURRENT = "current"
+# The re-score job (jobs/rescore.py) as measure calls it: rescore(run, name, questions=, iterations=, resume=).
+Rescore = Callable[..., dict]
 
 
 class ProposalExists(ValueError):
@@ -104,7 +109,7 @@ def probe_prompts(run: Run, last: int, n: int) -> pl.DataFrame:
 def prepare(
     run: Run,
     name: str,
-    spec: propose.ProposerSpec,
+    spec: ProposerConfig,
     n: int,
     iterations: str | None = None,
     probe_n: int = 4,
@@ -149,7 +154,7 @@ def prepare(
         "iterations": its,
         "spec": iterations,
         "probe_prompts": probe_n,
-        "proposer": spec.record(),
+        "proposer": spec.model_dump(),
         "accepted": [c["index"] for c in candidates if c["status"] == "accepted"],
         "drafts": len(candidates),
         "current": [q.model_dump(mode="json") for q in current],
@@ -178,9 +183,10 @@ def _measure_step(k: int | str) -> str:
     return f"measure-{k}"
 
 
-def measure(run: Run, name: str, k: int | str, backends: Backends) -> dict:
+def measure(run: Run, name: str, k: int | str, backends: Backends, rescore: Rescore) -> dict:
     """Candidate k (or `current`, the run's questions) measured by rank.measure; candidate k is first
-    re-scored into its own score set. Recorded: a rerun measures only what is missing."""
+    re-scored into its own score set by `rescore` (the re-score job, jobs/rescore.py, with this process's
+    backends). Recorded: a rerun measures only what is missing."""
     u = unit(run, name)
     if rec := u.record(_measure_step(k)):
         return rec.metrics
@@ -204,10 +210,7 @@ def measure(run: Run, name: str, k: int | str, backends: Backends) -> dict:
         questions = [QuestionConfig.model_validate(q) for q in c["questions"]]
         para = c.get("paraphrases", [])  # drafts recorded before paraphrases existed have none
         scored = questions + paraphrase.as_questions(para, questions)  # paraphrases at weight 0
-        defn = scoreset.plan(run, c["scoreset"], questions=scored, iterations=info["spec"], resume=True)
-        for i, s in scoreset.shards(defn):
-            scoreset.score_shard(run, c["scoreset"], i, s, backends)
-        scoreset.finalize(run, c["scoreset"])
+        rescore(run, c["scoreset"], questions=scored, iterations=info["spec"], resume=True)
         scores = pl.concat(
             [scoreset.read_table(run, c["scoreset"], i, SCORES_FILE) for i in its], how="vertical_relaxed"
         )
@@ -278,20 +281,3 @@ def finish(run: Run, name: str, criteria: rank.Criteria | None = None) -> Propos
             code=code_version(),
         )
     )
-
-
-def evolve(
-    run: Run,
-    name: str,
-    spec: propose.ProposerSpec,
-    n: int = 4,
-    iterations: str | None = None,
-    probe_n: int = 4,
-    criteria: rank.Criteria | None = None,
-) -> ProposalManifest:
-    """The whole proposal in one process (the Prefect flow runs the same steps as tasks)."""
-    with Backends(run.config().vllm_settings()) as backends:
-        info = prepare(run, name, spec, n, iterations, probe_n, backends)
-        for k in [CURRENT, *info["accepted"]]:
-            measure(run, name, k, backends)
-    return finish(run, name, criteria)

@@ -18,7 +18,7 @@ import yaml
 
 from rlme_pipeline import seeds
 from rlme_pipeline.backends.session import Backends, max_positions_of
-from rlme_pipeline.config import QuestionConfig, VllmConfig
+from rlme_pipeline.config import RULES, ProposerConfig, QuestionConfig, VllmConfig
 from rlme_pipeline.evolve.edits import MAX_EDITS
 from rlme_pipeline.evolve.evidence import render
 from rlme_pipeline.models.loading import resolve_ref, weights_version
@@ -28,25 +28,7 @@ from rlme_pipeline.stages.generate import chat_prompt_ids
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 LIBRARY = ASSETS / "robustness_questions.yaml"
 TEMPLATE = ASSETS / "evolve_prompt.txt"
-RULES = "rules"
 ROW_STEPS = (5, 3, 2, 1, 0)  # entries per evidence list, tried in turn until the prompt fits
-
-
-@dataclass(frozen=True)
-class ProposerSpec:
-    """Who proposes: 'rules', or a model reference served by `backend`."""
-
-    model: str = RULES
-    backend: str = "hf"
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int = 0
-
-    def record(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -94,13 +76,13 @@ def fitted_prompt(tok, evidence: dict, current: list[QuestionConfig], budget: in
     return f"the prompt is {len(ids)} tokens even without evidence; the proposer has room for {budget}"
 
 
-def model_ref(spec: ProposerSpec) -> ModelRef:
+def model_ref(spec: ProposerConfig) -> ModelRef:
     path = resolve_ref(spec.model)
     return ModelRef(path, weights_version(path), spec.dtype, spec.device)
 
 
 def model(
-    spec: ProposerSpec, evidence: dict, current: list[QuestionConfig], n: int, vllm: VllmConfig
+    spec: ProposerConfig, evidence: dict, current: list[QuestionConfig], n: int, vllm: VllmConfig
 ) -> tuple[list[Draft], str | None]:
     """n drafts sampled from the proposer (one per seed), and the prompt they answer. A proposer whose
     context cannot hold the prompt gives n drafts that say so: nothing is raised."""
@@ -125,7 +107,7 @@ def model(
 
 
 def propose(
-    spec: ProposerSpec, evidence: dict, current: list[QuestionConfig], n: int, vllm: VllmConfig
+    spec: ProposerConfig, evidence: dict, current: list[QuestionConfig], n: int, vllm: VllmConfig
 ) -> tuple[list[Draft], str | None]:
     if spec.model == RULES:
         return rules(evidence, current, n), None

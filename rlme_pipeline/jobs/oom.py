@@ -45,10 +45,10 @@ def knobs(cfg: Config, stage: str) -> list[tuple[type, str, str]]:
                     "gpu_memory_utilization lower (or --gpu-memory-utilization in vllm.server_args)",
                 )
             )
-    elif stage == "score":
-        out.append((ScoringConfig, "scoring.batch_size", f"lower than {cfg.scoring.batch_size}"))
-        if cfg.probe.every:
+    elif stage in ("score", "probe"):  # the probe scores its answers as the score stage does
+        if stage == "probe":
             out.append((ProbeConfig, "probe.prompts", f"lower than {cfg.probe.prompts}"))
+        out.append((ScoringConfig, "scoring.batch_size", f"lower than {cfg.scoring.batch_size}"))
         if any(ev.dtype == "float32" for ev in cfg.evaluators):
             out.append((EvaluatorConfig, "evaluators[].dtype", "bfloat16"))
         out.append((EvaluatorConfig, "evaluators[].device", "another GPU for a frozen judge"))

@@ -1,16 +1,22 @@
-"""The one training loop: the CLI's Prefect flow, the tests and the benchmarks all train through `train`.
+"""The train job: the one training loop. The CLI's Prefect flow, the deployments, the tests and the
+benchmarks all train through `train`.
 
     train(cfg, run)                       a plain process (tests, benchmarks)
-    train(cfg, run, wrap=stage_task)      flows/train.py: each step becomes a Prefect task
+    train(cfg, run, wrap=as_tasks(...))   flows/train.py: each step becomes a Prefect task (tasks/steps.py)
 
-For each iteration not yet committed, for each stage (and the held-out eval after update, where config
-`eval` makes it due: `steps_of`): check the lease, read the stage's inputs from the run, call the pure
+For each iteration not yet committed, for each of its steps (steps.py: generate, score, probe where due,
+aggregate, update, eval where due): check the lease, read the step's inputs from the run, call the pure
 stage (stages/), write its outputs under attempt-unique names, then its stage record; then commit the
-iteration (MANIFEST.json, created exclusively; run.py). A stage whose record and files check out is not
-run again, so a killed process resumes at the first unfinished stage. The stages never
-touch storage: the runner owns it, the lease, the backends (models, servers: their settings and
-lifetimes), the judge-hacking probe, the timings and the experiment trackers (tracking.py), which get each
-manifest as it is committed.
+iteration (MANIFEST.json, created exclusively; storage/run.py) and, where the config says so, evolve the
+questions. A step whose record and files check out is not run again, so a killed process resumes at the
+first unfinished step. The stages never touch storage: this module owns it, the lease, the backends
+(models, servers: their settings and lifetimes), the timings and the experiment trackers (tracking.py),
+which get each manifest as it is committed.
+
+Reading order for one RL step: `train` below, then `Runner.generate` -> stages/generate.py, `Runner.score`
+-> stages/score.py -> judging/judges.py, `Runner.aggregate` -> stages/aggregate.py -> algorithm/rewards.py,
+`Runner.update` -> jobs/policy_update.py -> stages/update.py -> algorithm/losses.py, `Runner.commit` ->
+storage/run.py.
 """
 
 from __future__ import annotations
@@ -26,46 +32,42 @@ from pydantic import BaseModel
 from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.data import heldout_prompts, load_prompts, prompts_for_iteration
-from rlme_pipeline.evolve import online
-from rlme_pipeline.jobs import oom
+from rlme_pipeline.jobs import evolve as evolving
+from rlme_pipeline.jobs import oom, update_fsdp
+from rlme_pipeline.jobs.policy_update import update_policy
 from rlme_pipeline.jobs.tracking import Trackers
-from rlme_pipeline.judging.judges import Evaluator, evaluators_at, probe_metrics, run_probe, sample_prompts
+from rlme_pipeline.judging.judges import evaluators_at
+from rlme_pipeline.judging.probe import probe_metrics, run_probe, sample_prompts
 from rlme_pipeline.models import adapters, checkpoint
 from rlme_pipeline.models.loading import Loaded, inference_copy, master_dtype
 from rlme_pipeline.models.weights_at import ModelRef, initial_policy, policy_at
 from rlme_pipeline.progress import Clock
-from rlme_pipeline.seeds import derive
 from rlme_pipeline.stages import eval as heldout
-from rlme_pipeline.stages import update_fsdp as distributed_update
 from rlme_pipeline.stages.aggregate import aggregate
 from rlme_pipeline.stages.generate import generate
 from rlme_pipeline.stages.score import score
-from rlme_pipeline.stages.update import update
+from rlme_pipeline.steps import AGGREGATE, COMMIT, EVAL, EVOLVE, GENERATE, PROBE, SCORE, STEPS, UPDATE, steps_of
 from rlme_pipeline.storage import phases, retention
 from rlme_pipeline.storage.crash import crash_point
 from rlme_pipeline.storage.lease import Lease
 from rlme_pipeline.storage.run import (
-    EVAL,
     EVAL_FILE,
     REWARDS_FILE,
     ROLLOUTS_FILE,
     SCORES_FILE,
-    STAGES,
     CorruptRun,
     Manifest,
     Run,
     StageRecord,
-    steps_of,
 )
 from rlme_pipeline.storage.store import FileEntry
 
-COMMIT = "commit"
-EVOLVE = online.STEP  # after a commit, when the config's `evolve:` says so (evolve/online.py)
-STEPS = (*STAGES, EVAL, COMMIT, EVOLVE)
-
 # A step takes the iteration and returns its small, JSON-able record (StageRecord, or Manifest for commit).
 Step = Callable[[int], BaseModel]
+# The orchestration hook: wrap(name, step) -> the step as it should run (the identity, or a Prefect task).
 Wrap = Callable[[str, Step], Step]
+# What a recorded step does: its reads, its stage and its writes -> (files, metrics, info) for its record.
+StageIO = Callable[[int], tuple[list[FileEntry], dict, dict]]
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,8 @@ def check_resume_point(run: Run) -> list[int]:
     hash_if = (lambda f: True) if run.store.local_path() is not None else (lambda f: "/checkpoint/" not in f.logical)
     if committed and (problems := run.check_files(run.manifest(committed[-1]).files, hash_if)):
         raise CorruptRun(
-            f"run {run.url}: committed iteration {committed[-1]} is damaged, refusing to continue on top of it:\n  "
-            + "\n  ".join(problems)
-            + f"\nSee `rlme verify {run.url}`."
+            f"run {run.url}: committed iteration {committed[-1]} is damaged, refusing to continue on top of it: "
+            f"{'; '.join(problems)}. See `rlme verify {run.url}`."
         )
     return committed
 
@@ -118,7 +119,7 @@ def train(
             cfg = cfg.with_overrides(iterations=(max(committed) + 1 if committed else 0) + advance)
         logger.info("run %s: %d committed iterations, target %d", run.url, len(committed), cfg.run.iterations)
         runner = Runner(cfg, run, backends)
-        steps = {name: wrap(name, runner.step(name)) for name in STEPS}
+        steps = {name: wrap(name, step) for name, step in runner.steps.items()}
         made = []
         todo = [i for i in range(cfg.run.iterations) if i not in committed]
         clock = Clock(len(todo), cfg.run.iterations)
@@ -143,18 +144,27 @@ def train(
 
 
 class Runner:
-    """The stages of one run: inputs read from the run, outputs written to it, models from `backends`."""
+    """The steps of one run: inputs read from the run, outputs written to it, models from `backends`."""
 
     def __init__(self, cfg: Config, run: Run, backends: Backends):
         self.cfg, self.run, self.backends = cfg, run, backends
         self.phases = phases.read(run, cfg.questions)  # which questions judge which iteration
+        # The step table. A recorded step is its StageIO run through `run_stage` (skipped when its record
+        # and files check out; its record written after its data files); commit and evolve are steps too.
+        self.stages: dict[str, StageIO] = {
+            GENERATE: self.generate,
+            SCORE: self.score,
+            PROBE: self.probe,
+            AGGREGATE: self.aggregate,
+            UPDATE: self.update,
+            EVAL: self.eval,
+        }
+        self.steps: dict[str, Step] = {name: self._recorded(name) for name in self.stages}
+        self.steps |= {COMMIT: self.commit, EVOLVE: self.evolve}
+        assert tuple(self.steps) == STEPS, "the step table must hold every step of steps.py, in order"
 
-    def step(self, name: str) -> Step:
-        if name == COMMIT:
-            return self.commit
-        if name == EVOLVE:
-            return self.evolve
-        return lambda iteration: self.run_stage(iteration, name)[0]
+    def _recorded(self, stage: str) -> Step:
+        return lambda iteration: self.run_stage(iteration, stage)[0]
 
     def run_stage(self, iteration: int, stage: str) -> tuple[StageRecord, bool]:
         """(record, ran): a stage whose record and files check out is not run again."""
@@ -179,7 +189,7 @@ class Runner:
         """The stage's reads, call and writes. Out of GPU memory it raises one StageOutOfMemory naming the
         knobs, raised outside the except block: the failed attempt's frames (and their tensors) are let go."""
         try:
-            return getattr(self, f"_{stage}")(iteration)
+            return self.stages[stage](iteration)
         except torch.OutOfMemoryError as e:
             error = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
         oom.free()
@@ -195,12 +205,12 @@ class Runner:
         return m
 
     def evolve_due(self, iteration: int) -> bool:
-        return self.cfg.evolve is not None and online.due(self.cfg, self.run.manifest(iteration)) is not None
+        return self.cfg.evolve is not None and evolving.due(self.cfg, self.run.manifest(iteration)) is not None
 
     def evolve(self, iteration: int) -> StageRecord:
-        """Propose, rank and maybe adopt a question set as the phase from the next iteration (online.py)."""
-        why = online.due(self.cfg, self.run.manifest(iteration))
-        rec = online.step(self.run, self.cfg, iteration, why, self.backends)
+        """Propose, rank and maybe adopt a question set as the phase from the next iteration (jobs/evolve.py)."""
+        why = evolving.due(self.cfg, self.run.manifest(iteration))
+        rec = evolving.online_step(self.run, self.cfg, iteration, why, self.backends)
         self.phases = phases.read(self.run, self.cfg.questions)
         return rec
 
@@ -218,8 +228,9 @@ class Runner:
         )
         return picked.select("iteration", "prompt", "completion", "reward").to_dicts()
 
-    # --- the stages' I/O: each returns (files, metrics, info) -------------------------------------------
-    def _generate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+    # --- the recorded steps: each returns (files, metrics, info) ----------------------------------------
+    def generate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        """G completions per prompt of this iteration's slice, from the policy iteration i starts from."""
         cfg, backend = self.cfg, self.cfg.generation.backend
         prompts = prompts_for_iteration(load_prompts(cfg), cfg, i)
         ref = policy_at(self.run, cfg, i)
@@ -232,14 +243,11 @@ class Runner:
         }
         return [self.run.write_table(i, ROLLOUTS_FILE, rollouts, "rollouts")], metrics, info
 
-    def _score(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+    def score(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        """Every rollout x evaluator x question of this iteration's phase."""
         cfg = self.phases.config_at(self.cfg, i)
-        rollouts = self.run.read_table(i, ROLLOUTS_FILE)
         evaluators = evaluators_at(self.run, cfg, i)
-        scores, metrics = score(cfg, rollouts, evaluators, self.backends)
-        entry = self.run.write_table(i, SCORES_FILE, scores, "scores")
-        if cfg.probe.every and i % cfg.probe.every == 0:
-            metrics.update(self._probe(cfg, rollouts, evaluators, i))
+        scores, metrics = score(cfg, self.run.read_table(i, ROLLOUTS_FILE), evaluators, self.backends)
         info = {
             "evaluators": [
                 {"name": e.name, "ref": ev.model, "weight": ev.weight, "version": e.ref.version}
@@ -249,15 +257,18 @@ class Runner:
             "template_sha": cfg.scoring.template_sha(),
             **self.phases.lineage(i),
         }
-        return [entry], metrics, info
+        return [self.run.write_table(i, SCORES_FILE, scores, "scores")], metrics, info
 
-    def _probe(self, cfg: Config, rollouts, evaluators: list[Evaluator], i: int) -> dict:
-        """Would this iteration's judges say yes to answers that say nothing? (flow: an alarm warning)"""
-        prompts = sample_prompts(rollouts, cfg.probe.prompts, cfg.run.seed)
-        table = run_probe(evaluators, cfg.questions, cfg.scoring, prompts, i, self.backends)
-        return probe_metrics(table, cfg.probe.alarm_share)
+    def probe(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        """Would this iteration's judges say yes to answers that say nothing? Metrics only; the flow turns
+        an alarm into a Prefect event (judging/probe.py)."""
+        cfg = self.phases.config_at(self.cfg, i)
+        prompts = sample_prompts(self.run.read_table(i, ROLLOUTS_FILE), cfg.probe.prompts, cfg.run.seed)
+        table = run_probe(evaluators_at(self.run, cfg, i), cfg.questions, cfg.scoring, prompts, i, self.backends)
+        return [], probe_metrics(table, cfg.probe.alarm_share), {}
 
-    def _aggregate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+    def aggregate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        """Rewards and group-centred advantages from the scores (and labels, with label_reward)."""
         rewards, metrics = aggregate(
             self.phases.config_at(self.cfg, i),
             self.run.read_table(i, SCORES_FILE),
@@ -265,40 +276,23 @@ class Runner:
         )
         return [self.run.write_table(i, REWARDS_FILE, rewards, "rewards")], metrics, {}
 
-    def _update(self, i: int) -> tuple[list[FileEntry], dict, dict]:
-        cfg, run, pool = self.cfg, self.run, self.backends.pool
-        ref = policy_at(run, cfg, i)
+    def update(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+        """One policy update on this iteration's rollouts and advantages; its checkpoint is iteration i's."""
+        cfg, pool = self.cfg, self.backends.pool
+        ref = policy_at(self.run, cfg, i)
         if cfg.distributed.processes > 1:
             return self._distributed_update(ref, i)
-        rollouts, rewards = run.read_table(i, ROLLOUTS_FILE), run.read_table(i, REWARDS_FILE)
         lora = cfg.policy.lora is not None
-        lm, reference = self._trainee(ref, i) if not lora else self._adapted_trainee(ref, i)
-        opt_state = checkpoint.load_optimizer_state(ref.path) if lm.optimizer is None and i > 0 else None
-        # The global torch RNG (dropout, if a model has it) continues from the previous checkpoint.
-        checkpoint.restore_rng(ref.path if i > 0 else None, derive(cfg.run.seed, "torch"))
-        opt, state, metrics = update(cfg, i, rollouts, rewards, lm, reference, opt_state)
-        if lora:
-            state["base"] = adapters.base_record(cfg)
-        files = checkpoint.save(run, i, lm.model, lm.tokenizer, opt, state)
+        lm, reference = self._adapted_trainee(ref, i) if lora else self._trainee(ref)
+        opt, files, metrics = update_policy(cfg, self.run, i, ref.path, lm, reference)
         version = checkpoint.weights_entry(files).sha256
         if lora:
             adapters.trained(pool, cfg, lm, opt, version)
         else:
-            self._keep_trained(ref, lm, opt, version, checkpoint.local_dir(run, i, files))
+            self._keep_trained(ref, lm, opt, version, checkpoint.local_dir(self.run, i, files))
         return files, metrics, {"policy_before": ref.version, "policy_after": version, "update_processes": 1}
 
-    def _distributed_update(self, ref: ModelRef, i: int) -> tuple[list[FileEntry], dict, dict]:
-        """The update in cfg.distributed.processes ranks (FSDP2, distributed_update.py). The ranks get every
-        GPU whole: this process lets go of its models first, and the next iteration loads the checkpoint."""
-        self.backends.pool.clear()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        files, metrics = distributed_update.launch(self.cfg, self.run, i, ref.path)
-        version = checkpoint.weights_entry(files).sha256
-        info = {"policy_before": ref.version, "policy_after": version}
-        return files, metrics, {**info, "update_processes": self.cfg.distributed.processes}
-
-    def _eval(self, i: int) -> tuple[list[FileEntry], dict, dict]:
+    def eval(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         """The policy this iteration's update made, on the held-out prompts (stages/eval.py); judged by
         the evaluators as they judge the next iteration, with this iteration's questions (its phase)."""
         cfg, backend = self.phases.config_at(self.cfg, i), self.cfg.generation.backend
@@ -317,7 +311,19 @@ class Runner:
         }
         return [self.run.write_table(i, EVAL_FILE, table, "eval")], metrics, info
 
-    def _trainee(self, ref: ModelRef, i: int) -> tuple[Loaded, object]:
+    # --- the trainee: which model the update trains, and what stays in the pool after it ----------------
+    def _distributed_update(self, ref: ModelRef, i: int) -> tuple[list[FileEntry], dict, dict]:
+        """The update in cfg.distributed.processes ranks (FSDP2, update_fsdp.py). The ranks get every GPU
+        whole: this process lets go of its models first, and the next iteration loads the checkpoint."""
+        self.backends.pool.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        files, metrics = update_fsdp.launch(self.cfg, self.run, i, ref.path)
+        version = checkpoint.weights_entry(files).sha256
+        info = {"policy_before": ref.version, "policy_after": version}
+        return files, metrics, {**info, "update_processes": self.cfg.distributed.processes}
+
+    def _trainee(self, ref: ModelRef) -> tuple[Loaded, object]:
         """(the policy to train, the KL reference or None). Training changes the weights, so the model
         leaves the pool. A half-precision policy trains fp32 master weights (models.master_dtype); its
         half copy that generated this iteration is done with."""

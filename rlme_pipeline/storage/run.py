@@ -36,21 +36,14 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from rlme_pipeline.config import Config, check_run_id, experiment_diff, validate_config
+from rlme_pipeline.steps import RECORDED
 from rlme_pipeline.storage.crash import crash_point
 from rlme_pipeline.storage.store import FileEntry, Store
 
-STAGES = ("generate", "score", "aggregate", "update")
-EVAL = "eval"  # the held-out evaluation after update: a step of the iterations it is due for (config eval)
 MANIFEST = "MANIFEST.json"
 # The logical names of an iteration's (and a score-set shard's) tables; physical names add an attempt token.
 ROLLOUTS_FILE, SCORES_FILE, REWARDS_FILE = "rollouts.parquet", "scores.parquet", "rewards.parquet"
 EVAL_FILE = "eval.parquet"
-
-
-def steps_of(cfg: Config, iteration: int) -> tuple[str, ...]:
-    """The recorded steps of an iteration: the stages, and eval after update where it is due."""
-    due = cfg.eval.every and iteration % cfg.eval.every == 0
-    return (*STAGES, EVAL) if due else STAGES
 
 
 class RunMismatch(ValueError):
@@ -380,7 +373,7 @@ class Run:
     # --- iterations: one commit unit each ----------------------------------------------------------
     def unit(self, i: int) -> Unit[Manifest]:
         expect = {"run_id": self.id, "iteration": i}
-        return Unit(self.store, iter_dir(i), Manifest, (*STAGES, EVAL), expect, remake="run `rlme train` again")
+        return Unit(self.store, iter_dir(i), Manifest, RECORDED, expect, remake="run `rlme train` again")
 
     def rel(self, i: int, name: str) -> str:
         return self.unit(i).rel(name)

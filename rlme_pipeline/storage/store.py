@@ -182,6 +182,7 @@ class Store:
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url.rstrip("/")
+        self.options = dict(storage_options or {})  # as given: what another process opens this store with
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **fs_options(self.url, storage_options))
         self.root = self.root.rstrip("/")
         # the one place that asks "is it local?"; everything outside asks `local_path`

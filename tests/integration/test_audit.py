@@ -21,7 +21,8 @@ from rlme_pipeline.audit.report import audit
 from rlme_pipeline.audit.sources import Scoreset
 from rlme_pipeline.config import ProbeConfig, QuestionConfig, ScoringConfig, load_config
 from rlme_pipeline.jobs.train import train
-from rlme_pipeline.judging.judges import PROBES, Evaluator, probe_metrics, run_probe
+from rlme_pipeline.judging.judges import Evaluator
+from rlme_pipeline.judging.probe import PROBES, probe_metrics, run_probe
 from rlme_pipeline.models.loading import weights_version
 from rlme_pipeline.models.weights_at import ModelRef
 from rlme_pipeline.storage.run import Run

@@ -185,6 +185,29 @@ def test_changed_experiment_names_each_field_old_to_new(run, tmp_path, no_prefec
     assert not no_prefect
 
 
+def test_a_damaged_resume_point_is_refused_before_prefect(run, tmp_path, no_prefect):
+    """The newest commit's checkpoint no longer matches its hash: one line, before Prefect starts (it used
+    to come after the temporary server had started, under a 30-line traceback), and nothing is changed."""
+    [weights] = [f for f in run.manifest(0).files if f.logical.endswith("model.safetensors")]
+    path = Path(run.store.root) / weights.path
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    args = ["train", str(DEMO), "--storage", str(tmp_path / "runs"), "--iterations", "2"]
+    one_line_error(args, "committed iteration 0 is damaged", "rlme verify")
+    assert run.iterations() == [0] and not no_prefect
+
+
+def test_evolve_proposer_arguments_are_checked_by_the_proposer_config(run, no_prefect):
+    """`rlme evolve` validates its proposer flags with config.ProposerConfig, the definition `evolve:` and
+    the flow use, and names each flag."""
+    url = str(run.store.root)
+    one_line_error(["evolve", url, "--proposer", "rules", "--backend", "tgi"], "--backend: Input should be")
+    one_line_error(
+        ["evolve", url, "--proposer", "rules", "--temperature", "0"], "--temperature: Input should be greater than 0"
+    )
+    one_line_error(["evolve", url, "--proposer", "tiny:policy", "--max-new-tokens", "0"], "--max-new-tokens")
+    assert not no_prefect
+
+
 def test_refusal_without_a_readable_snapshot_falls_back_to_the_hashes(run, demo_cfg):
     from rlme_pipeline.storage.run import RunMismatch
 

@@ -18,7 +18,8 @@ from rlme_pipeline.audit.report import compute
 from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import load_config
 from rlme_pipeline.jobs.train import Runner, train
-from rlme_pipeline.storage.run import EVAL, EVAL_FILE, STAGES, Run
+from rlme_pipeline.steps import EVAL, steps_of
+from rlme_pipeline.storage.run import EVAL_FILE, Run
 from tests.conftest import ROOT, demo_dict
 
 HELDOUT = ROOT / "data" / "demo_heldout.jsonl"
@@ -117,11 +118,11 @@ def test_resume_skips_a_committed_eval_and_matches_the_uninterrupted_run(evaluat
     run = Run.for_config(cfg)
     run.open(cfg)
     with Backends() as b:
-        for stage in (*STAGES, EVAL):
+        for stage in steps_of(cfg, 0):
             Runner(cfg, run, b).run_stage(0, stage)
     recorded = run.read_record(0, EVAL).files
     with Backends() as b:
-        for stage in STAGES:
+        for stage in steps_of(cfg, 1)[:-1]:  # all but the eval
             Runner(cfg, run, b).run_stage(1, stage)
     made = train(cfg, run)
     assert [m.iteration for m in made] == [0, 1]

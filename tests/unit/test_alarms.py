@@ -67,7 +67,7 @@ def test_the_probe_alarms_above_alarm_share_only():
     """The boundary, per evaluator: the share of probe answers judged positive, alarm when it exceeds."""
     import polars as pl
 
-    from rlme_pipeline.judging.judges import probe_metrics
+    from rlme_pipeline.judging.probe import probe_metrics
 
     def table(positive: dict[str, int]):
         return pl.DataFrame(

@@ -9,7 +9,7 @@ Each rank reads the iteration's rollouts and rewards from the run, loads the pol
 layers and its root with `fully_shard` (parameters, gradients and AdamW state are 1/P per rank), computes
 every P-th micro-batch of each optimizer step with the whole step's loss weights (stages/update.py `Share`),
 and FSDP sums the gradients. Rank 0 then gathers the full weights and optimizer state onto the host and
-writes the ordinary checkpoint through `checkpoint.save`, exactly as one process does: the checkpoint stays
+writes the ordinary checkpoint through the same `policy_update.update_policy` as one process: the checkpoint stays
 an HF directory that any number of processes (or vLLM) can load, and a resume may change P.
 
 torchrun (torch.distributed.run) rather than torch.multiprocessing: it is what users of torch.distributed
@@ -31,8 +31,7 @@ import torch
 
 import rlme_pipeline
 from rlme_pipeline.config import Config, validate_config
-from rlme_pipeline.models import checkpoint
-from rlme_pipeline.storage.run import REWARDS_FILE, ROLLOUTS_FILE, Run
+from rlme_pipeline.storage.run import Run
 from rlme_pipeline.storage.store import FileEntry
 
 
@@ -53,7 +52,7 @@ def launch(cfg: Config, run: Run, iteration: int, start: str) -> tuple[list[File
     p = cfg.distributed.processes
     with tempfile.TemporaryDirectory(prefix="rlme-fsdp-") as tmp:
         job, result = Path(tmp) / "config.json", Path(tmp) / "result.json"
-        job.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "base_dir": str(cfg._base_dir)}))
+        job.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "base_dir": str(cfg.base_dir)}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p}"]
         # Flag names that are no prefix of one of torchrun's own (its parser would take "--start" for itself).
         cmd += ["-m", __name__, "--run-url", run.url, "--iteration", str(iteration), "--from-checkpoint", start]
@@ -153,10 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoModelForCausalLM
 
+    from rlme_pipeline.jobs.policy_update import update_policy
     from rlme_pipeline.models.loading import DTYPES, Loaded, load_tokenizer, master_dtype
     from rlme_pipeline.models.weights_at import initial_policy
-    from rlme_pipeline.seeds import derive
-    from rlme_pipeline.stages.update import Share, update
+    from rlme_pipeline.stages.update import Share
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for flag in ("--run-url", "--from-checkpoint", "--job", "--result-file"):
@@ -165,8 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     job = json.loads(Path(args.job).read_text())
-    cfg = validate_config(job["config"], args.job)
-    cfg._base_dir = Path(job["base_dir"])
+    cfg = validate_config(job["config"], args.job, base_dir=job["base_dir"])
     run = Run.from_url(args.run_url, cfg.run.storage_options)
     i, start = args.iteration, args.from_checkpoint
 
@@ -188,15 +186,20 @@ def main(argv: list[str] | None = None) -> None:
         reference = None
         if cfg.algorithm.beta > 0:  # the KL anchor: the initial policy, sharded the same way, never trained
             reference = load(initial_policy(cfg).path).eval().requires_grad_(False)
-        opt_state = checkpoint.load_optimizer_state(start) if i > 0 else None
-        opt = sharded_optimizer(model, cfg, opt_state)
-        checkpoint.restore_rng(start if i > 0 else None, derive(cfg.run.seed, "torch"))
-        lm = Loaded(model, load_tokenizer(start), "", start, opt)
-        rollouts, rewards = run.read_table(i, ROLLOUTS_FILE), run.read_table(i, REWARDS_FILE)
-        opt, state, metrics = update(cfg, i, rollouts, rewards, lm, reference, None, share=Share(rank, world))
-        gathered = gathered_state(model, opt, rank)
+        lm = Loaded(model, load_tokenizer(start), "", start)
+        _, files, metrics = update_policy(
+            cfg,
+            run,
+            i,
+            start,
+            lm,
+            reference,
+            share=Share(rank, world),
+            sharded_optimizer=lambda state: sharded_optimizer(model, cfg, state),
+            gather=lambda m, opt: gathered_state(m, opt, rank),
+            write=rank == 0,
+        )
         if rank == 0:
-            files = checkpoint.save(run, i, model, lm.tokenizer, opt, state, gathered=gathered)
             out = {"files": [f.model_dump(mode="json") for f in files], "metrics": metrics}
             Path(args.result_file).write_text(json.dumps(out))
         dist.barrier()
