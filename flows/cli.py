@@ -270,8 +270,11 @@ def rescore(
     ray: Optional[str] = typer.Option(
         None, help="run the shards on a Ray cluster: ray://HOST:10001, HOST:6379, auto or local (docs/scale.md)"
     ),
-    ray_num_cpus: float = typer.Option(1.0, min=0, help="CPUs each shard's Ray task asks for"),
-    ray_num_gpus: float = typer.Option(0.0, min=0, help="GPUs each shard's Ray task asks for"),
+    ray_num_cpus: float = typer.Option(1.0, min=0, help="CPUs each Ray task asks for"),
+    ray_num_gpus: float = typer.Option(0.0, min=0, help="GPUs each Ray task asks for"),
+    ray_shards_per_task: int = typer.Option(
+        4, min=1, help="shards each Ray task scores, loading the judges once for them"
+    ),
 ):
     """Re-score stored rollouts with new meta-questions and/or evaluators (Prefect flow rlme_rescore)."""
     from rlme_pipeline import scoreset
@@ -309,6 +312,7 @@ def rescore(
                 ray=ray,
                 ray_num_cpus=ray_num_cpus,
                 ray_num_gpus=ray_num_gpus,
+                ray_shards_per_task=ray_shards_per_task,
             )
     except ValueError as e:  # a definition that differs on --resume, a score set created meanwhile, --ray
         _fail(e)

@@ -26,7 +26,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 from rlme_flows.events import FAILED_JUDGEMENTS, PROBE_ALARM, resource_id
 from rlme_flows.train import rlme_train
-from rlme_tasks.stages import stage_task
+from rlme_tasks.steps import as_tasks
 
 from rlme_pipeline.config import ConfigError, load_config
 from tests.conftest import DEMO, ROOT
@@ -145,7 +145,7 @@ def test_stage_retries_transient_faults_only(prefect_server):
 
     @flow
     def one_step(step, iteration: int):
-        return stage_task("score")(step, iteration)
+        return as_tasks()("score", step)(iteration)
 
     assert one_step(flaky_network, 7) == {"iteration": 7}
     with pytest.raises(ConfigError, match="stage_timeout_s"):

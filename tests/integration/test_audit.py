@@ -20,6 +20,7 @@ from rlme_pipeline.audit import labels
 from rlme_pipeline.audit.report import audit
 from rlme_pipeline.audit.sources import Scoreset
 from rlme_pipeline.config import ProbeConfig, QuestionConfig, ScoringConfig, load_config
+from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.judging.judges import Evaluator
 from rlme_pipeline.judging.probe import PROBES, probe_metrics, run_probe
@@ -38,7 +39,7 @@ def audited(tmp_path_factory, tiny_models):
     run = Run(Store(cfg.run.storage), cfg.run.id)
     train(cfg, run)
     qs = [QuestionConfig(id="short", text="Is it short?", weight=-1.0), QuestionConfig(id="right", text="Is it right?")]
-    scoreset.rescore(run, "v2", questions=qs, shard_rows=16)
+    rescore(run, "v2", questions=qs, shard_rows=16)
     out = Store(str(root / "audit"))
     digest = audit(run, out, "v2", compare_to="train", probe_prompts=1)
     return run, out, digest

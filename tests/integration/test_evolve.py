@@ -16,8 +16,9 @@ from rlme_flows.cli import app
 from typer.testing import CliRunner
 
 from rlme_pipeline import scoreset
+from rlme_pipeline.config import ProposerConfig
 from rlme_pipeline.evolve import proposal, rank
-from rlme_pipeline.evolve.propose import ProposerSpec
+from rlme_pipeline.jobs.evolve import evolve
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.storage.run import Run
 from rlme_pipeline.storage.store import Store
@@ -65,8 +66,8 @@ def read_json(run: Run, name: str, logical: str):
 
 def test_noise_proposer_is_rejected_cleanly_and_the_run_is_untouched(run):
     before = tree(Path(run.store.root))
-    spec = ProposerSpec(model="tiny:policy", backend="hf", max_new_tokens=64)
-    m = proposal.evolve(run, "noise", spec, n=3)
+    spec = ProposerConfig(model="tiny:policy", backend="hf", max_new_tokens=64)
+    m = evolve(run, "noise", spec, candidates=3)
 
     assert tree(Path(run.store.root)) == before  # not one byte outside proposals/noise, no score set
     assert not (Path(run.store.root) / "scoresets").exists()
@@ -80,12 +81,12 @@ def test_noise_proposer_is_rejected_cleanly_and_the_run_is_untouched(run):
     assert "Is the answer correct?" in prompt and "edits:" in prompt
     assert m.current["measures"]["probe_win_share"] is not None
     with pytest.raises(proposal.ProposalExists, match="choose another --name"):
-        proposal.evolve(run, "noise", spec, n=3)
+        evolve(run, "noise", spec, candidates=3)
 
 
 def test_rules_proposer_lowers_the_probe_share_and_is_chosen(run):
     before = tree(Path(run.store.root), skip=("proposals", "scoresets"))
-    m = proposal.evolve(run, "r", ProposerSpec(model="rules"), n=5)
+    m = evolve(run, "r", ProposerConfig(model="rules"), candidates=5)
     assert tree(Path(run.store.root), skip=("proposals", "scoresets")) == before
 
     cur = m.current["measures"]
@@ -148,12 +149,12 @@ def test_rules_proposer_lowers_the_probe_share_and_is_chosen(run):
 
 
 def test_rerun_of_an_interrupted_proposal_reuses_its_drafts(run):
-    spec = ProposerSpec(model="rules")
+    spec = ProposerConfig(model="rules")
     first = proposal.prepare(run, "again", spec, 2)
     files = proposal.unit(run, "again").read_record("prepare").files
     assert proposal.prepare(run, "again", spec, 2) == first
     assert proposal.unit(run, "again").read_record("prepare").files == files
-    m = proposal.evolve(run, "again", spec, n=2)
+    m = evolve(run, "again", spec, candidates=2)
     assert [c["index"] for c in m.candidates] == [0, 1]
 
 

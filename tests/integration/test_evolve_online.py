@@ -1,4 +1,4 @@
-"""Online evolution (config `evolve:`, evolve/online.py): the training loop proposes, ranks and adopts
+"""Online evolution (config `evolve:`, jobs/evolve.py): the training loop proposes, ranks and adopts
 question sets as phases by itself, every N iterations and on the probe alarm; a kill between the committed
 proposal and its phase resumes to exactly the uninterrupted run."""
 
@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from rlme_pipeline.config import ConfigError, load_config, validate_config
-from rlme_pipeline.evolve import online, proposal
+from rlme_pipeline.evolve import proposal
+from rlme_pipeline.jobs import evolve as evolving
 from rlme_pipeline.jobs.preflight import preflight
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.storage import phases
@@ -66,14 +67,14 @@ def test_online_evolve_adopts_phases_and_a_kill_resumes_exactly(micro_config, tm
     train(ref_cfg, ref)
 
     # after iterations 1 and 3 (every 2): a proposal each, over the two latest iterations
-    assert sorted(proposal.names(ref)) == [online.name(1), online.name(3)]
-    first = proposal.unit(ref, online.name(1)).manifest()
+    assert sorted(proposal.names(ref)) == [evolving.online_name(1), evolving.online_name(3)]
+    first = proposal.unit(ref, evolving.online_name(1)).manifest()
     assert first.iterations == [0, 1] and first.chosen is not None, first.why
     ps = phases.read(ref)
-    assert (ps.all[1].from_iteration, ps.all[1].source["name"]) == (2, online.name(1))
+    assert (ps.all[1].from_iteration, ps.all[1].source["name"]) == (2, evolving.online_name(1))
     assert [ref.manifest(i).lineage["phase"] for i in range(4)] == [0, 0, 1, 1]
     # the second proposal edits phase 1's questions; one that keeps them adopts nothing
-    second = proposal.unit(ref, online.name(3)).manifest()
+    second = proposal.unit(ref, evolving.online_name(3)).manifest()
     assert second.current["questions"] == [q.model_dump(mode="json") for q in ps.all[1].questions]
     assert len(ps.all) == (2 if second.chosen is None else 3)
 
@@ -82,7 +83,7 @@ def test_online_evolve_adopts_phases_and_a_kill_resumes_exactly(micro_config, tm
     run = Run.for_config(load_config(config))
     p = train_process(config, crash_at="evolve:before-phase@1")
     assert p.returncode == -signal.SIGKILL, p.stdout[-2000:] + p.stderr[-2000:]
-    assert proposal.unit(run, online.name(1)).committed() and len(phases.read(run).all) == 1
+    assert proposal.unit(run, evolving.online_name(1)).committed() and len(phases.read(run).all) == 1
     assert run.committed() == [0, 1]
     p = train_process(config)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -107,8 +108,8 @@ def test_online_evolve_runs_on_the_probe_alarm(micro_config, tmp_path):
     train(cfg, run)
     alarms = [i for i in run.committed() if run.manifest(i).metrics.get("probe/alarm")]
     assert alarms, "the tiny judges call some empty answer good"
-    assert sorted(proposal.names(run)) == [online.name(i) for i in alarms]
-    assert proposal.unit(run, online.name(alarms[0])).manifest().iterations == [alarms[0]]
+    assert sorted(proposal.names(run)) == [evolving.online_name(i) for i in alarms]
+    assert proposal.unit(run, evolving.online_name(alarms[0])).manifest().iterations == [alarms[0]]
 
 
 def test_evolve_section_errors_and_hash(micro_config, tmp_path):

@@ -15,6 +15,7 @@ from rlme_pipeline import scoreset
 from rlme_pipeline.audit.report import audit
 from rlme_pipeline.config import ConfigError, validate_config
 from rlme_pipeline.jobs.preflight import preflight
+from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.models import checkpoint
 from rlme_pipeline.models.loading import weights_version
@@ -124,7 +125,7 @@ def test_rescore_and_audit_of_a_lora_run_reproduce_training_judgements(tiny_mode
     train(cfg, run)
     # re-score with training's own questions and evaluators, in a fresh process's pool: the live self of
     # iteration 1 is the base plus checkpoint 0's adapter, the frozen self the base with adapters off
-    scoreset.rescore(run, "again", questions=list(cfg.questions), shard_rows=10)
+    rescore(run, "again", questions=list(cfg.questions), shard_rows=10)
     key = ["rollout_id", "question_id"]
     for i in (0, 1):
         trained = run.read_table(i, "scores.parquet")

@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 from rlme_pipeline import scoreset
 from rlme_pipeline.audit.report import audit, compute
-from rlme_pipeline.config import validate_config
+from rlme_pipeline.config import ProposerConfig, validate_config
 from rlme_pipeline.evolve import adopt, proposal
-from rlme_pipeline.evolve.propose import ProposerSpec
+from rlme_pipeline.jobs.evolve import evolve
+from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.storage import phases
 from rlme_pipeline.storage.run import Run, RunMismatch
@@ -47,7 +48,7 @@ def proposed(tmp_path_factory, tiny_models) -> Run:
     cfg = validate_config(settings(str(root / "runs"), 2))
     run = Run(Store(cfg.run.storage), cfg.run.id)
     train(cfg, run)
-    m = proposal.evolve(run, "r", ProposerSpec(model="rules"), n=3)
+    m = evolve(run, "r", ProposerConfig(model="rules"), candidates=3)
     assert m.chosen is not None, m.why
     return run
 
@@ -107,7 +108,7 @@ def test_adopted_proposal_is_a_recorded_phase_that_resumes_and_rescores(run, tmp
 
     # a re-score with the run's own questions reproduces training across the boundary, bit for bit
     cfg = run.config()
-    m = scoreset.rescore(run, "same", evaluators=list(cfg.evaluators))
+    m = rescore(run, "same", evaluators=list(cfg.evaluators))
     assert set(m["phase_questions"]) == {str(i) for i in range(5)}
     key = ["rollout_id", "evaluator", "question_id"]
     for i in run.committed():

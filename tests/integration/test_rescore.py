@@ -11,6 +11,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from rlme_pipeline import scoreset
+from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.storage.run import CorruptRun, Run
 from rlme_pipeline.storage.store import Store
@@ -86,7 +87,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
 def test_rescore_is_complete_and_leaves_training_untouched(run, questions_file):
     before = tree_hashes(Path(run.store.root))
     qs = scoreset.load_questions(questions_file)
-    m = scoreset.rescore(run, "v2", questions=qs, shard_rows=7)  # 7 does not divide 32: uneven shards
+    m = rescore(run, "v2", questions=qs, shard_rows=7)  # 7 does not divide 32: uneven shards
     assert tree_hashes(Path(run.store.root)) == before
 
     cfg = run.config()
@@ -132,13 +133,11 @@ def test_rescore_is_complete_and_leaves_training_untouched(run, questions_file):
 
     # A committed name is refused, with or without --resume of a different definition.
     with pytest.raises(scoreset.ScoresetExists, match="already exists"):
-        scoreset.rescore(run, "v2", questions=qs)
+        rescore(run, "v2", questions=qs)
     with pytest.raises(scoreset.ScoresetExists, match="different definition"):
-        scoreset.rescore(run, "v2", questions=qs[:1], shard_rows=7, resume=True)
+        rescore(run, "v2", questions=qs[:1], shard_rows=7, resume=True)
     # Resuming a complete score set is a no-op that returns its manifest.
-    assert (
-        scoreset.rescore(run, "v2", questions=qs, shard_rows=7, resume=True)["definition_hash"] == m["definition_hash"]
-    )
+    assert rescore(run, "v2", questions=qs, shard_rows=7, resume=True)["definition_hash"] == m["definition_hash"]
 
 
 def test_interrupted_rescore_resumes_without_duplicates(run, questions_file, backends):
@@ -154,7 +153,7 @@ def test_interrupted_rescore_resumes_without_duplicates(run, questions_file, bac
     run.store.write_bytes(torn, b"torn")
 
     with pytest.raises(scoreset.ScoresetExists, match="--resume"):
-        scoreset.rescore(run, "v3", questions=qs, iterations="1:2", shard_rows=10)
+        rescore(run, "v3", questions=qs, iterations="1:2", shard_rows=10)
     defn2 = scoreset.plan(run, "v3", questions=qs, iterations="1:2", shard_rows=10, resume=True)
     assert defn2.hash() == defn.hash()
     again = [scoreset.score_shard(run, "v3", i, s, backends) for i, s in todo]
@@ -240,7 +239,7 @@ def test_rescore_with_the_runs_own_judges_reproduces_its_training_rewards(traine
     sees the same batches as in training: padding to another batch's length moves logits in the last bits."""
     run = copy_run(request.getfixturevalue(trained), tmp_path)
     cfg = run.config()
-    scoreset.rescore(run, "same", questions=list(cfg.questions), evaluators=list(cfg.evaluators))
+    rescore(run, "same", questions=list(cfg.questions), evaluators=list(cfg.evaluators))
     label_rewarded = 0
     for i in run.committed():
         key = ["rollout_id", "evaluator", "question_id"]
@@ -266,7 +265,7 @@ def test_rescore_scores_with_the_runs_vllm_settings(run, questions_file, monkeyp
     real = scoreset.score_rollouts
     # the shards score through the Backends that rescore opened: its vLLM settings are the run's
     monkeypatch.setattr(scoreset, "score_rollouts", lambda *a, **kw: seen.append(a[-1].vllm) or real(*a, **kw))
-    scoreset.rescore(run, "v4", questions=scoreset.load_questions(questions_file), iterations="1", shard_rows=64)
+    rescore(run, "v4", questions=scoreset.load_questions(questions_file), iterations="1", shard_rows=64)
     assert seen and all(v.url == "http://vllm.example:8000" and v.max_concurrency == 3 for v in seen)
 
 
@@ -275,7 +274,7 @@ def test_verify_and_gc_cover_score_sets(run, questions_file, backends):
     from rlme_pipeline.storage.verify import verify
 
     qs = scoreset.load_questions(questions_file)
-    m = scoreset.rescore(run, "v2", questions=qs, shard_rows=16)
+    m = rescore(run, "v2", questions=qs, shard_rows=16)
     rep = verify(run)
     assert rep.ok and rep.checked_scoresets == ["v2"], rep.problems
     # A re-score in progress: one shard committed, one killed before its manifest.
@@ -303,4 +302,4 @@ def test_verify_and_gc_cover_score_sets(run, questions_file, backends):
     assert len(rep.problems) == 2 and all("sha256 does not match" in p for p in rep.problems)
     assert m["files"][0]["path"] in rep.problems[0] and done.dir in rep.problems[1]
     with pytest.raises(CorruptRun, match="does not match its committed entry"):
-        scoreset.rescore(run, "v5", questions=qs[:1], iterations="1", shard_rows=10, resume=True)
+        rescore(run, "v5", questions=qs[:1], iterations="1", shard_rows=10, resume=True)

@@ -18,6 +18,7 @@ import pytest
 
 from benchmarks._common import local_ray_head
 from rlme_pipeline import scoreset
+from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.storage.run import Run
 from tests.conftest import ROOT
 from tests.integration import test_cli_errors, test_rescore
@@ -72,7 +73,7 @@ def sequential(trained_run, tmp_path_factory, questions_path) -> dict[str, tuple
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        scoreset.rescore(run, "v2", questions=scoreset.load_questions(questions_path), shard_rows=SHARD_ROWS)
+        rescore(run, "v2", questions=scoreset.load_questions(questions_path), shard_rows=SHARD_ROWS)
     finally:
         torch.set_num_threads(threads)
     return committed_files(run, "v2")
@@ -153,21 +154,3 @@ def test_unreachable_or_malformed_ray_address_is_one_line_before_anything(traine
     one_line_error([*base, "http://head:8265"], "not a Ray address", "HOST:6379")
     one_line_error([*base, "head"], "not a Ray address")
     assert not no_prefect and not run.store.exists("scoresets")
-
-
-def test_a_worker_keeps_one_backends_per_settings(tiny_models):
-    """Shards on one worker share its loaded models; other vLLM settings (another re-score) close the old set."""
-    from rlme_tasks.rescore import close_worker_backends, worker_backends
-
-    from rlme_pipeline.config import VllmConfig
-
-    evaluator = str(tiny_models["evaluator"])
-    try:
-        a = worker_backends(VllmConfig())
-        loaded = a.pool.get(evaluator)
-        assert worker_backends(VllmConfig()) is a and a.pool.get(evaluator) is loaded  # loaded once
-        b = worker_backends(VllmConfig(max_concurrency=3))
-        assert b is not a and worker_backends(VllmConfig(max_concurrency=3)) is b
-        assert a.pool.get(evaluator) is not loaded  # a was closed: its models dropped
-    finally:
-        close_worker_backends()

@@ -14,6 +14,7 @@ import yaml
 from rlme_pipeline import scoreset
 from rlme_pipeline.audit.report import audit
 from rlme_pipeline.config import ConfigError, validate_config
+from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.models import checkpoint
 from rlme_pipeline.models.weights_at import policy_at
@@ -96,10 +97,10 @@ def test_pruned_run_verifies_collects_and_resumes_identically(tiny_models, tmp_p
         policy_at(run, cfg, 1)
     assert "\n" not in str(e.value) and "iterations [1, 3]" in str(e.value)  # what is still there
     with pytest.raises(retention.CheckpointPruned, match=r"checkpoints of iterations \[0, 2\] were pruned") as e:
-        scoreset.rescore(run, "again", questions=list(cfg.questions))
+        rescore(run, "again", questions=list(cfg.questions))
     assert "choose --iterations among [0, 2]" in str(e.value) and "\n" not in str(e.value)
     assert not run.store.exists("scoresets/again")  # refused before the definition or any shard
-    scoreset.rescore(run, "kept", questions=list(cfg.questions), iterations="2")  # after a kept checkpoint: fine
+    rescore(run, "kept", questions=list(cfg.questions), iterations="2")  # after a kept checkpoint: fine
     assert scoreset.unit(run, "kept").committed()
     with pytest.raises(retention.CheckpointPruned, match="--probe-prompts 0 skips the probe"):
         audit(run, Store(str(tmp_path / "audit")), probe_prompts=1)  # the probe's live self is iteration 2's
@@ -118,7 +119,7 @@ def test_pruning_on_s3(tiny_models, s3):
     # this machine's download-cache copy of a pruned checkpoint goes with it
     assert not (checkpoint.cache_dir() / "checkpoints" / checkpoint._cache_key(ckpt_files(run, 0))).exists()
     with pytest.raises(retention.CheckpointPruned, match=r"iterations \[1, 2\] cannot be re-scored"):
-        scoreset.rescore(run, "again", questions=list(cfg.questions))
+        rescore(run, "again", questions=list(cfg.questions))
 
 
 def test_a_crash_between_the_record_and_the_deletion_is_finished_by_gc(tiny_models, tmp_path):

@@ -7,9 +7,10 @@ import inspect
 import pytest
 import yaml
 from prefect.flows import load_flow_from_entrypoint
-from rlme_flows.train import stage_tasks
+from rlme_tasks.steps import as_tasks
 
 from rlme_pipeline.config import ConfigError, load_config
+from rlme_pipeline.steps import STEPS
 from rlme_pipeline.storage.run import split_run_url
 from tests.conftest import DEMO, ROOT
 
@@ -31,11 +32,18 @@ def test_prefect_yaml_deployments():
 
 def test_stage_timeouts_from_config_and_not_in_the_hash():
     cfg = load_config(DEMO)
-    assert all(t.timeout_seconds is None for t in stage_tasks(cfg).values())
+
+    def tasks(c):  # each step as the flow runs it: a task with the step's timeout and the retry policy
+        wrap = as_tasks(c.run.stage_timeout_s)
+        return {name: wrap(name, lambda iteration: None) for name in STEPS}
+
+    assert all(t.timeout_seconds is None for t in tasks(cfg).values())
+    timed = tasks(cfg.with_overrides(stage_timeout_s={"update": 600, "score": 120.5, "evolve": 30}))
+    assert timed["update"].timeout_seconds == 600 and timed["score"].timeout_seconds == 120.5
+    assert timed["evolve"].timeout_seconds == 30  # every step may have one (it was missing from the keys)
+    assert timed["generate"].timeout_seconds is None and timed["update"].retries == 2
+    assert timed["probe"].task_run_name == "probe-iter-{iteration}"
     timed = cfg.with_overrides(stage_timeout_s={"update": 600, "score": 120.5})
-    tasks = stage_tasks(timed)
-    assert tasks["update"].timeout_seconds == 600 and tasks["score"].timeout_seconds == 120.5
-    assert tasks["generate"].timeout_seconds is None and tasks["update"].retries == 2
     assert timed.hash() == cfg.hash()  # operational, like iterations: an existing run may add timeouts
     with pytest.raises(ConfigError, match="stage_timeout_s"):
         cfg.with_overrides(stage_timeout_s={"updat": 10})

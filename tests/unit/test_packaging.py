@@ -24,7 +24,7 @@ def test_every_package_of_the_tree_is_installed():
 
 def test_flows_and_tasks_import_under_their_package_names():
     import rlme_flows.train
-    import rlme_tasks.stages
+    import rlme_tasks.steps
 
     assert rlme_flows.train.__file__ == str(ROOT / "flows" / "train.py")
-    assert rlme_tasks.stages.__file__ == str(ROOT / "tasks" / "stages.py")
+    assert rlme_tasks.steps.__file__ == str(ROOT / "tasks" / "steps.py")
