@@ -155,3 +155,31 @@ def test_stage_retries_transient_faults_only(prefect_server):
         runs = {t.name: t for t in client.read_task_runs() if t.name in ("score-iter-7", "score-iter-8")}
     assert runs["score-iter-7"].run_count == 2 and runs["score-iter-7"].state.is_completed()
     assert runs["score-iter-8"].run_count == 1 and runs["score-iter-8"].state.is_failed()
+
+
+def test_fanned_out_pieces_retry_transient_faults_only(prefect_server):
+    """The fan-out hook of the flows (tasks/fan_out.py): each item a task run, in order, a refused
+    connection tried again, a config error failing at its first try."""
+    from prefect import flow
+    from rlme_tasks.fan_out import submitted
+
+    calls = {}
+    port = closed_port()
+
+    def piece(k: int, fail: str | None):
+        calls[k] = calls.get(k, 0) + 1
+        if fail == "network" and calls[k] == 1:
+            socket.create_connection(("127.0.0.1", port), timeout=5)  # ConnectionRefusedError
+        if fail == "config":
+            load_config(DEMO).with_overrides(stage_timeout_s={"updat": 10})  # raises ConfigError
+        return k * 10
+
+    @flow
+    def fan(items):
+        return submitted("piece")(piece, items)
+
+    assert fan([(0, None), (1, "network"), (2, None)]) == [0, 10, 20]
+    assert calls == {0: 1, 1: 2, 2: 1}
+    with pytest.raises(ConfigError):
+        fan([(3, "config")])
+    assert calls[3] == 1

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from rlme_pipeline.config import ConfigError, load_config
+from rlme_pipeline.jobs import update_fsdp as distributed_update
 from rlme_pipeline.jobs.preflight import _check_distributed
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.models import checkpoint
 from rlme_pipeline.models.weights_at import policy_at
-from rlme_pipeline.stages import update_fsdp as distributed_update
 from rlme_pipeline.storage.run import Run
 
 
