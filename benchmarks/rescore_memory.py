@@ -64,7 +64,7 @@ def peak_mb() -> float:
 
 def child(run_url: str, mode: str, shard_rows: int) -> None:
     from rlme_pipeline.config import EvaluatorConfig, QuestionConfig
-    from rlme_pipeline.scoreset import rescore
+    from rlme_pipeline.jobs.rescore import rescore
     from rlme_pipeline.storage.run import Run
 
     run = Run.from_url(run_url)

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One lent-GPU session (the `device` tool): install the carried wheels, then the GPU checks in the order
-# given by STEPS, each capped, each logging under $OUT so a cut-off run still returns what it finished.
-#   carry: .whl (pydantic, the polars runtime as a .tar.xz, trl, datasets, ...; see dev/README.md)
-#   STEPS="cudatests pair checkpoint qwen05 sampler" bash dev/gpu_session.sh
+# The GPU checks of this repository on any CUDA host, in the order given by STEPS, each capped in time and
+# logged under $OUT, so a run cut short still leaves what it finished. Run from the repository root with
+# a CUDA torch, transformers, peft and accelerate installed (`make bench-gpu` runs one benchmark alone).
+# An offline host installs the rest (pydantic, polars, trl, datasets, ...) from a local folder of wheels:
+#   WHEELS=/path/to/wheels STEPS="cudatests pair checkpoint qwen05 sampler" bash benchmarks/gpu_checks.sh
+# (a polars runtime repacked as polars_rt.tar.xz in that folder is unpacked too). Results: benchmarks/RESULTS.md.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/site
-tar xJf .whl/polars_rt.tar.xz -C /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if [ -n "${WHEELS:-}" ]; then
+  [ -f "$WHEELS/polars_rt.tar.xz" ] && tar xJf "$WHEELS/polars_rt.tar.xz" -C /tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
 python3 -c "import torch, transformers, trl, polars, pydantic; print(torch.__version__, transformers.__version__, trl.__version__, polars.__version__)" | tee -a "$OUT/card.txt"
