@@ -155,7 +155,47 @@ def _check_evolve(cfg: Config) -> None:
         )
 
 
-def preflight(cfg: Config, store: Store) -> None:
+def gpu_memory_notes(cfg: Config, prompts, policy_tok) -> list[str]:
+    """The per-stage GPU memory estimate (jobs/memory.py) when any model is on a CUDA device: computed
+    from config.json files and the tokenizer, before anything loads."""
+    from rlme_pipeline.jobs import memory
+    from rlme_pipeline.stages.generate import chat_prompt_ids
+
+    models = [cfg.policy, *(ev for ev in cfg.evaluators if ev.model not in (LIVE_SELF, FROZEN_SELF))]
+    if not any(m.device.startswith("cuda") for m in models):
+        return []
+    shapes = {}
+    for m in models:
+        try:
+            shapes[m.model] = memory.shape_of(resolve_ref(cfg.resolve(m.model)), getattr(m, "lora", None))
+        except Exception as e:  # noqa: BLE001 - a hub id not cached here: the estimate is advice, not a check
+            return [f"no GPU memory estimate: cannot read the config.json of {m.model!r} ({type(e).__name__})"]
+    longest = max(prompts["prompt"].to_list(), key=len)
+    prompt_tokens = len(chat_prompt_ids(policy_tok, longest, cfg.data.system_prompt))
+    sc = cfg.scoring
+    count = lambda text: len(policy_tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    question_tokens = count(sc.template.format(prompt="", completion=""))
+    question_tokens += sum(count(sc.question_template.format(question=q.text)) for q in cfg.questions)
+    parts = memory.estimate(cfg, shapes, prompt_tokens, question_tokens)
+    lines = memory.report(parts, _cuda_totals())
+    cost = memory.float32_cost(cfg, shapes, prompt_tokens, question_tokens)
+    return lines + ([cost] if cost else [])
+
+
+def _cuda_totals() -> dict[str, int]:
+    """Each visible GPU's memory; none where CUDA cannot say (the estimate then gives no share)."""
+    import torch
+
+    try:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return {f"cuda:{i}": torch.cuda.get_device_properties(i).total_memory for i in range(n)}
+    except (RuntimeError, AssertionError):  # a CPU build of torch
+        return {}
+
+
+def preflight(cfg: Config, store: Store) -> list[str]:
+    """Raises ConfigError (one line: the field and the fix) on the first problem; returns notes to show
+    the user (the GPU memory estimate)."""
     check_installed(cfg.tracking)
     _check_devices(cfg)
     _check_lora(cfg)
@@ -174,3 +214,4 @@ def preflight(cfg: Config, store: Store) -> None:
         for q in cfg.questions:
             answer_ids(tok, q.positive, f"questions[{q.id}].positive (evaluator {ev.name})")
             answer_ids(tok, q.negative, f"questions[{q.id}].negative (evaluator {ev.name})")
+    return gpu_memory_notes(cfg, prompts, policy_tok)
