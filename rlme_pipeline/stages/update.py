@@ -19,8 +19,13 @@ from rlme_pipeline.storage.crash import crash_point
 
 
 def training_items(rollouts: pl.DataFrame, rewards: pl.DataFrame) -> tuple[list[dict], int]:
-    """Rollouts with a finite advantage (failed judgements are masked out) and the number masked."""
-    df = rollouts.join(rewards.select("rollout_id", "advantage"), on="rollout_id").sort("rollout_id")
+    """Rollouts with a finite advantage (failed judgements are masked out) and the number masked, in the
+    order of (prompt id, sample index): what the config and seed determine. The seeded permutation of the
+    update applies to this order, so ordering by rollout id (a hash of the run id) made two runs of one
+    config and seed under different names train on different micro-batches from the first update on."""
+    df = rollouts.join(rewards.select("rollout_id", "advantage"), on="rollout_id").sort(
+        "prompt_id", "sample_index", maintain_order=True
+    )
     ok = df.filter(pl.col("advantage").is_not_nan() & (pl.col("completion_token_ids").list.len() > 0))
     cols = ["prompt_token_ids", "completion_token_ids", "behavior_logprobs", "advantage"]
     return ok.select(cols).to_dicts(), df.height - ok.height
