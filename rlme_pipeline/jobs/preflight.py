@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config, ConfigError
@@ -106,8 +107,42 @@ def _check_distributed(cfg: Config) -> None:
         raise ConfigError("distributed.backend: nccl needs policy.device cuda; use auto or gloo on cpu")
 
 
+def _backend_fields(cfg: Config) -> dict[str, str]:
+    """Every field that picks a backend, with its value."""
+    fields = {"generation.backend": cfg.generation.backend, "scoring.backend": cfg.scoring.backend}
+    if cfg.evolve is not None and cfg.evolve.proposer != "rules":
+        fields["evolve.backend"] = cfg.evolve.backend
+    return fields
+
+
+def _check_vllm_importable(cfg: Config) -> None:
+    """The vllm backend runs vllm.LLM in this process: without the package here, it would fail only
+    inside the first stage that uses it. The openai backend without vllm.url needs an interpreter for
+    its managed server. (find_spec: importing vllm itself takes seconds.)"""
+    import importlib.util
+
+    v, fields = cfg.vllm, _backend_fields(cfg)
+    for field, backend in fields.items():
+        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            elsewhere = (
+                f"set {field}: openai to use the vLLM in vllm.python ({v.python})"
+                if v.python
+                else f"or set {field}: openai with vllm.python naming an interpreter that has vllm (make vllm-venv)"
+            )
+            raise ConfigError(
+                f"{field}: vllm runs vllm.LLM in this process, but the vllm package is not importable here; "
+                f"pip install 'rlme[vllm]' (a GPU host), {elsewhere}, or set {field}: hf"
+            )
+        if backend == "openai" and not v.external_urls() and not (v.python or os.environ.get("RLME_VLLM_PYTHON")):
+            raise ConfigError(
+                f"{field}: openai without vllm.url starts a managed vLLM server and needs an interpreter with vllm: "
+                "set vllm.python or RLME_VLLM_PYTHON (build one with `make vllm-venv`), or vllm.url for a running server"
+            )
+
+
 def _check_vllm(cfg: Config) -> None:
     """Replica settings against the backends, and every external server reachable, before any stage."""
+    _check_vllm_importable(cfg)
     v, backends = cfg.vllm, {cfg.generation.backend, cfg.scoring.backend}
     if (v.replicas > 1 or len(v.urls) > 1) and "openai" not in backends:
         raise ConfigError(
