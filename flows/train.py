@@ -86,7 +86,8 @@ def rlme_train(
     cfg = load(config, iterations=iterations, storage=storage, id=run_id)
     run = Run.for_config(cfg)
     adopted = adoption.load(adopt, cfg.run.storage_options) if adopt else None
-    preflight(adoption.judged_with(cfg, adopted), run.root)
+    for note in preflight(adoption.judged_with(cfg, adopted), run.root):  # the GPU memory estimate
+        log.info(note)
     # The flow process holds the run's lease for all its tasks (they run in this process); a second flow
     # run on the same run id stops before touching anything, naming this one.
     with background_reports(log) as send:

@@ -2,8 +2,8 @@
 
 A retry runs the step again from what storage holds. That helps only when the fault lay outside the code,
 the config and the data: a dropped connection, a throttled or unavailable store, a vLLM server that died
-or timed out. A config or validation error, a damaged run, a lease another process holds or an
-out-of-memory error fails the same way every time; retrying it only delays the failure (12 s per task)
+or timed out. A config or validation error, missing storage credentials, a damaged run, a lease another
+process holds or an out-of-memory error fails the same way every time; retrying it only delays the failure (12 s per task)
 and buries its one clear message under repeats.
 """
 
@@ -17,12 +17,14 @@ from rlme_pipeline.config import ConfigError
 from rlme_pipeline.jobs.oom import StageOutOfMemory
 from rlme_pipeline.storage.lease import LeaseHeld, LeaseLost
 from rlme_pipeline.storage.run import CorruptRun
-from rlme_pipeline.storage.store import PERMANENT, TRANSIENT, StorageError
+from rlme_pipeline.storage.store import CREDENTIALS, PERMANENT, TRANSIENT, StorageError
 
-# Checked first: some are subclasses of transient types (FileNotFoundError is an OSError), and a config
-# problem that a backend reports is a ConfigError (backends.BackendConfigError) before it is a BackendError.
+# Checked first: some are subclasses of transient types (FileNotFoundError is an OSError; botocore's
+# NoCredentialsError is a BotoCoreError: the store's PERMANENT holds it), and a config problem that a
+# backend reports is a ConfigError (backends.BackendConfigError) before it is a BackendError.
 NEVER = (
     *PERMANENT,
+    *CREDENTIALS,
     ConfigError,
     CorruptRun,
     LeaseHeld,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config, ConfigError
@@ -106,8 +107,42 @@ def _check_distributed(cfg: Config) -> None:
         raise ConfigError("distributed.backend: nccl needs policy.device cuda; use auto or gloo on cpu")
 
 
+def _backend_fields(cfg: Config) -> dict[str, str]:
+    """Every field that picks a backend, with its value."""
+    fields = {"generation.backend": cfg.generation.backend, "scoring.backend": cfg.scoring.backend}
+    if cfg.evolve is not None and cfg.evolve.proposer != "rules":
+        fields["evolve.backend"] = cfg.evolve.backend
+    return fields
+
+
+def _check_vllm_importable(cfg: Config) -> None:
+    """The vllm backend runs vllm.LLM in this process: without the package here, it would fail only
+    inside the first stage that uses it. The openai backend without vllm.url needs an interpreter for
+    its managed server. (find_spec: importing vllm itself takes seconds.)"""
+    import importlib.util
+
+    v, fields = cfg.vllm, _backend_fields(cfg)
+    for field, backend in fields.items():
+        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            elsewhere = (
+                f"set {field}: openai to use the vLLM in vllm.python ({v.python})"
+                if v.python
+                else f"or set {field}: openai with vllm.python naming an interpreter that has vllm (make vllm-venv)"
+            )
+            raise ConfigError(
+                f"{field}: vllm runs vllm.LLM in this process, but the vllm package is not importable here; "
+                f"pip install 'rlme[vllm]' (a GPU host), {elsewhere}, or set {field}: hf"
+            )
+        if backend == "openai" and not v.external_urls() and not (v.python or os.environ.get("RLME_VLLM_PYTHON")):
+            raise ConfigError(
+                f"{field}: openai without vllm.url starts a managed vLLM server and needs an interpreter with vllm: "
+                "set vllm.python or RLME_VLLM_PYTHON (build one with `make vllm-venv`), or vllm.url for a running server"
+            )
+
+
 def _check_vllm(cfg: Config) -> None:
     """Replica settings against the backends, and every external server reachable, before any stage."""
+    _check_vllm_importable(cfg)
     v, backends = cfg.vllm, {cfg.generation.backend, cfg.scoring.backend}
     if (v.replicas > 1 or len(v.urls) > 1) and "openai" not in backends:
         raise ConfigError(
@@ -155,7 +190,47 @@ def _check_evolve(cfg: Config) -> None:
         )
 
 
-def preflight(cfg: Config, store: Store) -> None:
+def gpu_memory_notes(cfg: Config, prompts, policy_tok) -> list[str]:
+    """The per-stage GPU memory estimate (jobs/memory.py) when any model is on a CUDA device: computed
+    from config.json files and the tokenizer, before anything loads."""
+    from rlme_pipeline.jobs import memory
+    from rlme_pipeline.stages.generate import chat_prompt_ids
+
+    models = [cfg.policy, *(ev for ev in cfg.evaluators if ev.model not in (LIVE_SELF, FROZEN_SELF))]
+    if not any(m.device.startswith("cuda") for m in models):
+        return []
+    shapes = {}
+    for m in models:
+        try:
+            shapes[m.model] = memory.shape_of(resolve_ref(cfg.resolve(m.model)), getattr(m, "lora", None))
+        except Exception as e:  # noqa: BLE001 - a hub id not cached here: the estimate is advice, not a check
+            return [f"no GPU memory estimate: cannot read the config.json of {m.model!r} ({type(e).__name__})"]
+    longest = max(prompts["prompt"].to_list(), key=len)
+    prompt_tokens = len(chat_prompt_ids(policy_tok, longest, cfg.data.system_prompt))
+    sc = cfg.scoring
+    count = lambda text: len(policy_tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    question_tokens = count(sc.template.format(prompt="", completion=""))
+    question_tokens += sum(count(sc.question_template.format(question=q.text)) for q in cfg.questions)
+    parts = memory.estimate(cfg, shapes, prompt_tokens, question_tokens)
+    lines = memory.report(parts, _cuda_totals())
+    cost = memory.float32_cost(cfg, shapes, prompt_tokens, question_tokens)
+    return lines + ([cost] if cost else [])
+
+
+def _cuda_totals() -> dict[str, int]:
+    """Each visible GPU's memory; none where CUDA cannot say (the estimate then gives no share)."""
+    import torch
+
+    try:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return {f"cuda:{i}": torch.cuda.get_device_properties(i).total_memory for i in range(n)}
+    except (RuntimeError, AssertionError):  # a CPU build of torch
+        return {}
+
+
+def preflight(cfg: Config, store: Store) -> list[str]:
+    """Raises ConfigError (one line: the field and the fix) on the first problem; returns notes to show
+    the user (the GPU memory estimate)."""
     check_installed(cfg.tracking)
     _check_devices(cfg)
     _check_lora(cfg)
@@ -174,3 +249,4 @@ def preflight(cfg: Config, store: Store) -> None:
         for q in cfg.questions:
             answer_ids(tok, q.positive, f"questions[{q.id}].positive (evaluator {ev.name})")
             answer_ids(tok, q.negative, f"questions[{q.id}].negative (evaluator {ev.name})")
+    return gpu_memory_notes(cfg, prompts, policy_tok)

@@ -40,7 +40,7 @@ from rlme_pipeline.judging.judges import evaluators_at
 from rlme_pipeline.judging.probe import probe_metrics, run_probe, sample_prompts
 from rlme_pipeline.models import adapters, checkpoint
 from rlme_pipeline.models.loading import Loaded, inference_copy, master_dtype
-from rlme_pipeline.models.weights_at import ModelRef, initial_policy, policy_at
+from rlme_pipeline.models.weights_at import ModelRef, frozen_keys, initial_policy, policy_at, pool_capacity
 from rlme_pipeline.progress import Clock
 from rlme_pipeline.stages import eval as heldout
 from rlme_pipeline.stages.aggregate import aggregate
@@ -109,7 +109,10 @@ def train(
     one); returns the manifests made now. Raises LeaseHeld, touching nothing, while another process
     trains the run; `holder` adds to what the lease says about this one (e.g. the Prefect flow run).
     `adopt`: a question set to train with from the next iteration on, recorded as a phase (phases.py)."""
-    with Lease(run.store, purpose="train", **(holder or {})) as lease, Backends(cfg.vllm_settings()) as backends:
+    with (
+        Lease(run.store, purpose="train", **(holder or {})) as lease,
+        Backends(cfg.vllm_settings(), pool_capacity(cfg)) as backends,
+    ):
         cfg = phases.resume_config(run, cfg)
         run.open(cfg)
         committed = set(check_resume_point(run))
@@ -325,11 +328,12 @@ class Runner:
 
     def _trainee(self, ref: ModelRef) -> tuple[Loaded, object]:
         """(the policy to train, the KL reference or None). Training changes the weights, so the model
-        leaves the pool. A half-precision policy trains fp32 master weights (models.master_dtype); its
-        half copy that generated this iteration is done with."""
-        pool, master = self.backends.pool, master_dtype(ref.dtype)
-        lm = pool.take(ref.path, master, ref.device, ref.version)
-        if master != ref.dtype:
+        leaves the pool (a copy of it does where the same weights are also a frozen model: iteration 0's
+        policy as the frozen self or the KL reference). A half-precision policy trains fp32 master weights
+        (models.master_dtype); its half copy that generated this iteration is done with, unless frozen."""
+        pool, master, frozen = self.backends.pool, master_dtype(ref.dtype), frozen_keys(self.cfg)
+        lm = pool.take(ref.path, master, ref.device, ref.version, keep=(ref.path, master, ref.device) in frozen)
+        if master != ref.dtype and (ref.path, ref.dtype, ref.device) not in frozen:
             pool.discard(ref.path, ref.dtype, ref.device)
         reference = None
         if self.cfg.algorithm.beta > 0:  # the KL anchor is the initial policy; loaded only when it is used

@@ -96,6 +96,10 @@ class Loaded:
 
 
 class ModelPool:
+    """Loaded models by (path, dtype, device), least recently used evicted past `capacity`. A training
+    process sizes it to every model its config names (`weights_at.pool_capacity`): an eviction there
+    means a reload from disk (and the optimizer state with it) on the next use, every iteration."""
+
     def __init__(self, capacity: int = 4):
         self.capacity = capacity
         self._items: OrderedDict[tuple, Loaded] = OrderedDict()
@@ -107,12 +111,15 @@ class ModelPool:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
+        loaded = self._load(path, dtype, device, version)
+        self.put(key, loaded)
+        return loaded
+
+    def _load(self, path: str, dtype: str, device: str, version: str | None) -> Loaded:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
-        loaded = Loaded(model, load_tokenizer(path), version or weights_version(path), path)
-        self.put(key, loaded)
-        return loaded
+        return Loaded(model, load_tokenizer(path), version or weights_version(path), path)
 
     def put(self, key: tuple, loaded: Loaded) -> None:
         with self._lock:
@@ -121,11 +128,23 @@ class ModelPool:
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
-    def take(self, path: str, dtype: str = "float32", device: str = "cpu", version: str | None = None) -> Loaded:
-        """Remove and return a model (loading it if needed): the caller will change its weights."""
-        loaded = self.get(path, dtype, device, version)
+    def take(
+        self, path: str, dtype: str = "float32", device: str = "cpu", version: str | None = None, keep: bool = False
+    ) -> Loaded:
+        """A model the caller will change the weights of, out of the pool (loaded if absent, without
+        passing through the pool: that could evict a model still needed). keep=True: the pooled model is
+        still needed unchanged (the policy at iteration 0 is also the frozen self or the KL reference), so
+        the caller gets a copy made in memory and the pooled one stays."""
+        key = (path, dtype, device)
         with self._lock:
-            self._items.pop((path, dtype, device), None)
+            loaded = self._items.get(key) if keep else self._items.pop(key, None)
+        if loaded is None:
+            loaded = self._load(path, dtype, device, version)
+            if keep:
+                self.put(key, Loaded(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.version, path))
+            return loaded
+        if keep:
+            return Loaded(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.version, path)
         return loaded
 
     def discard(self, path: str, dtype: str = "float32", device: str = "cpu") -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config, EvaluatorConfig
 from rlme_pipeline.models import checkpoint
-from rlme_pipeline.models.loading import resolve_ref, weights_version
+from rlme_pipeline.models.loading import master_dtype, resolve_ref, weights_version
 from rlme_pipeline.storage import retention
 from rlme_pipeline.storage.run import Run
 
@@ -49,3 +49,32 @@ def evaluator_at(run: Run, cfg: Config, ev: EvaluatorConfig, iteration: int) -> 
         return initial_policy(cfg)
     path = resolve_ref(cfg.resolve(ev.model))
     return ModelRef(path, weights_version(path), ev.dtype, ev.device)
+
+
+def frozen_keys(cfg: Config) -> set[tuple[str, str, str]]:
+    """Pool keys (path, dtype, device) of the models a training process holds that never train: each
+    frozen-other evaluator, and the initial policy when it is the frozen self or the KL reference (in a
+    LoRA run those are the base with its adapters off: no model of their own)."""
+    keys = {
+        (resolve_ref(cfg.resolve(ev.model)), ev.dtype, ev.device)
+        for ev in cfg.evaluators
+        if ev.model not in (LIVE_SELF, FROZEN_SELF)
+    }
+    uses_initial = cfg.algorithm.beta > 0 or any(ev.model == FROZEN_SELF for ev in cfg.evaluators)
+    if uses_initial and cfg.policy.lora is None:
+        keys.add((resolve_ref(cfg.resolve(cfg.policy.model)), cfg.policy.dtype, cfg.policy.device))
+    return keys
+
+
+def pool_capacity(cfg: Config) -> int:
+    """How many models one training process uses again and again: the frozen ones, the policy's master
+    weights and, for a half-precision policy, its inference copy (the live self is that copy); one
+    base for a LoRA policy; and a model proposer (evolve). Its model pool holds all of them, so none is
+    reloaded between iterations (each reload also re-read the optimizer state from disk)."""
+    base = (resolve_ref(cfg.resolve(cfg.policy.model)), cfg.policy.dtype, cfg.policy.device)
+    if cfg.policy.lora is not None:
+        trained = {base}
+    else:
+        trained = {("master",), ("inference",)} if master_dtype(cfg.policy.dtype) != cfg.policy.dtype else {("master",)}
+    proposer = cfg.evolve is not None and cfg.evolve.proposer != "rules"
+    return len(frozen_keys(cfg) | trained) + int(proposer)

@@ -19,8 +19,13 @@ from rlme_pipeline.storage.crash import crash_point
 
 
 def training_items(rollouts: pl.DataFrame, rewards: pl.DataFrame) -> tuple[list[dict], int]:
-    """Rollouts with a finite advantage (failed judgements are masked out) and the number masked."""
-    df = rollouts.join(rewards.select("rollout_id", "advantage"), on="rollout_id").sort("rollout_id")
+    """Rollouts with a finite advantage (failed judgements are masked out) and the number masked, in the
+    order of (prompt id, sample index): what the config and seed determine. The seeded permutation of the
+    update applies to this order, so ordering by rollout id (a hash of the run id) made two runs of one
+    config and seed under different names train on different micro-batches from the first update on."""
+    df = rollouts.join(rewards.select("rollout_id", "advantage"), on="rollout_id").sort(
+        "prompt_id", "sample_index", maintain_order=True
+    )
     ok = df.filter(pl.col("advantage").is_not_nan() & (pl.col("completion_token_ids").list.len() > 0))
     cols = ["prompt_token_ids", "completion_token_ids", "behavior_logprobs", "advantage"]
     return ok.select(cols).to_dicts(), df.height - ok.height
@@ -89,10 +94,7 @@ def update(
     opt = lm.optimizer  # set when this process trained the previous iteration: the state it saved
     if opt is None:
         # Over the trainable parameters only: all of them in full fine-tuning, the adapter's with LoRA.
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay)
-        if optimizer_state is not None:
-            opt.load_state_dict(optimizer_state)
+        opt = new_optimizer([p for p in model.parameters() if p.requires_grad], cfg, optimizer_state)
     for group in opt.param_groups:  # the schedule's lr, whatever the saved state or the last iteration held
         group["lr"] = o.lr_at(iteration)
 
@@ -118,6 +120,7 @@ def update(
                 norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], o.max_grad_norm)
                 sums["grad_norm"] += norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor: sharded
                 opt.step()
+                opt.zero_grad(set_to_none=True)  # a full fp32 copy of the weights: not kept through generate/score
                 advance()
                 crash_point("update:mid", iteration)
     if o.gradient_checkpointing:
@@ -147,6 +150,27 @@ def update(
             "masked_rollouts": masked,
         },
     )
+
+
+def fused_adamw(devices) -> bool:
+    """Whether AdamW runs as one fused kernel: on CUDA, where it is several times faster than the
+    per-tensor loop and allocates no temporaries; the CPU keeps the plain loop (and its exact numbers)."""
+    devices = [torch.device(d) for d in devices]
+    return bool(devices) and all(d.type == "cuda" for d in devices)
+
+
+def new_optimizer(params: list, cfg: Config, state: dict | None) -> torch.optim.AdamW:
+    """AdamW over `params`, fused on CUDA, from a checkpoint's `state` if given. A state dict carries
+    the implementation it was saved with (its param_groups' fused/foreach), and load_state_dict would
+    put that back: this process's choice wins, so a GPU checkpoint resumes on a CPU and vice versa."""
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(
+        params, lr=o.lr, weight_decay=o.weight_decay, fused=True if fused_adamw(p.device for p in params) else None
+    )
+    if state is not None:
+        mine = {k: opt.param_groups[0][k] for k in ("fused", "foreach")}
+        opt.load_state_dict({**state, "param_groups": [{**g, **mine} for g in state["param_groups"]]})
+    return opt
 
 
 def new_sums() -> dict:

@@ -108,6 +108,19 @@ def fs_options(url: str, storage_options: dict | None) -> dict:
 
 # --- retries ---------------------------------------------------------------------------------------
 
+
+def _credential_errors() -> tuple[type[BaseException], ...]:
+    """botocore's "this machine is not set up for S3" errors. They subclass BotoCoreError, which is
+    transient (connection faults), but no retry finds credentials that are not there."""
+    try:
+        from botocore.exceptions import NoCredentialsError, NoRegionError, PartialCredentialsError, ProfileNotFound
+    except ImportError:  # pragma: no cover - only local storage installed
+        return ()
+    return (NoCredentialsError, PartialCredentialsError, ProfileNotFound, NoRegionError)
+
+
+CREDENTIALS = _credential_errors()
+
 # Faults that retrying cannot fix. s3fs translates NoSuchBucket/NoSuchKey to FileNotFoundError and
 # AccessDenied to PermissionError; everything else it raises as OSError (5xx, dropped connections).
 PERMANENT = (
@@ -118,6 +131,7 @@ PERMANENT = (
     NotADirectoryError,
     ValueError,
     TypeError,
+    *CREDENTIALS,
 )
 
 
@@ -148,6 +162,8 @@ def retrying(what: str, fn: Callable[[], T], attempts: int | None = None, base_d
     for k in range(attempts):
         try:
             return fn()
+        except CREDENTIALS as e:  # one line, as a StorageError, from reads and writes alike
+            raise permanent_error(what, e) from None
         except PERMANENT:
             raise
         except TRANSIENT as e:
@@ -164,6 +180,8 @@ def permanent_error(what: str, e: Exception) -> StorageError:
         FileNotFoundError: "the bucket or directory does not exist",
         PermissionError: "access denied: check the credentials in the environment and the bucket policy",
     }.get(type(e), "")
+    if isinstance(e, CREDENTIALS):
+        hint = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment; not retried"
     return StorageError(f"{what} failed: {type(e).__name__}: {e}" + (f" ({hint})" if hint else ""))
 
 
