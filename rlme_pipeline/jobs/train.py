@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import Config
-from rlme_pipeline.data import heldout_prompts, load_prompts, prompts_for_iteration
+from rlme_pipeline.data import Prompts, prompts_for_iteration
 from rlme_pipeline.evolve import online
 from rlme_pipeline.jobs import oom
 from rlme_pipeline.jobs.tracking import Trackers
@@ -148,6 +148,7 @@ class Runner:
     def __init__(self, cfg: Config, run: Run, backends: Backends):
         self.cfg, self.run, self.backends = cfg, run, backends
         self.phases = phases.read(run, cfg.questions)  # which questions judge which iteration
+        self.prompts = Prompts(cfg)  # loaded once, on first use
 
     def step(self, name: str) -> Step:
         if name == COMMIT:
@@ -221,7 +222,7 @@ class Runner:
     # --- the stages' I/O: each returns (files, metrics, info) -------------------------------------------
     def _generate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         cfg, backend = self.cfg, self.cfg.generation.backend
-        prompts = prompts_for_iteration(load_prompts(cfg), cfg, i)
+        prompts = prompts_for_iteration(self.prompts.train(), cfg, i)
         ref = policy_at(self.run, cfg, i)
         with self.backends.generator(ref, backend) as (gen, tok):
             rollouts, metrics = generate(cfg, self.run.id, i, prompts, ref.version, gen, tok)
@@ -302,10 +303,10 @@ class Runner:
         """The policy this iteration's update made, on the held-out prompts (stages/eval.py); judged by
         the evaluators as they judge the next iteration, with this iteration's questions (its phase)."""
         cfg, backend = self.phases.config_at(self.cfg, i), self.cfg.generation.backend
-        prompts = heldout_prompts(cfg)
+        prompts = self.prompts.heldout()
         ref = policy_at(self.run, cfg, i + 1)
         with self.backends.generator(ref, backend) as (gen, tok):
-            rollouts, _ = generate(cfg, self.run.id, i, prompts, ref.version, gen, tok, heldout.sampling(cfg, i))
+            rollouts = heldout.completions(cfg, self.run.id, i, prompts, ref.version, gen, tok)
         evaluators = evaluators_at(self.run, cfg, i + 1) if cfg.eval.judges else []
         table, metrics = heldout.evaluate(cfg, rollouts, evaluators, self.backends)
         info = {

@@ -150,6 +150,11 @@ def legacy_hash(cfg) -> str:
     d.pop("eval")  # added after the legacy hash; operational
     if d.get("evolve") is None:  # added after the legacy hash; hashed only when set
         d.pop("evolve", None)
+    for k in ("config", "revision", "prompt_template"):  # added after the legacy hash; hashed only when set
+        if d["data"][k] is None:
+            d["data"].pop(k)
+    if d.get("answers") is None:  # added after the legacy hash; hashed only when set
+        d.pop("answers", None)
     return sha256_json(d)
 
 
