@@ -22,7 +22,7 @@ import polars as pl
 from rlme_pipeline.config import Config, ConfigError, DataConfig
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-_GLOB = set("*?[")
+_GLOB = frozenset("*?[")
 SINGLE_SPLIT = "train"  # what datasets calls the one split of a file, a glob or a saved Dataset without one
 
 
