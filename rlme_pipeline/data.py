@@ -194,12 +194,12 @@ def _choice_error(d: DataConfig, path: str, field: str, why: str) -> str | None:
 def _unreachable(d: DataConfig, path: str, field: str, e: Exception) -> str:
     import os
 
-    offline = " HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set, so the hub is not asked;" if _offline(os.environ) else ""
+    offline = " (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set: the hub is not asked)" if _offline(os.environ) else ""
     rev = f" at revision {d.revision!r}" if d.revision else ""
     return (
         f"{field}.path: {path!r} is neither a local file, folder or glob nor a hub data set that could be "
-        f"loaded{rev} ({type(e).__name__}: {_one_line(e)}).{offline} Give a local path, or check the name, "
-        f"{field}.config and {field}.revision and the network"
+        f"loaded{rev}{offline} ({type(e).__name__}: {_one_line(e)}). Give a local path, or check the name, "
+        f"{field}.config, {field}.revision and the network"
     )
 
 

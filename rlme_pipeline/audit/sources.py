@@ -32,8 +32,8 @@ class Scoreset:
     logp_floor: float
     # iteration, phase, question_id, weight, text: one row per iteration x question of its phase, where the
     # questions changed during the run (question_weights/texts are then the last phase's); None otherwise
-    phases: pl.DataFrame | None = None
-    answer_format: str = "auto"  # how labelled rollouts are marked correct (answers.py; Config.answer_format)
+    phases: pl.DataFrame | None
+    answer_format: str  # how labelled rollouts are marked correct: the run's (Config.answer_format)
 
     def question_ids(self) -> list[str]:
         """Every question asked in any iteration."""

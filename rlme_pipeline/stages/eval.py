@@ -111,7 +111,8 @@ def evaluate(
 
 
 def pass_and_majority(samples: pl.DataFrame, fmt: str, k: int) -> dict:
-    """pass@k and maj@k over the labelled prompts of the samples table (module docstring); {} without labels."""
+    """pass@k and maj@k over the labelled prompts of the samples table (module docstring), and k; k alone
+    without labels."""
     rows = samples.filter(pl.col("label").is_not_null()).sort("prompt_id", "sample_index")
     passed, voted = [], []
     for _, g in rows.group_by("prompt_id", maintain_order=True):

@@ -160,3 +160,39 @@ def test_a_rollout_exactly_at_the_share_is_not_selected():
     for rid in U:
         u = int(hashlib.sha256(f"label-reward/{rid}".encode()).hexdigest()[:15], 16) / 16**15
         assert not selected(rid, u) and selected(rid, math.nextafter(u, 1.0))  # u < share, strictly
+
+
+def test_aggregate_reads_answers_with_the_run_answer_format():
+    """The label reward reads `answers.format` (GSM8K's ####), not label_reward.extractor's default."""
+    rollouts = pl.DataFrame(
+        {
+            "rollout_id": ["a", "b", "c"],
+            "prompt_id": ["p"] * 3,
+            "iteration": [0] * 3,
+            "completion": ["So 48 + 24 = 72.\n#### 72", "The answer is 72.", "#### 71"],
+            "label": ["48 + 24 = <<48+24=72>>72\n#### 72"] * 3,
+        }
+    )
+    scores = pl.DataFrame(
+        {
+            "rollout_id": ["a", "b", "c"],
+            "evaluator": ["e"] * 3,
+            "question_id": ["k"] * 3,
+            "logp_yes": [-1.0] * 3,
+            "logp_no": [-1.0] * 3,
+            "p_yes": [0.5] * 3,
+            "status": ["ok"] * 3,
+        }
+    )
+    base = {
+        "data": {"path": "x.jsonl", "label_column": "answer"},
+        "policy": {"model": "tiny:policy"},
+        "evaluators": [{"name": "e", "model": "tiny:evaluator"}],
+        "questions": [{"id": "k", "text": "Good?"}],
+        "scoring": {"logp_floor": FLOOR},
+        "label_reward": {"share": 1.0},
+    }
+    gsm8k, _ = rewards_and_metrics(validate_config({**base, "answers": {"format": "gsm8k"}}), scores, rollouts)
+    legacy, _ = rewards_and_metrics(validate_config(base), scores, rollouts)  # answer_is, as before answers
+    assert gsm8k["reward"].to_list() == [0.0, 0.0, FLOOR]
+    assert legacy["reward"].to_list() == [FLOOR, 0.0, FLOOR]  # answer_is does not read ####
