@@ -31,9 +31,16 @@ _NUMBER = r"-?(?:(?:\d{1,3}(?:,\d{3})+(?!,?\d)|\d+)(?:\.\d+)?|\.\d+)"
 _ANSWER_IS = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?\s*\\?\$?", re.IGNORECASE)
 _HASHES = "####"
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
-# an answer longer than this is not handed to math-verify: no MATH answer is, and a sympy parse of an
-# adversarial one can take minutes where no timeout can run (a thread: math-verify's alarm needs the main one)
+# An answer longer than this is not handed to math-verify: no MATH answer is, and sympy can take minutes on an
+# adversarial one where no timeout can run (math-verify's alarm needs the main thread; Prefect tasks and polars
+# UDFs run in others). For the same reason neither is an answer whose value explodes when sympy evaluates it:
+# a power tower (10^{10^{10}}), an exponent of 6+ digits, a factorial of a power or of a 6+ digit number.
 MATH_VERIFY_MAX_CHARS = 500
+_EXPLOSIVE = re.compile(
+    r"\^\s*\{[^{}]*\^|\^\s*\d+\s*\^"  # a tower: a power inside an exponent
+    r"|\^\s*\{?\s*-?\d{6,}"  # an exponent of 6+ digits
+    r"|\}\s*!|\([^()]*(?:\^|\d{4,})[^()]*\)\s*!|\d{6,}\s*!"  # a factorial of a power, a big group or number
+)
 
 
 def canonical_number(s: str) -> str:
@@ -158,7 +165,7 @@ def reference_answer(label: str | int | float | None, fmt: str = "auto") -> str 
     return normalize(text) or None
 
 
-def same_answer(got: str | None, reference: str | None, fmt: str = "auto") -> bool:
+def same_answer(got: str | None, reference: str | None, fmt: str) -> bool:
     """Whether an extracted answer equals a reference answer (both as `extract_answer`/`reference_answer`
     give them): by math-verify for `math`, as normalised text otherwise. None on either side is not equal."""
     if got is None or reference is None:
@@ -176,10 +183,11 @@ def is_correct(completion: str | None, label: str | int | float | None, fmt: str
 def math_equal(gold: str, pred: str) -> bool:
     """math-verify's equivalence of two LaTeX answers (gold first: it is not symmetric for equations).
     Each is parsed as the content of a box, the way MATH states answers. Equal text is equal without a
-    parse; an answer over MATH_VERIFY_MAX_CHARS is compared as text only."""
+    parse; an answer over MATH_VERIFY_MAX_CHARS, or one whose value would explode (_EXPLOSIVE), is compared
+    as text only."""
     if _light(gold) == _light(pred):
         return True
-    if max(len(gold), len(pred)) > MATH_VERIFY_MAX_CHARS:
+    if max(len(gold), len(pred)) > MATH_VERIFY_MAX_CHARS or _EXPLOSIVE.search(gold + " " + pred):
         return False
     from math_verify import parse, verify  # imports sympy: only where MATH answers are compared
 
@@ -196,7 +204,7 @@ def _light(s: str) -> str:
     return re.sub(r"\\(?:left|right)(?![A-Za-z])|\s+", "", s)
 
 
-def majority(answers: Sequence[str | None], fmt: str = "auto") -> str | None:
+def majority(answers: Sequence[str | None], fmt: str) -> str | None:
     """The answer most samples give (maj@k), or None when none gives one. Unanswered samples do not vote;
     answers that are the same (`same_answer`'s rule, so \\dfrac{1}{2} and 0.5 are one vote under `math`)
     count together; a tie goes to the answer given first, so the vote depends on the samples alone."""

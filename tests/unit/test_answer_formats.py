@@ -128,6 +128,8 @@ def test_gsm8k_correctness(completion, label, correct):
         ("last_number", "#### 5 then 6", "6"),
         ("math", r"first \boxed{1}, finally \boxed{\dfrac{14}{3}}.", r"\dfrac{14}{3}"),  # as written
         ("math", r"The answer is $\frac{1}{2}$.", r"\frac{1}{2}"),  # no box: the stated phrase
+        ("math", r"The answer is $2 \sqrt{3}$.", r"2 \sqrt{3}"),  # the whole line, spaces and all
+        ("math", "The answer is 10X.\nCheck:\n10X = 10X", "10X"),  # the first line; only its period goes
         ("math", "I get 4 and then 9", "9"),  # neither: the last number
         ("math", r"\boxed{3", "3"),  # an unclosed box: the last number
         ("math", r"\boxed{ }", None),
@@ -182,6 +184,46 @@ def test_math_verify_is_skipped_past_the_length_limit():
     assert math_equal("0" + at, "0" + at)  # equal text needs no parse
 
 
+@pytest.mark.parametrize(
+    "explosive",
+    [r"9^{9^{9^{9}}}", r"10^{10^{10}}", "2^3^4", r"10^{1000000}", r"(10^{100})!", r"10^{10}!", "1000000!", "(12345)!"],
+)
+def test_answers_whose_value_explodes_are_compared_as_text_at_once(explosive):
+    """sympy would take the whole timeout (5 s) on these in the main thread, and forever in a worker thread,
+    where there is none: they never reach math-verify. Equal text is still equal."""
+    done = []
+    t = threading.Thread(target=lambda: done.append((math_equal("3", explosive), math_equal(explosive, explosive))))
+    t.start()
+    t.join(timeout=2)
+    assert done == [(False, True)], "math-verify was asked"
+
+
+TOWER = r"10^{10^{10}}"  # never parsed: what is equal here is equal as text (`_light`)
+
+
+@pytest.mark.parametrize(
+    "gold,pred,equal",
+    [
+        (rf"\frac{{{TOWER}}}{{2}}", rf"\dfrac{{{TOWER}}}{{2}}", True),  # \dfrac and \tfrac are \frac
+        (rf"\frac{{{TOWER}}}{{2}}", rf"\tfrac {{{TOWER}}} {{2}}", True),  # spaces do not count
+        (rf"\left( {TOWER}, 1 \right)", rf"({TOWER},1)", True),  # nor \left / \right
+        (rf"\leftX {TOWER}", rf"X {TOWER}", False),  # \left is a command only before a non-letter
+        (rf"\rightX {TOWER}", rf"X {TOWER}", False),
+        (rf"\frac{{{TOWER}}}{{2}}", rf"\ffrac{{{TOWER}}}{{2}}", False),
+    ],
+)
+def test_spellings_that_need_no_parse(gold, pred, equal):
+    assert math_equal(gold, pred) is equal
+
+
+@pytest.mark.parametrize(
+    "gold,pred",
+    [(r"60", r"\frac{5!}{2!}"), ("3628800", "10!"), (r"(n+1)!", r"(1+n)!"), (r"\frac{1}{1024}", r"2^{-10}")],
+)
+def test_ordinary_powers_and_factorials_still_reach_math_verify(gold, pred):
+    assert math_equal(gold, pred)
+
+
 def test_math_compares_in_a_thread():
     """Prefect runs a stage in a worker thread, where math-verify's SIGALRM timeout cannot be set."""
     got = []
@@ -209,6 +251,7 @@ def test_math_compares_in_a_thread():
         ("12,34", "12,34"),  # not a grouped number: text
         ("$ 12 dollars", "$ 12 dollars"),
         ("Paris.", "paris"),
+        ("TAX.", "tax"),  # only the final period goes
     ],
 )
 def test_normalize_numbers_by_value(raw, want):
@@ -244,5 +287,5 @@ def test_majority(answers, fmt, want):
 
 
 def test_same_answer_needs_both_sides():
-    assert not same_answer(None, "1") and not same_answer("1", None, "math")
-    assert same_answer("1", "1") and not same_answer("1", "2", "math")
+    assert not same_answer(None, "1", "auto") and not same_answer("1", None, "math")
+    assert same_answer("1", "1", "auto") and not same_answer("1", "2", "math")
