@@ -111,6 +111,8 @@ COLUMNS = [
 # Held-out evaluation (config eval): shown only for runs that have it, so other tables stay as they were.
 EVAL_COLUMNS = {
     "eval/accuracy": ("eval acc", 1, lambda r: _share(r["metrics"].get("eval/accuracy"))),
+    "eval/pass_at_k": ("pass@k", 3, lambda r: _share(r["metrics"].get("eval/pass_at_k"))),
+    "eval/maj_at_k": ("maj@k", 3, lambda r: _share(r["metrics"].get("eval/maj_at_k"))),
     "eval/reward_mean": ("eval rew", 2, lambda r: number(r["metrics"].get("eval/reward_mean"))),
 }
 

@@ -16,11 +16,21 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticUndefined
 
 from rlme_pipeline.steps import STEPS
@@ -140,11 +150,29 @@ def check_run_id(v: str) -> str:
 
 
 class DataConfig(Section):
-    """The prompts."""
+    """The prompts: a local file, folder or glob, or a Hugging Face hub data set, read through `datasets`
+    (rlme_pipeline/data.py, docs/data.md)."""
 
-    path: str = experiment(description="local .jsonl/.json/.parquet/.csv file, or a Hugging Face hub data set name")
-    split: str = experiment("train", "the data set split to read (hub data sets)")
+    path: str = experiment(
+        description="a local .jsonl/.json/.parquet/.csv file, a local folder (datasets.save_to_disk output, or data "
+        "files, split by their names as datasets does), a glob of data files (data/*.parquet), or a Hugging Face "
+        "hub data set name (openai/gsm8k)"
+    )
+    split: str = experiment("train", "the data set split to read (a single file or glob is one split, train)")
+    # Added later, each hashed only when set, so runs made before them keep their hash.
+    config: str | None = experiment_if_set(
+        None, "the data set's configuration (subset), e.g. main for openai/gsm8k; null: its only (default) one"
+    )
+    revision: str | None = experiment_if_set(
+        None, "hub data sets: the git revision to read (a commit sha pins the data; a branch or tag may move)"
+    )
     prompt_column: str = experiment("prompt", "column holding the prompt text")
+    prompt_template: str | None = experiment_if_set(
+        None,
+        "the policy's prompt made from the prompt column: must contain {prompt} (or the column's own name, e.g. "
+        "{question}), replaced by its text; any other text, braces included, is kept as written. null: the "
+        "column's text alone",
+    )
     id_column: str | None = experiment(None, "column of stable prompt ids; the row number when absent")
     label_column: str | None = experiment(
         None, "reference answers: read by the audit, and by training only through label_reward"
@@ -153,6 +181,24 @@ class DataConfig(Section):
         8, "prompts sampled per iteration (each gets generation.group_size completions)", ge=1
     )
     system_prompt: str | None = experiment(None, "system message of the policy's chat template")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_the_prompt(cls, t: str | None, info: ValidationInfo) -> str | None:
+        column = info.data.get("prompt_column", "prompt")
+        if t is not None and "{prompt}" not in t and f"{{{column}}}" not in t:
+            raise ValueError(
+                f"{t!r} has no {{prompt}}: put {{prompt}} (or {{{column}}}) where the question goes, e.g. "
+                "'{prompt} Put the final answer after ####.'"
+            )
+        return t
+
+    def templated(self, prompt: str) -> str:
+        """The prompt the policy reads: prompt_template with the prompt column's text in place."""
+        if self.prompt_template is None:
+            return prompt
+        names = "|".join(re.escape(n) for n in {"prompt", self.prompt_column})
+        return re.sub(rf"\{{(?:{names})\}}", lambda _: prompt, self.prompt_template)
 
 
 class ModelConfig(Section):
@@ -352,10 +398,27 @@ class LabelRewardConfig(Section):
     """
 
     share: float = experiment(1.0, "share of rollouts rewarded by exact match", ge=0, le=1)
+    # Deprecated by answers.format (one format for every reader of labels); still read while `answers` is
+    # unset, so configs (and runs) that set it compute what they did. Its default stays: it is hashed.
     extractor: Literal["answer_is", "boxed", "last_number", "auto"] = experiment(
-        "answer_is", "how the answer is read off a completion (answers.py)"
+        "answer_is", "deprecated: use answers.format. The answer format while answers is unset"
     )
     weight: float = experiment(1.0, "scale; set it to the sum of v_j*w_k of the judgement it replaces", gt=0)
+
+
+AnswerFormat = Literal["auto", "gsm8k", "math", "answer_is", "boxed", "last_number"]
+
+
+class AnswersConfig(Section):
+    """How an answer is read off a completion and a label, and when two answers are the same
+    (rlme_pipeline/algorithm/answers.py): the one rule of the label reward, eval accuracy / pass@k / maj@k, the
+    audit's label AUROC and evolve's AUROC gate. Hashed when set: it decides the label reward."""
+
+    format: AnswerFormat = experiment(
+        "auto",
+        "gsm8k (the number after ####, by value), math (the last \\boxed{}, compared with math-verify), answer_is, "
+        "boxed, last_number, or auto (####, else 'The answer is', else a box, else the last number)",
+    )
 
 
 Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]
@@ -566,18 +629,31 @@ class EvalConfig(Section):
     )
     path: str | None = operational(
         None,
-        "held-out prompts: a .jsonl/.json/.parquet/.csv file or hub data set with data's columns (prompt_column, "
-        "id_column, label_column); null: data.path, read at `split`",
+        "held-out prompts, as data.path takes them (a file, folder, glob or hub data set) with data's columns "
+        "(prompt_column, id_column, label_column) and prompt_template; null: data.path (with data.config and "
+        "data.revision), read at `split`",
     )
     split: str | None = operational(
-        None, "the split to read (hub data sets); required when path is null: a held-out split of data.path"
+        None, "the split to read; required when path is null: a held-out split of data.path"
     )
+    config: str | None = operational(None, "with path: the data set's configuration (subset); null: its default")
+    revision: str | None = operational(None, "with path, a hub data set: the git revision to read")
     prompts: int = operational(16, "held-out prompts evaluated (the first N in a stable order of their ids)", ge=1)
     temperature: float = operational(0.0, "0: greedy decoding; above 0: sampled, with `seed`", ge=0)
-    seed: int = operational(0, "seeds the sampled completions (temperature > 0)")
+    seed: int = operational(0, "seeds the sampled completions (temperature > 0, and the pass@k samples)")
     max_new_tokens: int | None = operational(None, "longest completion; null: generation.max_new_tokens", ge=1)
-    extractor: Literal["answer_is", "boxed", "last_number", "auto"] = operational(
-        "auto", "how the answer is read off a completion for exact match against the label (answers.py)"
+    samples: int = operational(
+        1,
+        "k: above 1, k more completions per prompt, sampled at sample_temperature, give pass@k (some sample is "
+        "correct) and maj@k (the most common answer is) beside the accuracy of the one completion above",
+        ge=1,
+    )
+    sample_temperature: float | None = operational(
+        None, "temperature of the k samples (> 0); null: generation.temperature, as training samples", gt=0
+    )
+    # Deprecated by answers.format (the label reward, the audit and evolve read the same one).
+    extractor: Literal["answer_is", "boxed", "last_number", "auto"] | None = operational(
+        None, "deprecated: use answers.format. The answer format while answers and label_reward are unset"
     )
     judges: bool = operational(
         True, "also score the completions with the evaluators (their reward); false: exact-match accuracy only"
@@ -589,6 +665,12 @@ class EvalConfig(Section):
             raise ValueError(
                 "eval: give eval.path (a held-out prompts file) or eval.split (a held-out split of data.path)"
             )
+        for name in ("config", "revision"):
+            if getattr(self, name) is not None and self.path is None:
+                raise ValueError(
+                    f"eval.{name}: applies to eval.path only; without it the held-out split is read from data.path "
+                    f"with data.{name}: remove eval.{name} or set eval.path"
+                )
         return self
 
 
@@ -621,6 +703,11 @@ class Config(Section):
     evolve: EvolveConfig | None = experiment_if_set(
         None,
         "online evolution of the meta-questions (docs/evolve.md, Online); None: the questions change only by --adopt",
+    )
+    answers: AnswersConfig | None = experiment_if_set(
+        None,
+        "how answers are read and compared (format); null: label_reward.extractor where label_reward is set (its "
+        "default answer_is), else eval.extractor, else auto. Read by the label reward, eval, the audit and evolve",
     )
     # Relative data/model paths are relative to the config file's folder, so a config works from any
     # cwd; they stay relative in the snapshot so the hash survives moving the checkout or the worker.
@@ -676,6 +763,28 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _one_answer_format(self) -> Config:
+        """answers.format replaces label_reward.extractor and eval.extractor: one setting may not contradict it."""
+        if self.answers is None:
+            return self
+        fmt, lr = self.answers.format, self.label_reward
+        # answer_is is label_reward.extractor's default: present in every dump, so it cannot mean a choice
+        if lr is not None and lr.extractor not in ("answer_is", fmt):
+            raise ValueError(f"label_reward.extractor: {lr.extractor!r} {_CONTRADICTS} {fmt!r}; {_ONE_FORMAT} label_reward.extractor")  # fmt: skip
+        if self.eval.extractor not in (None, fmt):
+            raise ValueError(f"eval.extractor: {self.eval.extractor!r} {_CONTRADICTS} {fmt!r}; {_ONE_FORMAT} eval.extractor")  # fmt: skip
+        return self
+
+    def answer_format(self) -> str:
+        """The run's one answer format (answers.py): answers.format; for configs made before it, the label
+        reward's extractor (what their label rewards were computed with), else eval.extractor, else auto."""
+        if self.answers is not None:
+            return self.answers.format
+        if self.label_reward is not None:
+            return self.label_reward.extractor
+        return self.eval.extractor or "auto"
+
+    @model_validator(mode="after")
     def _unique_names(self) -> Config:
         for field, names in (
             ("evaluators", [e.name for e in self.evaluators]),
@@ -696,6 +805,10 @@ class Config(Section):
             return self
         data = {**self.model_dump(mode="json"), "run": {**self.run.model_dump(), **fields}}
         return validate_config(data, base_dir=self._base_dir)
+
+
+_CONTRADICTS = "contradicts answers.format"
+_ONE_FORMAT = "one format serves the label reward, eval, the audit and evolve: remove the deprecated"
 
 
 def sha256_json(obj) -> str:
@@ -762,4 +875,24 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return validate_config(data, str(path), base_dir=path.parent.resolve())
+    cfg = validate_config(data, str(path), base_dir=path.parent.resolve())
+    for message in deprecations(data, cfg):
+        warnings.warn(f"{path}: {message}", FutureWarning, stacklevel=2)
+    return cfg
+
+
+def deprecations(data: dict, cfg: Config) -> list[str]:
+    """What a config file (as written: `data`) sets that answers.format replaced, and what it now means.
+    Only the file says what a user wrote; a dumped config holds every default."""
+    out = []
+    written = lambda section: "extractor" in (data.get(section) or {})  # noqa: E731
+    if written("label_reward"):
+        out.append(
+            f"label_reward.extractor is deprecated: set answers.format: {cfg.answer_format()} instead (one format "
+            "for the label reward, eval, the audit and evolve); while answers is unset it is still read"
+        )
+    if written("eval"):
+        used = cfg.answer_format()
+        also = "" if used == cfg.eval.extractor else f"; this config reads answers as {used!r} (label_reward.extractor)"
+        out.append(f"eval.extractor is deprecated: set answers.format instead{also}")
+    return out

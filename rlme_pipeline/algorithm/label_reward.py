@@ -33,19 +33,19 @@ def mix_label_rewards(
     rollouts: pl.DataFrame,
     lc: LabelRewardConfig,
     *,
+    fmt: str,
     form: str,
     floor: float,
     scale_std: bool = False,
 ) -> tuple[pl.DataFrame, dict]:
-    """Replace the reward of the selected rollouts (with a label) by the exact-match reward, then
-    recompute the group advantages. Returns the rewards table (same columns) and summary metrics."""
+    """Replace the reward of the selected rollouts (with a label) by the exact-match reward (answers read
+    with `fmt`, the run's answer format: Config.answer_format), then recompute the group advantages.
+    Returns the rewards table (same columns) and summary metrics."""
     good, bad = values(form, floor)
     rows = []
     for r in rollouts.select("rollout_id", "completion", "label").iter_rows(named=True):
         if r["label"] is not None and selected(r["rollout_id"], lc.share):
-            rows.append(
-                (r["rollout_id"], lc.weight * (good if is_correct(r["completion"], r["label"], lc.extractor) else bad))
-            )
+            rows.append((r["rollout_id"], lc.weight * (good if is_correct(r["completion"], r["label"], fmt) else bad)))
     lab = pl.DataFrame(rows, schema={"rollout_id": pl.String, "label_reward": pl.Float64}, orient="row")
     cols = rewards.columns
     out = rewards.join(lab, on="rollout_id", how="left").with_columns(

@@ -10,11 +10,13 @@ from rlme_pipeline.storage.schemas import OK
 
 
 def correctness(ss: Scoreset) -> pl.LazyFrame:
-    """rollout_id -> correct (bool), for labelled rollouts only."""
+    """rollout_id -> correct (bool), for labelled rollouts only, read with the run's answer format (the one
+    its label reward and eval use)."""
+    fmt = ss.answer_format
     return ss.rollouts.filter(pl.col("label").is_not_null()).select(
         "rollout_id",
         correct=pl.struct("completion", "label").map_elements(
-            lambda r: is_correct(r["completion"], r["label"]), return_dtype=pl.Boolean
+            lambda r: is_correct(r["completion"], r["label"], fmt), return_dtype=pl.Boolean
         ),
     )
 

@@ -145,7 +145,12 @@ def _glance(name: str, t: dict[str, pl.DataFrame]) -> str:
     )  # fmt: skip
 
 
-EVAL_GLANCE = [("accuracy", "held-out accuracy (exact match)"), ("reward_mean", "held-out judges' reward")]
+EVAL_GLANCE = [
+    ("accuracy", "held-out accuracy (exact match)"),
+    ("pass_at_k", "held-out pass@k"),
+    ("maj_at_k", "held-out maj@k"),
+    ("reward_mean", "held-out judges' reward"),
+]
 
 
 def _eval_glance(ev: pl.DataFrame, col: str, what: str) -> str:
@@ -160,8 +165,11 @@ def _eval(ev: pl.DataFrame) -> tuple[str, str]:
     return (
         "Held-out evaluation",
         note("The policy each evaluated iteration's update produced, on held-out prompts (config <code>eval</code>): "
-             "accuracy is exact match of the stated answer with the label; reward_mean is the judges' reward of "
-             "those completions, by the training formula. Each iteration's eval.parquet holds the completions.")
+             "accuracy is exact match of the stated answer with the label (the run's answer format); with "
+             "eval.samples k, pass@k is the share of prompts with a correct answer among k samples and maj@k the "
+             "share whose most common answer is correct; reward_mean is the judges' reward of the one completion, "
+             "by the training formula. Each iteration's eval.parquet holds the completions (sample_index 0: the "
+             "one completion; 1..k: the samples).")
         + figure("eval", plots.held_out(ev), "One point per evaluated iteration.") + table(ev),
     )  # fmt: skip
 

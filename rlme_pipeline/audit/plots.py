@@ -101,13 +101,25 @@ def held_out(table: pl.DataFrame) -> str:
         col, title, ylabel = item
         g = table.drop_nulls(col).sort("iteration")
         x = g["iteration"].to_list()
-        ax.plot(x, g[col].to_list(), marker="o", color="C2")
+        ax.plot(x, g[col].to_list(), marker="o", color="C2", label=col)
         ax.set(title=title, xlabel="iteration (policy after its update)", ylabel=ylabel)
         if col == "accuracy":
             ax.set_ylim(-0.02, 1.02)
+            _at_k(ax, table)
         _iterations(ax, x)
 
     return _svg(panels, draw)
+
+
+def _at_k(ax: Axes, table: pl.DataFrame) -> None:
+    """pass@k and maj@k beside the accuracy (same unit), where the eval drew k samples."""
+    drawn = False
+    for col, color in (("pass_at_k", "C0"), ("maj_at_k", "C1")):
+        if col in table.columns and (g := table.drop_nulls(col).sort("iteration")).height:
+            ax.plot(g["iteration"].to_list(), g[col].to_list(), marker="s", color=color, label=col.replace("_at_", "@"))
+            drawn = True
+    if drawn:
+        ax.legend(loc="best", fontsize=8)
 
 
 def _phase_starts(ax: Axes, g: pl.DataFrame) -> None:

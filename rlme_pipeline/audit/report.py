@@ -54,6 +54,9 @@ EVAL_SCHEMA = {
     "reward_mean": pl.Float64,
     "failed_share": pl.Float64,
     "completion_tokens_mean": pl.Float64,
+    "samples": pl.Int64,  # eval.samples k, where above 1
+    "pass_at_k": pl.Float64,
+    "maj_at_k": pl.Float64,
 }
 
 

@@ -32,7 +32,8 @@ class Scoreset:
     logp_floor: float
     # iteration, phase, question_id, weight, text: one row per iteration x question of its phase, where the
     # questions changed during the run (question_weights/texts are then the last phase's); None otherwise
-    phases: pl.DataFrame | None = None
+    phases: pl.DataFrame | None
+    answer_format: str  # how labelled rollouts are marked correct: the run's (Config.answer_format)
 
     def question_ids(self) -> list[str]:
         """Every question asked in any iteration."""
@@ -82,6 +83,7 @@ def load(run: Run, name: str | None) -> Scoreset:
             cfg.scoring.reward_form,
             cfg.scoring.logp_floor,
             table,
+            cfg.answer_format(),
         )
     ss = scoreset.unit(run, name)
     if not ss.committed():
@@ -99,6 +101,7 @@ def load(run: Run, name: str | None) -> Scoreset:
         m.scoring["reward_form"],
         m.scoring["logp_floor"],
         _scoreset_phases(run, m.phase_questions),
+        cfg.answer_format(),
     )
 
 

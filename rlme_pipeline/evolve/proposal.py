@@ -219,7 +219,6 @@ def measure(run: Run, name: str, k: int | str, backends: Backends, rescore: Resc
     )
     probes = probe_rollouts(probe_prompts(run, its[-1], info["probe_prompts"]), its[-1])
     probe_scores = score_rollouts(probes, evaluators_at(run, cfg, its[-1]), questions, cfg.scoring, "probe", backends)
-    extractor = cfg.label_reward.extractor if cfg.label_reward else "auto"
     m = rank.measure(
         questions,
         list(cfg.evaluators),
@@ -228,7 +227,7 @@ def measure(run: Run, name: str, k: int | str, backends: Backends, rescore: Resc
         rollouts,
         probe_scores,
         probes,
-        extractor,
+        cfg.answer_format(),
         paraphrase.pairs(para),
     )
     u.write_record(

@@ -115,10 +115,11 @@ def measure(
     rollouts: pl.DataFrame,
     probe_scores: pl.DataFrame,
     probe_rollouts: pl.DataFrame,
-    extractor: str = "auto",
+    answer_format: str = "auto",
     paraphrases: dict[str, str] | None = None,
 ) -> dict:
-    """Every criterion of one question set, from its scores of the stored rollouts and of the probe.
+    """Every criterion of one question set, from its scores of the stored rollouts and of the probe; labelled
+    rollouts are marked correct with `answer_format` (the run's: Config.answer_format).
     `paraphrases` (question id -> paraphrase id) names the weight-0 paraphrase rows among `scores`; the
     rewards read only `questions`' rows, so a paraphrase, even a failed one, changes no reward."""
     rewards = judge_rewards(scores, rollouts, questions, evaluators, sc)
@@ -128,7 +129,9 @@ def measure(
     labelled = rewards.filter(pl.col("reward").is_not_nan()).join(
         rollouts.filter(pl.col("label").is_not_null()).select("rollout_id", "completion", "label"), on="rollout_id"
     )
-    correct = pl.Series([is_correct(c, lab, extractor) for c, lab in zip(labelled["completion"], labelled["label"])])
+    correct = pl.Series(
+        [is_correct(c, lab, answer_format) for c, lab in zip(labelled["completion"], labelled["label"])]
+    )
     ok = probe_scores["p_yes"].drop_nulls()
     return {
         "probe_win_share": probe_win_share(probe, rewards),

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import Config
-from rlme_pipeline.data import heldout_prompts, load_prompts, prompts_for_iteration
+from rlme_pipeline.data import Prompts, prompts_for_iteration
 from rlme_pipeline.jobs import evolve as evolving
 from rlme_pipeline.jobs import oom, update_fsdp
 from rlme_pipeline.jobs.policy_update import update_policy
@@ -152,6 +152,7 @@ class Runner:
     def __init__(self, cfg: Config, run: Run, backends: Backends):
         self.cfg, self.run, self.backends = cfg, run, backends
         self.phases = phases.read(run, cfg.questions)  # which questions judge which iteration
+        self.prompts = Prompts(cfg)  # loaded once, on first use
         # The step table. A recorded step is its StageIO run through `run_stage` (skipped when its record
         # and files check out; its record written after its data files); commit and evolve are steps too.
         self.stages: dict[str, StageIO] = {
@@ -235,7 +236,7 @@ class Runner:
     def generate(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         """G completions per prompt of this iteration's slice, from the policy iteration i starts from."""
         cfg, backend = self.cfg, self.cfg.generation.backend
-        prompts = prompts_for_iteration(load_prompts(cfg), cfg, i)
+        prompts = prompts_for_iteration(self.prompts.train(), cfg, i)
         ref = policy_at(self.run, cfg, i)
         with self.backends.generator(ref, backend) as (gen, tok):
             rollouts, metrics = generate(cfg, self.run.id, i, prompts, ref.version, gen, tok)
@@ -299,10 +300,10 @@ class Runner:
         """The policy this iteration's update made, on the held-out prompts (stages/eval.py); judged by
         the evaluators as they judge the next iteration, with this iteration's questions (its phase)."""
         cfg, backend = self.phases.config_at(self.cfg, i), self.cfg.generation.backend
-        prompts = heldout_prompts(cfg)
+        prompts = self.prompts.heldout()
         ref = policy_at(self.run, cfg, i + 1)
         with self.backends.generator(ref, backend) as (gen, tok):
-            rollouts, _ = generate(cfg, self.run.id, i, prompts, ref.version, gen, tok, heldout.sampling(cfg, i))
+            rollouts = heldout.completions(cfg, self.run.id, i, prompts, ref.version, gen, tok)
         evaluators = evaluators_at(self.run, cfg, i + 1) if cfg.eval.judges else []
         table, metrics = heldout.evaluate(cfg, rollouts, evaluators, self.backends)
         info = {

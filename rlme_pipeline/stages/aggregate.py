@@ -28,7 +28,13 @@ def rewards_and_metrics(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFram
     if lc is None or lc.share == 0:
         return rewards, {}
     return mix_label_rewards(
-        rewards, rollouts, lc, form=sc.reward_form, floor=sc.logp_floor, scale_std=cfg.algorithm.scale_advantage_std
+        rewards,
+        rollouts,
+        lc,
+        fmt=cfg.answer_format(),
+        form=sc.reward_form,
+        floor=sc.logp_floor,
+        scale_std=cfg.algorithm.scale_advantage_std,
     )
 
 

@@ -57,9 +57,10 @@ REWARDS = pl.Schema(
 
 EVAL = pl.Schema(
     {
-        "rollout_id": pl.String,  # "eval/" + hash(run, iteration, prompt_id, 0): apart from training rollouts
+        "rollout_id": pl.String,  # "eval/" + hash(run, iteration, prompt_id, sample_index): apart from training's
         "iteration": pl.Int32,  # the iteration whose update made the evaluated policy
         "prompt_id": pl.String,
+        "sample_index": pl.Int32,  # 0: the one completion (greedy by default); 1..k: eval.samples' samples
         "prompt": pl.String,
         "completion": pl.String,
         "label": pl.String,  # nullable

@@ -221,7 +221,17 @@ def test_label_metrics_match_brute_force():
         }
     )
     ss = Scoreset(
-        "x", scores.lazy(), pl.LazyFrame(), rollouts.lazy(), {"e": 1.0}, {"q": 1.0}, {"q": "?"}, "logp", -13.8
+        "x",
+        scores.lazy(),
+        pl.LazyFrame(),
+        rollouts.lazy(),
+        {"e": 1.0},
+        {"q": 1.0},
+        {"q": "?"},
+        "logp",
+        -13.8,
+        None,
+        "auto",
     )
     m = labels.label_metrics(ss).row(0, named=True)
     correct = np.array([c.split()[-1].rstrip(".") == lab for c, lab in zip(completions, labels_)])
@@ -283,3 +293,32 @@ def test_training_records_the_probe_without_changing_the_run_hash(demo_cfg):
     metrics = run.manifest(0).metrics
     assert {"probe/other/share", "probe/self0/share", "probe/share_max", "probe/alarm"} <= set(metrics)
     assert 0.0 <= metrics["probe/share_max"] <= 1.0
+
+
+def test_label_metrics_read_the_run_answer_format():
+    """Correct is what the run's answer format says: GSM8K labels and #### answers under gsm8k; under
+    answer_is only the answer stated after "The answer is" counts."""
+    label = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+    completions = ["#### 72", "The answer is 72.", "#### 24", "The answer is 24.", "So 72 clips.\n#### 72"]
+    rollouts = pl.DataFrame(
+        {
+            "rollout_id": [f"r{i}" for i in range(5)],
+            "iteration": [0] * 5,
+            "prompt_id": ["p"] * 5,
+            "prompt": ["q"] * 5,
+            "completion": completions,
+            "label": [label] * 5,
+        }
+    )
+    scores = pl.DataFrame(
+        {"rollout_id": rollouts["rollout_id"], "evaluator": ["e"] * 5, "question_id": ["q"] * 5,
+         "p_yes": [0.9, 0.8, 0.1, 0.2, 0.7], "status": ["ok"] * 5}
+    )  # fmt: skip
+    got = {}
+    for fmt in ("gsm8k", "answer_is"):
+        ss = Scoreset("x", scores.lazy(), pl.LazyFrame(), rollouts.lazy(), {"e": 1.0}, {"q": 1.0}, {"q": "?"}, "logp", -13.8, None, fmt)  # fmt: skip
+        correct = labels.correctness(ss).collect().sort("rollout_id")["correct"].to_list()
+        got[fmt] = (correct, labels.label_metrics(ss).row(0, named=True)["auroc"])
+    assert got["gsm8k"] == ([True, True, False, False, True], 1.0)
+    assert got["answer_is"] == ([False, True, False, False, False], 0.75)  # 0.8 tops 0.1, 0.2, 0.7, not 0.9
+    assert labels.label_metrics(ss).row(0, named=True)["n_correct"] == 1

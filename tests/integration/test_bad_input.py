@@ -57,6 +57,16 @@ CASES = [
         ConfigError,
         "data.path: '/nonexistent/prompts.jsonl' is not a file",
     ),
+    (
+        lambda d: d["data"].update(config="main"),
+        ConfigError,
+        "demo_prompts.jsonl' is a file, which has no configs; remove data.config",
+    ),
+    (
+        lambda d: d["data"].update(path="openai/gsm8k", config="main"),  # the suite is offline (conftest)
+        ConfigError,
+        "data.path: 'openai/gsm8k' is neither a local file, folder or glob nor a hub data set that could be loaded",
+    ),
 ]
 
 

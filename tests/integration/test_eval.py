@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 
+import polars as pl
 import pytest
 import yaml
 from rich.console import Console
 from rlme_flows.status import collect, render
 
-from rlme_pipeline.algorithm.answers import is_correct
+from rlme_pipeline.algorithm.answers import is_correct, majority, reference_answer, same_answer
 from rlme_pipeline.audit.page import render as render_audit
 from rlme_pipeline.audit.report import compute
 from rlme_pipeline.backends.session import Backends
@@ -24,6 +25,7 @@ from tests.conftest import ROOT, demo_dict
 
 HELDOUT = ROOT / "data" / "demo_heldout.jsonl"
 PROMPTS = 4
+SAMPLES = 2  # eval.samples: pass@2 and maj@2 beside the greedy completion
 
 
 def _config(tmp_path, name: str, eval_on: bool = True, tracking: bool = False):
@@ -34,7 +36,7 @@ def _config(tmp_path, name: str, eval_on: bool = True, tracking: bool = False):
     d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
     d["generation"].update(group_size=2, max_new_tokens=8)
     d.pop("probe", None)
-    d["eval"] = {"every": 1, "path": str(HELDOUT), "prompts": PROMPTS} if eval_on else {}
+    d["eval"] = {"every": 1, "path": str(HELDOUT), "prompts": PROMPTS, "samples": SAMPLES} if eval_on else {}
     if tracking:
         d["tracking"] = {"backends": ["tensorboard"], "dir": str(tmp_path / "tracking"), "samples": 0}
     path = tmp_path / f"{name}.yaml"
@@ -61,15 +63,29 @@ def test_eval_is_committed_with_its_iteration(evaluated):
         i = m.iteration
         assert f"{run.unit(i).rel(EVAL_FILE)}" in {f.logical for f in m.files}
         table = run.read_table(i, EVAL_FILE)
-        assert table.height == PROMPTS and table["iteration"].to_list() == [i] * PROMPTS
+        rows = PROMPTS * (1 + SAMPLES)
+        assert table.height == rows and table["iteration"].to_list() == [i] * rows
+        assert table["sample_index"].to_list() == list(range(1 + SAMPLES)) * PROMPTS
         # the policy this iteration's update produced, not the one that generated its rollouts
         assert m.lineage["eval"]["policy_version"] == m.lineage["policy_after"] != m.lineage["policy_before"]
         assert (table["policy_version"] == m.lineage["policy_after"]).all()
-        # accuracy: exact match of each stored completion with its label, recomputed here
-        correct = [is_correct(c, lab, cfg.eval.extractor) for c, lab in zip(table["completion"], table["label"])]
+        # accuracy: exact match of each stored greedy completion with its label, recomputed here
+        fmt = cfg.answer_format()
+        one = table.filter(pl.col("sample_index") == 0)
+        correct = [is_correct(c, lab, fmt) for c, lab in zip(one["completion"], one["label"])]
         assert m.metrics["eval/accuracy"] == pytest.approx(sum(correct) / PROMPTS)
         assert m.metrics["eval/labelled"] == PROMPTS
-        assert m.metrics["eval/reward_mean"] == pytest.approx(table["reward"].mean())
+        # pass@k and maj@k from the stored samples; the samples are drawn, not k copies of the greedy one
+        samples = table.filter(pl.col("sample_index") > 0).group_by("prompt_id", maintain_order=True)
+        passed = [any(is_correct(c, g["label"][0], fmt) for c in g["completion"]) for _, g in samples]
+        voted = [same_answer(majority(g["answer"].to_list(), fmt), reference_answer(g["label"][0], fmt), fmt) for _, g in samples]  # fmt: skip
+        assert m.metrics["eval/pass_at_k"] == pytest.approx(sum(passed) / PROMPTS)
+        assert m.metrics["eval/maj_at_k"] == pytest.approx(sum(voted) / PROMPTS)
+        assert m.metrics["eval/samples"] == SAMPLES
+        assert any(g["completion"].n_unique() > 1 for _, g in samples)  # sampled, not k greedy copies
+        # the judges' reward is of the greedy completions; the samples are not judged
+        assert m.metrics["eval/reward_mean"] == pytest.approx(one["reward"].mean())
+        assert table.filter(pl.col("sample_index") > 0)["reward"].is_null().all()
         assert m.metrics["eval/failed_share"] == 0.0 and "eval" in m.timings
 
 
@@ -94,7 +110,7 @@ def test_eval_reaches_the_tracker(evaluated):
 
     cfg, _, manifests, tmp = evaluated
     acc = EventAccumulator(str(tmp / "tracking" / "tensorboard" / cfg.run.id), size_guidance={"scalars": 0}).Reload()
-    for key in ("eval/accuracy", "eval/reward_mean"):
+    for key in ("eval/accuracy", "eval/reward_mean", "eval/pass_at_k", "eval/maj_at_k"):
         got = {e.step: e.value for e in acc.Scalars(key)}
         assert got == pytest.approx({m.iteration: m.metrics[key] for m in manifests}, rel=1e-6), key
 
@@ -105,6 +121,8 @@ def test_eval_curve_in_the_audit(evaluated):
     ev = tables["eval"]
     assert ev["iteration"].to_list() == [0, 1]
     assert ev["accuracy"].to_list() == [m.metrics["eval/accuracy"] for m in manifests]
+    assert ev["pass_at_k"].to_list() == [m.metrics["eval/pass_at_k"] for m in manifests]
+    assert ev["samples"].to_list() == [SAMPLES, SAMPLES]
     assert ev["reward_mean"].to_list() == pytest.approx([m.metrics["eval/reward_mean"] for m in manifests])
     html = render_audit(run.url, "train", tables)
     assert 'data-plot="eval"' in html and "Held-out evaluation" in html and "held-out accuracy" in html

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlme_pipeline.algorithm.answers import EXTRACTORS, extract_answer, is_correct, normalize
+from rlme_pipeline.algorithm.answers import FORMATS, extract_answer, is_correct, normalize
 
 
 @pytest.mark.parametrize(
@@ -53,12 +53,12 @@ def test_extract_answer(text, extractor, want):
     assert extract_answer(text, extractor) == want
 
 
-def test_unknown_extractor_names_the_valid_ones():
+def test_unknown_format_names_the_valid_ones():
     with pytest.raises(
-        ValueError, match=r"^unknown answer extractor 'regex'; valid: auto, answer_is, boxed, last_number$"
+        ValueError, match=r"^unknown answer format 'regex'; valid: auto, gsm8k, math, answer_is, boxed, last_number$"
     ):
         extract_answer("The answer is 5", "regex")
-    assert EXTRACTORS == ("auto", "answer_is", "boxed", "last_number")
+    assert FORMATS == ("auto", "gsm8k", "math", "answer_is", "boxed", "last_number")
 
 
 def test_is_correct():

@@ -150,6 +150,11 @@ def legacy_hash(cfg) -> str:
     d.pop("eval")  # added after the legacy hash; operational
     if d.get("evolve") is None:  # added after the legacy hash; hashed only when set
         d.pop("evolve", None)
+    for k in ("config", "revision", "prompt_template"):  # added after the legacy hash; hashed only when set
+        if d["data"][k] is None:
+            d["data"].pop(k)
+    if d.get("answers") is None:  # added after the legacy hash; hashed only when set
+        d.pop("answers", None)
     return sha256_json(d)
 
 
@@ -202,3 +207,103 @@ def test_hash_covers_nested_experiment_fields_and_skips_operational_ones():
             node = node.setdefault(k, {}) if isinstance(node, dict) else node[k]
         node[path[-1]] = value
         assert (validate_config(e).hash() == base) is same, path
+
+
+# --- the one answer format, and the data fields added with it ----------------------------------------
+
+
+def _lr(d, **fields):
+    d["label_reward"] = {"share": 0.1, **fields}
+
+
+@pytest.mark.parametrize(
+    "mutate, fmt",
+    [
+        (lambda d: None, "auto"),
+        (lambda d: _lr(d), "answer_is"),  # the label reward's default: what such runs computed
+        (lambda d: _lr(d, extractor="boxed"), "boxed"),
+        (lambda d: d["eval"].update(extractor="last_number"), "last_number"),
+        (lambda d: (_lr(d), d["eval"].update(extractor="boxed")), "answer_is"),  # the label reward's wins
+        (lambda d: (_lr(d), d.update(answers={"format": "gsm8k"})), "gsm8k"),  # its default extractor means nothing
+        (lambda d: (_lr(d, extractor="boxed"), d.update(answers={"format": "boxed"})), "boxed"),
+        (lambda d: (d["eval"].update(extractor="auto"), d.update(answers={"format": "auto"})), "auto"),
+        (lambda d: d.update(answers={}), "auto"),
+    ],
+)
+def test_one_answer_format_for_every_reader(mutate, fmt):
+    d = _demo()
+    mutate(d)
+    cfg = validate_config(d)
+    assert cfg.answer_format() == fmt
+    assert cfg.with_overrides(iterations=3).answer_format() == fmt  # a dump read back means the same
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda d: (_lr(d, extractor="boxed"), d.update(answers={"format": "gsm8k"})),
+            "label_reward.extractor: 'boxed' contradicts answers.format 'gsm8k'; one format serves the label "
+            "reward, eval, the audit and evolve: remove the deprecated label_reward.extractor",
+        ),
+        (
+            lambda d: (d["eval"].update(extractor="auto"), d.update(answers={"format": "math"})),
+            "eval.extractor: 'auto' contradicts answers.format 'math'; one format serves the label reward, eval, "
+            "the audit and evolve: remove the deprecated eval.extractor",
+        ),
+        (lambda d: d.update(answers={"format": "regex"}), "answers.format: Input should be 'auto', 'gsm8k', 'math'"),
+        (lambda d: d["data"].update(prompt_template="Solve."), "data.prompt_template: 'Solve.' has no {prompt}"),
+        (lambda d: d["eval"].update(revision="abc"), "eval.revision: applies to eval.path only"),
+    ],
+)
+def test_answer_and_data_errors_name_the_field(mutate, message):
+    d = _demo()
+    mutate(d)
+    if "eval.revision" in message:
+        d["eval"].pop("path")
+        d["eval"]["split"] = "test"
+    assert message in _error(d)
+
+
+def test_deprecated_extractors_warn_from_the_file_only(tmp_path):
+    d = _demo()
+    d["data"]["path"] = str(DEMO.parent / d["data"]["path"])
+    d["eval"]["path"] = str(DEMO.parent / d["eval"]["path"])
+    _lr(d, extractor="boxed")
+    d["eval"]["extractor"] = "auto"
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(d))
+    with pytest.warns(FutureWarning) as caught:
+        cfg = load_config(path)
+    said = [str(w.message) for w in caught]
+    assert said == [
+        f"{path}: label_reward.extractor is deprecated: set answers.format: boxed instead (one format for the label "
+        "reward, eval, the audit and evolve); while answers is unset it is still read",
+        f"{path}: eval.extractor is deprecated: set answers.format instead; this config reads answers as 'boxed' "
+        "(label_reward.extractor)",
+    ]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(DEMO)  # sets neither
+        validate_config(cfg.model_dump(mode="json"))  # a dump holds every default: it says nothing
+
+
+def test_new_data_and_answer_fields_are_hashed_when_set_and_eval_fields_never():
+    base = validate_config(_demo()).hash()
+    for mutate, same in [
+        (lambda d: d["data"].update(config="main"), False),
+        (lambda d: d["data"].update(revision="e53f048"), False),
+        (lambda d: d["data"].update(prompt_template="{prompt} Put the final answer after ####."), False),
+        (lambda d: d.update(answers={"format": "auto"}), False),  # set, even to its default: hashed
+        (lambda d: d["data"].update(config=None, revision=None, prompt_template=None), True),
+        (lambda d: d["eval"].update(samples=8, sample_temperature=0.7), True),
+        (lambda d: d["eval"].update(extractor="boxed"), True),
+    ]:
+        d = _demo()
+        mutate(d)
+        assert (validate_config(d).hash() == base) is same, d
+    a, b = _demo(), _demo()
+    a["answers"], b["answers"] = {"format": "gsm8k"}, {"format": "math"}
+    assert validate_config(a).hash() != validate_config(b).hash()

@@ -8,7 +8,7 @@ import pytest
 from rlme_pipeline.algorithm.sampling import draw
 from rlme_pipeline.config import ConfigError, load_config, validate_config
 from rlme_pipeline.jobs.preflight import preflight
-from rlme_pipeline.stages.eval import evaluate, sampling
+from rlme_pipeline.stages.eval import evaluate, samples_sampling, sampling
 from rlme_pipeline.storage.store import Store
 from tests.conftest import DEMO
 
@@ -108,3 +108,75 @@ def test_a_missing_held_out_file_fails_in_preflight_naming_eval(tmp_path):
     bad._base_dir = cfg._base_dir
     with pytest.raises(ConfigError, match=r"^eval\.path: .*nope\.jsonl.* is not a file"):
         preflight(bad, Store(str(tmp_path / "runs")))
+
+
+# --- pass@k and maj@k (eval.samples) -----------------------------------------------------------------
+
+
+def _sampled(rows: list[tuple[str, list[str], str | None]]) -> pl.DataFrame:
+    """generate's columns for (prompt id, [one completion, then its k samples], label)."""
+    table = _rollouts([(pid, texts[0], label) for pid, texts, label in rows])
+    more = [
+        r | {"rollout_id": f"id-{r['prompt_id']}-{s}", "sample_index": s, "completion": text}
+        for r, (_, texts, _) in zip(table.iter_rows(named=True), rows)
+        for s, text in enumerate(texts[1:], start=1)
+    ]
+    return pl.concat([table, pl.DataFrame(more, schema=table.schema)])
+
+
+def _with_samples(k: int, **answers):
+    d = load_config(DEMO).model_dump(mode="json")
+    d["eval"] = {"samples": k}
+    if answers:
+        d["answers"] = answers
+    return validate_config(d)
+
+
+def test_pass_and_majority_at_k_over_labelled_prompts():
+    rollouts = _sampled(
+        [
+            ("a", ["The answer is 6", "The answer is 6", "The answer is 5", "The answer is 5"], "6"),  # pass, vote 5
+            ("b", ["no idea", "The answer is 7", "nothing", "The answer is 7"], "7"),  # pass and vote: 2 of 3
+            ("c", ["The answer is 3", "nothing", "no", "none"], "3"),  # no sample answers: neither
+            ("d", ["The answer is 1", "The answer is 2", "The answer is 1", "The answer is 9"], "2"),  # tie: 2 first
+            ("e", ["The answer is 1", "The answer is 1", "The answer is 2", "The answer is 9"], "2"),  # tie: 1 first
+            ("f", ["The answer is 4", "The answer is 4", "The answer is 4", "The answer is 4"], None),  # no label
+        ]
+    )
+    table, m = evaluate(_with_samples(3), rollouts, [], backends=None)
+    assert m["eval/accuracy"] == pytest.approx(2 / 5)  # the one completion each: a and c are right
+    assert m["eval/prompts"] == 6 and m["eval/labelled"] == 5  # prompts, not rows
+    assert m["eval/samples"] == 3
+    assert m["eval/pass_at_k"] == pytest.approx(4 / 5)  # a, b, d, e
+    assert m["eval/maj_at_k"] == pytest.approx(2 / 5)  # b, d
+    assert table.height == 24 and table["sample_index"].to_list()[:4] == [0, 1, 2, 3]
+    assert table.filter(pl.col("prompt_id") == "b")["answer"].to_list() == [None, "7", None, "7"]
+
+
+def test_majority_votes_by_the_run_answer_format():
+    """Under gsm8k, "$1,000" and "1000.00" are one vote, and the vote is read against the label's ####."""
+    rollouts = _sampled([("a", ["#### 3", "#### $1,000", "#### 7", "#### 1000.00"], "so #### 1000")])
+    _, m = evaluate(_with_samples(3, format="gsm8k"), rollouts, [], backends=None)
+    assert (m["eval/accuracy"], m["eval/pass_at_k"], m["eval/maj_at_k"]) == (0.0, 1.0, 1.0)
+    _, text = evaluate(_with_samples(3, format="answer_is"), rollouts, [], backends=None)
+    assert (text["eval/pass_at_k"], text["eval/maj_at_k"]) == (0.0, 0.0)  # answer_is does not read ####
+
+
+def test_no_samples_no_pass_at_k_and_samples_without_labels_give_k_only():
+    _, one = evaluate(load_config(DEMO), _rollouts([("a", "The answer is 6", "6")]), [], backends=None)
+    assert not {"eval/pass_at_k", "eval/maj_at_k", "eval/samples"} & set(one)
+    _, unlabelled = evaluate(_with_samples(2), _sampled([("a", ["6", "6", "6"], None)]), [], backends=None)
+    assert unlabelled["eval/samples"] == 2 and "eval/pass_at_k" not in unlabelled
+
+
+def test_the_samples_are_sampled_and_seeded_apart():
+    cfg = _with_samples(4)
+    s = samples_sampling(cfg, 3)
+    assert s.samples == 4 and s.temperature == cfg.generation.temperature and s.stage == "eval"
+    assert s.seed == (cfg.eval.seed, "eval-samples", 3) != sampling(cfg, 3).seed
+    d = cfg.model_dump(mode="json")
+    d["eval"]["sample_temperature"] = 0.6
+    assert samples_sampling(validate_config(d), 3).temperature == 0.6
+    d["eval"]["sample_temperature"] = 0
+    with pytest.raises(ConfigError, match=r"eval\.sample_temperature: Input should be greater than 0"):
+        validate_config(d)

@@ -79,7 +79,9 @@ def _tables():
 def test_rlvr_replaces_every_labelled_reward_and_recentres():
     rollouts, scores = _tables()
     judged = compute_rewards(scores, rollouts, {"j": 1.0}, {"correct": 1.0}, form="logp", floor=FLOOR)
-    out, m = mix_label_rewards(judged, rollouts, LabelRewardConfig(share=1.0), form="logp", floor=FLOOR)
+    out, m = mix_label_rewards(
+        judged, rollouts, LabelRewardConfig(share=1.0), fmt="answer_is", form="logp", floor=FLOOR
+    )
     r = dict(zip(out["rollout_id"], out["reward"]))
     assert r["a"] == 0.0 and r["b"] == FLOOR and r["d"] == FLOOR
     assert r["c"] == -2.0  # no label: the judge's reward stays
@@ -92,7 +94,9 @@ def test_rlvr_replaces_every_labelled_reward_and_recentres():
 def test_p_form_uses_one_and_zero_and_weight_scales():
     rollouts, scores = _tables()
     judged = compute_rewards(scores, rollouts, {"j": 1.0}, {"correct": 1.0}, form="p", floor=FLOOR)
-    out, _ = mix_label_rewards(judged, rollouts, LabelRewardConfig(share=1.0, weight=2.0), form="p", floor=FLOOR)
+    out, _ = mix_label_rewards(
+        judged, rollouts, LabelRewardConfig(share=1.0, weight=2.0), fmt="answer_is", form="p", floor=FLOOR
+    )
     r = dict(zip(out["rollout_id"], out["reward"]))
     assert (r["a"], r["b"]) == (2.0, 0.0)
 
@@ -104,7 +108,9 @@ def test_label_reward_rescues_a_failed_judgement():
     )
     judged = compute_rewards(scores, rollouts, {"j": 1.0}, {"correct": 1.0}, form="logp", floor=FLOOR)
     assert math.isnan(judged.filter(pl.col("rollout_id") == "a")["reward"][0])
-    out, _ = mix_label_rewards(judged, rollouts, LabelRewardConfig(share=1.0), form="logp", floor=FLOOR)
+    out, _ = mix_label_rewards(
+        judged, rollouts, LabelRewardConfig(share=1.0), fmt="answer_is", form="logp", floor=FLOOR
+    )
     assert out.filter(pl.col("rollout_id") == "a")["reward"][0] == 0.0
 
 

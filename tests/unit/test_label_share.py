@@ -73,7 +73,7 @@ def test_mixing_at_a_share_between_zero_and_one(weight):
     scores, rollouts = _tables()
     judged = compute_rewards(scores, rollouts, {"e": 1.0}, {"k": 1.0}, form="logp", floor=FLOOR)
     out, metrics = mix_label_rewards(
-        judged, rollouts, LabelRewardConfig(share=SHARE, weight=weight), form="logp", floor=FLOOR
+        judged, rollouts, LabelRewardConfig(share=SHARE, weight=weight), fmt="answer_is", form="logp", floor=FLOOR
     )
     bad = weight * FLOOR
     reward = {"r2": 0.0, "r4": -1.0, "r6": bad, "r5": math.nan, "r3": bad, "r8": -1.5, "r9": 0.0, "r7": -3.5}
@@ -103,7 +103,9 @@ def test_aggregate_mixes_by_the_configured_share_and_not_at_zero():
     judged = compute_rewards(scores, rollouts, {"e": 1.0}, {"k": 1.0}, form="logp", floor=FLOOR)
     cfg = validate_config({**base, "label_reward": {"share": SHARE}})
     mixed, metrics = rewards_and_metrics(cfg, scores, rollouts)
-    want, _ = mix_label_rewards(judged, rollouts, LabelRewardConfig(share=SHARE), form="logp", floor=FLOOR)
+    want, _ = mix_label_rewards(
+        judged, rollouts, LabelRewardConfig(share=SHARE), fmt="answer_is", form="logp", floor=FLOOR
+    )
     assert_frame_equal(mixed, want)
     assert metrics["label_rewarded_share"] == 0.5
     off, m0 = rewards_and_metrics(validate_config({**base, "label_reward": {"share": 0.0}}), scores, rollouts)
@@ -115,7 +117,7 @@ def test_label_values_per_form():
     assert values("p", FLOOR) == (1.0, 0.0)
 
 
-def test_mixing_honours_the_extractor_std_scaling_and_component_counts():
+def test_mixing_honours_the_answer_format_std_scaling_and_component_counts():
     rollouts = pl.DataFrame(
         {
             "rollout_id": ["x", "y", "z"],
@@ -139,8 +141,8 @@ def test_mixing_honours_the_extractor_std_scaling_and_component_counts():
     judged = compute_rewards(
         scores, rollouts, {"e": 1.0}, {"k": 1.0, "k2": 1.0}, form="logp", floor=FLOOR, scale_std=True
     )
-    lc = LabelRewardConfig(share=1.0, extractor="boxed")
-    out, metrics = mix_label_rewards(judged, rollouts, lc, form="logp", floor=FLOOR, scale_std=True)
+    lc = LabelRewardConfig(share=1.0)
+    out, metrics = mix_label_rewards(judged, rollouts, lc, fmt="boxed", form="logp", floor=FLOOR, scale_std=True)
     got = {r["rollout_id"]: r for r in out.iter_rows(named=True)}
     rewards = {"x": 0.0, "y": FLOOR, "z": -10.0}  # x is right by its box, though "The answer is 3" comes first
     mean = sum(rewards.values()) / 3
@@ -150,7 +152,7 @@ def test_mixing_honours_the_extractor_std_scaling_and_component_counts():
         assert got[rid]["advantage"] == pytest.approx((want - mean) / (std + 1e-6), rel=1e-12), rid
     assert [(got[r]["n_components"], got[r]["n_failed"]) for r in "xyz"] == [(1, 0), (1, 0), (2, 0)]
     assert metrics == {"label_rewarded_share": 2 / 3}
-    one, m1 = mix_label_rewards(judged.head(1), rollouts.head(1), lc, form="logp", floor=FLOOR)
+    one, m1 = mix_label_rewards(judged.head(1), rollouts.head(1), lc, fmt="boxed", form="logp", floor=FLOOR)
     assert one["reward"].to_list() == [0.0] and m1 == {"label_rewarded_share": 1.0}
 
 
@@ -158,3 +160,39 @@ def test_a_rollout_exactly_at_the_share_is_not_selected():
     for rid in U:
         u = int(hashlib.sha256(f"label-reward/{rid}".encode()).hexdigest()[:15], 16) / 16**15
         assert not selected(rid, u) and selected(rid, math.nextafter(u, 1.0))  # u < share, strictly
+
+
+def test_aggregate_reads_answers_with_the_run_answer_format():
+    """The label reward reads `answers.format` (GSM8K's ####), not label_reward.extractor's default."""
+    rollouts = pl.DataFrame(
+        {
+            "rollout_id": ["a", "b", "c"],
+            "prompt_id": ["p"] * 3,
+            "iteration": [0] * 3,
+            "completion": ["So 48 + 24 = 72.\n#### 72", "The answer is 72.", "#### 71"],
+            "label": ["48 + 24 = <<48+24=72>>72\n#### 72"] * 3,
+        }
+    )
+    scores = pl.DataFrame(
+        {
+            "rollout_id": ["a", "b", "c"],
+            "evaluator": ["e"] * 3,
+            "question_id": ["k"] * 3,
+            "logp_yes": [-1.0] * 3,
+            "logp_no": [-1.0] * 3,
+            "p_yes": [0.5] * 3,
+            "status": ["ok"] * 3,
+        }
+    )
+    base = {
+        "data": {"path": "x.jsonl", "label_column": "answer"},
+        "policy": {"model": "tiny:policy"},
+        "evaluators": [{"name": "e", "model": "tiny:evaluator"}],
+        "questions": [{"id": "k", "text": "Good?"}],
+        "scoring": {"logp_floor": FLOOR},
+        "label_reward": {"share": 1.0},
+    }
+    gsm8k, _ = rewards_and_metrics(validate_config({**base, "answers": {"format": "gsm8k"}}), scores, rollouts)
+    legacy, _ = rewards_and_metrics(validate_config(base), scores, rollouts)  # answer_is, as before answers
+    assert gsm8k["reward"].to_list() == [0.0, 0.0, FLOOR]
+    assert legacy["reward"].to_list() == [FLOOR, 0.0, FLOOR]  # answer_is does not read ####
