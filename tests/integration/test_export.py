@@ -9,8 +9,7 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
+import time
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from rlme_pipeline.models.export import ExportError, check_push, export
 from rlme_pipeline.models.loading import ModelPool
 from rlme_pipeline.models.weights_at import initial_policy, policy_at
 from rlme_pipeline.storage.run import CorruptRun, Run
-from tests.conftest import ROOT, demo_dict
+from tests.conftest import demo_dict
 from tests.requires import require
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
@@ -132,9 +131,10 @@ def test_export_reads_the_committed_checkpoint_never_a_leftover_and_refuses_a_ch
     files = checkpoint.files_of(run.manifest(1).files, 1)
     committed = copy / checkpoint.weights_entry(files).path
     # a killed attempt's checkpoint beside the committed one (as `rlme gc` would find it): other weights
-    leftover = copy / "iter-000001" / "checkpoint.0badbeef"
+    leftover = copy / "iter-000001" / "checkpoint.ffffffff"  # the last name and the newest directory
     shutil.copytree(committed.parent, leftover)
     shutil.copy(copy / checkpoint.weights_entry(checkpoint.files_of(run.manifest(0).files, 0)).path, leftover)
+    os.utime(leftover, (time.time() + 60, time.time() + 60))
     out = export(run, tmp_path / "out").out
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out)), logits(run_policy(full_run, 1)))
 
@@ -201,18 +201,23 @@ def test_push_without_a_token_fails_before_exporting(monkeypatch, tmp_path):
         check_push("alice/model")
 
 
-def test_push_to_an_unreachable_hub_keeps_the_export_and_never_shows_the_token(full_run, tmp_path):
-    """A real upload attempt (the `rlme` process, the environment a user has): the hub at a closed port."""
+def test_push_to_an_unreachable_hub_keeps_the_export_and_never_shows_the_token(full_run, tmp_path, monkeypatch):
+    """A real upload attempt through huggingface_hub, with a token in the environment as a user has it and
+    the hub's endpoint at a closed port (the client reads HF_ENDPOINT and HF_HUB_OFFLINE once, at import:
+    set here on its constants)."""
+    from huggingface_hub import constants
+
     token = "hf_rlmeTestTokenThatMustNotLeak0123456789"
-    env = {**os.environ, "HF_TOKEN": token, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
-    env.pop("HF_HUB_OFFLINE"), env.pop("TRANSFORMERS_OFFLINE")  # either puts the hub client offline
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     out = tmp_path / "export"
-    cmd = [sys.executable, "-m", "rlme_flows.cli", "export", full_run.url, "--out", str(out)]
-    r = subprocess.run([*cmd, "--push-to-hub", "alice/model"], env=env, cwd=ROOT, capture_output=True, text=True)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("error:")]
-    assert r.returncode == 2 and len(lines) == 1, r.stdout + r.stderr
-    assert "--push-to-hub alice/model: the upload failed" in lines[0] and f"hf upload alice/model {out}" in lines[0]
+    code, output = cli("export", full_run.url, "--out", str(out), "--push-to-hub", "alice/model")
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, output
+    assert "--push-to-hub alice/model: the upload failed (ConnectError" in lines[0]  # it really tried
+    assert f"retry with `hf upload alice/model {out}`" in lines[0]
     assert AutoModelForCausalLM.from_pretrained(out) is not None  # the export itself is complete
-    assert token not in r.stdout + r.stderr
+    assert token not in output
     for f in out.rglob("*"):
         assert not f.is_file() or token.encode() not in f.read_bytes(), f
