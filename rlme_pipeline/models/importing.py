@@ -181,6 +181,8 @@ def convert(source: Source, out: Path) -> dict:
         plain_copy(model).save_pretrained(out)  # the copy is dropped here: one fewer model in memory
     else:
         if not any(source.path.glob("*.safetensors")):
+            if ggufs := sorted(source.path.glob("*.gguf")):
+                raise ImportFailed(f"{source.ref!r} holds GGUF files: import one as gguf:{ggufs[0]}")
             raise ImportFailed(
                 f"{source.ref!r} has no *.safetensors weights; rlme never loads pickled (.bin/.pt) weights: "
                 "convert them to safetensors first"
