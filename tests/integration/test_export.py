@@ -32,7 +32,7 @@ LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 INPUT = torch.tensor([[1, 17, 230, 45, 9, 301, 12]])
 
 
-def _train(root, run_id: str, iterations: int, lora: dict | None = None) -> Run:
+def train_small(root, run_id: str, iterations: int, lora: dict | None = None) -> Run:
     """A demo-sized run made small (2 prompts x 2 samples, 1 judge, 1 question): seconds per iteration."""
     d = demo_dict()
     d["run"].update(id=run_id, storage=str(root / "runs"), iterations=iterations)
@@ -52,13 +52,13 @@ def _train(root, run_id: str, iterations: int, lora: dict | None = None) -> Run:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_models) -> Run:
-    return _train(tmp_path_factory.mktemp("full"), "full", iterations=2)
+    return train_small(tmp_path_factory.mktemp("full"), "full", iterations=2)
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_models) -> Run:
     require("peft")
-    return _train(tmp_path_factory.mktemp("lora"), "lora", iterations=1, lora=LORA)
+    return train_small(tmp_path_factory.mktemp("lora"), "lora", iterations=1, lora=LORA)
 
 
 def run_policy(run: Run, iteration: int, dtype: str = "float32"):
