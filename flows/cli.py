@@ -472,6 +472,51 @@ def _check_scoreset(run, flag: str, name: str | None) -> None:
         _fail(ValueError(f"{flag} {name or TRAIN}: {e}; choose one of: {have} (`rlme rescore` makes score sets)"))
 
 
+@app.command("export")
+def export_model(
+    run_uri: str = RUN_URI,
+    out: str = typer.Option(..., help="new local directory for the HF model (and its README.md model card)"),
+    iteration: Optional[int] = typer.Option(
+        None, help="committed iteration whose checkpoint to export; default the last"
+    ),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16; default the run's policy.dtype"),
+    merge_lora: bool = typer.Option(
+        False, "--merge-lora", help="LoRA run: merge the adapter into its base (full weights); default: the adapter"
+    ),
+    push_to_hub: Optional[str] = typer.Option(
+        None,
+        "--push-to-hub",
+        metavar="REPO",
+        help="then upload OUT to this hub model repo (token: HF_TOKEN or hf auth login)",
+    ),
+    storage_option: list[str] = STORAGE_OPTION,
+):
+    """Write one committed checkpoint as an ordinary HF model directory with a model card (docs/models.md)."""
+    from rlme_pipeline.models import export as exporting
+    from rlme_pipeline.storage.retention import CheckpointPruned
+    from rlme_pipeline.storage.run import CorruptRun
+    from rlme_pipeline.storage.store import StorageError
+
+    run = _existing(run_uri, _options(storage_option))
+    try:
+        if push_to_hub:
+            exporting.check_push(push_to_hub)  # before minutes of exporting
+        done = exporting.export(run, out, iteration=iteration, dtype=dtype, merge_lora=merge_lora)
+    except (ValueError, CorruptRun, CheckpointPruned, StorageError) as e:  # ExportError, ConfigError (base)
+        _fail(e)
+    console.print(
+        f"[bold green]exported:[/] {done.out}  (iteration {done.iteration}, {done.kind}, {done.dtype}, "
+        f"{done.seconds:.1f} s)",
+        soft_wrap=True,
+    )
+    if push_to_hub:
+        try:
+            url = exporting.push(done.out, push_to_hub, f"rlme export of {run.id} iteration {done.iteration}")
+        except ValueError as e:
+            _fail(e)
+        console.print(f"[bold green]pushed:[/] {url}", soft_wrap=True)
+
+
 @models_app.command("make-tiny")
 def make_tiny(
     out_dir: Path = typer.Argument(..., help="directory to write policy/ and evaluator/ into"), seed: int = 0
@@ -482,6 +527,24 @@ def make_tiny(
     paths = build(out_dir, seed=seed)
     for name, p in paths.items():
         console.print(f"{name}: {p}")
+
+
+@models_app.command("import")
+def import_model(
+    src: str = typer.Argument(..., help="a GGUF file (gguf:PATH or *.gguf), an HF model directory, or a hub id"),
+    out: Optional[str] = typer.Option(None, help="write here instead of the cache ($RLME_CACHE/imports/{key})"),
+):
+    """Convert a model once into an ordinary HF directory (safetensors, tokenizer, chat template); print its path."""
+    import time
+
+    from rlme_pipeline.models.importing import import_model as run_import
+
+    started = time.perf_counter()
+    try:
+        path = run_import(src, out)
+    except ValueError as e:  # ImportFailed
+        _fail(e)
+    console.print(f"[bold green]imported:[/] {path}  ({time.perf_counter() - started:.1f} s)", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -204,7 +204,9 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """A model and how it is loaded."""
 
-    model: str = experiment(description="HF directory, hub id, or tiny:policy / tiny:evaluator")
+    model: str = experiment(
+        description="HF directory, hub id, gguf:PATH (a GGUF file, imported once), or tiny:policy / tiny:evaluator"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = experiment("float32", "weights and compute dtype")
     device: str = experiment("cpu", "torch device for the hf backend, e.g. cpu, cuda, cuda:1")
 
@@ -719,7 +721,10 @@ class Config(Section):
         return self._base_dir
 
     def resolve(self, ref: str) -> str:
-        """A data/model reference as a usable string: relative paths that exist become absolute."""
+        """A data/model reference as a usable string: relative paths that exist become absolute (also
+        the file of a gguf:PATH model reference)."""
+        if ref.startswith("gguf:"):
+            return "gguf:" + self.resolve(ref.removeprefix("gguf:"))
         p = Path(ref).expanduser()
         if p.is_absolute():
             return str(p)

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline tiny models built once per session, an isolated cache and Prefect home."""
+"""Shared fixtures: offline tiny models built once per session, the real SmolLM2 imported once per session, an
+isolated cache and Prefect home."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
+# Real pretrained models, fetched by `make real-models` (which `make test` runs first); never downloaded here.
+REAL_MODELS = Path(os.environ.get("RLME_REAL_MODELS", ROOT / ".cache" / "real-models"))
+SMOLLM2_GGUF = REAL_MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Nothing in the test-suite may reach a hub, and no test may see a developer's caches or Prefect state.
 # Set at import time: Prefect reads its settings (PREFECT_HOME) when it is first imported.
@@ -38,6 +42,31 @@ def tiny_models() -> dict[str, Path]:
     from rlme_pipeline.models.tiny import resolve_tiny
 
     return {"policy": resolve_tiny("policy"), "evaluator": resolve_tiny("evaluator")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as the GGUF file `make real-models` fetched (98 MB, Q4_1). Missing, the test
+    fails naming the fix: a skipped test would read as a pass in CI while checking nothing."""
+    from tests.requires import require
+
+    require("gguf")
+    if not SMOLLM2_GGUF.is_file():
+        pytest.fail(
+            f"{SMOLLM2_GGUF} is missing: run `make real-models` (`make test` does; RLME_REAL_MODELS moves it)",
+            pytrace=False,
+        )
+    return SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct (134.5M parameters, 49,152-token vocabulary, a chat template) as an ordinary HF
+    directory: imported once per session into the session's cache (15-40 s of GGUF de-quantisation on a
+    2-core CPU), so `gguf:{smollm2_gguf}` references in the same session resolve to it at no cost."""
+    from rlme_pipeline.models.importing import import_model
+
+    return import_model(f"gguf:{smollm2_gguf}")
 
 
 def demo_dict() -> dict:

@@ -9,23 +9,25 @@ from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config, ConfigError
 from rlme_pipeline.data import heldout_prompts, load_prompts, prompt_indices
 from rlme_pipeline.jobs.tracking import check_installed
 from rlme_pipeline.judging.judges import answer_ids
+from rlme_pipeline.models.importing import GGUF_PREFIX, check_gguf, require_gguf
 from rlme_pipeline.models.loading import load_tokenizer, resolve_ref
 from rlme_pipeline.storage.store import Store
 
 
 def _tokenizer_for(cfg: Config, ref: str, field: str):
-    if ref.startswith("tiny:"):
+    if ref.startswith(("tiny:", GGUF_PREFIX)):
         try:
-            path = resolve_ref(ref)
+            path = resolve_ref(cfg.resolve(ref))  # a GGUF file is imported here, once (models/importing.py)
         except ValueError as e:
             raise ConfigError(f"{field}: {e}") from None
     else:
         path = cfg.resolve(ref)
         looks_local = ref.startswith(("/", "./", "../", "~")) or Path(path).exists()
         if looks_local and not Path(path).is_dir():
+            hint = f"; for a GGUF file write 'gguf:{ref}'" if ref.lower().endswith(".gguf") else ""
             raise ConfigError(
-                f"{field}: {ref!r} is not a model directory. Use 'policy' (live self), 'policy@initial' "
-                "(frozen self), 'tiny:policy' / 'tiny:evaluator', a local HF model directory, or a hub id"
+                f"{field}: {ref!r} is not a model directory{hint}. Use 'policy' (live self), 'policy@initial' "
+                "(frozen self), 'tiny:policy' / 'tiny:evaluator', gguf:PATH, a local HF model directory, or a hub id"
             )
     try:
         return load_tokenizer(path)
@@ -34,6 +36,22 @@ def _tokenizer_for(cfg: Config, ref: str, field: str):
             f"{field}: cannot load a tokenizer for {ref!r} ({type(e).__name__}). Use 'policy', 'policy@initial', "
             "'tiny:policy' / 'tiny:evaluator', a local HF model directory, or a hub id available offline"
         ) from None
+
+
+def _check_gguf_files(cfg: Config) -> None:
+    """Every gguf:PATH reference names an existing GGUF file, checked before anything loads or is imported
+    (an import de-quantises the whole model: a typo should not cost that first)."""
+    refs = [("policy.model", cfg.policy.model)]
+    refs += [(f"evaluators[{i}].model", ev.model) for i, ev in enumerate(cfg.evaluators)]
+    if cfg.evolve is not None:
+        refs.append(("evolve.proposer", cfg.evolve.proposer))
+    for field, ref in refs:
+        if ref.startswith(GGUF_PREFIX):
+            try:
+                check_gguf(cfg.resolve(ref).removeprefix(GGUF_PREFIX), ref)
+                require_gguf()
+            except ValueError as e:
+                raise ConfigError(f"{field}: {e}") from None
 
 
 def _check_devices(cfg: Config) -> None:
@@ -231,6 +249,7 @@ def _cuda_totals() -> dict[str, int]:
 def preflight(cfg: Config, store: Store) -> list[str]:
     """Raises ConfigError (one line: the field and the fix) on the first problem; returns notes to show
     the user (the GPU memory estimate)."""
+    _check_gguf_files(cfg)
     check_installed(cfg.tracking)
     _check_devices(cfg)
     _check_lora(cfg)

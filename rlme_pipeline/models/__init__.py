@@ -1,1 +1,1 @@
-"""Models: references and loading, checkpoints, LoRA adapters, the tiny offline models, which weights play which role at an iteration."""
+"""Models: references and loading, checkpoints, LoRA adapters, the tiny offline models, which weights play which role at an iteration, importing pretrained models (GGUF, HF directories, hub ids) and exporting trained ones."""

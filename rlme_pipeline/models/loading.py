@@ -1,7 +1,7 @@
 """Model references, loading, content versions, and a small model pool.
 
-A reference is 'tiny:policy' / 'tiny:evaluator' (built offline on first use), a local HF directory, or a
-hub id. A pool keeps recently used models loaded; its owner is a `Backends` (backends/select.py), so the
+A reference is 'tiny:policy' / 'tiny:evaluator' (built offline on first use), 'gguf:PATH' (a GGUF file,
+imported once into an HF directory: importing.py), a local HF directory, or a hub id. A pool keeps recently used models loaded; its owner is a `Backends` (backends/select.py), so the
 stages of one process (one Prefect flow run) never reload a model between tasks. The runner takes the
 policy out of the pool for the update stage to train it, and puts the trained model back under its new
 checkpoint's key.
@@ -55,6 +55,10 @@ def resolve_ref(ref: str) -> str:
         from rlme_pipeline.models.tiny import resolve_tiny
 
         return str(resolve_tiny(ref.removeprefix("tiny:")))
+    if ref.startswith("gguf:"):
+        from rlme_pipeline.models.importing import import_model
+
+        return str(import_model(ref))
     return ref
 
 

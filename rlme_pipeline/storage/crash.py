@@ -6,7 +6,8 @@
 Points: generate:mid, score:mid, update:mid, eval:mid (inside each stage, after the first batch/step),
 upload:mid (checkpoint upload, after its first file), {stage}:written (data files written, stage record
 not yet), commit:before-manifest (every stage recorded, MANIFEST.json not yet written), evolve:before-phase
-(the online evolve step's proposal committed, its phase not yet recorded).
+(the online evolve step's proposal committed, its phase not yet recorded), import:mid (a model import's
+weights written, its tokenizer and record not yet: models/importing.py).
 Unset (always, outside tests) it costs one environment lookup.
 """
 
