@@ -562,6 +562,26 @@ class CheckpointConfig(Section):
         ge=1,
     )
 
+    full_every: int = operational(
+        1,
+        (
+            "write the full training state (AdamW state, the fp32 master weights of a half-precision policy, the "
+            "torch RNG) every N iterations, and at the last iteration of each `rlme train` call and on SIGTERM; "
+            "the iterations between commit the policy's weights only (an ordinary HF directory in policy.dtype), "
+            "and a resume from one of them replays the updates since the last full state from the committed "
+            "tables; 1 writes it every iteration"
+        ),
+        ge=1,
+    )
+    background_write: bool = operational(
+        False,
+        (
+            "write each checkpoint in a background thread while the next iteration's rollouts are sampled from the "
+            "weights in memory (hf generation backend, one update process); the commit of the iteration waits "
+            "for it, and nothing of the next iteration is recorded before that commit (docs/storage.md)"
+        ),
+    )
+
     @model_validator(mode="after")
     def _every_needs_last(self) -> CheckpointConfig:
         if self.keep_every is not None and self.keep_last is None:
@@ -754,6 +774,23 @@ class Config(Section):
             raise ValueError("evaluators: at least one is required (unless label_reward.share is 1, plain RLVR)")
         if lr is not None and lr.share > 0 and self.data.label_column is None:
             raise ValueError("label_reward needs data.label_column: the column that holds the reference answer")
+        return self
+
+    @model_validator(mode="after")
+    def _full_state_replayable(self) -> Config:
+        """A light checkpoint is resumed by replaying updates in this process (jobs/replay.py): the FSDP ranks
+        load the optimizer state from the previous checkpoint every iteration, and a LoRA checkpoint is under
+        0.5 % of a full one, so neither has a light form."""
+        if self.checkpoint.full_every > 1 and self.distributed.processes > 1:
+            raise ValueError(
+                "checkpoint.full_every: the FSDP ranks (distributed.processes > 1) read the optimizer state from "
+                "every checkpoint; set checkpoint.full_every: 1"
+            )
+        if self.checkpoint.full_every > 1 and self.policy.lora is not None:
+            raise ValueError(
+                "checkpoint.full_every: a LoRA checkpoint (policy.lora) is small and always written whole; "
+                "set checkpoint.full_every: 1"
+            )
         return self
 
     @model_validator(mode="after")

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.algorithm.beta > 0:  # the KL anchor: the initial policy, sharded the same way, never trained
             reference = load(initial_policy(cfg).path).eval().requires_grad_(False)
         lm = Loaded(model, load_tokenizer(start), "", start)
-        _, files, metrics = update_policy(
+        done = update_policy(
             cfg,
             run,
             i,
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             write=rank == 0,
         )
         if rank == 0:
-            out = {"files": [f.model_dump(mode="json") for f in files], "metrics": metrics}
+            out = {"files": [f.model_dump(mode="json") for f in done.files], "metrics": done.metrics}
             Path(args.result_file).write_text(json.dumps(out))
         dist.barrier()
     finally:

@@ -11,6 +11,12 @@ A LoRA policy (policy.lora, adapters.py) writes adapter_model.safetensors + adap
 adapter directory) in place of model.safetensors + config.json, its optimizer state covers the adapter
 only, and trainer_state.json records the base's weights hash under `base`.
 
+With `checkpoint.full_every` N > 1 only every N-th checkpoint (and the last of each `rlme train` call, and
+one made on SIGTERM) holds the whole training state above; the others are light: model.safetensors in the
+policy's dtype, config.json, tokenizer files and trainer_state.json, no optimizer/ and no rng.safetensors
+(`take`, `is_full`). Resuming from a light checkpoint replays the updates since the last full one
+(jobs/replay.py).
+
 The directory name is attempt-unique (see run.py); manifests list its files under the logical names
 iter-000003/checkpoint/{file}. Prompts and sampling seeds derive from (seed, iteration, ...), so the
 data cursor is recorded for audits but never needed to resume. The learning rate is constant (there is
@@ -26,6 +32,7 @@ the weights the uninterrupted one holds; every reader loads them in its configur
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,7 +77,11 @@ def restore_rng(path: str | None, seed: int) -> None:
     if f is None or not f.exists():
         torch.manual_seed(seed)
         return
-    state = load_file(f)
+    set_rng(load_file(f))
+
+
+def set_rng(state: dict[str, torch.Tensor]) -> None:
+    """Put back torch RNG states taken by `rng_state` (from a checkpoint, or kept in memory)."""
     torch.set_rng_state(state["torch_cpu"])
     if torch.cuda.is_available():
         for d in range(torch.cuda.device_count()):
@@ -86,71 +97,147 @@ def save(
     optimizer,
     state: dict,
     *,
+    full: bool = True,
+    dtype: str | None = None,
     gathered: tuple[dict[str, torch.Tensor], dict] | None = None,
 ) -> list[FileEntry]:
-    """Write the checkpoint into a fresh, attempt-unique directory and describe its files.
+    """Write the checkpoint into a fresh, attempt-unique directory and describe its files: `take` now,
+    `Checkpoint.write` at once (see both)."""
+    return take(run, iteration, model, tokenizer, optimizer, state, full=full, dtype=dtype, gathered=gathered).write()
 
-    The weights and the optimizer state (12 of every 16 bytes per parameter under AdamW) are streamed,
-    tensor by tensor, into the store by `Store.write_stream`, which hashes the bytes on their way out:
-    nothing is held twice in memory or read back. sha256 is sequential within a file, so the optimizer's
-    tensors are split into shards about the size of the weights file and every big file gets its own
-    thread (host copies, file writes, S3 uploads and sha256 all release the GIL): the longest file, not
-    the sum, sets the time. A local file is fsynced before its entry is returned and an S3 object exists
-    only once its upload completed, so the stage record (written by the caller after this returns) and the
-    manifest after it never list a file that is not durable; a crash leaves an unreferenced directory for
-    `rlme gc`. When the store is not on this machine the same bytes also go into the download cache, so
-    the next iteration (or a live-self evaluator) never fetches what was just uploaded.
+
+def take(
+    run: Run,
+    iteration: int,
+    model,
+    tokenizer,
+    optimizer,
+    state: dict,
+    *,
+    full: bool = True,
+    dtype: str | None = None,
+    gathered: tuple[dict[str, torch.Tensor], dict] | None = None,
+) -> Checkpoint:
+    """The checkpoint of the update that just ended, ready to write (`Checkpoint.write`), now or in the
+    background. The small files (config, tokenizer, RNG, trainer state, the optimizer's structure) are
+    taken as bytes here, so the torch RNG is the update's even if the write comes later; the big ones are
+    references to the live tensors, so nothing is copied in memory, and nothing may change them until the
+    write returns (the runner joins a background write before the next update).
+
+    `full`: the whole training state, what a resume continues from as it is: the weights in the training
+    dtype (the fp32 master weights of a half-precision policy), the optimizer state and the torch RNG. A
+    light checkpoint (`full` False, between the full states of `checkpoint.full_every`) holds the policy's
+    weights alone, in `dtype` (the policy's, so a bf16 policy writes 2 bytes per parameter where the full
+    state writes 12 or more), with config, tokenizer and trainer state: an ordinary HF directory that
+    generation, a live-self evaluator, a re-score and export read like any other; resuming from it replays
+    the updates since the last full state (jobs/replay.py).
 
     `gathered`: (model state dict, optimizer state_dict) gathered onto the host from FSDP shards
-    (distributed_update.py); they are written in place of the model's and optimizer's own, which hold shards.
+    (update_fsdp.py); they are written in place of the model's and optimizer's own, which hold shards.
     """
-    logical, physical = run.new_path(iteration, "checkpoint")
-    cache = (
-        None
-        if run.store.local_path(physical)
-        else Path(tempfile.mkdtemp(prefix="rlme-ckpt-", dir=_checkpoints_cache()))
-    )
-
-    def write(name: str, fill) -> FileEntry:
-        def tee(out):
-            if cache is None:
-                return fill(out)
-            (cache / name).parent.mkdir(parents=True, exist_ok=True)
-            with open(cache / name, "wb") as copy:
-                fill(_Tee(out, copy))
-
-        entry = run.store.write_stream(f"{physical}/{name}", tee, name=f"{logical}/{name}")
-        crash_point("upload:mid", iteration)
-        return entry
-
     if is_adapted(model):
         weights_name, weights = ADAPTER_WEIGHTS, adapter_tensors(model)
         meta = {**_tokenizer_files(tokenizer), ADAPTER_CONFIG: adapter_config_bytes(model)}
     else:
         weights_name, meta = WEIGHTS, _metadata_files(model, tokenizer)
-        weights = weights_of(model, gathered[0] if gathered else None)
-    optimizer_state = gathered[1] if gathered else optimizer.state_dict()
-    structure, shards = optimizer_files(optimizer_state, target_bytes=_nbytes(weights.values()))
-    big = {weights_name: weights, **shards}
-    small = {
-        **meta,
-        RNG: safetensors.torch.save(rng_state()),
-        STATE: json.dumps(state, indent=2, sort_keys=True).encode(),
-        OPTIMIZER_STATE: structure,
-    }
-    try:
-        with ThreadPoolExecutor(max_workers=len(big)) as pool:
-            futures = [
-                pool.submit(write, name, lambda f, t=tensors: write_safetensors(f, t)) for name, tensors in big.items()
-            ]
-            files = [write(name, lambda f, data=data: f.write(data)) for name, data in sorted(small.items())]
-            files += [f.result() for f in futures]
-        if cache is not None:
-            _install(cache, _checkpoints_cache() / _cache_key(files))
-    finally:
-        if cache is not None:
-            shutil.rmtree(cache, ignore_errors=True)
-    return sorted(files, key=lambda f: f.path)
+        weights = weights_in(model, None if full else dtype, gathered[0] if gathered else None)
+    big, small = {weights_name: weights}, {**meta, STATE: json.dumps(state, indent=2, sort_keys=True).encode()}
+    if full:
+        optimizer_state = gathered[1] if gathered else optimizer.state_dict()
+        structure, shards = optimizer_files(optimizer_state, target_bytes=_nbytes(weights.values()))
+        big |= shards
+        small |= {RNG: safetensors.torch.save(rng_state()), OPTIMIZER_STATE: structure}
+    return Checkpoint(run, iteration, big, small)
+
+
+class Checkpoint:
+    """A checkpoint taken (`take`), not yet written: its big files as tensors, its small ones as bytes."""
+
+    def __init__(self, run: Run, iteration: int, big: dict[str, dict[str, torch.Tensor]], small: dict[str, bytes]):
+        self.run, self.iteration, self.big, self.small = run, iteration, big, small
+
+    def write(self, stream=None, background: bool = False) -> list[FileEntry]:
+        """Write every file into a fresh, attempt-unique directory (each call another: a write that failed
+        can be written again) and describe them.
+
+        The weights and the optimizer state (12 of every 16 bytes per parameter under AdamW) are streamed,
+        tensor by tensor, into the store by `Store.write_stream`, which hashes the bytes on their way out:
+        nothing is held twice in memory or read back. sha256 is sequential within a file, so the optimizer's
+        tensors are split into shards about the size of the weights file and every big file gets its own
+        thread (host copies, file writes, S3 uploads and sha256 all release the GIL): the longest file, not
+        the sum, sets the time. A local file is fsynced before its entry is returned and an S3 object exists
+        only once its upload completed, so the stage record (written by the caller after this returns) and
+        the manifest after it never list a file that is not durable; a crash leaves an unreferenced directory
+        for `rlme gc`. When the store is not on this machine the same bytes also go into the download cache,
+        so the next iteration (or a live-self evaluator) never fetches what was just uploaded.
+
+        `stream`: a CUDA stream that device-to-host copies are queued on (a background write's side stream,
+        so they do not queue behind the next iteration's kernels); `background`: this write runs beside the
+        next iteration (its own crash point, upload:background)."""
+        run, iteration = self.run, self.iteration
+        logical, physical = run.new_path(iteration, "checkpoint")
+        cache = (
+            None
+            if run.store.local_path(physical)
+            else Path(tempfile.mkdtemp(prefix="rlme-ckpt-", dir=_checkpoints_cache()))
+        )
+
+        def write(name: str, fill) -> FileEntry:
+            def tee(out):
+                if cache is None:
+                    return fill(out)
+                (cache / name).parent.mkdir(parents=True, exist_ok=True)
+                with open(cache / name, "wb") as copy:
+                    fill(_Tee(out, copy))
+
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                entry = run.store.write_stream(f"{physical}/{name}", tee, name=f"{logical}/{name}")
+            crash_point("upload:mid", iteration)
+            if background:
+                crash_point("upload:background", iteration)
+            return entry
+
+        try:
+            with ThreadPoolExecutor(max_workers=len(self.big)) as pool:
+                futures = [
+                    pool.submit(write, name, lambda f, t=tensors: write_safetensors(f, t))
+                    for name, tensors in self.big.items()
+                ]
+                files = [write(name, lambda f, data=data: f.write(data)) for name, data in sorted(self.small.items())]
+                files += [f.result() for f in futures]
+            if cache is not None:
+                _install(cache, _checkpoints_cache() / _cache_key(files))
+        finally:
+            if cache is not None:
+                shutil.rmtree(cache, ignore_errors=True)
+        return sorted(files, key=lambda f: f.path)
+
+
+def is_full(files: list[FileEntry]) -> bool:
+    """Whether a checkpoint's files hold the whole training state (an optimizer state: the RNG and the
+    training-dtype weights come with it), so that a resume continues from it as it is."""
+    return any(f.logical.endswith(("/" + OPTIMIZER_STATE, "/" + LEGACY_OPTIMIZER)) for f in files)
+
+
+def weights_in(model, dtype: str | None = None, gathered: dict[str, torch.Tensor] | None = None) -> dict:
+    """model.safetensors' tensors: in the training dtype (`weights_of`), or rounded to `dtype` (a light
+    checkpoint of a half-precision policy: what loading the full file with that dtype gives, 2 bytes per
+    parameter instead of 4)."""
+    weights = weights_of(model, gathered)
+    if dtype is None:
+        return weights
+    from rlme_pipeline.models.loading import DTYPES
+
+    target = DTYPES[dtype]
+    return {k: t.to(target) if t.is_floating_point() else t for k, t in weights.items()}
+
+
+def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 of the model.safetensors `write_safetensors` makes of `tensors` (the policy version such
+    a checkpoint has), without writing it: how a replayed update is checked against the committed one."""
+    sink = _Sha256()
+    write_safetensors(sink, tensors)
+    return sink.h.hexdigest()
 
 
 def weights_of(model, gathered: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -392,6 +479,17 @@ class _Staging:
             for e in events:
                 e.synchronize()
             yield view.numpy().data
+
+
+class _Sha256:
+    """A file that only hashes what is written to it."""
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.h.update(data)
+        return memoryview(data).nbytes
 
 
 class _Tee:

@@ -97,6 +97,9 @@ class Loaded:
     path: str
     # The optimizer whose state is saved beside `path`, kept so that the next update need not read it back.
     optimizer: torch.optim.Optimizer | None = None
+    # The torch RNG states at the end of the update that made these weights: the next update continues
+    # from them (a light checkpoint, checkpoint.full_every, holds no rng.safetensors to read them back from).
+    rng: dict[str, torch.Tensor] | None = None
 
 
 class ModelPool:
@@ -124,6 +127,12 @@ class ModelPool:
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
         return Loaded(model, load_tokenizer(path), version or weights_version(path), path)
+
+    def peek(self, path: str, dtype: str = "float32", device: str = "cpu") -> Loaded | None:
+        """The pooled model, or None: nothing is loaded (whether the trainer kept its optimizer decides
+        between a plain load and a replay, jobs/replay.py)."""
+        with self._lock:
+            return self._items.get((path, dtype, device))
 
     def put(self, key: tuple, loaded: Loaded) -> None:
         with self._lock:

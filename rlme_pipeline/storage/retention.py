@@ -8,7 +8,9 @@ stands alone: full weights, or a LoRA adapter whose base is the configured `poli
 in its trainer_state.json), never another checkpoint; the frozen self (`policy@initial`) and the KL
 reference are that configured model too, outside the run. So deleting iteration j's checkpoint breaks no
 other, and what must stay is only: the newest committed checkpoint (the resume point: keep_last >= 1) and
-everything of an iteration not committed yet (never touched here).
+everything of an iteration not committed yet (never touched here). With checkpoint.full_every > 1 most
+checkpoints are light (weights only), and a resume replays the updates since the newest full state: that
+full state and every checkpoint after it stay too, whatever keep_last says.
 
 Manifests are write-once, so a deletion is recorded beside the manifest, in PRUNED.json, created
 exclusively *before* the first file goes: a crash in between leaves files that `rlme gc` removes, never a
@@ -45,15 +47,29 @@ class Pruned(BaseModel):
     files: list[FileEntry]
 
 
-def kept(committed: list[int], rule: CheckpointConfig) -> set[int]:
+def kept(committed: list[int], rule: CheckpointConfig, last_full: int | None = None) -> set[int]:
     """The committed iterations whose checkpoints `rule` keeps: all by default; else the last keep_last
-    and every i with (i + 1) % keep_every == 0 (the policy after K, 2K, ... updates)."""
+    and every i with (i + 1) % keep_every == 0 (the policy after K, 2K, ... updates), and in any case
+    `last_full`, the newest checkpoint holding the whole training state, and every one after it: a resume
+    replays from that full state, and the light checkpoints after it are the policies the next iterations
+    generate with (checkpoint.full_every). None: every checkpoint is a full one."""
     if rule.keep_last is None:
         return set(committed)
     keep = set(sorted(committed)[-rule.keep_last :])
     if rule.keep_every:
         keep |= {i for i in committed if (i + 1) % rule.keep_every == 0}
+    if last_full is not None:
+        keep |= {i for i in committed if i >= last_full}
     return keep
+
+
+def newest_full(run: Run, committed: list[int]) -> int:
+    """The newest committed iteration whose checkpoint holds the whole training state; -1 when none does
+    (a resume then replays from the initial policy)."""
+    for i in sorted(committed, reverse=True):
+        if checkpoint.is_full(checkpoint.files_of(run.manifest(i).files, i)):
+            return i
+    return -1
 
 
 def rel(i: int) -> str:
@@ -74,7 +90,7 @@ def prune(run: Run, rule: CheckpointConfig) -> list[int]:
     if rule.keep_last is None:
         return []
     committed = run.committed()
-    keep = kept(committed, rule)
+    keep = kept(committed, rule, newest_full(run, committed))
     done = []
     for i in committed:
         if i in keep or run.store.exists(rel(i)):
