@@ -57,13 +57,13 @@ def update_policy(
     sharded_optimizer: ShardedOptimizer | None = None,
     gather: Gather | None = None,
     write: bool = True,
-    full: bool = True,
+    full: bool | Callable[[], bool] = True,
     defer: bool = False,
 ) -> Updated:
     """Train `lm` (starting from the checkpoint or initial model at `start`) on iteration i. The checkpoint
     is written (none where `write` is False: an FSDP rank other than 0, a replayed update), or with `defer`
     only taken, for the caller to write in the background; `full`: with the whole training state
-    (checkpoint.take)."""
+    (checkpoint.take), or a callable asked once the update is done (SIGTERM during it makes it full)."""
     rollouts, rewards = run.read_table(i, ROLLOUTS_FILE), run.read_table(i, REWARDS_FILE)
     state = None
     if lm.optimizer is None and i > 0:
@@ -87,7 +87,7 @@ def update_policy(
         trainer_state["base"] = adapters.base_record(cfg)
     rng = checkpoint.rng_state()
     gathered = gather(lm.model, opt) if gather is not None else None  # every rank takes part in the gather
-    ckpt = dict(full=full, dtype=cfg.policy.dtype, gathered=gathered)
+    ckpt = dict(full=full() if callable(full) else full, dtype=cfg.policy.dtype, gathered=gathered)
     if defer:
         taken = checkpoint.take(run, i, lm.model, lm.tokenizer, opt, trainer_state, **ckpt)
         return Updated(opt, [], taken, metrics, rng)

@@ -35,8 +35,9 @@ class Sigterm:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.logger.warning("SIGTERM: finishing the step in progress (an update writes the full training state)")
         self.requested = True
-        self.logger.warning("SIGTERM: finishing the step in progress (an update writes the full training state)")
 
     def check(self) -> None:
         if self.requested:

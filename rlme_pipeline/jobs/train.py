@@ -421,7 +421,9 @@ class Runner:
             return self._distributed_update(ref, i)
         lora = cfg.policy.lora is not None
         lm, reference, replayed = self._adapted_trainee(ref, i) if lora else self._trainee(ref, i)
-        done = update_policy(cfg, self.run, i, ref.path, lm, reference, full=self.full_state_due(i), defer=self.defers)
+        done = update_policy(
+            cfg, self.run, i, ref.path, lm, reference, full=partial(self.full_state_due, i), defer=self.defers
+        )
         metrics = {**done.metrics, **replayed}
         if done.taken is not None:
             self._keep_trained(ref, lm, done, "", pending_path(i))  # what sample(i+1) generates with meanwhile
