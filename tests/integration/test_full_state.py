@@ -165,6 +165,7 @@ def test_the_device_decides_between_refusing_and_recording_the_drift(tmp_path):
     assert replay.compare("cuda:1", run, 4, 2, entry, dict(committed), lambda: committed) == {
         "replay_max_abs_diff": 0.0
     }
+    assert replay.compare("mps", run, 4, 2, entry, replayed, lambda: committed) == {"replay_max_abs_diff": 0.5}
 
 
 def test_retention_keeps_the_full_state_a_replay_needs(reference, tmp_path, monkeypatch):
