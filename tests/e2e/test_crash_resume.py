@@ -22,6 +22,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from rlme_pipeline.config import load_config
 from rlme_pipeline.jobs.train import train
+from rlme_pipeline.models import checkpoint
 from rlme_pipeline.storage import gc
 from rlme_pipeline.storage.run import Run
 from rlme_pipeline.storage.verify import verify
@@ -78,6 +79,39 @@ def _contents(run: Run) -> dict[str, str]:
     return {f.logical: f.sha256 for i in run.committed() for f in run.manifest(i).files}
 
 
+def _chain(config: Path, crashes: list[str], api: str) -> tuple[Run, float, str]:
+    """Kill one `rlme train` process at each point in turn, each resuming what the one before left; then
+    resume to the end. Every commit, once made, never changes."""
+    run = Run.for_config(load_config(config))
+    seen_manifests: dict[int, bytes] = {}
+    t0 = time.perf_counter()
+    for point in crashes:
+        p = _train_process(config, point, api)
+        assert p.returncode == -signal.SIGKILL, f"{point}: expected SIGKILL, got {p.returncode}\n{p.stderr[-3000:]}"
+        for i in run.committed():  # a commit, once made, never changes
+            now = run.store.read_bytes(f"iter-{i:06d}/MANIFEST.json")
+            assert seen_manifests.setdefault(i, now) == now
+    p = _train_process(config, None, api)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return run, time.perf_counter() - t0, " ".join(p.stdout.split())
+
+
+def _same_as(run: Run, ref: Run, iterations: int, tables: tuple[str, ...]) -> int:
+    """gc, verify, and the uninterrupted run's files byte for byte; returns how many leftovers gc removed."""
+    assert run.committed() == list(range(iterations))
+    leftovers = gc.plan(run).files
+    gc.apply(run)
+    assert verify(run).ok
+    # Same files, byte for byte: rollouts (ids, texts, token ids, logprobs), scores, rewards, checkpoints.
+    assert _contents(run) == _contents(ref)
+    for i in range(iterations):
+        rollouts = run.read_table(i, "rollouts.parquet")
+        assert rollouts["rollout_id"].n_unique() == rollouts.height == 2 * 2
+        for table in tables:
+            assert run.read_table(i, table).equals(ref.read_table(i, table)), (i, table)
+    return len(leftovers)
+
+
 @pytest.mark.slow
 def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, tmp_path, prefect_api):
     # The reference: the same config, uninterrupted, in this process, on local disk.
@@ -86,32 +120,48 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, t
     train(ref_cfg, ref)
 
     config = _with_eval(micro_config(s3.url(), iterations=2))
-    run = Run.for_config(load_config(config))
-    seen_manifests: dict[int, bytes] = {}
-    t0 = time.perf_counter()
-    for point in CRASHES:
-        p = _train_process(config, point, prefect_api)
-        assert p.returncode == -signal.SIGKILL, f"{point}: expected SIGKILL, got {p.returncode}\n{p.stderr[-3000:]}"
-        for i in run.committed():  # a commit, once made, never changes
-            now = run.store.read_bytes(f"iter-{i:06d}/MANIFEST.json")
-            assert seen_manifests.setdefault(i, now) == now
-    p = _train_process(config, None, prefect_api)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "trained now: [1]" in " ".join(p.stdout.split())  # the flow finished what the kills left
-    chain_s = time.perf_counter() - t0
+    run, chain_s, out = _chain(config, CRASHES, prefect_api)
+    assert "trained now: [1]" in out  # the flow finished what the kills left
+    removed = _same_as(run, ref, 2, ("rollouts.parquet", "scores.parquet", "eval.parquet"))
+    assert removed, "the kills inside upload and after aggregate's data file must have left attempt files"
+    print(f"crash chain: {len(CRASHES)} kills + 1 resume in {chain_s:.1f}s; gc removed {removed} files")
 
-    assert run.committed() == [0, 1]
-    leftovers = gc.plan(run).files
-    assert leftovers, "the kills inside upload and after aggregate's data file must have left attempt files"
-    gc.apply(run)
-    assert verify(run).ok
 
-    # Same files, byte for byte: rollouts (ids, texts, token ids, logprobs), scores, rewards, checkpoints.
-    assert _contents(run) == _contents(ref)
-    for i in (0, 1):
-        rollouts = run.read_table(i, "rollouts.parquet")
-        assert rollouts["rollout_id"].n_unique() == rollouts.height == 2 * 2
-        assert rollouts.equals(ref.read_table(i, "rollouts.parquet"))
-        assert run.read_table(i, "scores.parquet").equals(ref.read_table(i, "scores.parquet"))
-        assert run.read_table(i, "eval.parquet").equals(ref.read_table(i, "eval.parquet"))
-    print(f"crash chain: {len(CRASHES)} kills + 1 resume in {chain_s:.1f}s; gc removed {len(leftovers)} files")
+# checkpoint.full_every 3 and background_write (4 iterations, eval at 0 and 2): checkpoints 0 and 1 hold the
+# weights only, 2 and 3 the full state. Kills: inside the background write of 0 (light); while iteration 2
+# samples ahead with update 1's write in flight (0 committed, light); after update 1's write is joined, before
+# its record (the resume replays update 0); after generate 2's table, written after MANIFEST(1) (0 and 1
+# light: the resume replays both); inside the background write of the full state of 2.
+LIGHT_CRASHES = [
+    "upload:background@0",
+    "generate:mid@2",
+    "update:written@1",
+    "generate:written@2",
+    "upload:background@2",
+]
+
+
+def _light(config: Path) -> Path:
+    d = yaml.safe_load(config.read_text())
+    d["checkpoint"] = {"full_every": 3, "background_write": True}
+    d["eval"] = {"every": 2, "path": str(ROOT / "data" / "demo_heldout.jsonl"), "prompts": 2}
+    config.write_text(yaml.safe_dump(d))
+    return config
+
+
+@pytest.mark.slow
+def test_light_checkpoints_and_background_writes_killed_anywhere_resume_to_the_uninterrupted_result(
+    s3, micro_config, tmp_path, prefect_api
+):
+    ref_cfg = load_config(_light(micro_config(str(tmp_path / "ref"), iterations=4)))
+    ref = Run.for_config(ref_cfg)
+    train(ref_cfg, ref)
+    full = [i for i in ref.committed() if checkpoint.is_full(checkpoint.files_of(ref.manifest(i).files, i))]
+    assert full == [2, 3]
+
+    run, chain_s, out = _chain(_light(micro_config(s3.url(), iterations=4)), LIGHT_CRASHES, prefect_api)
+    assert "trained now: [2, 3]" in out
+    removed = _same_as(run, ref, 4, ("rollouts.parquet", "scores.parquet", "rewards.parquet"))
+    assert removed, "the kills inside the background writes must have left attempt files"
+    assert run.read_table(2, "eval.parquet").equals(ref.read_table(2, "eval.parquet"))
+    print(f"light chain: {len(LIGHT_CRASHES)} kills + 1 resume in {chain_s:.1f}s; gc removed {removed} files")

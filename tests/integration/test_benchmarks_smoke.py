@@ -35,6 +35,7 @@ def _run(module: str, timeout: int = 900) -> str:
         "benchmarks.rescore_memory",
         "benchmarks.sampler",
         "benchmarks.checkpoint",
+        "benchmarks.checkpoint_overlap",
     ],
 )
 def test_benchmark_smoke(module):
