@@ -122,7 +122,7 @@ def new_save(run: Run, model, optimizer, tokenizer) -> list:
 def weights_only(run: Run, model) -> list:
     """model.safetensors alone, as `new` writes it: the part of a checkpoint that must be durable (its hash
     is the next policy's version) before the next iteration could start, were the optimizer shards
-    written in the background (docs/gpu.md, "checkpoint off the critical path"). new - weights is what
+    written in the background (checkpoint.background_write, docs/storage.md "Deferred commit"). new - weights is what
     such an overlap could take off the critical path."""
     _, physical = run.new_path(0, "checkpoint")
     tensors = checkpoint.weights_of(model)

@@ -4,6 +4,7 @@
     PYTHONPATH=. python -m benchmarks.checkpoint_overlap              # SmolLM2-135M-Instruct (make real-models)
     PYTHONPATH=. python -m benchmarks.checkpoint_overlap --rounds 2   # every variant twice, interleaved
     PYTHONPATH=. python -m benchmarks.checkpoint_overlap --tiny       # the tiny demo policy (the test suite runs it)
+    PYTHONPATH=. python -m benchmarks.checkpoint_overlap --device cuda --dtype bfloat16   # on a GPU
 
 Each variant trains a fresh run through rlme's own loop (`jobs/train.py`: generate, score, aggregate,
 update, commit) on local disk, in this process, with the same config and seed:
@@ -35,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from benchmarks._common import ROOT, machine, median, spread, table
 from rlme_pipeline.config import validate_config
 from rlme_pipeline.jobs.train import train
@@ -51,16 +54,16 @@ VARIANTS = {
 }
 
 
-def config(storage: str, policy: str, iterations: int, ckpt: dict, tiny: bool) -> dict:
+def config(storage: str, policy: str, iterations: int, ckpt: dict, args) -> dict:
     """A small RL iteration around a real policy: 2 prompts x 4 samples of 32 tokens, one optimizer step."""
     from tests.conftest import demo_dict
 
     d = demo_dict()
     d["run"].update(id="overlap", storage=storage, iterations=iterations)
-    d["policy"]["model"] = policy
+    d["policy"].update(model=policy, device=args.device, dtype=args.dtype)
     d["data"].update(prompts_per_iteration=2)
     d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
-    d["generation"].update(group_size=4, max_new_tokens=8 if tiny else 32, batch_size=8)
+    d["generation"].update(group_size=4, max_new_tokens=8 if args.tiny else 32, batch_size=8)
     d["optimizer"].update(epochs=1, micro_batch_size=4, grad_accumulation=2, lr=1e-5)
     d.pop("eval", None)
     d["probe"]["every"] = 0
@@ -84,9 +87,9 @@ class NoWrite:
         checkpoint.Checkpoint.write = self.real
 
 
-def measure(name: str, root: Path, policy: str, iterations: int, tiny: bool) -> dict:
+def measure(name: str, root: Path, policy: str, iterations: int, args) -> dict:
     """One fresh run of the variant: the seconds of iterations 1..N-2, bytes written per iteration."""
-    cfg = validate_config(config(str(root / name), policy, iterations, dict(VARIANTS[name]), tiny))
+    cfg = validate_config(config(str(root / name), policy, iterations, dict(VARIANTS[name]), args))
     run = Run.for_config(cfg)
     stamps: list[float] = []
     if name == "none":
@@ -110,6 +113,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the tiny demo policy, 4 iterations: a smoke run")
     ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="the policy's device, e.g. cuda")
+    ap.add_argument("--dtype", default="float32", help="the policy's dtype: float32 | bfloat16 | float16")
     ap.add_argument("--dir", default=None, help="where the runs go (default: a temporary directory)")
     args = ap.parse_args()
     if args.tiny:
@@ -125,12 +130,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rlme-bench-overlap-", dir=args.dir) as tmp:
         for r in range(args.rounds):
             for name in VARIANTS:
-                results[name].append(measure(name, Path(tmp) / f"round{r}", policy, iterations, args.tiny))
+                results[name].append(measure(name, Path(tmp) / f"round{r}", policy, iterations, args))
                 print(f"round {r} {name}: {results[name][-1]}", flush=True)
 
-    print(f"machine: {machine()}")
+    gpu = f"{torch.cuda.get_device_name()}, " if args.device.startswith("cuda") else ""
+    print(f"machine: {gpu}{machine()}")
     print(
-        f"policy: {policy}; {iterations} iterations per variant, the mean of iterations 1..{iterations - 2}; "
+        f"policy: {policy} ({args.dtype} on {args.device}); {iterations} iterations per variant, the mean of iterations 1..{iterations - 2}; "
         f"{args.rounds} round(s)"
     )
     rows = []
