@@ -68,8 +68,8 @@ class CheckpointWriter:
         except BaseException:
             p.failed = True
             raise
-        self.pending = None
         files, metrics, info = p.then(files)
+        self.pending = None  # only now: a `then` that failed is run again by the next join
         waited = time.perf_counter() - t0
         timing = {"checkpoint_write_seconds": time.perf_counter() - p.started, "checkpoint_wait_seconds": waited}
         return files, {**metrics, **timing}, info

@@ -223,6 +223,11 @@ class Runner:
             and cfg.distributed.processes == 1
             and cfg.policy.lora is None
         )
+        if cfg.checkpoint.background_write and not self.defers:
+            log.info(
+                "checkpoint.background_write applies with generation.backend hf, distributed.processes 1 and no "
+                "policy.lora; this run writes each checkpoint before the next iteration starts"
+            )
         self.writer = CheckpointWriter()
         self.unrecorded: Callable[..., StageRecord] | None = None
         self.ahead: dict[int, Ahead] = {}
@@ -426,9 +431,10 @@ class Runner:
         )
         metrics = {**done.metrics, **replayed}
         if done.taken is not None:
-            self._keep_trained(ref, lm, done, "", pending_path(i))  # what sample(i+1) generates with meanwhile
             then = partial(self._written, ref, i, {"policy_before": ref.version})
-            return self.writer.submit(i, done.taken, then), metrics, {}
+            deferred = self.writer.submit(i, done.taken, then)
+            self._keep_trained(ref, lm, done, "", pending_path(i))  # what sample(i+1) generates with meanwhile
+            return deferred, metrics, {}
         version = checkpoint.weights_entry(done.files).sha256
         if lora:
             adapters.trained(pool, cfg, lm, done.optimizer, version)

@@ -127,11 +127,13 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, t
     print(f"crash chain: {len(CRASHES)} kills + 1 resume in {chain_s:.1f}s; gc removed {removed} files")
 
 
-# checkpoint.full_every 3 and background_write (4 iterations, eval at 0 and 2): checkpoints 0 and 1 hold the
-# weights only, 2 and 3 the full state. Kills: inside the background write of 0 (light); while iteration 2
-# samples ahead with update 1's write in flight (0 committed, light); after update 1's write is joined, before
-# its record (the resume replays update 0); after generate 2's table, written after MANIFEST(1) (0 and 1
-# light: the resume replays both); inside the background write of the full state of 2.
+# checkpoint.full_every 3 and background_write (4 iterations, eval at 0 and 3: it joins the write before it
+# reads the checkpoint): checkpoints 0 and 1 hold the weights only, 2 and 3 the full state. Kills: inside the
+# background write of 0 (light); while iteration 2 samples ahead with update 1's write in flight (0 committed,
+# light); after update 1's write is joined, before its record (the resume replays update 0); after generate
+# 2's table, written after MANIFEST(1) (0 and 1 light: the resume replays both); inside the background write
+# of the full state of 2, while iteration 3 samples ahead. The last process replays 0 and 1 again, and
+# commits iteration 3 with the rollouts it sampled while 2's checkpoint was written.
 LIGHT_CRASHES = [
     "upload:background@0",
     "generate:mid@2",
@@ -144,7 +146,7 @@ LIGHT_CRASHES = [
 def _light(config: Path) -> Path:
     d = yaml.safe_load(config.read_text())
     d["checkpoint"] = {"full_every": 3, "background_write": True}
-    d["eval"] = {"every": 2, "path": str(ROOT / "data" / "demo_heldout.jsonl"), "prompts": 2}
+    d["eval"] = {"every": 3, "path": str(ROOT / "data" / "demo_heldout.jsonl"), "prompts": 2}
     config.write_text(yaml.safe_dump(d))
     return config
 
@@ -163,5 +165,7 @@ def test_light_checkpoints_and_background_writes_killed_anywhere_resume_to_the_u
     assert "trained now: [2, 3]" in out
     removed = _same_as(run, ref, 4, ("rollouts.parquet", "scores.parquet", "rewards.parquet"))
     assert removed, "the kills inside the background writes must have left attempt files"
-    assert run.read_table(2, "eval.parquet").equals(ref.read_table(2, "eval.parquet"))
+    assert run.read_table(3, "eval.parquet").equals(ref.read_table(3, "eval.parquet"))
+    assert run.manifest(2).metrics["replayed_updates"] == 2  # the last process replayed updates 0 and 1
+    assert "sampled_ahead_seconds" in run.manifest(3).metrics  # generate 3 sampled while 2 was written
     print(f"light chain: {len(LIGHT_CRASHES)} kills + 1 resume in {chain_s:.1f}s; gc removed {removed} files")
