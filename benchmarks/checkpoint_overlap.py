@@ -7,7 +7,9 @@
     PYTHONPATH=. python -m benchmarks.checkpoint_overlap --device cuda --dtype bfloat16   # on a GPU
 
 Each variant trains a fresh run through rlme's own loop (`jobs/train.py`: generate, score, aggregate,
-update, commit) on local disk, in this process, with the same config and seed:
+update, commit) on local disk, in this process, with the same config and seed, keeping the last 2
+checkpoints (`checkpoint.keep_last: 2`: deleting older ones is part of every commit, as in a long run, and
+12 full checkpoints of 1.6 GB would fill a shared disk):
 
   none            the write taken out: a benchmark-only patch of `Checkpoint.write` writes the small files
                   and a tensor-less model.safetensors (the loop still finds a checkpoint and keeps the trained
@@ -31,6 +33,7 @@ evaluator, so scoring costs little and the write's share is not diluted by it.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -45,12 +48,14 @@ from rlme_pipeline.models import checkpoint
 from rlme_pipeline.storage.run import Run
 
 SMOLLM2 = ROOT / ".cache" / "real-models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+# keep_last 2: a variant's run holds a few GB, not 12 full checkpoints (retention keeps the newest full state
+# and every checkpoint after it, so full10 holds up to 10 light ones); runs are deleted once measured.
 VARIANTS = {
-    "none": {"full_every": 1, "background_write": False},
-    "full1": {"full_every": 1, "background_write": False},
-    "full1-deferred": {"full_every": 1, "background_write": True},
-    "full10": {"full_every": 10, "background_write": False},
-    "full10-deferred": {"full_every": 10, "background_write": True},
+    "none": {"full_every": 1, "background_write": False, "keep_last": 2},
+    "full10-deferred": {"full_every": 10, "background_write": True, "keep_last": 2},
+    "full10": {"full_every": 10, "background_write": False, "keep_last": 2},
+    "full1-deferred": {"full_every": 1, "background_write": True, "keep_last": 2},
+    "full1": {"full_every": 1, "background_write": False, "keep_last": 2},
 }
 
 
@@ -101,6 +106,7 @@ def measure(name: str, root: Path, policy: str, iterations: int, args) -> dict:
     measured = made[1:-1]
     written = [sum(f.bytes for f in checkpoint.files_of(m.files, m.iteration)) for m in measured]
     waits = [m.metrics.get("checkpoint_wait_seconds") for m in measured if "checkpoint_wait_seconds" in m.metrics]
+    shutil.rmtree(root / name)
     return {
         "seconds": statistics.fmean(seconds),
         "gb": statistics.fmean(written) / 1e9,
