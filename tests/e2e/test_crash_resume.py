@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 
 from rlme_pipeline.config import load_config
 from rlme_pipeline.jobs.train import train
@@ -51,13 +49,6 @@ def _with_eval(config: Path) -> Path:
     return config
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    """One Prefect server for the whole chain; a killed flow run is left Running there, as it would be."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 def _train_process(config: Path, crash_at: str | None, api_url: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api_url}
     env.pop("RLME_CRASH_AT", None)
@@ -79,7 +70,7 @@ def _contents(run: Run) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, tmp_path, prefect_api):
+def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, tmp_path, prefect_server):
     # The reference: the same config, uninterrupted, in this process, on local disk.
     ref_cfg = load_config(_with_eval(micro_config(str(tmp_path / "ref"), iterations=2)))
     ref = Run.for_config(ref_cfg)
@@ -90,12 +81,12 @@ def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, t
     seen_manifests: dict[int, bytes] = {}
     t0 = time.perf_counter()
     for point in CRASHES:
-        p = _train_process(config, point, prefect_api)
+        p = _train_process(config, point, prefect_server)
         assert p.returncode == -signal.SIGKILL, f"{point}: expected SIGKILL, got {p.returncode}\n{p.stderr[-3000:]}"
         for i in run.committed():  # a commit, once made, never changes
             now = run.store.read_bytes(f"iter-{i:06d}/MANIFEST.json")
             assert seen_manifests.setdefault(i, now) == now
-    p = _train_process(config, None, prefect_api)
+    p = _train_process(config, None, prefect_server)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "trained now: [1]" in " ".join(p.stdout.split())  # the flow finished what the kills left
     chain_s = time.perf_counter() - t0

@@ -19,7 +19,7 @@ from rlme_pipeline import scoreset
 from rlme_pipeline.audit import labels
 from rlme_pipeline.audit.report import audit
 from rlme_pipeline.audit.sources import Scoreset
-from rlme_pipeline.config import ProbeConfig, QuestionConfig, ScoringConfig, load_config
+from rlme_pipeline.config import ProbeConfig, QuestionConfig, ScoringConfig
 from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.judging.judges import Evaluator
@@ -28,16 +28,14 @@ from rlme_pipeline.models.loading import weights_version
 from rlme_pipeline.models.weights_at import ModelRef
 from rlme_pipeline.storage.run import Run
 from rlme_pipeline.storage.store import Store
-from tests.conftest import DEMO
+from tests.conftest import trained_demo
 
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory, tiny_models):
     """A two-iteration run, a re-score of it, and the audit comparing both (built once for the module)."""
     root = tmp_path_factory.mktemp("audit")
-    cfg = load_config(DEMO).with_overrides(storage=str(root / "runs"), iterations=2)
-    run = Run(Store(cfg.run.storage), cfg.run.id)
-    train(cfg, run)
+    run = trained_demo(root, iterations=2)
     qs = [QuestionConfig(id="short", text="Is it short?", weight=-1.0), QuestionConfig(id="right", text="Is it right?")]
     rescore(run, "v2", questions=qs, shard_rows=16)
     out = Store(str(root / "audit"))

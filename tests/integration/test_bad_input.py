@@ -8,22 +8,17 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from rlme_pipeline.config import ConfigError, load_config
 from rlme_pipeline.jobs.preflight import preflight
 from rlme_pipeline.storage.store import StorageError, Store
-from tests.conftest import ROOT, demo_dict
+from tests.conftest import ROOT, demo_variant, write_config
 
 
 def _config(tmp_path, mutate) -> str:
-    d = demo_dict()
-    d.pop("eval", None)  # no held-out eval: not what this test is about
-    d["run"]["storage"] = str(tmp_path / "runs")
+    d = demo_variant(tmp_path / "runs", eval=None)  # no held-out eval: not what this test is about
     mutate(d)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return str(path)
+    return str(write_config(d, tmp_path, "cfg"))
 
 
 CASES = [

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 
 import polars as pl
@@ -19,11 +18,9 @@ from rlme_pipeline import scoreset
 from rlme_pipeline.config import ProposerConfig
 from rlme_pipeline.evolve import proposal, rank
 from rlme_pipeline.jobs.evolve import evolve
-from rlme_pipeline.jobs.train import train
 from rlme_pipeline.storage.run import Run
-from rlme_pipeline.storage.store import Store
 from rlme_pipeline.storage.verify import verify
-from tests.conftest import demo_dict
+from tests.conftest import PINNED, copy_run, trained_demo
 
 
 @pytest.fixture(scope="module")
@@ -31,25 +28,12 @@ def trained(tmp_path_factory, tiny_models) -> Run:
     """Two committed iterations of the demo (labels in the data, two evaluators), trained once, with the
     demo's training settings pinned here (4 samples a prompt, one small step an iteration, the probe every
     iteration), so that tuning the demo does not move the numbers this test checks."""
-    from rlme_pipeline.config import validate_config
-
-    root = tmp_path_factory.mktemp("trained")
-    d = demo_dict()
-    d["run"].update(storage=str(root / "runs"), iterations=2)
-    d["generation"]["group_size"] = 4
-    d["optimizer"] = {"lr": 1.0e-4, "micro_batch_size": 8, "grad_accumulation": 4}
-    d["probe"]["every"] = 1
-    d.pop("eval", None)
-    cfg = validate_config(d)
-    run = Run(Store(cfg.run.storage), cfg.run.id)
-    train(cfg, run)
-    return run
+    return trained_demo(tmp_path_factory.mktemp("trained"), iterations=2, **PINNED)
 
 
 @pytest.fixture
 def run(trained, tmp_path) -> Run:
-    shutil.copytree(trained.store.root, tmp_path / "runs" / "demo")
-    return Run(Store(str(tmp_path / "runs")), "demo")
+    return copy_run(trained, tmp_path)
 
 
 def tree(root: Path, skip: tuple[str, ...] = ("proposals",)) -> dict[str, str]:
