@@ -150,6 +150,8 @@ def legacy_hash(cfg) -> str:
     d.pop("eval")  # added after the legacy hash; operational
     if d.get("evolve") is None:  # added after the legacy hash; hashed only when set
         d.pop("evolve", None)
+    if d["scoring"]["chat_template"] == "auto":  # added after the legacy hash; hashed only when set
+        d["scoring"].pop("chat_template")
     return sha256_json(d)
 
 
@@ -169,6 +171,8 @@ def legacy_hash(cfg) -> str:
         lambda d: d["policy"].update(lora={"r": 8, "target_modules": ["q_proj"]}),
         lambda d: d.update(distributed={"processes": 4, "backend": "gloo"}),
         lambda d: d["optimizer"].update(lr_decay_iterations=30),
+        lambda d: d["scoring"].update(chat_template="off"),
+        lambda d: d["scoring"].update(chat_template="auto"),
     ],
 )
 def test_hash_is_the_legacy_hash_so_existing_runs_resume(mutate):
@@ -191,6 +195,9 @@ def test_hash_covers_nested_experiment_fields_and_skips_operational_ones():
         (("questions", 0, "positive"), [" Yes"], False),
         (("evaluators", 1, "weight"), 0.25, False),
         (("scoring", "logp_floor"), -5.0, False),
+        (("scoring", "chat_template"), "auto", True),  # the default: configs written before it keep their hash
+        (("scoring", "chat_template"), "off", False),
+        (("scoring", "chat_template"), "on", False),
         (("vllm", "timeout_s"), 5.0, True),
         (("probe", "alarm_share"), 0.9, True),
         (("run", "iterations"), 50, True),
