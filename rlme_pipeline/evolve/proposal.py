@@ -183,7 +183,7 @@ def measure(run: Run, name: str, k: int | str, backends: Backends) -> dict:
     re-scored into its own score set. Recorded: a rerun measures only what is missing."""
     u = unit(run, name)
     if rec := u.record(_measure_step(k)):
-        return rec.metrics
+        return rank.renamed(rec.metrics)
     t0 = time.perf_counter()
     info = u.read_record("prepare").info
     cfg = run.config()
@@ -244,8 +244,12 @@ def finish(run: Run, name: str, criteria: rank.Criteria | None = None) -> Propos
     criteria = criteria or rank.Criteria()
     prep = u.read_record("prepare")
     cs = candidates(run, name)
-    base = u.read_record(_measure_step(CURRENT)).metrics
-    measured = [(c["index"], u.read_record(_measure_step(c["index"])).metrics) for c in cs if c["status"] == "accepted"]
+    base = rank.renamed(u.read_record(_measure_step(CURRENT)).metrics)
+    measured = [
+        (c["index"], rank.renamed(u.read_record(_measure_step(c["index"])).metrics))
+        for c in cs
+        if c["status"] == "accepted"
+    ]
     chosen, ineligible, why = rank.choose(base, measured, criteria)
     by_k = dict(measured)
     rows = [

@@ -52,6 +52,12 @@ def evaluators_at(
     ]
 
 
+def evaluators_at_start(cfg: Config) -> list[Evaluator]:
+    """The evaluators as they judge iteration 0 of a new run, before one exists (judge-check): the live
+    and the frozen self are then both the initial policy, so no run is read (evaluator_at needs none at 0)."""
+    return [Evaluator(ev.name, evaluator_at(None, cfg, ev, 0)) for ev in cfg.evaluators]
+
+
 def predates_chat_template(run: Run) -> bool:
     """Whether the run's config snapshot (run.json) was written before scoring.chat_template existed."""
     if not run.store.exists("run.json"):
