@@ -266,6 +266,12 @@ class ScoringConfig(Section):
         "one (runs created before this field: off)",
     )
 
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        """YAML 1.1 (PyYAML) reads a bare `on`/`off` as true/false: take them as the words they were."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("template")
     @classmethod
     def _template_fields(cls, v: str) -> str:

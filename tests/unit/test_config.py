@@ -209,3 +209,14 @@ def test_hash_covers_nested_experiment_fields_and_skips_operational_ones():
             node = node.setdefault(k, {}) if isinstance(node, dict) else node[k]
         node[path[-1]] = value
         assert (validate_config(e).hash() == base) is same, path
+
+
+@pytest.mark.parametrize("text, value", [("on", "on"), ("off", "off"), ("'on'", "on"), ("auto", "auto"), ("yes", "on")])
+def test_chat_template_reads_yaml_on_and_off_as_words(tmp_path, text, value):
+    """PyYAML reads a bare `on`/`off` (and yes/no) as booleans; `scoring.chat_template: on` must still mean on."""
+    d = _demo()
+    d["data"]["path"] = "data.jsonl"
+    path = tmp_path / "c.yaml"
+    d["scoring"]["chat_template"] = "PLACEHOLDER"
+    path.write_text(yaml.safe_dump(d).replace("chat_template: PLACEHOLDER", f"chat_template: {text}"))
+    assert load_config(path).scoring.chat_template == value
