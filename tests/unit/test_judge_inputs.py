@@ -4,6 +4,7 @@ keeping their hash and their scores."""
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -163,6 +164,50 @@ def test_smollm2_packed_chat_judgements_equal_direct_forward_passes(smollm2_shap
             lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
         assert r["logp_yes"] == pytest.approx(torch.logsumexp(lp[yes], 0).item(), abs=1e-5), (row, q.id)
         assert r["logp_no"] == pytest.approx(torch.logsumexp(lp[no], 0).item(), abs=1e-5), (row, q.id)
+
+
+def test_smollm2_openai_backend_sends_the_same_ids_and_gets_the_same_scores(smollm2_shaped, backends):
+    """The openai backend (token-id prompts over HTTP) against a server that answers with a plain forward
+    pass of the ids it receives: the prompts are the whole templated texts' own tokenisations, and the
+    scores equal the hf backend's."""
+    from contextlib import contextmanager
+
+    import httpx
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlme_pipeline.backends.openai import Client, OpenAIJudge
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_shaped).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_shaped)
+    received = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        received.extend(body["prompt"])
+        choices = []
+        for i, ids in enumerate(body["prompt"]):
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+            top = {f"token_id:{t}": float(lp[t]) for t in body["logprob_token_ids"]}
+            choices.append({"index": i, "logprobs": {"top_logprobs": [top]}})
+        return httpx.Response(200, json={"choices": choices})
+
+    class OverHTTP:  # what Backends.judge(ref, "openai") yields, with the server above
+        @contextmanager
+        def judge(self, ref, backend):
+            yield OpenAIJudge(Client(url="http://vllm", transport=httpx.MockTransport(server)), 2048), tok
+
+    sc = ScoringConfig(chat_template="on", batch_size=4)
+    ref = ModelRef(smollm2_shaped, weights_version(smollm2_shaped), "float32", "cpu")
+    hf = score_rollouts(ROLLOUTS, [Evaluator("smol", ref)], QUESTIONS, sc, "train", backends)
+    http = score_rollouts(ROLLOUTS, [Evaluator("smol", ref)], QUESTIONS, sc, "train", OverHTTP())
+    wholes = [_whole(tok, sc, row, q) for row in ROLLOUTS.to_dicts() for q in QUESTIONS]
+    assert sorted(received) == sorted(wholes)
+    key = ["rollout_id", "question_id"]
+    both = hf.join(http, on=key, suffix="_http")
+    assert both.height == hf.height == http.height
+    assert (both["logp_yes"] - both["logp_yes_http"]).abs().max() < 1e-5
+    assert (both["logp_no"] - both["logp_no_http"]).abs().max() < 1e-5
 
 
 def test_on_without_a_chat_template_names_the_field(tiny_models):
