@@ -35,7 +35,8 @@ def rlme_audit(
         )
     for row in tables.get("labels", []):
         lines.append(
-            f"- labels `{row['evaluator']}/{row['question_id']}`: AUROC {row['auroc']}, accuracy@0.5 {row['accuracy_at_0_5']}"
+            f"- labels `{row['evaluator']}/{row['question_id']}`: AUROC of the reward {row['auroc_reward']}, "
+            f"of P(yes) {row['auroc_p_yes']}, accuracy@0.5 {row['accuracy_at_0_5']}"
         )
     for row in tables.get("compare", []):
         lines.append(

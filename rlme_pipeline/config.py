@@ -304,6 +304,20 @@ class ScoringConfig(Section):
     )
     reward_form: Literal["logp", "norm_logp", "p"] = experiment("logp", "f(p) summed into the reward (rewards.py)")
     logp_floor: float = experiment(math.log(1e-6), "lower bound of log-probability rewards (bounds log 0)", lt=0)
+    # Hashed only when set: "auto" is the default, and a run made before this field existed reads "auto" as
+    # "off" (judging/inputs.py), so every existing run keeps both its hash and its scores.
+    chat_template: Literal["auto", "on", "off"] = experiment_if_set(
+        "auto",
+        "wrap the judge's text in the evaluator's chat template (one user message: template + question_template; "
+        "the assistant turn opened, the answer read there): on, off, or auto = where the evaluator's tokenizer has "
+        "one (runs created before this field: off)",
+    )
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        """YAML 1.1 (PyYAML) reads a bare `on`/`off` as true/false: take them as the words they were."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("template")
     @classmethod

@@ -8,9 +8,11 @@ from pathlib import Path
 from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config, ConfigError
 from rlme_pipeline.data import heldout_prompts, load_prompts, prompt_indices
 from rlme_pipeline.jobs.tracking import check_installed
-from rlme_pipeline.judging.judges import answer_ids
+from rlme_pipeline.judging.inputs import uses_chat
+from rlme_pipeline.judging.judges import judge_answer_ids, predates_chat_template
 from rlme_pipeline.models.importing import GGUF_PREFIX, check_gguf, require_gguf
 from rlme_pipeline.models.loading import load_tokenizer, resolve_ref
+from rlme_pipeline.storage.run import Run
 from rlme_pipeline.storage.store import Store
 
 
@@ -261,11 +263,20 @@ def preflight(cfg: Config, store: Store) -> list[str]:
     prompt_indices(prompts.height, cfg.data.prompts_per_iteration, cfg.run.seed, 0)
     if cfg.eval.every:
         heldout_prompts(cfg)  # the held-out file and its columns, now rather than after the first update
+    policy_tok = check_judges(cfg, predates_chat_template(Run(store, cfg.run.id)))
+    return gpu_memory_notes(cfg, prompts, policy_tok)
+
+
+def check_judges(cfg: Config, predates: bool = False):
+    """The policy's and every evaluator's tokenizer load, and each reads every question's answers as one
+    token in the form it will judge (raw text, or its chat template: scoring.chat_template), before any
+    model loads. `predates`: the run was created before scoring.chat_template (auto reads raw text).
+    Returns the policy's tokenizer."""
     policy_tok = _tokenizer_for(cfg, cfg.policy.model, "policy.model")
     for i, ev in enumerate(cfg.evaluators):
         field = f"evaluators[{i}].model"
         tok = policy_tok if ev.model in (LIVE_SELF, FROZEN_SELF) else _tokenizer_for(cfg, ev.model, field)
+        chat = uses_chat(cfg.scoring, tok, ev.name, predates)
         for q in cfg.questions:
-            answer_ids(tok, q.positive, f"questions[{q.id}].positive (evaluator {ev.name})")
-            answer_ids(tok, q.negative, f"questions[{q.id}].negative (evaluator {ev.name})")
-    return gpu_memory_notes(cfg, prompts, policy_tok)
+            judge_answer_ids(tok, q, cfg.scoring, chat, ev.name)
+    return policy_tok

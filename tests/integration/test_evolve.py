@@ -77,17 +77,26 @@ def test_rules_proposer_lowers_the_probe_share_and_is_chosen(run):
     accepted = [c for c in m.candidates if c["status"] == "accepted"]
     assert len(accepted) == 5 and all(c["source"].startswith("rules:") for c in accepted)
     # the declared rule, by hand: eligible = spread gate, paraphrase stability and AUROC tolerance; lowest probe
-    # win share wins
+    # win share wins (ties below)
     eligible = [
         c
         for c in accepted
         if c["measures"]["spread"] >= 0.5 * cur["spread"]
         and c["measures"]["stability"] is not None
         and c["measures"]["stability"] >= 0.5
-        and (cur["label_auroc"] is None or c["measures"]["label_auroc"] >= cur["label_auroc"] - 0.05)
+        and (cur["auroc_reward"] is None or c["measures"]["auroc_reward"] >= cur["auroc_reward"] - 0.05)
     ]
     assert [c["index"] for c in eligible] == [c["index"] for c in accepted if c["ineligible"] is None]
-    best = min(eligible, key=lambda c: (c["measures"]["probe_win_share"], c["index"]))
+    down = lambda x: math.inf if x is None else -x  # noqa: E731  (higher is better)
+    best = min(  # ties: higher AUROC of the reward, then higher spread, then the earlier candidate
+        eligible,
+        key=lambda c: (
+            c["measures"]["probe_win_share"],
+            down(c["measures"]["auroc_reward"]),
+            down(c["measures"]["spread"]),
+            c["index"],
+        ),
+    )
     assert m.chosen == best["index"]
     chosen = best["measures"]
     assert chosen["probe_win_share"] < cur["probe_win_share"]  # the probe share went down
