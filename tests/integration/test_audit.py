@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlme_pipeline import scoreset
 from rlme_pipeline.audit import labels
-from rlme_pipeline.audit.report import audit
 from rlme_pipeline.audit.sources import Scoreset
 from rlme_pipeline.config import ProbeConfig, QuestionConfig, ScoringConfig
+from rlme_pipeline.jobs.audit import audit
 from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.judging.judges import Evaluator

@@ -16,9 +16,10 @@ from rlme_flows.cli import app
 from typer.testing import CliRunner
 
 from rlme_pipeline import scoreset
-from rlme_pipeline.audit.report import audit, compute
+from rlme_pipeline.audit.report import compute
 from rlme_pipeline.config import ProposerConfig, validate_config
 from rlme_pipeline.evolve import adopt, proposal
+from rlme_pipeline.jobs.audit import audit
 from rlme_pipeline.jobs.evolve import evolve
 from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train
