@@ -34,7 +34,8 @@ from rlme_pipeline.audit.labels import auroc, auroc_expr
 from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import Config, ConfigError
 from rlme_pipeline.data import load_prompts
-from rlme_pipeline.judging.judges import evaluators_at_start, probe_metrics, run_probe, sample_prompts, score_rollouts
+from rlme_pipeline.judging.judges import evaluators_at_start, score_rollouts
+from rlme_pipeline.judging.probe import probe_metrics, run_probe, sample_prompts
 from rlme_pipeline.models.weights_at import initial_policy
 from rlme_pipeline.stages.generate import Sampling, generate
 from rlme_pipeline.storage.parquet import write_frame
