@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from rlme_pipeline.algorithm.answers import is_correct
-from rlme_pipeline.algorithm.rewards import component, compute_rewards
+from rlme_pipeline.algorithm.rewards import component
 from rlme_pipeline.audit.labels import auroc, auroc_expr
 from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import Config, ConfigError
@@ -37,6 +37,7 @@ from rlme_pipeline.data import load_prompts
 from rlme_pipeline.judging.judges import evaluators_at_start, score_rollouts
 from rlme_pipeline.judging.probe import probe_metrics, run_probe, sample_prompts
 from rlme_pipeline.models.weights_at import initial_policy
+from rlme_pipeline.stages.aggregate import judges_reward
 from rlme_pipeline.stages.generate import Sampling, generate
 from rlme_pipeline.storage.parquet import write_frame
 from rlme_pipeline.storage.run import Run
@@ -213,14 +214,9 @@ def _ece(reliability: pl.DataFrame) -> pl.DataFrame:
 
 def _reward(cfg: Config, scores: pl.DataFrame, graded_rollouts: pl.DataFrame) -> dict:
     """The judges' reward as training sums it (no label-reward mix: that would grade with the labels)."""
-    rewards = compute_rewards(
-        scores,
-        graded_rollouts,
-        {e.name: e.weight for e in cfg.evaluators},
-        {q.id: q.weight for q in cfg.questions},
-        form=cfg.scoring.reward_form,
-        floor=cfg.scoring.logp_floor,
-    ).join(graded_rollouts.select("rollout_id", "correct"), on="rollout_id")
+    rewards = judges_reward(cfg, scores, graded_rollouts).join(
+        graded_rollouts.select("rollout_id", "correct"), on="rollout_id"
+    )
     valid = rewards.filter(pl.col("reward").is_not_nan())
     value = auroc(valid["reward"], valid["correct"]) if valid.height else None
     mean = lambda df: float(df["reward"].mean()) if df.height else None  # noqa: E731
