@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -330,9 +331,10 @@ def test_label_metrics_read_the_run_answer_format():
             "label": [label] * 5,
         }
     )
+    p_yes = [0.9, 0.8, 0.1, 0.2, 0.7]
     scores = pl.DataFrame(
         {"rollout_id": rollouts["rollout_id"], "evaluator": ["e"] * 5, "question_id": ["q"] * 5,
-         "p_yes": [0.9, 0.8, 0.1, 0.2, 0.7], "status": ["ok"] * 5}
+         "p_yes": p_yes, "logp_yes": [math.log(p) for p in p_yes], "status": ["ok"] * 5}
     )  # fmt: skip
     got = {}
     for fmt in ("gsm8k", "answer_is"):
