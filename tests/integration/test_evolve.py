@@ -157,4 +157,4 @@ def test_cli_evolve_user_errors_are_one_line(run):
     r = CliRunner().invoke(app, ["evolve", run.url, "--proposer", "rules", "--iterations", "7:9"])
     assert r.exit_code == 2 and "--iterations '7:9'" in r.output, r.output
     r = CliRunner().invoke(app, ["evolve", run.url, "--proposer", "x", "--backend", "tgi"])
-    assert r.exit_code == 2 and "--backend 'tgi'" in r.output, r.output
+    assert r.exit_code == 2 and "--backend: Input should be 'hf', 'vllm' or 'openai'" in r.output, r.output

@@ -50,7 +50,7 @@ def planted(tmp_path_factory, tiny_models) -> dict:
         rollouts, _ = check.sample(cfg, prompts, 4, b)
     said = {}  # prompt id -> a number one of its samples ends with
     for r in rollouts.sort("prompt_id", "sample_index").iter_rows(named=True):
-        if (a := extract_answer(r["completion"], cfg.eval.extractor)) is not None:
+        if (a := extract_answer(r["completion"], cfg.answer_format())) is not None:
             said.setdefault(r["prompt_id"], a)
     planted_ids = sorted(said)[::2]
     assert planted_ids, "no tiny-policy sample ends with a number: nothing to plant a right answer on"
@@ -87,7 +87,7 @@ def test_right_and_wrong_come_from_each_samples_own_label(planted, checked):
     cfg, r = checked
     samples = r.samples.unique("rollout_id").sort("rollout_id")
     own = [
-        extract_answer(c, cfg.eval.extractor) == normalize(planted["labels"][p])
+        extract_answer(c, cfg.answer_format()) == normalize(planted["labels"][p])
         for c, p in zip(samples["completion"], samples["prompt_id"])
     ]
     assert samples["correct"].to_list() == own
