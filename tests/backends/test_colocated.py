@@ -148,7 +148,7 @@ def test_colocated_training_pushes_each_update_into_one_engine(tmp_path, vllm_py
     assert starts == [(0, "generate"), (0, "score")] and calls["load_llm"] == 1
     # every later iteration's weights were pushed from the trainer's tensors, never read back from disk
     assert sorted(syncs) == [(1, "generate"), (2, "generate")] and all(s > 0 for s in syncs.values())
-    assert calls["push_weights"] == 2 and calls.get("reload_weights", 0) == 0
+    assert calls.get("push_weights", 0) == 2 and calls.get("reload_weights", 0) == 0
     assert calls["sample"] == 3  # one engine call per generate stage, not one per generation.batch_size
     versions = [run.read_table(i, "rollouts.parquet")["policy_version"].unique().to_list() for i in range(3)]
     assert len({v[0] for v in versions}) == 3 and all(len(v) == 1 for v in versions)

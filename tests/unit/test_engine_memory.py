@@ -64,3 +64,17 @@ def _tok(tiny_models):
     from rlme_pipeline.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_models["policy"]))
+
+
+def test_the_share_is_set_once_and_named_when_generate_runs_out_of_memory():
+    from rlme_pipeline.config import VllmConfig
+    from rlme_pipeline.jobs import oom
+
+    with pytest.raises(ValueError, match="vllm.engine_kwargs.gpu_memory_utilization: set once"):
+        VllmConfig(gpu_memory_utilization=0.5, engine_kwargs={"gpu_memory_utilization": 0.4})
+    with pytest.raises(ValueError):
+        VllmConfig(gpu_memory_utilization=1.5)
+    vllm = [f for _, f, _ in oom.knobs(_cfg(generation={"backend": "vllm"}, vllm={"gpu_memory_utilization": 0.5}), "generate")]  # fmt: skip
+    assert "vllm.gpu_memory_utilization" in vllm
+    served = [a for _, f, a in oom.knobs(_cfg(generation={"backend": "openai"}), "generate") if f == "vllm.server_args"]
+    assert served == ["--gpu-memory-utilization lower"]
