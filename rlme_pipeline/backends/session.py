@@ -11,8 +11,8 @@ checkpoint i-1, an ordinary HF directory), and stopped when the stage ends; with
 up for the next stage that needs the same weights (one at a time), with `vllm.weight_sync` it stays up and
 loads each checkpoint in place (docs/vllm.md).
 
-The vllm backend's generator is colocated with the trainer: one in-process engine per architecture,
-kept until the owner closes, never stopped to make room for a server. Each stage it holds the weights the
+A trainer's policy generator on the vllm backend is colocated with it: one in-process engine per
+architecture, kept until the owner closes, never stopped to make room for a server. Each stage it holds the weights the
 stage asks for: the trainer's tensors pushed from the pool (the model the update just trained), else the
 checkpoint directory reloaded in place. Judges of that architecture share it; any other in-process judge
 gets an engine of its own for the stage.
@@ -31,7 +31,7 @@ from pathlib import Path
 from rlme_pipeline.backends import BackendConfigError, BackendError
 from rlme_pipeline.config import VllmConfig
 from rlme_pipeline.models import adapters
-from rlme_pipeline.models.loading import ModelPool, load_tokenizer, master_dtype
+from rlme_pipeline.models.loading import ModelPool, load_tokenizer, master_dtype, weights_version
 from rlme_pipeline.models.weights_at import ModelRef
 
 
@@ -220,9 +220,11 @@ class Backends:
             self._start_watchers.remove(seen)
 
     @contextmanager
-    def generator(self, ref: ModelRef, backend: str = "hf", *, engine_memory: Callable[[], float] | None = None):
-        """(generator, tokenizer) for the policy `ref`. engine_memory: the share of a CUDA device a vllm
-        engine built now may take beside the trainer (vllm.gpu_memory_utilization overrides it)."""
+    def generator(self, ref: ModelRef, backend: str = "hf", *, colocated: Callable[[], float] | None = None):
+        """(generator, tokenizer) for the policy `ref`. colocated: given by a trainer for its policy, whose
+        vllm engine is then kept for this owner's lifetime beside the trainer; it returns the share of a
+        CUDA device that engine may take when it is built (vllm.gpu_memory_utilization overrides it). Other
+        vllm generators (a proposer model) get an engine for the call, in its own processes."""
         if backend == "hf":
             from rlme_pipeline.backends.hf import HFGenerator
 
@@ -237,7 +239,7 @@ class Backends:
         elif backend == "vllm":
             from rlme_pipeline.backends.vllm import VLLMGenerator
 
-            with self._kept_llm(ref, engine_memory) as (llm, lora):
+            with self._kept_llm(ref, colocated) if colocated else self._llm(ref) as (llm, lora):
                 yield VLLMGenerator(llm, lora), self._tokenizer(ref.base or ref.path)
         else:
             raise ValueError(f"unknown generation backend {backend!r}")
@@ -382,11 +384,12 @@ class Backends:
 
     @staticmethod
     def _weights_name(ref: ModelRef) -> str:
-        """What a kept engine holds for `ref`: its content hash, or a LoRA ref's base (adapters come apart)."""
-        return ref.version if ref.base is None else f"base:{ref.base}"
+        """What a kept engine holds for `ref`: its content hash, or for a LoRA ref its base's (the adapter
+        comes apart), which is the initial policy's version: no reload between iteration 0 and 1."""
+        return ref.version if ref.base is None else weights_version(ref.base)
 
     @contextmanager
-    def _kept_llm(self, ref: ModelRef, engine_memory: Callable[[], float] | None = None):
+    def _kept_llm(self, ref: ModelRef, share: Callable[[], float] | None = None):
         """(llm, lora_request or None) from the kept engine of `ref`'s architecture (built on first use: a
         "start"), holding `ref`'s weights (loading them is a "sync": weight_sync_seconds). A stage that
         fails takes the engine with it: the next one builds a fresh engine rather than trust a half load."""
@@ -394,7 +397,7 @@ class Backends:
 
         key, weights = self._engine_key(ref), ref.base or ref.path
         with self._serving:
-            engine = self._engines.get(key) or self._build_engine(key, ref, engine_memory)
+            engine = self._engines.get(key) or self._build_engine(key, ref, share)
             self.in_use.append(engine.llm)
             try:
                 t0 = time.perf_counter()
@@ -413,7 +416,7 @@ class Backends:
             finally:
                 self.in_use.remove(engine.llm)
 
-    def _build_engine(self, key: tuple, ref: ModelRef, engine_memory: Callable[[], float] | None):
+    def _build_engine(self, key: tuple, ref: ModelRef, share_of: Callable[[], float] | None):
         """An in-process engine on `ref`'s weights; on a CUDA device sized to what the trainer leaves."""
         from rlme_pipeline.backends.vllm import KeptEngine, load_llm
 
@@ -424,7 +427,7 @@ class Backends:
             kw.update(enable_lora=True, max_lora_rank=lora_rank(v.max_lora_rank))
         share = v.gpu_memory_utilization
         if share is None and "gpu_memory_utilization" not in v.engine_kwargs and ref.device.startswith("cuda"):
-            share = engine_memory() if engine_memory is not None else None
+            share = share_of() if share_of is not None else None
         if share is not None:
             kw["gpu_memory_utilization"] = share
         kw.update(v.engine_kwargs)

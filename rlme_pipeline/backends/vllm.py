@@ -137,10 +137,14 @@ class KeptEngine:
         """The engine awake and holding `name`: the weights in `path`, or the tensors `tensors()` gives
         (the same weights, in memory). Yields the seconds it took to load them, None when it held them."""
         if self.asleep:
+            import torch
+
+            torch.accelerator.empty_cache()  # the trainer's cached, unused blocks: the engine needs them back
             self.llm.wake_up(tags=["weights"])
         seconds = self._hold(name, path, tensors)
         if self.asleep:
-            self.llm.wake_up(tags=["kv_cache"])
+            if not self.llm.wake_up(tags=["kv_cache"]):  # anything else still asleep (CUDA graphs' memory)
+                self.llm.wake_up()
             self.asleep = False
         try:
             yield seconds

@@ -238,7 +238,7 @@ class Runner:
         cfg, backend = self.cfg, self.cfg.generation.backend
         prompts = prompts_for_iteration(self.prompts.train(), cfg, i)
         ref = policy_at(self.run, cfg, i)
-        with self.backends.generator(ref, backend, engine_memory=self._engine_memory) as (gen, tok):
+        with self.backends.generator(ref, backend, colocated=self._engine_memory) as (gen, tok):
             rollouts, metrics = generate(cfg, self.run.id, i, prompts, ref.version, gen, tok)
         info = {
             "policy": {"ref": cfg.policy.model, "version": ref.version},
@@ -307,7 +307,7 @@ class Runner:
         cfg, backend = self.phases.config_at(self.cfg, i), self.cfg.generation.backend
         prompts = self.prompts.heldout()
         ref = policy_at(self.run, cfg, i + 1)
-        with self.backends.generator(ref, backend, engine_memory=self._engine_memory) as (gen, tok):
+        with self.backends.generator(ref, backend, colocated=self._engine_memory) as (gen, tok):
             rollouts = heldout.completions(cfg, self.run.id, i, prompts, ref.version, gen, tok)
         evaluators = evaluators_at(self.run, cfg, i + 1) if cfg.eval.judges else []
         table, metrics = heldout.evaluate(cfg, rollouts, evaluators, self.backends)

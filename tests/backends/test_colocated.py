@@ -4,11 +4,13 @@
    blocks computed with the old weights) give the same judgements, prompt log-probs and seeded samples as
    a fresh engine on the checkpoint the trainer saved; and, in float32, the judgements of an hf forward
    pass of the trained model (tests/backends/vllm_push_inproc.py, in the vLLM venv).
-2. Three training iterations with the policy generating on one kept in-process engine and a frozen judge
-   on its own managed server (openai backend, keep_alive): one engine and one server for the whole run,
-   the trained tensors pushed after each update (no checkpoint read back), weight_sync_seconds in the
-   generate record of every iteration after the first, all of an iteration's samples in one engine call,
-   and the behaviour log-probs equal to the trainer's (tests/backends/vllm_train_inproc.py).
+2. Three training iterations with the policy generating on one kept in-process engine
+   (tests/backends/vllm_train_inproc.py): full fine-tuning with a frozen judge on its own managed server
+   (openai backend, keep_alive), and a LoRA policy with its judge on hf. One engine (and one server) for
+   the whole run; each update's weights in the engine (full: the trained tensors pushed, no checkpoint
+   read back; LoRA: the adapter loaded, the base never reloaded), weight_sync_seconds in the generate
+   record of every iteration after the first, all of an iteration's samples in one engine call, and the
+   behaviour log-probs equal to the trainer's.
 
 What a CPU cannot show: vLLM's sleep mode (vLLM refuses it off CUDA/ROCm/XPU, so the engine stays awake
 here) and the GPU memory share (the engine is sized only on a CUDA device); docs/vllm.md "Colocated".
@@ -89,33 +91,27 @@ def test_pushed_weights_equal_a_fresh_engine_on_the_checkpoint(tmp_path, vllm_py
         assert hf_delta < TOL
 
 
-def _train_config(tmp_path, vllm_python, tiny_models) -> dict:
+def _train_config(tmp_path, vllm_python, tiny_models, lora: bool) -> dict:
     d = demo_dict()
     d["run"].update(id="colocated", storage=str(tmp_path / "runs"), iterations=3)
     d["data"].update(prompts_per_iteration=2)
-    d["evaluators"] = [{"name": "judge", "model": str(tiny_models["evaluator"])}]  # frozen, on its own server
+    d["evaluators"] = [{"name": "judge", "model": str(tiny_models["evaluator"])}]
     d["questions"] = d["questions"][:1]
-    d.pop("eval", None)  # no held-out eval: each iteration's one push is in its generate record
+    d.pop("eval", None)  # no held-out eval: each iteration's one weight load is in its generate record
     # batch_size 2 of 4 samples: chunked, the engine would get two calls per iteration
     d["generation"].update(backend="vllm", group_size=2, max_new_tokens=8, batch_size=2)
-    d["scoring"].update(backend="openai")
-    d["vllm"] = {
-        "python": vllm_python,
-        "server_args": SERVER_ARGS,
-        "env": VLLM_ENV,
-        "keep_alive": True,  # the judge's server stays up between score stages
-        "engine_kwargs": {"enforce_eager": True, "block_size": 32},
-        "timeout_s": 120,
-    }
+    d["vllm"] = {"engine_kwargs": {"enforce_eager": True, "block_size": 32}, "timeout_s": 120}
+    if lora:  # the judge on hf, in the pool
+        d["policy"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+        d["optimizer"]["lr"] = 1e-2  # an adapter that moves the numbers
+    else:  # the judge on its own managed server, kept up between score stages
+        d["scoring"].update(backend="openai")
+        d["vllm"].update(python=vllm_python, server_args=SERVER_ARGS, env=VLLM_ENV, keep_alive=True)
     return d
 
 
-def test_colocated_training_pushes_each_update_into_one_engine(tmp_path, vllm_python, tiny_models):
-    from rlme_pipeline.config import validate_config
-    from rlme_pipeline.storage.run import Run
-
-    d = _train_config(tmp_path, vllm_python, tiny_models)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+def _train_in_vllm_venv(vllm_python: str, config) -> dict:
+    """Run tests/backends/vllm_train_inproc.py on `config`; the counters it prints."""
     env = {
         **os.environ,
         **VLLM_ENV,
@@ -125,7 +121,7 @@ def test_colocated_training_pushes_each_update_into_one_engine(tmp_path, vllm_py
         "DO_NOT_TRACK": "1",
     }
     p = subprocess.run(
-        [vllm_python, str(HERE / "vllm_train_inproc.py"), str(tmp_path / "c.yaml")],
+        [vllm_python, str(HERE / "vllm_train_inproc.py"), str(config)],
         text=True,
         capture_output=True,
         env=env,
@@ -135,20 +131,32 @@ def test_colocated_training_pushes_each_update_into_one_engine(tmp_path, vllm_py
     if p.returncode != 0 or not lines:
         sys.stderr.write(p.stderr[-8000:])
         raise AssertionError(f"training in the vLLM venv failed (exit {p.returncode}); stderr tail above")
-    calls = json.loads(lines[-1].removeprefix("RESULT "))
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
-    cfg = validate_config(d)
-    run = Run.for_config(cfg)
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_colocated_training_loads_each_update_into_one_engine(tmp_path, vllm_python, tiny_models, lora):
+    from rlme_pipeline.config import validate_config
+    from rlme_pipeline.storage.run import Run
+
+    if lora:
+        pytest.importorskip("peft")
+    d = _train_config(tmp_path, vllm_python, tiny_models, lora)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    calls = _train_in_vllm_venv(vllm_python, tmp_path / "c.yaml")
+
+    run = Run.for_config(validate_config(d))
     assert run.committed() == [0, 1, 2]
     records = {(i, s): run.stage_record(i, s).metrics for i in range(3) for s in ("generate", "score", "update")}
     starts = sorted(k for k, m in records.items() if "backend_start_seconds" in m)
     syncs = {k: round(m["weight_sync_seconds"], 3) for k, m in records.items() if "weight_sync_seconds" in m}
-    print(f"calls {calls}; starts {starts}; weight_sync_seconds {syncs}")
-    # one engine (iteration 0's generate) and one judge server (iteration 0's score) for the whole run
-    assert starts == [(0, "generate"), (0, "score")] and calls["load_llm"] == 1
-    # every later iteration's weights were pushed from the trainer's tensors, never read back from disk
+    print(f"{'lora' if lora else 'full'}: calls {calls}; starts {starts}; weight_sync_seconds {syncs}")
+    # one engine for the whole run (iteration 0's generate); the judge's server, where there is one, too
+    assert starts == [(0, "generate")] + ([] if lora else [(0, "score")]) and calls["load_llm"] == 1
+    # every later iteration's weights reached the engine: full weights pushed from the trainer's tensors,
+    # never read back from disk; a LoRA policy's adapter loaded, its base never reloaded
     assert sorted(syncs) == [(1, "generate"), (2, "generate")] and all(s > 0 for s in syncs.values())
-    assert calls.get("push_weights", 0) == 2 and calls.get("reload_weights", 0) == 0
+    assert calls.get("push_weights", 0) == (0 if lora else 2) and calls.get("reload_weights", 0) == 0
     assert calls["sample"] == 3  # one engine call per generate stage, not one per generation.batch_size
     versions = [run.read_table(i, "rollouts.parquet")["policy_version"].unique().to_list() for i in range(3)]
     assert len({v[0] for v in versions}) == 3 and all(len(v) == 1 for v in versions)
