@@ -112,7 +112,7 @@ def main() -> None:
         ("sampler step, no per-request generator (CPU s)", per_step["one_batch"], None),
         ("push the trainer's tensors (push_weights)", statistics.median(push), None),
         ("reload the saved checkpoint (reload_weights)", statistics.median(reload), None),
-        ("a new in-process engine (the first in this process: imports included)", first_engine, None),
+        ("a new in-process engine (vllm imported already)", first_engine, None),
     ]
     print(f"{len(requests)} requests x {args.tokens} tokens ({args.prompts} x {args.samples}), {args.repeats} repeats")
     print("| what | wall s (median) | CPU s (median) |\n| --- | --- | --- |")
