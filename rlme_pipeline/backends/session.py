@@ -12,10 +12,10 @@ up for the next stage that needs the same weights (one at a time), with `vllm.we
 loads each checkpoint in place (docs/vllm.md).
 
 A trainer's policy generator on the vllm backend is colocated with it: one in-process engine per
-architecture, kept until the owner closes, never stopped to make room for a server. Each stage it holds the weights the
-stage asks for: the trainer's tensors pushed from the pool (the model the update just trained), else the
-checkpoint directory reloaded in place. Judges of that architecture share it; any other in-process judge
-gets an engine of its own for the stage.
+architecture, kept until the owner closes, never stopped to make room for a server. Each stage it holds
+the weights the stage asks for: the trainer's tensors pushed from the pool (the model the update just
+trained), else the checkpoint directory reloaded in place. Judges of that architecture share it; any
+other in-process judge gets an engine of its own for the stage.
 """
 
 from __future__ import annotations

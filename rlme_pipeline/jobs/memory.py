@@ -285,7 +285,9 @@ ENGINE_RESERVE = 2 * GiB  # CUDA context, allocator fragmentation, what a sleepi
 ENGINE_MIN_EXTRA = GiB  # beyond its weights: the activations of vLLM's profile run and a KV cache worth having
 
 
-def engine_share(total: int, held: int, busiest: int, engine_weights: int, *, sleeps: bool, reserve: int = ENGINE_RESERVE) -> float:  # fmt: skip
+def engine_share(
+    total: int, held: int, busiest: int, engine_weights: int, *, sleeps: bool, reserve: int = ENGINE_RESERVE
+) -> float:
     """vLLM's gpu_memory_utilization for an engine on the trainer's GPU: the share of the device it may
     take (vLLM refuses to start when less than that is free, then fills it with weights, activations and
     KV cache). `held`: what the trainer keeps between stages; `busiest`: the most its score or update stage

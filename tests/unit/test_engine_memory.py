@@ -74,7 +74,7 @@ def test_the_share_is_set_once_and_named_when_generate_runs_out_of_memory():
         VllmConfig(gpu_memory_utilization=0.5, engine_kwargs={"gpu_memory_utilization": 0.4})
     with pytest.raises(ValueError):
         VllmConfig(gpu_memory_utilization=1.5)
-    vllm = [f for _, f, _ in oom.knobs(_cfg(generation={"backend": "vllm"}, vllm={"gpu_memory_utilization": 0.5}), "generate")]  # fmt: skip
-    assert "vllm.gpu_memory_utilization" in vllm
+    cfg = _cfg(generation={"backend": "vllm"}, vllm={"gpu_memory_utilization": 0.5})
+    assert ("vllm.gpu_memory_utilization", "lower than 0.5") in [(f, a) for _, f, a in oom.knobs(cfg, "generate")]
     served = [a for _, f, a in oom.knobs(_cfg(generation={"backend": "openai"}), "generate") if f == "vllm.server_args"]
     assert served == ["--gpu-memory-utilization lower"]
