@@ -214,23 +214,14 @@ def gpu_memory_notes(cfg: Config, prompts, policy_tok) -> list[str]:
     """The per-stage GPU memory estimate (jobs/memory.py) when any model is on a CUDA device: computed
     from config.json files and the tokenizer, before anything loads."""
     from rlme_pipeline.jobs import memory
-    from rlme_pipeline.stages.generate import chat_prompt_ids
 
     models = [cfg.policy, *(ev for ev in cfg.evaluators if ev.model not in (LIVE_SELF, FROZEN_SELF))]
     if not any(m.device.startswith("cuda") for m in models):
         return []
-    shapes = {}
-    for m in models:
-        try:
-            shapes[m.model] = memory.shape_of(resolve_ref(cfg.resolve(m.model)), getattr(m, "lora", None))
-        except Exception as e:  # noqa: BLE001 - a hub id not cached here: the estimate is advice, not a check
-            return [f"no GPU memory estimate: cannot read the config.json of {m.model!r} ({type(e).__name__})"]
-    longest = max(prompts["prompt"].to_list(), key=len)
-    prompt_tokens = len(chat_prompt_ids(policy_tok, longest, cfg.data.system_prompt))
-    sc = cfg.scoring
-    count = lambda text: len(policy_tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    question_tokens = count(sc.template.format(prompt="", completion=""))
-    question_tokens += sum(count(sc.question_template.format(question=q.text)) for q in cfg.questions)
+    try:
+        shapes, prompt_tokens, question_tokens = memory.inputs(cfg, prompts, policy_tok)
+    except Exception as e:  # noqa: BLE001 - a hub id not cached here: the estimate is advice, not a check
+        return [f"no GPU memory estimate: cannot read a model's config.json ({type(e).__name__}: {e})"]
     parts = memory.estimate(cfg, shapes, prompt_tokens, question_tokens)
     lines = memory.report(parts, _cuda_totals())
     cost = memory.float32_cost(cfg, shapes, prompt_tokens, question_tokens)

@@ -33,12 +33,12 @@ from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.data import Prompts, prompts_for_iteration
 from rlme_pipeline.jobs import evolve as evolving
-from rlme_pipeline.jobs import oom, update_fsdp
+from rlme_pipeline.jobs import memory, oom, update_fsdp
 from rlme_pipeline.jobs.policy_update import update_policy
 from rlme_pipeline.jobs.tracking import Trackers
 from rlme_pipeline.judging.judges import evaluators_at
 from rlme_pipeline.judging.probe import probe_metrics, run_probe, sample_prompts
-from rlme_pipeline.models import adapters, checkpoint
+from rlme_pipeline.models import adapters, checkpoint, weights_at
 from rlme_pipeline.models.loading import Loaded, inference_copy, master_dtype
 from rlme_pipeline.models.weights_at import ModelRef, frozen_keys, initial_policy, policy_at, pool_capacity
 from rlme_pipeline.progress import Clock
@@ -238,7 +238,7 @@ class Runner:
         cfg, backend = self.cfg, self.cfg.generation.backend
         prompts = prompts_for_iteration(self.prompts.train(), cfg, i)
         ref = policy_at(self.run, cfg, i)
-        with self.backends.generator(ref, backend) as (gen, tok):
+        with self.backends.generator(ref, backend, colocated=self._engine_memory) as (gen, tok):
             rollouts, metrics = generate(cfg, self.run.id, i, prompts, ref.version, gen, tok)
         info = {
             "policy": {"ref": cfg.policy.model, "version": ref.version},
@@ -246,6 +246,11 @@ class Runner:
             "backend": backend,
         }
         return [self.run.write_table(i, ROLLOUTS_FILE, rollouts, "rollouts")], metrics, info
+
+    def _engine_memory(self) -> float:
+        """The share of the policy's GPU a vLLM engine built now may take: the device less what this trainer
+        holds (jobs/memory.py), not vLLM's 0.9 of the device, which fails beside a trainer."""
+        return memory.colocated_share(self.cfg, self.prompts.train())
 
     def score(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         """Every rollout x evaluator x question of this iteration's phase."""
@@ -302,7 +307,7 @@ class Runner:
         cfg, backend = self.phases.config_at(self.cfg, i), self.cfg.generation.backend
         prompts = self.prompts.heldout()
         ref = policy_at(self.run, cfg, i + 1)
-        with self.backends.generator(ref, backend) as (gen, tok):
+        with self.backends.generator(ref, backend, colocated=self._engine_memory) as (gen, tok):
             rollouts = heldout.completions(cfg, self.run.id, i, prompts, ref.version, gen, tok)
         evaluators = evaluators_at(self.run, cfg, i + 1) if cfg.eval.judges else []
         table, metrics = heldout.evaluate(cfg, rollouts, evaluators, self.backends)
@@ -352,7 +357,8 @@ class Runner:
         """The trained model (and its optimizer) serves the next iteration without a reload."""
         pool, master = self.backends.pool, master_dtype(ref.dtype)
         pool.put((path, master, ref.device), Loaded(lm.model, lm.tokenizer, version, path, opt))
-        if master != ref.dtype:  # what the next iteration generates (and a live-self evaluator judges) with
+        # what hf generates (and a live-self evaluator judges) with; a vLLM engine takes the master's tensors
+        if master != ref.dtype and weights_at.hf_reads_policy(self.cfg):
             pool.put(
                 (path, ref.dtype, ref.device), Loaded(inference_copy(lm.model, ref.dtype), lm.tokenizer, version, path)
             )
