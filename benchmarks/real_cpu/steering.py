@@ -84,7 +84,7 @@ def rate_table(results: list[dict]) -> tuple[list[str], list[list]]:
     """Per iteration: each condition's format rate, mean ± sd over seeds, and the steer - control
     difference paired by seed (same prompts and sampling seeds, so the shared noise cancels)."""
     by = {(r["condition"], r["seed"]): {it["iteration"]: it for it in r["iterations"]} for r in results}
-    seeds = sorted({r["seed"] for r in results})
+    seeds, differ = sorted({r["seed"] for r in results}), divergence(results)
     iterations = sorted({i for r in results for i in (it["iteration"] for it in r["iterations"])})
     rows = []
     for i in iterations:
@@ -96,10 +96,29 @@ def rate_table(results: list[dict]) -> tuple[list[str], list[list]]:
         row.append(_mean_sd(diffs, signed=True))
         for cond in CONDITIONS:
             row.append(_mean_sd([by[(cond, s)][i]["p_yes_format"] for s in seeds]))
+        row.append(f"{differ.get(i, float('nan')):.2f}")
         rows.append(row)
     headers = ["iteration", "format rate steer", "format rate control", "steer - control (paired)"]
-    headers += ["judge P(yes) format, steer", "judge P(yes) format, control"]
+    headers += ["judge P(yes) format, steer", "judge P(yes) format, control", "completions differing"]
     return headers, rows
+
+
+def divergence(results: list[dict]) -> dict[int, float]:
+    """Per iteration, the share of rollouts whose completion differs between the two arms of a seed, over
+    all seeds: both arms draw with the same seeds, so identical policies give identical text. It says how far
+    the format question's weight moved the policy at all, whatever the rule says."""
+    from rlme_pipeline.storage.run import ROLLOUTS_FILE, Run
+
+    runs = {(r["condition"], r["seed"]): Run.from_url(r["run"]) for r in results}
+    seeds = sorted({r["seed"] for r in results})
+    out: dict[int, list[bool]] = {}
+    for s in seeds:
+        a, b = runs[("steer", s)], runs[("control", s)]
+        for i in sorted(set(a.committed()) & set(b.committed())):
+            ta = a.read_table(i, ROLLOUTS_FILE).sort("prompt_id", "sample_index")["completion"].to_list()
+            tb = b.read_table(i, ROLLOUTS_FILE).sort("prompt_id", "sample_index")["completion"].to_list()
+            out.setdefault(i, []).extend(x != y for x, y in zip(ta, tb))
+    return {i: sum(v) / len(v) for i, v in out.items()}
 
 
 def late_summary(results: list[dict]) -> str:
@@ -126,5 +145,14 @@ def _mean_sd(xs: list[float], signed: bool = False) -> str:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--case", required=True)
-    _case(json.loads(ap.parse_args().case))
+    ap.add_argument("--case", help="one training run (JSON), in this process")
+    ap.add_argument("--report", help="reprint the steering tables from a finished benchmark's results.json")
+    a = ap.parse_args()
+    if a.case:
+        _case(json.loads(a.case))
+    else:
+        from benchmarks._common import table
+
+        results = json.loads(Path(a.report).read_text())["steering"]
+        print(table(*rate_table(results)))
+        print(late_summary(results))
