@@ -38,9 +38,22 @@ def uses_chat(sc: ScoringConfig, tok, evaluator: str, predates_chat_template: bo
             f"{FIELD}: on, but evaluator {evaluator!r} has no chat template in its tokenizer; set "
             f"{FIELD}: auto (use one where there is one) or off"
         )
-    if sc.chat_template == "auto":
-        return has and not predates_chat_template
-    return sc.chat_template == "on"
+    chat = has and not predates_chat_template if sc.chat_template == "auto" else sc.chat_template == "on"
+    if chat:
+        _no_markers(sc, tok, evaluator)
+    return chat
+
+
+def _no_markers(sc: ScoringConfig, tok, evaluator: str) -> None:
+    """A template that already holds the chat format's markers would be wrapped twice: the judge would read
+    a chat inside its user turn, and its P(yes) would no longer be the assistant's first token."""
+    found = [t for t in tok.all_special_tokens if t in sc.template + sc.question_template]
+    if found:
+        raise ConfigError(
+            f"{FIELD}: evaluator {evaluator!r} reads its chat template, and scoring.template/question_template "
+            f"already hold its markers ({', '.join(found)}); write the templates without them (rlme wraps them), "
+            f"or set {FIELD}: off to keep your hand-written chat text"
+        )
 
 
 @dataclass(frozen=True)

@@ -39,16 +39,23 @@ def _recipe_for(gguf: Path, tmp_path: Path) -> Path:
     return path
 
 
-def _judge_logp_yes(model, tok, cfg, prompt: str, completion: str, question: str) -> float:
-    """log P(yes) after the judge's text, by a plain forward pass of the whole sequence: what the score
-    stage's shared-prefix, packed-question computation must agree with."""
+def _judge_chat(tok, cfg, prompt: str, completion: str, question: str) -> str:
+    """The judge's text as its own chat template renders it: one user turn, the assistant's turn opened."""
     sc = cfg.scoring
-    ids = tok(sc.template.format(prompt=prompt, completion=completion))["input_ids"]
-    ids += tok(sc.question_template.format(question=question), add_special_tokens=False)["input_ids"]
+    content = sc.template.format(prompt=prompt, completion=completion) + sc.question_template.format(question=question)
+    return tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+
+def _judge_logp_yes(model, tok, cfg, prompt: str, completion: str, question: str) -> float:
+    """log P(yes) after the judge's chat text, by a plain forward pass of the whole sequence: what the score
+    stage's shared-prefix, packed-question computation must agree with. Each answer's id is the token it
+    becomes right after the assistant header."""
+    chat = _judge_chat(tok, cfg, prompt, completion, question)
+    ids = tok(chat, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
-    yes = [tok(a, add_special_tokens=False)["input_ids"][0] for a in (" Yes", "Yes")]
-    return float(torch.logsumexp(logp[yes], 0))
+    yes = {tok(chat + a, add_special_tokens=False)["input_ids"][len(ids)] for a in (" Yes", "Yes")}
+    return float(torch.logsumexp(logp[sorted(yes)], 0))
 
 
 @pytest.mark.slow
@@ -94,13 +101,9 @@ def test_cpu_recipe_trains_one_iteration_with_the_real_model_through_rlme_train(
     assert scores.select(pl.col("logp_yes").is_finite().all() & (pl.col("logp_yes") < 0).all()).item()
     assert scores.select(pl.col("p_yes").is_between(0, 1, closed="none").all()).item()
     q = cfg.questions[0]
-    judge_text = cfg.scoring.template.format(prompt="P", completion="C") + cfg.scoring.question_template.format(question=q.text)  # fmt: skip
-    as_chat = tok.apply_chat_template(
-        [{"role": "user", "content": f"Question: P\nResponse: C\n\n{q.text} Answer Yes or No."}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    assert judge_text == as_chat, "the judge's prompt is SmolLM2's own chat template"
+    judge_text = _judge_chat(tok, cfg, "P", "C", q.text)
+    assert judge_text.startswith("<|im_start|>system\n") and judge_text.endswith("Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    assert "Question: P\nResponse: C\n\nIs the answer correct?" in judge_text, "the judge's prompt is SmolLM2's own chat template"
     r0 = roll.row(0, named=True)
     stored = scores.filter((pl.col("rollout_id") == r0["rollout_id"]) & (pl.col("question_id") == q.id))["logp_yes"].item()  # fmt: skip
     assert stored == pytest.approx(_judge_logp_yes(base, tok, cfg, r0["prompt"], r0["completion"], q.text), abs=1e-4)
@@ -138,5 +141,5 @@ def test_gpu_recipe_is_a_valid_config_for_gsm8k_on_one_gpu():
     assert rollouts % (o.micro_batch_size * o.grad_accumulation) == 0  # whole optimizer steps
     assert cfg.eval.every > 0 and cfg.eval.split == "test"
     # the judge reads its own chat template (Qwen2.5's ChatML) and P(yes) as the assistant's first token
-    assert cfg.scoring.template.startswith("<|im_start|>system\n")
-    assert cfg.scoring.question_template.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    # (rlme wraps the templates in it: they hold no markers of their own, or the judge would read them twice)
+    assert cfg.scoring.chat_template == "on" and "<|im_" not in cfg.scoring.template + cfg.scoring.question_template

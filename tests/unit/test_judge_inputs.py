@@ -246,3 +246,17 @@ def test_a_score_set_planned_before_chat_template_keeps_its_definition_hash():
     as_before["scoring"].pop("chat_template")
     assert written.hash() == sha256_json(as_before)
     assert Definition.model_validate({**d, "scoring": {**d["scoring"], "chat_template": "on"}}).hash() != written.hash()
+
+
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_a_hand_written_chat_template_is_not_wrapped_twice(smollm2_tok, mode):
+    """Templates already in ChatML, read in chat form, would put a chat inside the judge's user turn: one
+    line naming both fields and the way out, and `off` keeps the hand-written text as it is."""
+    hand = dict(
+        template="<|im_start|>user\nQuestion: {prompt}\nResponse: {completion}\n\n",
+        question_template="{question} Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n",
+    )
+    with pytest.raises(ConfigError, match=r"scoring.chat_template: .*already hold its markers \(<\|im_start\|>.*off"):
+        inputs.uses_chat(ScoringConfig(chat_template=mode, **hand), smollm2_tok, "judge")
+    assert not inputs.uses_chat(ScoringConfig(chat_template="off", **hand), smollm2_tok, "judge")
+    assert inputs.uses_chat(ScoringConfig(chat_template=mode), smollm2_tok, "judge")
