@@ -103,7 +103,9 @@ def test_cpu_recipe_trains_one_iteration_with_the_real_model_through_rlme_train(
     q = cfg.questions[0]
     judge_text = _judge_chat(tok, cfg, "P", "C", q.text)
     assert judge_text.startswith("<|im_start|>system\n") and judge_text.endswith("Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
-    assert "Question: P\nResponse: C\n\nIs the answer correct?" in judge_text, "the judge's prompt is SmolLM2's own chat template"
+    assert "Question: P\nResponse: C\n\nIs the answer correct?" in judge_text, (
+        "the judge's prompt is SmolLM2's own chat template"
+    )
     r0 = roll.row(0, named=True)
     stored = scores.filter((pl.col("rollout_id") == r0["rollout_id"]) & (pl.col("question_id") == q.id))["logp_yes"].item()  # fmt: skip
     assert stored == pytest.approx(_judge_logp_yes(base, tok, cfg, r0["prompt"], r0["completion"], q.text), abs=1e-4)
