@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python -m benchmarks.sampler --device cuda          # Qwen2.5-0.5B shape, bf16, 64 x (128 + 256)
     PYTHONPATH=. python -m benchmarks.sampler --tiny                 # smoke sizes on the CPU (the test suite runs it)
+    PYTHONPATH=. python -m benchmarks.sampler --model gguf:.cache/real-models/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --batch 16 --prompt 64 --new 48 --methods rlme,generate     # a real pretrained model (any rlme model reference)
 
 Three ways to draw the same job (the same random-weight model, prompts, temperature and top-p):
   rlme      rlme_pipeline.backends.hf.sample: one counter-based uniform per (seed, step) on the device,
@@ -10,7 +12,7 @@ Three ways to draw the same job (the same random-weight model, prompts, temperat
             copied to the host at every token, Gumbel noise from one CPU torch.Generator per row
   generate  transformers' model.generate(do_sample=True), top_k off; no per-sample seeds (so no exact resume)
 The model is built offline from a Qwen2Config (default: Qwen2.5-0.5B's shape with its 151,936-token
-vocabulary; no download). Prompts are random ids, all of one length; the stop token is the last id, which a
+vocabulary; no download), or, with --model, loaded from any rlme model reference (an HF directory, gguf:PATH). Prompts are random ids, all of one length; the stop token is the last id, which a
 random model rarely draws, so every method runs (nearly) the whole budget. Methods alternate in each
 repeat after one short warm-up each; times are medians. Before timing, it checks that the uniforms drawn on
 the device equal the CPU's bit for bit, and how many rows sample the same tokens in a smaller batch.
@@ -139,6 +141,15 @@ def generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_i
 METHODS = {"rlme": rlme_sample, "old": old_sample, "generate": generate}
 
 
+def load(ref: str, device: str, dtype: torch.dtype):
+    """A real model by rlme's references (gguf:PATH is imported once, as training does)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlme_pipeline.models.loading import resolve_ref
+
+    return AutoModelForCausalLM.from_pretrained(resolve_ref(ref), dtype=dtype).to(device).eval()
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -184,6 +195,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
     ap.add_argument("--tiny", action="store_true", help="smoke sizes: a 2-layer, 2,048-token model, 4 x (16 + 16)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="a real model instead of the random Qwen2 (HF directory, gguf:PATH, hub id): its own vocabulary; the "
+        "prompts stay random ids and the stop id the last id, which it rarely draws, so every method runs the budget",
+    )
     for k, v in QWEN_05B.items():
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=v)
     ap.add_argument("--batch", type=int, default=64)
@@ -205,9 +222,9 @@ def main() -> None:
     if a.tiny:
         shape, a.batch, a.prompt, a.new, a.repeats = dict(TINY), 4, 16, 16, 1
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
-    model = build(shape, a.device, dtype)
+    model = load(a.model, a.device, dtype) if a.model else build(shape, a.device, dtype)
     g = torch.Generator().manual_seed(1)
-    V = shape["vocab_size"]
+    V = model.config.vocab_size
     prompts = torch.randint(2, V - 1, (a.batch, a.prompt), generator=g).tolist()
     seeds = [1000 + i for i in range(a.batch)]
     kw = {"max_new_tokens": a.new, "temperature": a.temperature, "top_p": a.top_p, "eos_ids": {V - 1}, "pad_id": 0}
@@ -230,10 +247,12 @@ def main() -> None:
         peak = res[m][0]["peak_gib"]
         rows.append([m, len(secs), t, spread(secs), tok, tok / t, t / base if base else None, peak])
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    c = model.config
+    what = f"{a.model} ({c.model_type})" if a.model else "Qwen2 random weights"
     print(
         f"sampling {a.batch} prompts x {a.prompt} tokens, {a.new} new tokens, T={a.temperature}, top_p={a.top_p}; "
-        f"Qwen2 random weights {n_params:.3g}M params, vocab {V}, hidden {shape['hidden_size']}, "
-        f"{shape['num_hidden_layers']} layers, {dtype}; device {a.device}"
+        f"{what} {n_params:.3g}M params, vocab {V}, hidden {c.hidden_size}, "
+        f"{c.num_hidden_layers} layers, {dtype}; device {a.device}"
     )
     gpu = f"{torch.cuda.get_device_name()}; " if a.device.startswith("cuda") else ""
     print(f"machine: {gpu}{machine()}")

@@ -82,7 +82,7 @@ def main() -> None:
 
     path = str(resolve_tiny("evaluator"))
     judge = Evaluator("ev", ModelRef(path=path, dtype="float32", device="cpu", version="bench"))
-    sc = ScoringConfig(batch_size=a.batch_size)
+    sc = ScoringConfig(batch_size=a.batch_size, chat_template="off")  # the raw text, as RESULTS.md measured
     ks = [int(k) for k in a.ks.split(",")]
     qs = [
         QuestionConfig(id=f"q{i}", text=QUESTIONS[i % len(QUESTIONS)] + ("" if i < len(QUESTIONS) else f" ({i})"))

@@ -6,9 +6,11 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from rlme_flows.config_io import public_options
 from rlme_flows.train import artifact_key
-from rlme_tasks.audit import audit_task, read_tables
+from rlme_tasks.steps import as_tasks
 
-from rlme_pipeline.storage.run import split_run_url
+from rlme_pipeline.jobs.audit import audit, read_tables
+from rlme_pipeline.storage.run import Run, split_run_url
+from rlme_pipeline.storage.store import Store
 
 
 @flow(name="rlme_audit", log_prints=True)
@@ -21,10 +23,13 @@ def rlme_audit(
     alarm_share: float = 0.5,
     storage_options: dict | None = None,
 ) -> dict:
-    """storage_options: non-secret fsspec options, for the run and for `out`."""
+    """The audit job (rlme_pipeline/jobs/audit.py), its step a task; storage_options: non-secret fsspec
+    options, for the run and for `out`."""
     opts = public_options(storage_options)
-    digest = audit_task(run_uri, out, scoreset, compare, probe_prompts, opts)
-    tables = read_tables(out, opts)
+    run = Run.from_url(run_uri, opts)
+    run.meta()  # a missing or copied run says so in one line
+    digest = audit(run, Store(out, opts), scoreset, compare, probe_prompts, wrap=as_tasks())
+    tables = read_tables(Store(out, opts))
     key = artifact_key(split_run_url(run_uri)[1]) + "-audit"
     create_table_artifact(key=key, table=tables["summary"], description=f"audit of {run_uri} / {digest['scoreset']}")
     lines = [f"# rlme audit: `{run_uri}` / `{digest['scoreset']}`", f"Report: `{out}/report.html`", ""]
@@ -35,7 +40,8 @@ def rlme_audit(
         )
     for row in tables.get("labels", []):
         lines.append(
-            f"- labels `{row['evaluator']}/{row['question_id']}`: AUROC {row['auroc']}, accuracy@0.5 {row['accuracy_at_0_5']}"
+            f"- labels `{row['evaluator']}/{row['question_id']}`: AUROC of the reward {row['auroc_reward']}, "
+            f"of P(yes) {row['auroc_p_yes']}, accuracy@0.5 {row['accuracy_at_0_5']}"
         )
     for row in tables.get("compare", []):
         lines.append(

@@ -446,14 +446,14 @@ def _print_proposal(m: dict) -> None:
     console.print(f"[bold green]proposal:[/] {m['proposal']}")
     cur = m["current"]["measures"]
     console.print(
-        f"  current: probe win {fmt(cur['probe_win_share'])}  AUROC {fmt(cur['label_auroc'])}  spread {fmt(cur['spread'])}"
+        f"  current: probe win {fmt(cur['probe_win_share'])}  AUROC(reward) {fmt(cur['auroc_reward'])}  spread {fmt(cur['spread'])}"
     )
     for c in m["candidates"]:
         if c["status"] == "rejected":
             console.print(f"  {c['index']} {c['source']}: rejected: {c['reason']}", soft_wrap=True, highlight=False)
             continue
         mm = c["measures"]
-        line = f"probe win {fmt(mm['probe_win_share'])}  AUROC {fmt(mm['label_auroc'])}  spread {fmt(mm['spread'])}"
+        line = f"probe win {fmt(mm['probe_win_share'])}  AUROC(reward) {fmt(mm['auroc_reward'])}  spread {fmt(mm['spread'])}"
         note = f"  (ineligible: {c['ineligible']})" if c["ineligible"] else ""
         console.print(f"  {c['index']} {c['source']}: {line}{note}", soft_wrap=True, highlight=False)
     console.print(f"[bold]chosen:[/] {m['why']}", soft_wrap=True)
@@ -515,6 +515,56 @@ def export_model(
         except ValueError as e:
             _fail(e)
         console.print(f"[bold green]pushed:[/] {url}", soft_wrap=True)
+
+
+@app.command("judge-check")
+def judge_check(
+    config: str = typer.Argument(..., help="YAML config (path or fsspec URL): its policy, data, evaluators, questions"),
+    prompts: int = typer.Option(16, min=1, help="labelled prompts to sample (the first N in a stable order)"),
+    samples: int = typer.Option(4, min=1, help="completions per prompt, drawn as training's generate stage draws"),
+    probe_prompts: int = typer.Option(4, min=0, help="prompts for the judge-hacking probe; 0 skips it"),
+    out: Optional[str] = typer.Option(None, help="directory (or fsspec URL) for judge_check.json and the tables"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON instead of the table"),
+    storage_option: list[str] = STORAGE_OPTION,
+):
+    """Before training: do the judges separate the base policy's right answers from its wrong ones?
+    AUROC of the reward and of P(yes), calibration, the probe, and a verdict (docs/judge_check.md)."""
+    import json
+
+    from rlme_flows.config_io import load
+
+    from rlme_pipeline.config import ConfigError
+    from rlme_pipeline.jobs.preflight import check_judges
+    from rlme_pipeline.judging import check
+    from rlme_pipeline.storage.store import StorageError
+
+    opts = _options(storage_option)
+    try:  # every input problem, before Prefect starts or any model loads
+        cfg = load(config)
+        check.check_inputs(cfg, prompts, samples)
+        check_judges(cfg)
+        if out is not None:
+            check.check_out(cfg, out, opts)
+    except (ConfigError, StorageError) as e:
+        _fail(e)
+    try:
+        with local_prefect():
+            from rlme_flows.judge_check import render, rlme_judge_check
+
+            report = rlme_judge_check(
+                config=config,
+                prompts=prompts,
+                samples=samples,
+                probe_prompts=probe_prompts,
+                out=out,
+                storage_options=opts,
+            )
+    except (ConfigError, StorageError) as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render(report, console)
 
 
 @models_app.command("make-tiny")

@@ -304,6 +304,20 @@ class ScoringConfig(Section):
     )
     reward_form: Literal["logp", "norm_logp", "p"] = experiment("logp", "f(p) summed into the reward (rewards.py)")
     logp_floor: float = experiment(math.log(1e-6), "lower bound of log-probability rewards (bounds log 0)", lt=0)
+    # Hashed only when set: "auto" is the default, and a run made before this field existed reads "auto" as
+    # "off" (judging/inputs.py), so every existing run keeps both its hash and its scores.
+    chat_template: Literal["auto", "on", "off"] = experiment_if_set(
+        "auto",
+        "wrap the judge's text in the evaluator's chat template (one user message: template + question_template; "
+        "the assistant turn opened, the answer read there): on, off, or auto = where the evaluator's tokenizer has "
+        "one (runs created before this field: off)",
+    )
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        """YAML 1.1 (PyYAML) reads a bare `on`/`off` as true/false: take them as the words they were."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("template")
     @classmethod
@@ -493,6 +507,17 @@ class VllmConfig(Section):
         False, "keep the policy's server/LLM up across iterations and load each checkpoint into it in place"
     )
     max_lora_rank: int = operational(0, "start servers able to load LoRA adapters up to this rank; 0: policy.lora.r")
+    # The vllm backend's engine shares the policy's GPU with the trainer (docs/vllm.md "Colocated").
+    gpu_memory_utilization: float | None = operational(
+        None,
+        "share of the GPU the in-process engine may take (vLLM's gpu_memory_utilization); null: the device "
+        "less what the trainer holds, from the memory estimate (docs/gpu.md)",
+        gt=0,
+        le=1,
+    )
+    sleep: bool = operational(
+        True, "the in-process policy engine sleeps between uses, its GPU memory freed for the trainer (CUDA only)"
+    )
 
     @model_validator(mode="after")
     def _one_way_to_reach_vllm(self) -> VllmConfig:
@@ -500,6 +525,10 @@ class VllmConfig(Section):
             raise ValueError("vllm.url and vllm.urls: give one (vllm.urls: [a, b] lists every replica)")
         if self.replicas > 1 and (self.url or self.urls):
             raise ValueError("vllm.replicas: counts managed servers; with vllm.url/urls list each server instead")
+        if self.gpu_memory_utilization is not None and "gpu_memory_utilization" in self.engine_kwargs:
+            raise ValueError(
+                "vllm.engine_kwargs.gpu_memory_utilization: set once, as vllm.gpu_memory_utilization (remove it here)"
+            )
         return self
 
     def external_urls(self) -> list[str]:

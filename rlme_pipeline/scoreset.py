@@ -98,6 +98,8 @@ class Definition(BaseModel):
         for added_later in ("label_reward", "phase_questions"):  # definitions without them keep their hash
             if d[added_later] is None:
                 del d[added_later]
+        if d["scoring"]["chat_template"] == "auto":  # added later, default auto: hashed only when set
+            del d["scoring"]["chat_template"]
         return sha256_json(d)
 
     def questions_at(self, i: int) -> list[QuestionConfig]:

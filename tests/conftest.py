@@ -81,6 +81,88 @@ def demo_dict() -> dict:
     return d
 
 
+def demo_variant(
+    storage: str | Path | None = None,
+    *,
+    iterations: int | None = None,
+    run_id: str | None = None,
+    micro: bool = False,
+    **sections,
+) -> dict:
+    """The one way a test changes the demo: configs/demo.yaml as a dict (demo_dict), with `storage`,
+    `iterations`, `run_id` set in its run section; `micro`, the smallest run that still trains (2 prompts x
+    2 samples of 8 tokens, one judge, one question, no held-out eval: seconds an iteration); then each
+    keyword a section: a dict of fields merged into it, None to remove it, anything else to replace it."""
+    d = demo_dict()
+    run = {"storage": str(storage) if storage is not None else None, "iterations": iterations, "id": run_id}
+    d["run"].update({k: v for k, v in run.items() if v is not None})
+    if micro:
+        d["data"].update(prompts_per_iteration=2)
+        d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
+        d["generation"].update(group_size=2, max_new_tokens=8)
+        d.pop("eval", None)
+    for section, fields in sections.items():
+        if fields is None:
+            d.pop(section, None)
+        elif isinstance(fields, dict) and isinstance(d.get(section), dict):
+            d[section] = {**d[section], **fields}
+        else:
+            d[section] = fields
+    return d
+
+
+# The demo's training settings as the evolve and phase tests pin them (4 samples a prompt, one small step
+# an iteration, the probe every iteration, no held-out eval), so that tuning the demo does not move them.
+PINNED = {
+    "generation": {"group_size": 4},
+    "optimizer": {"lr": 1.0e-4, "epochs": 1, "micro_batch_size": 8, "grad_accumulation": 4},
+    "probe": {"every": 1},
+    "eval": None,
+}
+
+
+def write_config(d: dict, folder: Path, name: str = "config") -> Path:
+    """A config dict as the YAML file a user would pass to `rlme train`."""
+    import yaml
+
+    path = Path(folder) / f"{name}-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def trained_demo(root: Path, **variant):
+    """A demo variant (demo_variant's arguments; storage under root) trained in this process: the run a
+    module's fixture trains once and its tests copy (copy_run)."""
+    from rlme_pipeline.config import validate_config
+    from rlme_pipeline.jobs.train import train
+    from rlme_pipeline.storage.run import Run
+
+    cfg = validate_config(demo_variant(Path(root) / "runs", **variant))
+    run = Run.for_config(cfg)
+    train(cfg, run)
+    return run
+
+
+def copy_run(src, tmp_path: Path):
+    """A copy of a trained run under tmp_path/runs, for a test that changes it."""
+    from rlme_pipeline.storage.run import Run
+
+    dst = Path(tmp_path) / "runs" / src.id
+    shutil.copytree(src.store.root, dst)
+    return Run.from_url(str(dst))
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A real Prefect server (Prefect's test harness: a temporary database and API) for one module; the
+    flows a test runs report to it. Its URL, while it runs."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
 @pytest.fixture
 def demo_cfg(tmp_path, tiny_models):
     """The demo config with storage in a temp dir and a small, fast size."""
@@ -155,19 +237,12 @@ def s3(moto_endpoint, monkeypatch) -> S3Bucket:
 
 @pytest.fixture
 def micro_config(tmp_path, tiny_models):
-    """Write a YAML config small enough to train in seconds (2 prompts x 2 samples, 1 judge, 1 question),
-    for tests that run training in a subprocess. Returns a function(storage, iterations) -> path."""
-    import yaml
+    """Write a YAML config small enough to train in seconds (demo_variant's `micro`), for tests that run
+    training in a subprocess. Returns a function(storage, iterations, run_id, **run fields) -> path."""
 
     def make(storage: str, iterations: int = 2, run_id: str = "micro", **run_fields) -> Path:
-        d = demo_dict()
-        d["run"].update(id=run_id, storage=storage, iterations=iterations, **run_fields)
-        d["data"].update(prompts_per_iteration=2)
-        d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
-        d["generation"].update(group_size=2, max_new_tokens=8)
-        d.pop("eval", None)  # no held-out eval: not what this test is about
-        path = tmp_path / f"{run_id}-{uuid.uuid4().hex[:6]}.yaml"
-        path.write_text(yaml.safe_dump(d))
-        return path
+        d = demo_variant(storage, iterations=iterations, run_id=run_id, micro=True)
+        d["run"].update(run_fields)
+        return write_config(d, tmp_path, run_id)
 
     return make

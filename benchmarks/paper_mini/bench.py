@@ -56,11 +56,8 @@ import task as T  # noqa: E402
 from rlme_pipeline.algorithm.answers import is_correct  # noqa: E402
 from rlme_pipeline.config import validate_config  # noqa: E402
 from rlme_pipeline.jobs.train import train  # noqa: E402
-from rlme_pipeline.models.loading import (  # noqa: E402
-    Loaded,
-    ModelPool,
-    checkpoint,  # noqa: E402
-)
+from rlme_pipeline.models import checkpoint  # noqa: E402
+from rlme_pipeline.models.loading import Loaded, ModelPool  # noqa: E402
 from rlme_pipeline.storage.run import Run  # noqa: E402
 from rlme_pipeline.storage.store import Store  # noqa: E402
 

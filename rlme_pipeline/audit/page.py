@@ -132,11 +132,13 @@ def _glance(name: str, t: dict[str, pl.DataFrame]) -> str:
         )
     if "eval" in t:
         items += [_eval_glance(t["eval"], col, what) for col, what in EVAL_GLANCE if t["eval"][col].drop_nulls().len()]
-    best = t["labels"].drop_nulls("auroc").sort("auroc", descending=True)
+    best = t["labels"].drop_nulls("auroc_reward").sort("auroc_reward", descending=True)
     if best.height:
         r = best.row(0, named=True)
+        p_yes = "–" if r["auroc_p_yes"] is None else f"{r['auroc_p_yes']:.3f}"
         items.append(
-            f"best label separation: AUROC {r['auroc']:.3f} ({escape(r['evaluator'])} / {escape(r['question_id'])})"
+            f"best label separation: AUROC of the reward {r['auroc_reward']:.3f} (of P(yes) normalised: {p_yes}) "
+            f"({escape(r['evaluator'])} / {escape(r['question_id'])})"
         )
     return (
         '<ul class="glance">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
@@ -233,10 +235,13 @@ def _labels(t: dict[str, pl.DataFrame]) -> str:
     if not t["labels"].height:
         return note("No labelled rollouts.")
     return (
-        note("Does P(yes) separate correct rollouts from incorrect ones? AUROC: the chance that a correct rollout "
-             "gets a higher P(yes) than an incorrect one (0.5: no better than chance). It needs both kinds, so it "
-             "is – where all rollouts of a cell are correct or none is.")
-        + table(t["labels"], missing=_no_auroc)
+        note("Does the judge separate correct rollouts from incorrect ones? AUROC: the chance that a correct "
+             "rollout scores higher than an incorrect one (0.5: no better than chance), of two scores that can "
+             "disagree: <b>auroc_reward</b> ranks the reward component (f with its floor, signed by the weight: what "
+             "training climbs, so what says whether the policy gains more by pleasing this judge than by being "
+             "right; docs/judge_check.md), <b>auroc_p_yes</b> ranks p_yes, P(yes) normalised over the yes/no "
+             "mass. It needs both kinds, so it is – where all rollouts of a cell are correct or none is.")
+        + table(t["labels"].drop("auroc", strict=False), missing=_no_auroc)
         + figure("calibration", plots.calibration(t["calibration"]),
                  "Share of correct rollouts per P(yes) bin; a calibrated judge lies on the dashed diagonal.")
     )  # fmt: skip

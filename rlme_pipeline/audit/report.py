@@ -1,4 +1,4 @@
-"""The audit: every table computed and written as Parquet, and the page that shows them (page.py) as report.html."""
+"""The audit's tables, computed from a run's score sets (the audit job, jobs/audit.py, writes them and the page)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,13 @@ import polars as pl
 
 from rlme_pipeline.audit import compare as cmp
 from rlme_pipeline.audit import labels, stats
-from rlme_pipeline.audit.page import render
 from rlme_pipeline.audit.sources import Scoreset, load
 from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.judging.judges import evaluators_at
 from rlme_pipeline.judging.probe import run_probe, sample_prompts
 from rlme_pipeline.storage import phases
-from rlme_pipeline.storage.parquet import write_frame
 from rlme_pipeline.storage.retention import CheckpointPruned
 from rlme_pipeline.storage.run import Run
-from rlme_pipeline.storage.store import Store
 
 
 def probe_table(run: Run, ss: Scoreset, prompts: int, seed: int = 0) -> pl.DataFrame:
@@ -119,24 +116,3 @@ def compute(
         out["compare"] = cmp.compare(ss, other)
         out["changed"] = cmp.most_changed(ss, other)
     return out
-
-
-def audit(
-    run: Run, out: Store, scoreset: str | None = None, compare_to: str | None = None, probe_prompts: int = 4
-) -> dict:
-    """Write {out}/summary.parquet (and the other tables) and {out}/report.html; return a small digest."""
-    tables = compute(run, scoreset, compare_to, probe_prompts)
-    name = scoreset or "train"
-    files = {k: write_frame(out, f"{k}.parquet", v).path for k, v in tables.items()}
-    out.write_bytes("report.html", render(run.url, name, tables).encode("utf-8"))
-    digest = {"run": run.url, "scoreset": name, "out": out.url, "files": [*files.values(), "report.html"]}
-    if "probe" in tables:
-        p = tables["probe"]
-        digest["probe_share"] = {
-            r["evaluator"]: r["share"]
-            for r in p.group_by("evaluator")
-            .agg(share=pl.col("positive").sum() / pl.col("n").sum())
-            .sort("evaluator")
-            .iter_rows(named=True)
-        }
-    return digest

@@ -6,11 +6,16 @@
 Lifetimes are the owner's: the runner opens one `Backends` for a training process and hands it to every
 stage; a re-score or an audit opens its own; closing it stops every server it started. An hf model
 comes from its model pool, so the stages of one process never reload a model between tasks. A managed
-vLLM server (openai backend) or an in-process vllm.LLM is started for the stage on the stage's weights
-(iteration i generates with checkpoint i-1, an ordinary HF directory), and stopped when the stage ends;
-with `vllm.keep_alive` it stays up for the next stage that needs the same weights (one at a time). This
-restart per new checkpoint is how policy updates reach the generator (docs/vllm.md: its cost, and LoRA
-hot-loading for 7B+ models).
+vLLM server (openai backend) is started for the stage on the stage's weights (iteration i generates with
+checkpoint i-1, an ordinary HF directory), and stopped when the stage ends; with `vllm.keep_alive` it stays
+up for the next stage that needs the same weights (one at a time), with `vllm.weight_sync` it stays up and
+loads each checkpoint in place (docs/vllm.md).
+
+A trainer's policy generator on the vllm backend is colocated with it: one in-process engine per
+architecture, kept until the owner closes, never stopped to make room for a server. Each stage it holds
+the weights the stage asks for: the trainer's tensors pushed from the pool (the model the update just
+trained), else the checkpoint directory reloaded in place. Judges of that architecture share it; any
+other in-process judge gets an engine of its own for the stage.
 """
 
 from __future__ import annotations
@@ -19,14 +24,14 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from rlme_pipeline.backends import BackendConfigError, BackendError
 from rlme_pipeline.config import VllmConfig
 from rlme_pipeline.models import adapters
-from rlme_pipeline.models.loading import ModelPool, load_tokenizer
+from rlme_pipeline.models.loading import ModelPool, load_tokenizer, master_dtype, weights_version
 from rlme_pipeline.models.weights_at import ModelRef
 
 
@@ -84,17 +89,10 @@ def model_family(path: str) -> str:
 def _close(obj) -> None:
     if hasattr(obj, "stop"):
         obj.stop()
-    else:  # an in-process LLM: stop its engine processes, then drop it
-        import gc
+    else:  # an in-process LLM
+        from rlme_pipeline.backends.vllm import shutdown
 
-        core = getattr(getattr(obj, "llm_engine", None), "engine_core", None)
-        try:
-            if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
-        except Exception:  # noqa: BLE001 - best effort; the LLM is dropped either way
-            pass
-        del obj
-        gc.collect()
+        shutdown(obj)
 
 
 def _vllm_python(v: VllmConfig) -> str:
@@ -188,6 +186,7 @@ class Backends:
         self.pool = ModelPool(pool_capacity)
         self.in_use: list[object] = []  # the servers/LLMs a stage is using right now (tests kill one mid-stage)
         self._live: dict[tuple, object] = {}  # keep_alive: the one live server/LLM, keyed by what it serves
+        self._engines: dict[tuple, object] = {}  # the kept in-process engines (KeptEngine), by architecture
         self._serving = threading.RLock()
         # hf models are used one thread at a time: a LoRA run's base is one model whose adapter weights (or
         # adapters-off state) change with the checkpoint asked for, and re-score shards run in threads
@@ -202,9 +201,11 @@ class Backends:
         self.close()
 
     def close(self) -> None:
-        """Stop every kept-alive server/LLM and drop the loaded models."""
+        """Stop every kept-alive server/LLM and kept engine, and drop the loaded models."""
         for key in list(self._live):
             _close(self._live.pop(key))
+        for key in list(self._engines):
+            _close(self._engines.pop(key).llm)
         self.pool.clear()
 
     @contextmanager
@@ -219,8 +220,11 @@ class Backends:
             self._start_watchers.remove(seen)
 
     @contextmanager
-    def generator(self, ref: ModelRef, backend: str = "hf"):
-        """(generator, tokenizer) for the policy `ref`."""
+    def generator(self, ref: ModelRef, backend: str = "hf", *, colocated: Callable[[], float] | None = None):
+        """(generator, tokenizer) for the policy `ref`. colocated: given by a trainer for its policy, whose
+        vllm engine is then kept for this owner's lifetime beside the trainer; it returns the share of a
+        CUDA device that engine may take when it is built (vllm.gpu_memory_utilization overrides it). Other
+        vllm generators (a proposer model) get an engine for the call, in its own processes."""
         if backend == "hf":
             from rlme_pipeline.backends.hf import HFGenerator
 
@@ -235,7 +239,7 @@ class Backends:
         elif backend == "vllm":
             from rlme_pipeline.backends.vllm import VLLMGenerator
 
-            with self._llm(ref) as (llm, lora):
+            with self._kept_llm(ref, colocated) if colocated else self._llm(ref) as (llm, lora):
                 yield VLLMGenerator(llm, lora), self._tokenizer(ref.base or ref.path)
         else:
             raise ValueError(f"unknown generation backend {backend!r}")
@@ -258,7 +262,8 @@ class Backends:
         elif backend == "vllm":
             from rlme_pipeline.backends.vllm import VLLMJudge
 
-            with self._llm(ref) as (llm, lora):
+            kept = self._engine_key(ref) in self._engines  # the policy's architecture: its engine judges
+            with self._kept_llm(ref) if kept else self._llm(ref) as (llm, lora):
                 yield VLLMJudge(llm, lora), self._tokenizer(ref.base or ref.path)
         else:
             raise ValueError(f"unknown scoring backend {backend!r}")
@@ -371,3 +376,78 @@ class Backends:
             if synced:
                 self._started(time.perf_counter() - t0, "sync")
             yield llm, lora
+
+    # --- the kept, colocated engine (vllm backend) ---------------------------------------------------------
+    @staticmethod
+    def _engine_key(ref: ModelRef) -> tuple:
+        return (model_family(ref.base or ref.path), ref.dtype, ref.device)
+
+    @staticmethod
+    def _weights_name(ref: ModelRef) -> str:
+        """What a kept engine holds for `ref`: its content hash, or for a LoRA ref its base's (the adapter
+        comes apart), which is the initial policy's version: no reload between iteration 0 and 1."""
+        return ref.version if ref.base is None else weights_version(ref.base)
+
+    @contextmanager
+    def _kept_llm(self, ref: ModelRef, share: Callable[[], float] | None = None):
+        """(llm, lora_request or None) from the kept engine of `ref`'s architecture (built on first use: a
+        "start"), holding `ref`'s weights (loading them is a "sync": weight_sync_seconds). A stage that
+        fails takes the engine with it: the next one builds a fresh engine rather than trust a half load."""
+        from rlme_pipeline.backends.vllm import adapter
+
+        key, weights = self._engine_key(ref), ref.base or ref.path
+        with self._serving:
+            engine = self._engines.get(key) or self._build_engine(key, ref, share)
+            self.in_use.append(engine.llm)
+            try:
+                t0 = time.perf_counter()
+                with engine.serving(self._weights_name(ref), serving_dir(weights), self._trained(ref)) as seconds:
+                    synced = seconds is not None
+                    lora = None
+                    if ref.base is not None:
+                        synced |= ref.version not in engine.llm.__dict__.get("rlme_adapter_ids", {})
+                        lora = adapter(engine.llm, ref.version, serving_dir(ref.path))
+                    if synced:
+                        self._started(time.perf_counter() - t0, "sync")
+                    yield engine.llm, lora
+            except BaseException:
+                _close(self._engines.pop(key).llm)
+                raise
+            finally:
+                self.in_use.remove(engine.llm)
+
+    def _build_engine(self, key: tuple, ref: ModelRef, share_of: Callable[[], float] | None):
+        """An in-process engine on `ref`'s weights; on a CUDA device sized to what the trainer leaves."""
+        from rlme_pipeline.backends.vllm import KeptEngine, load_llm
+
+        v, kw = self.vllm, {}
+        if v.tensor_parallel_size > 1:
+            kw["tensor_parallel_size"] = v.tensor_parallel_size
+        if v.max_lora_rank:
+            kw.update(enable_lora=True, max_lora_rank=lora_rank(v.max_lora_rank))
+        share = v.gpu_memory_utilization
+        if share is None and "gpu_memory_utilization" not in v.engine_kwargs and ref.device.startswith("cuda"):
+            share = share_of() if share_of is not None else None
+        if share is not None:
+            kw["gpu_memory_utilization"] = share
+        kw.update(v.engine_kwargs)
+        # no sleep with LoRA: a level-2 sleep discards the loaded adapters' weights with the base's
+        sleep = v.sleep and not v.max_lora_rank
+        t0 = time.perf_counter()
+        llm = load_llm(serving_dir(ref.base or ref.path), ref.dtype, colocate=True, sleep=sleep, **kw)
+        self._started(time.perf_counter() - t0)
+        self._engines[key] = KeptEngine(llm, self._weights_name(ref))
+        return self._engines[key]
+
+    def _trained(self, ref: ModelRef) -> Callable[[], object] | None:
+        """The weights of `ref` as tensors this process holds (the pool keeps the model the update just
+        trained, Runner._keep_trained), so the engine gets them without reading the checkpoint back; None
+        when no pooled model has that content hash (a fresh process, a LoRA ref, an FSDP update), or when
+        the engine's workers run in other processes (tensor parallel): then its directory is reloaded."""
+        if ref.base is not None or self.vllm.tensor_parallel_size > 1:
+            return None
+        for dtype in dict.fromkeys((master_dtype(ref.dtype), ref.dtype)):
+            lm = self.pool.peek(ref.path, dtype, ref.device)
+            if lm is not None and lm.version == ref.version:
+                return lambda model=lm.model: model.state_dict().items()
+        return None

@@ -110,7 +110,7 @@ def label_disagreements(ss: Scoreset, n: int, chars: int) -> dict | None:
     right = rewarded.filter(pl.col("correct")).sort("reward", "rollout_id").head(n)
     return {
         "correct_share": float(correct["correct"].mean()),
-        "per_judgement": labels.label_metrics(ss).to_dicts(),
+        "per_judgement": labels.label_metrics(ss).drop("auroc").to_dicts(),  # auroc_p_yes under its old name
         "high_reward_wrong": _texts(ss, wrong.drop("correct"), chars).drop("rollout_id").to_dicts(),
         "low_reward_right": _texts(ss, right.drop("correct"), chars).drop("rollout_id").to_dicts(),
     }

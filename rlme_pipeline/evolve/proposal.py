@@ -189,7 +189,7 @@ def measure(run: Run, name: str, k: int | str, backends: Backends, rescore: Resc
     backends). Recorded: a rerun measures only what is missing."""
     u = unit(run, name)
     if rec := u.record(_measure_step(k)):
-        return rec.metrics
+        return rank.renamed(rec.metrics)
     t0 = time.perf_counter()
     info = u.read_record("prepare").info
     cfg = run.config()
@@ -246,8 +246,12 @@ def finish(run: Run, name: str, criteria: rank.Criteria | None = None) -> Propos
     criteria = criteria or rank.Criteria()
     prep = u.read_record("prepare")
     cs = candidates(run, name)
-    base = u.read_record(_measure_step(CURRENT)).metrics
-    measured = [(c["index"], u.read_record(_measure_step(c["index"])).metrics) for c in cs if c["status"] == "accepted"]
+    base = rank.renamed(u.read_record(_measure_step(CURRENT)).metrics)
+    measured = [
+        (c["index"], rank.renamed(u.read_record(_measure_step(c["index"])).metrics))
+        for c in cs
+        if c["status"] == "accepted"
+    ]
     chosen, ineligible, why = rank.choose(base, measured, criteria)
     by_k = dict(measured)
     rows = [

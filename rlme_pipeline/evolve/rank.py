@@ -9,7 +9,9 @@ without the label-reward mix, which would leak labels into the label criterion):
                        that training would reinforce. Scale-free, and it sees additions, rewordings,
                        weights and penalising questions alike, unlike a per-question P(yes) > 0.5 count.
     probe_positive_share       the audit's probe share (P(yes) > 0.5 over evaluator x question), for reference
-    label_auroc        (up) AUROC of the reward for correct vs incorrect rollouts, where labels exist
+    auroc_reward       (up) AUROC of the judges' reward for correct vs incorrect rollouts, where labels
+                       exist: it ranks the reward (f with its floor), not P(yes) normalised, as the audit's
+                       auroc_p_yes does (called label_auroc before; audit/labels.py says why both exist)
     spread             (up, gate) mean within-group std of the reward divided by sum |v_j w_k|: a set that
                        never separates a group's samples teaches nothing, however safe it is
     stability          (up, gate) stability under paraphrase: each question's paraphrase (paraphrase.py) is
@@ -44,7 +46,9 @@ from rlme_pipeline.config import EvaluatorConfig, QuestionConfig, ScoringConfig
 
 class Criteria(BaseModel):
     min_spread_ratio: float = Field(0.5, ge=0, description="gate: spread at least this times the current set's")
-    auroc_tolerance: float = Field(0.05, ge=0, description="gate: label AUROC at most this below the current set's")
+    auroc_tolerance: float = Field(
+        0.05, ge=0, description="gate: AUROC of the reward at most this below the current set's"
+    )
     min_stability: float = Field(
         0.5, ge=-1, le=1, description="gate: mean question-paraphrase correlation of P(yes) at least this"
     )
@@ -136,7 +140,7 @@ def measure(
     return {
         "probe_win_share": probe_win_share(probe, rewards),
         "probe_positive_share": float((ok > 0.5).mean()) if len(ok) else None,
-        "label_auroc": auroc(labelled["reward"], correct) if labelled.height else None,
+        "auroc_reward": auroc(labelled["reward"], correct) if labelled.height else None,
         "spread": spread(rewards, total),
         "stability": stable,
         "stability_by_question": by_question,
@@ -145,6 +149,14 @@ def measure(
         "rollouts": rewards.height,
         "probe_answers": probe.height,
     }
+
+
+def renamed(m: dict) -> dict:
+    """Measures recorded before `label_auroc` was named `auroc_reward` (an evolve interrupted across the
+    upgrade resumes with them)."""
+    if "label_auroc" in m and "auroc_reward" not in m:
+        m = {("auroc_reward" if k == "label_auroc" else k): v for k, v in m.items()}
+    return m
 
 
 def _finite_mean(s: pl.Series) -> float | None:
@@ -162,9 +174,9 @@ def gate(m: dict, base: dict, c: Criteria) -> str | None:
         return "stability under paraphrase was not measured (no question-paraphrase correlation is defined)"
     if m["stability"] < c.min_stability:
         return f"stability under paraphrase {_fmt(m['stability'])} is below {c.min_stability}"
-    if base["label_auroc"] is not None and m["label_auroc"] is not None:
-        if m["label_auroc"] < base["label_auroc"] - c.auroc_tolerance:
-            return f"label AUROC {_fmt(m['label_auroc'])} is more than {c.auroc_tolerance} below the current {_fmt(base['label_auroc'])}"
+    if base["auroc_reward"] is not None and m["auroc_reward"] is not None:
+        if m["auroc_reward"] < base["auroc_reward"] - c.auroc_tolerance:
+            return f"AUROC of the reward {_fmt(m['auroc_reward'])} is more than {c.auroc_tolerance} below the current {_fmt(base['auroc_reward'])}"
     return None
 
 
@@ -175,7 +187,7 @@ def _fmt(x: float | None) -> str:
 def order_key(m: dict) -> tuple:
     """Lower is better: probe win share, then AUROC (higher), then spread (higher)."""
     neg = lambda x: -x if x is not None and math.isfinite(x) else math.inf  # noqa: E731
-    return (m["probe_win_share"], neg(m["label_auroc"]), neg(m["spread"]))
+    return (m["probe_win_share"], neg(m["auroc_reward"]), neg(m["spread"]))
 
 
 def choose(base: dict, measured: list[tuple[int, dict]], c: Criteria) -> tuple[int | None, dict[int, str | None], str]:

@@ -47,9 +47,8 @@ def evolve(
 ) -> proposal.ProposalManifest:
     """The committed proposal {run}/proposals/{name}. The question sets are measured one after another:
     each re-scores every stored rollout of `iterations`, with one set of models (`backends`, or this
-    call's own). A committed proposal is returned as it stands."""
-    if (u := proposal.unit(run, name)).committed():
-        return u.manifest()
+    call's own). A proposal of that name that is committed already is refused (ProposalExists): a new
+    proposal needs a new name; one that is not continues where it stopped."""
     with nullcontext(backends) if backends is not None else Backends(run.config().vllm_settings()) as b:
         prepare = partial(proposal.prepare, run, name, proposer, candidates, iterations, probe_prompts, b)
         info = wrap("evolve-prepare", prepare)()
@@ -87,7 +86,10 @@ def online_step(run: Run, cfg: Config, i: int, why: str, backends: Backends) -> 
     returned record is the step's summary (the Prefect task's result); the run holds the real records."""
     t0, ev, n = time.perf_counter(), cfg.evolve, online_name(i)
     window = f"{max(0, i + 1 - ev.window)}:{i + 1}"
-    m = evolve(run, n, online_proposer(cfg, i), ev.candidates, window, ev.probe_prompts, backends=backends)
+    if (u := proposal.unit(run, n)).committed():  # a resumed step: its proposal stands
+        m = u.manifest()
+    else:
+        m = evolve(run, n, online_proposer(cfg, i), ev.candidates, window, ev.probe_prompts, backends=backends)
     crash_point("evolve:before-phase", i)
     p = None
     if m.chosen is not None:

@@ -13,6 +13,9 @@ parameter count of a model built on the meta device, which allocates nothing) an
 The activation terms are estimates (docs/gpu.md: 2·L·B·T·(8h + 3i) bytes in bf16), the weights, AdamW
 state and gradients are exact; allocator fragmentation and the CUDA context (~0.5 GiB) come on top.
 `benchmarks/gpu.py` measures the real peak.
+
+A vLLM engine colocated with the trainer (generation.backend: vllm) is given the rest of the device
+(`engine_share`): vLLM's own default, 0.9 of the device, fails beside a trainer that holds anything.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, replace
 
 from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config
 from rlme_pipeline.models.loading import master_dtype
+from rlme_pipeline.models.weights_at import hf_reads_policy
 
 GiB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -126,7 +130,7 @@ def _policy_held(cfg: Config, s: Shape) -> list[Part]:
         Part(dev, HELD, f"policy weights ({m})", s.params * BYTES[m]),
         Part(dev, HELD, f"AdamW state ({m})", 2 * s.params * BYTES[m]),
     ]
-    if m != p.dtype:
+    if m != p.dtype and hf_reads_policy(cfg):  # with vLLM generating the engine holds that copy (engine_share)
         parts.append(Part(dev, HELD, f"{p.dtype} copy that generates and judges", s.params * BYTES[p.dtype]))
     if cfg.algorithm.beta > 0 or any(ev.model == FROZEN_SELF for ev in cfg.evaluators):
         parts.append(Part(dev, HELD, f"initial policy ({p.dtype}: frozen self / KL reference)", s.params * BYTES[p.dtype]))  # fmt: skip
@@ -148,7 +152,7 @@ def _evaluators_held(cfg: Config, shapes: dict[str, Shape]) -> list[Part]:
 def _generate(cfg: Config, s: Shape, prompt_tokens: int) -> list[Part]:
     g, dtype, dev = cfg.generation, cfg.policy.dtype, device_name(cfg.policy.device)
     if g.backend != "hf":
-        return []  # vLLM sizes its own memory (vllm.engine_kwargs gpu_memory_utilization)
+        return []  # a vLLM engine's memory is its share of the device (engine_share), apart from the trainer's
     tokens = g.batch_size * (prompt_tokens + g.max_new_tokens)
     return [
         Part(
@@ -274,3 +278,78 @@ def float32_cost(cfg: Config, shapes: dict[str, Shape], prompt_tokens: int, ques
         f"halves activations and KV cache (peak {size(then)}): set policy.dtype: bfloat16 for a new run "
         "(it changes the results, so not on an existing run id)"
     )
+
+
+# --- a vLLM engine beside the trainer ---------------------------------------------------------------------
+ENGINE_RESERVE = 2 * GiB  # CUDA context, allocator fragmentation, what a sleeping engine keeps (CUDA graphs)
+ENGINE_MIN_EXTRA = GiB  # beyond its weights: the activations of vLLM's profile run and a KV cache worth having
+
+
+def engine_share(
+    total: int, held: int, busiest: int, engine_weights: int, *, sleeps: bool, reserve: int = ENGINE_RESERVE
+) -> float:
+    """vLLM's gpu_memory_utilization for an engine on the trainer's GPU: the share of the device it may
+    take (vLLM refuses to start when less than that is free, then fills it with weights, activations and
+    KV cache). `held`: what the trainer keeps between stages; `busiest`: the most its score or update stage
+    adds. A sleeping engine (vLLM sleep mode, level 2) has given its memory back while the trainer scores
+    and updates, so it need only fit beside `held`; an engine that stays awake must leave `busiest` too.
+    Floored to 0.01. ValueError, one line, when the rest cannot hold the engine's weights and 1 GiB."""
+    room = total - held - reserve - (0 if sleeps else busiest)
+    if room < engine_weights + ENGINE_MIN_EXTRA:
+        awake = "" if sleeps else f" and its busiest stage {size(busiest)} (the engine does not sleep)"
+        raise ValueError(
+            f"vllm.gpu_memory_utilization: the trainer holds {size(held)}{awake} of {size(total)}, {size(reserve)} "
+            f"reserved, leaving {size(max(room, 0))} for the vLLM engine, which needs its {size(engine_weights)} "
+            f"of weights plus {size(ENGINE_MIN_EXTRA)}; free memory ({KNOBS}) or set generation.backend: openai "
+            "(a server on its own GPU)"
+        )
+    return (100 * room // total) / 100
+
+
+def beside_engine(parts: list[Part], device: str) -> tuple[int, int]:
+    """(held, busiest) on `device`: what the trainer holds between stages, and the most that its score or
+    update stage adds (generation is the engine's)."""
+    held = sum(p.bytes for p in parts if p.device == device and p.stage == HELD)
+    busiest = max(sum(p.bytes for p in parts if p.device == device and p.stage == st) for st in ("score", "update"))
+    return held, busiest
+
+
+def colocated_share(cfg: Config, prompts, total: int | None = None) -> float:
+    """engine_share for the policy's engine under this config: the estimate above on the policy's device
+    (of `total` bytes; default: that CUDA device's size)."""
+    from rlme_pipeline.models.loading import load_tokenizer, resolve_ref
+
+    dev = device_name(cfg.policy.device)
+    if total is None:
+        import torch
+
+        total = torch.cuda.get_device_properties(torch.device(dev)).total_memory
+    try:
+        tok = load_tokenizer(resolve_ref(cfg.resolve(cfg.policy.model)))
+        shapes, prompt_tokens, question_tokens = inputs(cfg, prompts, tok)
+    except Exception as e:  # noqa: BLE001 - a hub id not cached here: the user says the share instead
+        raise ValueError(
+            f"vllm.gpu_memory_utilization: cannot size the vLLM engine beside the trainer ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); set it (a share of the GPU, e.g. 0.4)"
+        ) from None
+    held, busiest = beside_engine(estimate(cfg, shapes, prompt_tokens, question_tokens), dev)
+    weights = shapes[cfg.policy.model].params * BYTES[cfg.policy.dtype]
+    sleeps = cfg.vllm.sleep and cfg.policy.lora is None  # session.Backends: no sleep with LoRA adapters
+    return engine_share(total, held, busiest, weights, sleeps=sleeps)
+
+
+def inputs(cfg: Config, prompts, policy_tok) -> tuple[dict[str, Shape], int, int]:
+    """What `estimate` needs: each model's Shape (its config.json), the longest prompt as the policy reads
+    it, and every question of one rollout as the evaluators read them."""
+    from rlme_pipeline.models.loading import resolve_ref
+    from rlme_pipeline.stages.generate import chat_prompt_ids
+
+    models = [cfg.policy, *(ev for ev in cfg.evaluators if ev.model not in (LIVE_SELF, FROZEN_SELF))]
+    shapes = {m.model: shape_of(resolve_ref(cfg.resolve(m.model)), getattr(m, "lora", None)) for m in models}
+    longest = max(prompts["prompt"].to_list(), key=len)
+    prompt_tokens = len(chat_prompt_ids(policy_tok, longest, cfg.data.system_prompt))
+    sc = cfg.scoring
+    count = lambda text: len(policy_tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    question_tokens = count(sc.template.format(prompt="", completion=""))
+    question_tokens += sum(count(sc.question_template.format(question=q.text)) for q in cfg.questions)
+    return shapes, prompt_tokens, question_tokens

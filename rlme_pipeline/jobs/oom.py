@@ -37,14 +37,12 @@ def knobs(cfg: Config, stage: str) -> list[tuple[type, str, str]]:
     half = cfg.policy.dtype == "float32"
     if stage == "generate":
         out.append((GenerationConfig, "generation.batch_size", f"lower than {cfg.generation.batch_size}"))
-        if cfg.generation.backend != "hf":
-            out.append(
-                (
-                    VllmConfig,
-                    "vllm.engine_kwargs",
-                    "gpu_memory_utilization lower (or --gpu-memory-utilization in vllm.server_args)",
-                )
-            )
+        if cfg.generation.backend == "vllm":  # the colocated engine's share (jobs/memory.py engine_share)
+            share = cfg.vllm.gpu_memory_utilization
+            lower = f"lower than {share}" if share else "below the computed share (the engine's startup log gives it)"
+            out.append((VllmConfig, "vllm.gpu_memory_utilization", lower))
+        elif cfg.generation.backend == "openai":
+            out.append((VllmConfig, "vllm.server_args", "--gpu-memory-utilization lower"))
     elif stage in ("score", "probe"):  # the probe scores its answers as the score stage does
         if stage == "probe":
             out.append((ProbeConfig, "probe.prompts", f"lower than {cfg.probe.prompts}"))

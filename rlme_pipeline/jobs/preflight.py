@@ -8,9 +8,11 @@ from pathlib import Path
 from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config, ConfigError
 from rlme_pipeline.data import heldout_prompts, load_prompts, prompt_indices
 from rlme_pipeline.jobs.tracking import check_installed
-from rlme_pipeline.judging.judges import answer_ids
+from rlme_pipeline.judging.inputs import uses_chat
+from rlme_pipeline.judging.judges import judge_answer_ids, predates_chat_template
 from rlme_pipeline.models.importing import GGUF_PREFIX, check_gguf, require_gguf
 from rlme_pipeline.models.loading import load_tokenizer, resolve_ref
+from rlme_pipeline.storage.run import Run
 from rlme_pipeline.storage.store import Store
 
 
@@ -212,23 +214,14 @@ def gpu_memory_notes(cfg: Config, prompts, policy_tok) -> list[str]:
     """The per-stage GPU memory estimate (jobs/memory.py) when any model is on a CUDA device: computed
     from config.json files and the tokenizer, before anything loads."""
     from rlme_pipeline.jobs import memory
-    from rlme_pipeline.stages.generate import chat_prompt_ids
 
     models = [cfg.policy, *(ev for ev in cfg.evaluators if ev.model not in (LIVE_SELF, FROZEN_SELF))]
     if not any(m.device.startswith("cuda") for m in models):
         return []
-    shapes = {}
-    for m in models:
-        try:
-            shapes[m.model] = memory.shape_of(resolve_ref(cfg.resolve(m.model)), getattr(m, "lora", None))
-        except Exception as e:  # noqa: BLE001 - a hub id not cached here: the estimate is advice, not a check
-            return [f"no GPU memory estimate: cannot read the config.json of {m.model!r} ({type(e).__name__})"]
-    longest = max(prompts["prompt"].to_list(), key=len)
-    prompt_tokens = len(chat_prompt_ids(policy_tok, longest, cfg.data.system_prompt))
-    sc = cfg.scoring
-    count = lambda text: len(policy_tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    question_tokens = count(sc.template.format(prompt="", completion=""))
-    question_tokens += sum(count(sc.question_template.format(question=q.text)) for q in cfg.questions)
+    try:
+        shapes, prompt_tokens, question_tokens = memory.inputs(cfg, prompts, policy_tok)
+    except Exception as e:  # noqa: BLE001 - a hub id not cached here: the estimate is advice, not a check
+        return [f"no GPU memory estimate: cannot read a model's config.json ({type(e).__name__}: {e})"]
     parts = memory.estimate(cfg, shapes, prompt_tokens, question_tokens)
     lines = memory.report(parts, _cuda_totals())
     cost = memory.float32_cost(cfg, shapes, prompt_tokens, question_tokens)
@@ -261,11 +254,20 @@ def preflight(cfg: Config, store: Store) -> list[str]:
     prompt_indices(prompts.height, cfg.data.prompts_per_iteration, cfg.run.seed, 0)
     if cfg.eval.every:
         heldout_prompts(cfg)  # the held-out file and its columns, now rather than after the first update
+    policy_tok = check_judges(cfg, predates_chat_template(Run(store, cfg.run.id)))
+    return gpu_memory_notes(cfg, prompts, policy_tok)
+
+
+def check_judges(cfg: Config, predates: bool = False):
+    """The policy's and every evaluator's tokenizer load, and each reads every question's answers as one
+    token in the form it will judge (raw text, or its chat template: scoring.chat_template), before any
+    model loads. `predates`: the run was created before scoring.chat_template (auto reads raw text).
+    Returns the policy's tokenizer."""
     policy_tok = _tokenizer_for(cfg, cfg.policy.model, "policy.model")
     for i, ev in enumerate(cfg.evaluators):
         field = f"evaluators[{i}].model"
         tok = policy_tok if ev.model in (LIVE_SELF, FROZEN_SELF) else _tokenizer_for(cfg, ev.model, field)
+        chat = uses_chat(cfg.scoring, tok, ev.name, predates)
         for q in cfg.questions:
-            answer_ids(tok, q.positive, f"questions[{q.id}].positive (evaluator {ev.name})")
-            answer_ids(tok, q.negative, f"questions[{q.id}].negative (evaluator {ev.name})")
-    return gpu_memory_notes(cfg, prompts, policy_tok)
+            judge_answer_ids(tok, q, cfg.scoring, chat, ev.name)
+    return policy_tok

@@ -35,14 +35,14 @@ from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.data import Prompts, prompts_for_iteration
 from rlme_pipeline.jobs import evolve as evolving
-from rlme_pipeline.jobs import oom, replay, update_fsdp
+from rlme_pipeline.jobs import memory, oom, replay, update_fsdp
 from rlme_pipeline.jobs.background import CheckpointWriter, Deferred
 from rlme_pipeline.jobs.policy_update import Updated, update_policy
 from rlme_pipeline.jobs.sigterm import Sigterm, Stopped
 from rlme_pipeline.jobs.tracking import Trackers
 from rlme_pipeline.judging.judges import evaluators_at
 from rlme_pipeline.judging.probe import probe_metrics, run_probe, sample_prompts
-from rlme_pipeline.models import adapters, checkpoint
+from rlme_pipeline.models import adapters, checkpoint, weights_at
 from rlme_pipeline.models.loading import Loaded, inference_copy, master_dtype
 from rlme_pipeline.models.weights_at import ModelRef, frozen_keys, initial_policy, policy_at, pool_capacity
 from rlme_pipeline.progress import Clock
@@ -379,8 +379,13 @@ class Runner:
 
     def _sample(self, i: int, ref: ModelRef) -> tuple[pl.DataFrame, dict]:
         prompts = prompts_for_iteration(self.prompts.train(), self.cfg, i)
-        with self.backends.generator(ref, self.cfg.generation.backend) as (gen, tok):
+        with self.backends.generator(ref, self.cfg.generation.backend, colocated=self._engine_memory) as (gen, tok):
             return generate(self.cfg, self.run.id, i, prompts, ref.version, gen, tok)
+
+    def _engine_memory(self) -> float:
+        """The share of the policy's GPU a vLLM engine built now may take: the device less what this trainer
+        holds (jobs/memory.py), not vLLM's 0.9 of the device, which fails beside a trainer."""
+        return memory.colocated_share(self.cfg, self.prompts.train())
 
     def score(self, i: int) -> tuple[list[FileEntry], dict, dict]:
         """Every rollout x evaluator x question of this iteration's phase."""
@@ -468,7 +473,7 @@ class Runner:
         cfg, backend = self.phases.config_at(self.cfg, i), self.cfg.generation.backend
         prompts = self.prompts.heldout()
         ref = policy_at(self.run, cfg, i + 1)
-        with self.backends.generator(ref, backend) as (gen, tok):
+        with self.backends.generator(ref, backend, colocated=self._engine_memory) as (gen, tok):
             rollouts = heldout.completions(cfg, self.run.id, i, prompts, ref.version, gen, tok)
         evaluators = evaluators_at(self.run, cfg, i + 1) if cfg.eval.judges else []
         table, metrics = heldout.evaluate(cfg, rollouts, evaluators, self.backends)
@@ -529,7 +534,8 @@ class Runner:
         """The trained model (its optimizer and RNG with it) serves the next iteration without a reload."""
         pool, master = self.backends.pool, master_dtype(ref.dtype)
         pool.put((path, master, ref.device), Loaded(lm.model, lm.tokenizer, version, path, done.optimizer, done.rng))
-        if master != ref.dtype:  # what the next iteration generates (and a live-self evaluator judges) with
+        # what hf generates (and a live-self evaluator judges) with; a vLLM engine takes the master's tensors
+        if master != ref.dtype and weights_at.hf_reads_policy(self.cfg):
             pool.put(
                 (path, ref.dtype, ref.device), Loaded(inference_copy(lm.model, ref.dtype), lm.tokenizer, version, path)
             )

@@ -15,7 +15,8 @@ import polars as pl
 
 from rlme_pipeline.backends import Judgement
 from rlme_pipeline.backends.session import Backends
-from rlme_pipeline.config import Config, ConfigError, EvaluatorConfig, QuestionConfig, ScoringConfig
+from rlme_pipeline.config import Config, EvaluatorConfig, QuestionConfig, ScoringConfig
+from rlme_pipeline.judging import inputs
 from rlme_pipeline.models.weights_at import ModelRef, evaluator_at
 from rlme_pipeline.progress import bar
 from rlme_pipeline.storage.crash import crash_point
@@ -26,37 +27,42 @@ from rlme_pipeline.storage.schemas import SCORES as SCORES_SCHEMA
 
 @dataclass(frozen=True)
 class Evaluator:
-    """An evaluator as it judges at one iteration: its configured name and the weights it reads with."""
+    """An evaluator as it judges at one iteration: its configured name and the weights it reads with.
+    `predates_chat_template`: its run was created before scoring.chat_template existed, so "auto" means
+    the raw text that run was always judged on (judging/inputs.py)."""
 
     name: str
     ref: ModelRef
+    predates_chat_template: bool = False
 
 
 def evaluators_at(
     run: Run, cfg: Config, iteration: int, evaluators: list[EvaluatorConfig] | None = None
 ) -> list[Evaluator]:
     """The evaluators (the config's, or those given) as they judge iteration i of the run."""
+    old = predates_chat_template(run)
     return [
-        Evaluator(ev.name, evaluator_at(run, cfg, ev, iteration))
+        Evaluator(ev.name, evaluator_at(run, cfg, ev, iteration), old)
         for ev in (cfg.evaluators if evaluators is None else evaluators)
     ]
 
 
-def answer_ids(tokenizer, answers: list[str], where: str) -> list[int]:
-    """Distinct token ids of the answer variants; each must be exactly one token for this tokenizer."""
-    ids = []
-    for a in answers:
-        toks = tokenizer(a, add_special_tokens=False)["input_ids"]
-        if not toks:
-            raise ConfigError(f"{where}: answer {a!r} tokenizes to nothing; give a visible answer such as ' Yes'")
-        if len(toks) > 1:
-            pieces = tokenizer.convert_ids_to_tokens(toks)
-            raise ConfigError(
-                f"{where}: answer {a!r} is {len(toks)} tokens {pieces} for this evaluator's tokenizer; "
-                "use variants that are single tokens (e.g. ' Yes' and 'Yes')"
-            )
-        ids.append(toks[0])
-    return sorted(set(ids))
+def evaluators_at_start(cfg: Config) -> list[Evaluator]:
+    """The evaluators as they judge iteration 0 of a new run, before one exists (judge-check): the live
+    and the frozen self are then both the initial policy, so no run is read (evaluator_at needs none at 0)."""
+    return [Evaluator(ev.name, evaluator_at(None, cfg, ev, 0)) for ev in cfg.evaluators]
+
+
+def predates_chat_template(run: Run) -> bool:
+    """Whether the run's config snapshot (run.json) was written before scoring.chat_template existed."""
+    if not run.store.exists("run.json"):
+        return False
+    return "chat_template" not in run.meta()["config"].get("scoring", {})
+
+
+def answer_ids(tokenizer, answers: list[str], where: str, after: str | None = None) -> list[int]:
+    """Distinct token ids of the answer variants, each one token (judging/inputs.py; `after`: chat form)."""
+    return inputs.answer_ids(tokenizer, answers, where, after)
 
 
 def score_rollouts(
@@ -79,35 +85,53 @@ def score_rollouts(
     return pl.DataFrame(rows) if rows else pl.DataFrame(schema=SCORES_SCHEMA)  # no judges: plain RLVR
 
 
+def judge_answer_ids(tok, q: QuestionConfig, sc: ScoringConfig, chat: bool, evaluator: str = "") -> tuple:
+    """(yes ids, no ids) of a question as this evaluator reads them: in chat form, the tokens a reply
+    starts with after the assistant header; preflight checks them with this same function."""
+    after = inputs.question_tail(tok, sc, q.text) if chat else None
+    who = f" (evaluator {evaluator})" if evaluator else ""
+    return (
+        answer_ids(tok, q.positive, f"questions[{q.id}].positive{who}", after),
+        answer_ids(tok, q.negative, f"questions[{q.id}].negative{who}", after),
+    )
+
+
 def _score_one(
     texts, judge: Evaluator, backend, tok, questions, sc: ScoringConfig, scoreset: str, label: str
 ) -> list[dict]:
     rows = []
-    q_ids = [
-        tok(sc.question_template.format(question=q.text), add_special_tokens=False)["input_ids"] for q in questions
-    ]
-    yes = [answer_ids(tok, q.positive, f"questions[{q.id}].positive") for q in questions]
-    no = [answer_ids(tok, q.negative, f"questions[{q.id}].negative") for q in questions]
-    prefixes = [tok(sc.template.format(prompt=r["prompt"], completion=r["completion"]))["input_ids"] for r in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(prefixes[i]))
+    chat = inputs.uses_chat(sc, tok, judge.name, judge.predates_chat_template)
+    enc = inputs.encode(tok, texts, [q.text for q in questions], sc, chat)
+    answers = [judge_answer_ids(tok, q, sc, chat) for q in questions]
+    order = sorted(range(len(texts)), key=lambda i: len(enc.prefixes[i]))
     # Questions with the same answer sets are judged in one pass (the usual case: all of them).
     groups: dict[tuple, list[int]] = {}
-    for k in range(len(questions)):
-        groups.setdefault((tuple(yes[k]), tuple(no[k])), []).append(k)
+    for k, (y, n) in enumerate(answers):
+        groups.setdefault((tuple(y), tuple(n)), []).append(k)
     its = sorted({r["iteration"] for r in texts})
     where = f" iter {its[0]}" if len(its) == 1 else ""
     with bar(f"{label}{where}: judge {judge.name}", len(order)) as advance:
         for b in range(0, len(order), sc.batch_size):
             idx = order[b : b + sc.batch_size]
-            batch = [prefixes[i] for i in idx]
             for (y, n), ks in groups.items():
-                res = backend.judge(batch, [q_ids[k] for k in ks], list(y), list(n))
-                for j, i in enumerate(idx):
-                    for kk, k in enumerate(ks):
-                        rows.append(_row(texts[i], judge, questions[k], res[j][kk], scoreset))
+                for same, suffixes in _by_suffixes(idx, enc, ks):
+                    res = backend.judge([enc.prefixes[i] for i in same], suffixes, list(y), list(n))
+                    for j, i in enumerate(same):
+                        for kk, k in enumerate(ks):
+                            rows.append(_row(texts[i], judge, questions[k], res[j][kk], scoreset))
             advance(len(idx))
             crash_point("score:mid", texts[idx[0]]["iteration"])
     return rows
+
+
+def _by_suffixes(idx: list[int], enc: inputs.Encoded, ks: list[int]) -> list[tuple[list[int], list[list[int]]]]:
+    """The batch's rollouts grouped by their question suffixes, in batch order: one group, the whole
+    batch, unless a chat-form seam gave some rollout other suffix tokens (judging/inputs.py)."""
+    out: dict[tuple, tuple[list[int], list[list[int]]]] = {}
+    for i in idx:
+        suffixes = [enc.suffixes[i][k] for k in ks]
+        out.setdefault(tuple(map(tuple, suffixes)), ([], suffixes))[0].append(i)
+    return list(out.values())
 
 
 def _row(r: dict, judge: Evaluator, q: QuestionConfig, j: Judgement, scoreset: str) -> dict:

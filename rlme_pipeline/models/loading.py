@@ -160,6 +160,11 @@ class ModelPool:
             return Loaded(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.version, path)
         return loaded
 
+    def peek(self, path: str, dtype: str = "float32", device: str = "cpu") -> Loaded | None:
+        """The pooled model, or None: never loads (a caller that can do without it reads nothing)."""
+        with self._lock:
+            return self._items.get((path, dtype, device))
+
     def discard(self, path: str, dtype: str = "float32", device: str = "cpu") -> None:
         """Forget a model (if loaded): its weights are stale."""
         with self._lock:

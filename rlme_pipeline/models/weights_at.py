@@ -66,15 +66,24 @@ def frozen_keys(cfg: Config) -> set[tuple[str, str, str]]:
     return keys
 
 
+def hf_reads_policy(cfg: Config) -> bool:
+    """Whether an hf model reads the trained policy in its own dtype: the hf generator, or a live-self
+    evaluator judging on hf. Otherwise (vLLM generates, no live self on hf) a half-precision policy keeps
+    no inference copy beside its fp32 master: the engine takes the master's tensors (cast as pushed)."""
+    live_self_on_hf = cfg.scoring.backend == "hf" and any(ev.model == LIVE_SELF for ev in cfg.evaluators)
+    return cfg.generation.backend == "hf" or live_self_on_hf
+
+
 def pool_capacity(cfg: Config) -> int:
     """How many models one training process uses again and again: the frozen ones, the policy's master
-    weights and, for a half-precision policy, its inference copy (the live self is that copy); one
+    weights and, for a half-precision policy that hf reads, its inference copy (the live self is that copy); one
     base for a LoRA policy; and a model proposer (evolve). Its model pool holds all of them, so none is
     reloaded between iterations (each reload also re-read the optimizer state from disk)."""
     base = (resolve_ref(cfg.resolve(cfg.policy.model)), cfg.policy.dtype, cfg.policy.device)
     if cfg.policy.lora is not None:
         trained = {base}
     else:
-        trained = {("master",), ("inference",)} if master_dtype(cfg.policy.dtype) != cfg.policy.dtype else {("master",)}
+        half = master_dtype(cfg.policy.dtype) != cfg.policy.dtype
+        trained = {("master",), ("inference",)} if half and hf_reads_policy(cfg) else {("master",)}
     proposer = cfg.evolve is not None and cfg.evolve.proposer != "rules"
     return len(frozen_keys(cfg) | trained) + int(proposer)

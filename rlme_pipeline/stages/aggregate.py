@@ -13,17 +13,23 @@ def rewards_for(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame) -> pl
     return rewards_and_metrics(cfg, scores, rollouts)[0]
 
 
-def rewards_and_metrics(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
-    sc = cfg.scoring
-    rewards = compute_rewards(
+def judges_reward(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame, scale_std: bool = False) -> pl.DataFrame:
+    """The judges' reward (and advantage) as the config weighs it: its evaluators, questions, reward form and
+    floor. Without the label-reward mix: what eval, judge-check and evolve rank by."""
+    return compute_rewards(
         scores,
         rollouts,
         {e.name: e.weight for e in cfg.evaluators},
         {q.id: q.weight for q in cfg.questions},
-        form=sc.reward_form,
-        floor=sc.logp_floor,
-        scale_std=cfg.algorithm.scale_advantage_std,
+        form=cfg.scoring.reward_form,
+        floor=cfg.scoring.logp_floor,
+        scale_std=scale_std,
     )
+
+
+def rewards_and_metrics(cfg: Config, scores: pl.DataFrame, rollouts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+    sc = cfg.scoring
+    rewards = judges_reward(cfg, scores, rollouts, scale_std=cfg.algorithm.scale_advantage_std)
     lc = cfg.label_reward
     if lc is None or lc.share == 0:
         return rewards, {}

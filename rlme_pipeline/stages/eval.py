@@ -20,10 +20,10 @@ import polars as pl
 
 from rlme_pipeline import seeds
 from rlme_pipeline.algorithm.answers import extract_answer, is_correct, majority, reference_answer, same_answer
-from rlme_pipeline.algorithm.rewards import compute_rewards
 from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import Config
 from rlme_pipeline.judging.judges import Evaluator, score_rollouts
+from rlme_pipeline.stages.aggregate import judges_reward
 from rlme_pipeline.stages.generate import Sampling, generate
 from rlme_pipeline.storage.schemas import OK
 
@@ -95,14 +95,7 @@ def evaluate(
     if evaluators:
         judged = rollouts.filter(pl.col("sample_index") == 0)
         scores = score_rollouts(judged, evaluators, cfg.questions, cfg.scoring, "eval", backends, label="eval")
-        rewards = compute_rewards(
-            scores,
-            judged,
-            {e.name: e.weight for e in cfg.evaluators},
-            {q.id: q.weight for q in cfg.questions},
-            form=cfg.scoring.reward_form,
-            floor=cfg.scoring.logp_floor,
-        )
+        rewards = judges_reward(cfg, scores, judged)
         table = table.drop("reward").join(rewards.select("rollout_id", "reward"), on="rollout_id", how="left")
         valid = table["reward"].filter(table["reward"].is_not_nan())
         metrics[f"{PREFIX}reward_mean"] = float(valid.mean()) if valid.len() else None

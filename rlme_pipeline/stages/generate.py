@@ -75,10 +75,13 @@ def _generate(
             requests.append((row, s, ids, seeds.derive(*g.seed, row["prompt_id"], s)))
     requests.sort(key=lambda r: len(r[2]))
 
+    # An engine that schedules its own batches (vLLM) gets every request at once: in chunks of batch_size
+    # it would wait for each chunk's longest completion with its other slots idle.
+    step = max(len(requests), 1) if getattr(gen, "schedules_batches", False) else g.batch_size
     rows = []
     with bar(f"{g.stage} iter {iteration}: samples", len(requests)) as advance:
-        for b in range(0, len(requests), g.batch_size):
-            chunk = requests[b : b + g.batch_size]
+        for b in range(0, len(requests), step):
+            chunk = requests[b : b + step]
             samples = gen.sample(
                 [r[2] for r in chunk],
                 [r[3] for r in chunk],

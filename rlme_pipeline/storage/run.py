@@ -362,13 +362,21 @@ class Run:
                 "run_id": self.id,
                 "config": cfg.model_dump(mode="json"),
                 "config_hash": cfg.hash(),
+                # Where the snapshot's relative data/model paths were resolved from (not hashed): a later
+                # `rlme rescore/evolve/audit/export` of the run finds `gguf:../models/x.gguf` from any cwd.
+                "config_dir": str(cfg.base_dir.resolve()),
                 "code": code_version(),
                 "created_at": now(),
             },
         )
 
     def config(self) -> Config:
-        return validate_config(self.store.read_json("run.json")["config"], f"{self.url}/run.json")
+        """The run's config; its relative paths resolve against the folder of the config it was created
+        from where that folder still exists on this machine (else the current directory, as before)."""
+        meta = self.store.read_json("run.json")
+        folder = meta.get("config_dir")
+        base = folder if folder and Path(folder).is_dir() else None
+        return validate_config(meta["config"], f"{self.url}/run.json", base_dir=base)
 
     # --- iterations: one commit unit each ----------------------------------------------------------
     def unit(self, i: int) -> Unit[Manifest]:

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 
 from rlme_pipeline.config import load_config
 from rlme_pipeline.jobs.train import train
@@ -50,13 +48,6 @@ def _with_eval(config: Path) -> Path:
     d["eval"] = {"every": 1, "path": str(ROOT / "data" / "demo_heldout.jsonl"), "prompts": 2}
     config.write_text(yaml.safe_dump(d))
     return config
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    """One Prefect server for the whole chain; a killed flow run is left Running there, as it would be."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
 
 
 def _train_process(config: Path, crash_at: str | None, api_url: str) -> subprocess.CompletedProcess:
@@ -113,14 +104,14 @@ def _same_as(run: Run, ref: Run, iterations: int, tables: tuple[str, ...]) -> in
 
 
 @pytest.mark.slow
-def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, tmp_path, prefect_api):
+def test_killed_anywhere_resumes_to_the_uninterrupted_result(s3, micro_config, tmp_path, prefect_server):
     # The reference: the same config, uninterrupted, in this process, on local disk.
     ref_cfg = load_config(_with_eval(micro_config(str(tmp_path / "ref"), iterations=2)))
     ref = Run.for_config(ref_cfg)
     train(ref_cfg, ref)
 
     config = _with_eval(micro_config(s3.url(), iterations=2))
-    run, chain_s, out = _chain(config, CRASHES, prefect_api)
+    run, chain_s, out = _chain(config, CRASHES, prefect_server)
     assert "trained now: [1]" in out  # the flow finished what the kills left
     removed = _same_as(run, ref, 2, ("rollouts.parquet", "scores.parquet", "eval.parquet"))
     assert removed, "the kills inside upload and after aggregate's data file must have left attempt files"
@@ -153,7 +144,7 @@ def _light(config: Path) -> Path:
 
 @pytest.mark.slow
 def test_light_checkpoints_and_background_writes_killed_anywhere_resume_to_the_uninterrupted_result(
-    s3, micro_config, tmp_path, prefect_api
+    s3, micro_config, tmp_path, prefect_server
 ):
     ref_cfg = load_config(_light(micro_config(str(tmp_path / "ref"), iterations=4)))
     ref = Run.for_config(ref_cfg)
@@ -161,7 +152,7 @@ def test_light_checkpoints_and_background_writes_killed_anywhere_resume_to_the_u
     full = [i for i in ref.committed() if checkpoint.is_full(checkpoint.files_of(ref.manifest(i).files, i))]
     assert full == [2, 3]
 
-    run, chain_s, out = _chain(_light(micro_config(s3.url(), iterations=4)), LIGHT_CRASHES, prefect_api)
+    run, chain_s, out = _chain(_light(micro_config(s3.url(), iterations=4)), LIGHT_CRASHES, prefect_server)
     assert "trained now: [2, 3]" in out
     removed = _same_as(run, ref, 4, ("rollouts.parquet", "scores.parquet", "rewards.parquet"))
     assert removed, "the kills inside the background writes must have left attempt files"

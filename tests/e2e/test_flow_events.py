@@ -22,8 +22,6 @@ from prefect.client.schemas.actions import DeploymentScheduleCreate
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.flow_engine import run_flow
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 from rlme_flows.events import FAILED_JUDGEMENTS, PROBE_ALARM, resource_id
 from rlme_flows.train import rlme_train
 from rlme_tasks.steps import as_tasks
@@ -32,12 +30,6 @@ from rlme_pipeline.config import ConfigError, load_config
 from tests.conftest import DEMO, ROOT
 
 AUTOMATION = ROOT / "infra" / "automations" / "pause-on-probe-alarm.yaml"
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
 
 
 def config(micro_config, tmp_path: Path, run_id: str, **sections) -> str:

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-from prefect.testing.utilities import prefect_test_harness
 from rlme_flows.train import artifact_key, rlme_train
 
 from tests.conftest import DEMO
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_flow_trains_publishes_metrics_and_continues(prefect_server, tiny_models, tmp_path):

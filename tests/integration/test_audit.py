@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -17,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlme_pipeline import scoreset
 from rlme_pipeline.audit import labels
-from rlme_pipeline.audit.report import audit
 from rlme_pipeline.audit.sources import Scoreset
-from rlme_pipeline.config import ProbeConfig, QuestionConfig, ScoringConfig, load_config
+from rlme_pipeline.config import ProbeConfig, QuestionConfig, ScoringConfig
+from rlme_pipeline.jobs.audit import audit
 from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.judging.judges import Evaluator
@@ -28,16 +29,14 @@ from rlme_pipeline.models.loading import weights_version
 from rlme_pipeline.models.weights_at import ModelRef
 from rlme_pipeline.storage.run import Run
 from rlme_pipeline.storage.store import Store
-from tests.conftest import DEMO
+from tests.conftest import trained_demo
 
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory, tiny_models):
     """A two-iteration run, a re-score of it, and the audit comparing both (built once for the module)."""
     root = tmp_path_factory.mktemp("audit")
-    cfg = load_config(DEMO).with_overrides(storage=str(root / "runs"), iterations=2)
-    run = Run(Store(cfg.run.storage), cfg.run.id)
-    train(cfg, run)
+    run = trained_demo(root, iterations=2)
     qs = [QuestionConfig(id="short", text="Is it short?", weight=-1.0), QuestionConfig(id="right", text="Is it right?")]
     rescore(run, "v2", questions=qs, shard_rows=16)
     out = Store(str(root / "audit"))
@@ -195,7 +194,15 @@ def test_report_renders_in_headless_chromium(request, tmp_path):
     assert img.std() > 20 and (img < 200).mean() > 0.02  # text, axes and bands drawn, not a blank page
 
 
+def _brute_auroc(score: np.ndarray, correct: np.ndarray) -> float:
+    pos, neg = score[correct], score[~correct]
+    return float(np.mean([(x > y) + 0.5 * (x == y) for x in pos for y in neg]))
+
+
 def test_label_metrics_match_brute_force():
+    """Both AUROCs by hand. P(yes) and P(no) are drawn apart, so the reward (max(log P(yes), floor)) and
+    p_yes (P(yes) normalised over the yes/no mass) rank the rollouts differently; the penalising question
+    (weight -0.5) enters the reward with its sign."""
     rng = np.random.default_rng(0)
     n = 60
     labels_ = [str(int(x)) for x in rng.integers(0, 5, n)]
@@ -210,15 +217,26 @@ def test_label_metrics_match_brute_force():
             "label": labels_,
         }
     )
-    p = np.round(rng.random(n), 1)  # rounded: ties exercise the average ranks
-    scores = pl.DataFrame(
-        {
-            "rollout_id": rollouts["rollout_id"],
-            "evaluator": ["e"] * n,
-            "question_id": ["q"] * n,
-            "p_yes": p,
-            "status": ["ok"] * n,
-        }
+    correct = np.array([c.split()[-1].rstrip(".") == lab for c, lab in zip(completions, labels_)])
+    # A judge that puts more mass on " Yes" for right answers but even more on " No": the reward ranks them
+    # up, p_yes down (the audit's AUROC 0.4 against evolve's 0.9 for the same judgements)
+    logp_yes = np.round(np.where(correct, np.log(rng.uniform(0.02, 0.5, n)), np.log(rng.uniform(1e-8, 0.1, n))), 1)
+    logp_yes[:3] = -30.0  # under the floor: tied at it in the reward, not in p_yes
+    logp_no = logp_yes + np.where(correct, 1.0, -1.0) + rng.normal(0, 0.7, n)
+    p = 1 / (1 + np.exp(logp_no - logp_yes))
+    scores = pl.concat(
+        pl.DataFrame(
+            {
+                "rollout_id": rollouts["rollout_id"],
+                "evaluator": ["e"] * n,
+                "question_id": [q] * n,
+                "logp_yes": logp_yes,
+                "logp_no": logp_no,
+                "p_yes": p,
+                "status": ["ok"] * n,
+            }
+        )
+        for q in ("q", "wrong")
     )
     ss = Scoreset(
         "x",
@@ -226,20 +244,23 @@ def test_label_metrics_match_brute_force():
         pl.LazyFrame(),
         rollouts.lazy(),
         {"e": 1.0},
-        {"q": 1.0},
-        {"q": "?"},
+        {"q": 1.0, "wrong": -0.5},
+        {"q": "?", "wrong": "Is it wrong?"},
         "logp",
         -13.8,
         None,
         "auto",
     )
-    m = labels.label_metrics(ss).row(0, named=True)
-    correct = np.array([c.split()[-1].rstrip(".") == lab for c, lab in zip(completions, labels_)])
-    pos, neg = p[correct], p[~correct]
-    auroc = np.mean([(x > y) + 0.5 * (x == y) for x in pos for y in neg])
-    assert m["n_correct"] == correct.sum() and 0 < correct.sum() < n
-    assert m["auroc"] == pytest.approx(auroc, rel=1e-12)
-    assert m["accuracy_at_0_5"] == pytest.approx(float(((p > 0.5) == correct).mean()))
+    m = {r["question_id"]: r for r in labels.label_metrics(ss).iter_rows(named=True)}
+    reward = np.maximum(logp_yes, -13.8)
+    assert m["q"]["n_correct"] == correct.sum() and 0 < correct.sum() < n
+    assert m["q"]["auroc_reward"] == pytest.approx(_brute_auroc(reward, correct), rel=1e-12)
+    assert m["q"]["auroc_p_yes"] == pytest.approx(_brute_auroc(p, correct), rel=1e-12)
+    assert m["q"]["auroc_reward"] > 0.7 and m["q"]["auroc_p_yes"] < 0.3  # they rank different scores
+    assert m["q"]["auroc"] == m["q"]["auroc_p_yes"]  # the old column, for old readers
+    assert m["wrong"]["auroc_reward"] == pytest.approx(_brute_auroc(-reward, correct), rel=1e-12)
+    assert m["wrong"]["auroc_p_yes"] == m["q"]["auroc_p_yes"]
+    assert m["q"]["accuracy_at_0_5"] == pytest.approx(float(((p > 0.5) == correct).mean()))
 
 
 def _forced(src, dst, token: str):
@@ -310,9 +331,10 @@ def test_label_metrics_read_the_run_answer_format():
             "label": [label] * 5,
         }
     )
+    p_yes = [0.9, 0.8, 0.1, 0.2, 0.7]
     scores = pl.DataFrame(
         {"rollout_id": rollouts["rollout_id"], "evaluator": ["e"] * 5, "question_id": ["q"] * 5,
-         "p_yes": [0.9, 0.8, 0.1, 0.2, 0.7], "status": ["ok"] * 5}
+         "p_yes": p_yes, "logp_yes": [math.log(p) for p in p_yes], "status": ["ok"] * 5}
     )  # fmt: skip
     got = {}
     for fmt in ("gsm8k", "answer_is"):

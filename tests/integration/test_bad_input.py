@@ -8,22 +8,17 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from rlme_pipeline.config import ConfigError, load_config
 from rlme_pipeline.jobs.preflight import preflight
 from rlme_pipeline.storage.store import StorageError, Store
-from tests.conftest import ROOT, demo_dict
+from tests.conftest import ROOT, demo_variant, write_config
 
 
 def _config(tmp_path, mutate) -> str:
-    d = demo_dict()
-    d.pop("eval", None)  # no held-out eval: not what this test is about
-    d["run"]["storage"] = str(tmp_path / "runs")
+    d = demo_variant(tmp_path / "runs", eval=None)  # no held-out eval: not what this test is about
     mutate(d)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return str(path)
+    return str(write_config(d, tmp_path, "cfg"))
 
 
 CASES = [
@@ -46,6 +41,12 @@ CASES = [
         lambda d: d["questions"][0].update(positive=[" Definitely yes"]),
         ConfigError,
         "questions[correct].positive (evaluator other): answer ' Definitely yes' is",
+    ),
+    (  # the tiny evaluator has a chat template: auto judges in it, and checks each answer where a reply starts
+        lambda d: d["questions"][0].update(positive=["Yes."]),
+        ConfigError,
+        "questions[correct].positive (evaluator other): answer 'Yes.' is 2 tokens ['Yes', '.'] after the chat "
+        "template's assistant header",
     ),
     (
         lambda d: d["data"].update(prompts_per_iteration=500),
@@ -82,6 +83,30 @@ def test_preflight_rejects_before_loading_or_writing(tmp_path, tiny_models, monk
     assert message in str(e.value)
     assert not loaded, "a model was loaded before the input was checked"
     assert not (tmp_path / "runs" / "demo").exists(), "something was written for a run that cannot start"
+
+
+def test_chat_template_on_for_an_evaluator_without_one(tmp_path, tiny_models, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = tmp_path / "plain-evaluator"  # the tiny evaluator's tokenizer without a chat template
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["evaluator"]))
+    tok.chat_template = None
+    tok.save_pretrained(plain)
+    loaded = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(a))
+
+    def mutate(d):
+        d["evaluators"][0]["model"] = str(plain)
+        d["scoring"] = {"chat_template": "on"}
+
+    cfg = load_config(_config(tmp_path, mutate))
+    with pytest.raises(ConfigError, match="scoring.chat_template: on, but evaluator 'other' has no chat template"):
+        preflight(cfg, Store(cfg.run.storage))
+    assert not loaded
+    preflight(
+        cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"chat_template": "auto"})}),
+        Store(cfg.run.storage),
+    )
 
 
 def test_unwritable_storage_root(tmp_path, tiny_models):

@@ -76,3 +76,15 @@ def test_gpu_benchmark_dry_cpu():
     assert "| --- |" in p.stdout and "| pair | rlme |" in p.stdout and "| qwen05 | rlme |" in p.stdout, p.stdout
     assert "qwen05: policy" in p.stdout
     assert "| pair | trl |" in p.stdout and "| pair | rlme/TRL |" in p.stdout
+
+
+@pytest.mark.slow
+def test_real_cpu_smoke(smollm2_dir):
+    """benchmarks/real_cpu at smoke sizes with the real SmolLM2 (imported once per session by the fixture):
+    the judge check, one seed of both steering arms for 2 iterations, the stage costs, the sampler against
+    generate() on the real model, and `rlme evolve` with SmolLM2 as the proposer."""
+    out = _run("benchmarks.real_cpu", timeout=1500)
+    assert "(a) judge check: 4 base-policy samples" in out and "| smol: format |" in out
+    assert "(b) steering" in out and "steer - control paired by seed" in out
+    assert "| update |" in out and "| generate | 1 |" in out  # the stage costs and the sampler table
+    assert "(d) rlme evolve" in out and "| drafts | parsed | passed gates | won |" in out

@@ -13,16 +13,13 @@ from pathlib import Path
 
 import pytest
 import rlme_flows.cli
-import yaml
 from rlme_flows.cli import app
 from typer.testing import CliRunner
 
 from rlme_pipeline import scoreset
 from rlme_pipeline.config import load_config
-from rlme_pipeline.jobs.train import train
 from rlme_pipeline.storage.run import Run
-from rlme_pipeline.storage.store import Store
-from tests.conftest import DEMO, ROOT, demo_dict
+from tests.conftest import DEMO, ROOT, copy_run, demo_variant, trained_demo, write_config
 
 GOOD_QUESTIONS = "- id: short\n  text: Is the answer short?\n  weight: -0.5\n"
 
@@ -30,17 +27,12 @@ GOOD_QUESTIONS = "- id: short\n  text: Is the answer short?\n  weight: -0.5\n"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_models) -> Run:
     """One committed iteration of the demo, trained once for the module (tests copy it)."""
-    root = tmp_path_factory.mktemp("trained")
-    cfg = load_config(DEMO).with_overrides(storage=str(root / "runs"), iterations=1)
-    run = Run(Store(cfg.run.storage), cfg.run.id)
-    train(cfg, run)
-    return run
+    return trained_demo(tmp_path_factory.mktemp("trained"), iterations=1)
 
 
 @pytest.fixture
 def run(trained, tmp_path) -> Run:
-    shutil.copytree(trained.store.root, tmp_path / "runs" / "demo")
-    return Run.from_url(str(tmp_path / "runs" / "demo"))
+    return copy_run(trained, tmp_path)
 
 
 @pytest.fixture
@@ -166,13 +158,9 @@ def test_audit_unknown_score_sets_exit_2_before_prefect(run, tmp_path, no_prefec
 
 # --- train: a refused resume names the changed fields -------------------------------------------------
 def test_changed_experiment_names_each_field_old_to_new(run, tmp_path, no_prefect):
-    d = demo_dict()
-    d.pop("eval", None)  # no held-out eval: not what this test is about
-    d["run"].update(storage=str(tmp_path / "runs"), iterations=2)
-    d["optimizer"]["lr"] = 3e-4
+    d = demo_variant(tmp_path / "runs", iterations=2, optimizer={"lr": 3e-4})
     d["questions"][0]["weight"] = 2.0
-    cfg = tmp_path / "changed.yaml"
-    cfg.write_text(yaml.safe_dump(d))
+    cfg = write_config(d, tmp_path, "changed")
     before = run.store.read_bytes("run.json")
     one_line_error(
         ["train", str(cfg)],
@@ -191,8 +179,8 @@ def test_a_damaged_resume_point_is_refused_before_prefect(run, tmp_path, no_pref
     [weights] = [f for f in run.manifest(0).files if f.logical.endswith("model.safetensors")]
     path = Path(run.store.root) / weights.path
     path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
-    args = ["train", str(DEMO), "--storage", str(tmp_path / "runs"), "--iterations", "2"]
-    one_line_error(args, "committed iteration 0 is damaged", "rlme verify")
+    cfg = write_config(demo_variant(tmp_path / "runs", iterations=2), tmp_path)
+    one_line_error(["train", str(cfg)], "committed iteration 0 is damaged", "rlme verify")
     assert run.iterations() == [0] and not no_prefect
 
 

@@ -9,7 +9,6 @@ import io
 
 import polars as pl
 import pytest
-import yaml
 from rich.console import Console
 from rlme_flows.status import collect, render
 
@@ -21,7 +20,7 @@ from rlme_pipeline.config import load_config
 from rlme_pipeline.jobs.train import Runner, train
 from rlme_pipeline.steps import EVAL, steps_of
 from rlme_pipeline.storage.run import EVAL_FILE, Run
-from tests.conftest import ROOT, demo_dict
+from tests.conftest import ROOT, demo_variant, write_config
 
 HELDOUT = ROOT / "data" / "demo_heldout.jsonl"
 PROMPTS = 4
@@ -30,18 +29,10 @@ SAMPLES = 2  # eval.samples: pass@2 and maj@2 beside the greedy completion
 
 def _config(tmp_path, name: str, eval_on: bool = True, tracking: bool = False):
     """The demo made small (2 prompts x 2 samples, 1 judge, 1 question, no probe), 2 iterations."""
-    d = demo_dict()
-    d["run"].update(id="ev", storage=str(tmp_path / name), iterations=2)
-    d["data"].update(prompts_per_iteration=2)
-    d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
-    d["generation"].update(group_size=2, max_new_tokens=8)
-    d.pop("probe", None)
-    d["eval"] = {"every": 1, "path": str(HELDOUT), "prompts": PROMPTS, "samples": SAMPLES} if eval_on else {}
-    if tracking:
-        d["tracking"] = {"backends": ["tensorboard"], "dir": str(tmp_path / "tracking"), "samples": 0}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return load_config(path)
+    ev = {"every": 1, "path": str(HELDOUT), "prompts": PROMPTS, "samples": SAMPLES} if eval_on else None
+    tb = {"backends": ["tensorboard"], "dir": str(tmp_path / "tracking"), "samples": 0} if tracking else None
+    d = demo_variant(tmp_path / name, iterations=2, run_id="ev", micro=True, probe=None, eval=ev, tracking=tb)
+    return load_config(write_config(d, tmp_path, name))
 
 
 def _contents(run: Run) -> dict[str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 
 import polars as pl
@@ -19,11 +18,9 @@ from rlme_pipeline import scoreset
 from rlme_pipeline.config import ProposerConfig
 from rlme_pipeline.evolve import proposal, rank
 from rlme_pipeline.jobs.evolve import evolve
-from rlme_pipeline.jobs.train import train
 from rlme_pipeline.storage.run import Run
-from rlme_pipeline.storage.store import Store
 from rlme_pipeline.storage.verify import verify
-from tests.conftest import demo_dict
+from tests.conftest import PINNED, copy_run, trained_demo
 
 
 @pytest.fixture(scope="module")
@@ -31,25 +28,12 @@ def trained(tmp_path_factory, tiny_models) -> Run:
     """Two committed iterations of the demo (labels in the data, two evaluators), trained once, with the
     demo's training settings pinned here (4 samples a prompt, one small step an iteration, the probe every
     iteration), so that tuning the demo does not move the numbers this test checks."""
-    from rlme_pipeline.config import validate_config
-
-    root = tmp_path_factory.mktemp("trained")
-    d = demo_dict()
-    d["run"].update(storage=str(root / "runs"), iterations=2)
-    d["generation"]["group_size"] = 4
-    d["optimizer"] = {"lr": 1.0e-4, "micro_batch_size": 8, "grad_accumulation": 4}
-    d["probe"]["every"] = 1
-    d.pop("eval", None)
-    cfg = validate_config(d)
-    run = Run(Store(cfg.run.storage), cfg.run.id)
-    train(cfg, run)
-    return run
+    return trained_demo(tmp_path_factory.mktemp("trained"), iterations=2, **PINNED)
 
 
 @pytest.fixture
 def run(trained, tmp_path) -> Run:
-    shutil.copytree(trained.store.root, tmp_path / "runs" / "demo")
-    return Run(Store(str(tmp_path / "runs")), "demo")
+    return copy_run(trained, tmp_path)
 
 
 def tree(root: Path, skip: tuple[str, ...] = ("proposals",)) -> dict[str, str]:
@@ -93,17 +77,26 @@ def test_rules_proposer_lowers_the_probe_share_and_is_chosen(run):
     accepted = [c for c in m.candidates if c["status"] == "accepted"]
     assert len(accepted) == 5 and all(c["source"].startswith("rules:") for c in accepted)
     # the declared rule, by hand: eligible = spread gate, paraphrase stability and AUROC tolerance; lowest probe
-    # win share wins
+    # win share wins (ties below)
     eligible = [
         c
         for c in accepted
         if c["measures"]["spread"] >= 0.5 * cur["spread"]
         and c["measures"]["stability"] is not None
         and c["measures"]["stability"] >= 0.5
-        and (cur["label_auroc"] is None or c["measures"]["label_auroc"] >= cur["label_auroc"] - 0.05)
+        and (cur["auroc_reward"] is None or c["measures"]["auroc_reward"] >= cur["auroc_reward"] - 0.05)
     ]
     assert [c["index"] for c in eligible] == [c["index"] for c in accepted if c["ineligible"] is None]
-    best = min(eligible, key=lambda c: (c["measures"]["probe_win_share"], c["index"]))
+    down = lambda x: math.inf if x is None else -x  # noqa: E731  (higher is better)
+    best = min(  # ties: higher AUROC of the reward, then higher spread, then the earlier candidate
+        eligible,
+        key=lambda c: (
+            c["measures"]["probe_win_share"],
+            down(c["measures"]["auroc_reward"]),
+            down(c["measures"]["spread"]),
+            c["index"],
+        ),
+    )
     assert m.chosen == best["index"]
     chosen = best["measures"]
     assert chosen["probe_win_share"] < cur["probe_win_share"]  # the probe share went down
@@ -164,4 +157,4 @@ def test_cli_evolve_user_errors_are_one_line(run):
     r = CliRunner().invoke(app, ["evolve", run.url, "--proposer", "rules", "--iterations", "7:9"])
     assert r.exit_code == 2 and "--iterations '7:9'" in r.output, r.output
     r = CliRunner().invoke(app, ["evolve", run.url, "--proposer", "x", "--backend", "tgi"])
-    assert r.exit_code == 2 and "--backend 'tgi'" in r.output, r.output
+    assert r.exit_code == 2 and "--backend: Input should be 'hf', 'vllm' or 'openai'" in r.output, r.output

@@ -12,8 +12,8 @@ import yaml
 from safetensors.torch import load_file
 
 from rlme_pipeline import scoreset
-from rlme_pipeline.audit.report import audit
 from rlme_pipeline.config import ConfigError, validate_config
+from rlme_pipeline.jobs.audit import audit
 from rlme_pipeline.jobs.preflight import preflight
 from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train

@@ -107,3 +107,33 @@ def test_pool_capacity_counts_distinct_models(tmp_path, tiny_models):
     assert cap(evaluators=[*one, {"name": "again", "model": judge}]) == 2  # one model judging twice
     assert cap(evaluators=[*one, {"name": "half", "model": judge, "dtype": "bfloat16"}]) == 3  # another dtype
     assert cap(beta=0.1, lora={"r": 4}) == 2  # LoRA: the base with adapters off is the reference
+
+
+@pytest.mark.parametrize("live_self_on_hf", [False, True])
+def test_a_policy_vllm_generates_keeps_no_half_copy(tmp_path, tiny_models, live_self_on_hf):
+    """With vLLM generating, the update's fp32 master is all the pool keeps of a bf16 policy: the engine
+    takes the master's tensors (cast as they are pushed). A live-self evaluator judging on hf still reads
+    the bf16 weights, so there the copy is made."""
+    from rlme_pipeline.backends.session import Backends
+    from rlme_pipeline.jobs.train import Runner
+    from rlme_pipeline.models.weights_at import initial_policy
+
+    evaluators = [{"name": "other", "model": str(tiny_models["evaluator"])}]
+    evaluators += [{"name": "live", "model": "policy"}] if live_self_on_hf else []
+    d = _config(tmp_path, tiny_models, "bfloat16", evaluators, beta=0.0).model_dump(mode="json")
+    d["generation"]["backend"] = "vllm"
+    cfg = validate_config(d)
+    run = Run.for_config(cfg)
+    run.open(cfg)
+    with Backends(cfg.vllm_settings(), pool_capacity(cfg)) as backends:
+        runner = Runner(cfg, run, backends)
+        ref = initial_policy(cfg)
+        lm, _ = runner._trainee(ref)
+        runner._keep_trained(ref, lm, None, "trained", str(tmp_path / "checkpoint"))
+        kept = {
+            (dtype, loaded.version)
+            for (path, dtype, _), loaded in backends.pool._items.items()
+            if path.endswith("checkpoint")
+        }
+    assert kept == ({("float32", "trained"), ("bfloat16", "trained")} if live_self_on_hf else {("float32", "trained")})
+    assert pool_capacity(cfg) == (3 if live_self_on_hf else 2)  # the judge, the master (and the copy)

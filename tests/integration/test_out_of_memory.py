@@ -14,6 +14,7 @@ from rlme_pipeline.jobs import train as runner
 from rlme_pipeline.jobs.oom import StageOutOfMemory
 from rlme_pipeline.steps import RECORDED
 from rlme_pipeline.storage.run import Run
+from tests.conftest import demo_variant, write_config
 
 CUDA_OOM = "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.11 GiB"
 
@@ -40,11 +41,17 @@ def fail_at_iteration_1(monkeypatch, stage: str, run: Run) -> None:
     monkeypatch.setattr(CALLERS[stage], PURE[stage], oom)
 
 
-def test_out_of_memory_in_each_stage_names_the_knobs_and_the_iteration_resumes(micro_config, tmp_path, monkeypatch):
-    reference = load_config(micro_config(str(tmp_path / "reference"), iterations=2))
+def _config(tmp_path, name: str):
+    """The micro demo with the probe in every iteration (its step fails in iteration 1 too)."""
+    d = demo_variant(tmp_path / name, iterations=2, run_id="micro", micro=True, probe={"every": 1})
+    return load_config(write_config(d, tmp_path, name))
+
+
+def test_out_of_memory_in_each_stage_names_the_knobs_and_the_iteration_resumes(tiny_models, tmp_path, monkeypatch):
+    reference = _config(tmp_path, "reference")
     runner.train(reference, Run.for_config(reference))
 
-    cfg = load_config(micro_config(str(tmp_path / "oom"), iterations=2))
+    cfg = _config(tmp_path, "oom")
     run = Run.for_config(cfg)
     knob = {  # operational knobs first (the run resumes with them), then the experiment's (a new run)
         "generate": "To fit: generation.batch_size: lower than 32, policy.lora",

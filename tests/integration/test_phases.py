@@ -6,7 +6,6 @@ training's scores and rewards on both sides of the boundary."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import polars as pl
@@ -17,9 +16,10 @@ from rlme_flows.cli import app
 from typer.testing import CliRunner
 
 from rlme_pipeline import scoreset
-from rlme_pipeline.audit.report import audit, compute
+from rlme_pipeline.audit.report import compute
 from rlme_pipeline.config import ProposerConfig, validate_config
 from rlme_pipeline.evolve import adopt, proposal
+from rlme_pipeline.jobs.audit import audit
 from rlme_pipeline.jobs.evolve import evolve
 from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train
@@ -27,27 +27,13 @@ from rlme_pipeline.storage import phases
 from rlme_pipeline.storage.run import Run, RunMismatch
 from rlme_pipeline.storage.store import Store
 from rlme_pipeline.storage.verify import verify
-from tests.conftest import DEMO, demo_dict
-
-
-def settings(storage: str, iterations: int) -> dict:
-    """The demo with test_evolve.py's pinned training settings (tuning the demo must not move these runs)."""
-    d = demo_dict()
-    d["run"].update(storage=storage, iterations=iterations)
-    d["generation"]["group_size"] = 4
-    d["optimizer"] = {"lr": 1.0e-4, "micro_batch_size": 8, "grad_accumulation": 4}
-    d["probe"]["every"] = 1
-    d.pop("eval", None)
-    return d
+from tests.conftest import DEMO, PINNED, copy_run, demo_variant, trained_demo
 
 
 @pytest.fixture(scope="module")
 def proposed(tmp_path_factory, tiny_models) -> Run:
     """Two committed iterations of the demo and a committed rules proposal `r` that chose a set."""
-    root = tmp_path_factory.mktemp("phases")
-    cfg = validate_config(settings(str(root / "runs"), 2))
-    run = Run(Store(cfg.run.storage), cfg.run.id)
-    train(cfg, run)
+    run = trained_demo(tmp_path_factory.mktemp("phases"), iterations=2, **PINNED)
     m = evolve(run, "r", ProposerConfig(model="rules"), candidates=3)
     assert m.chosen is not None, m.why
     return run
@@ -55,12 +41,11 @@ def proposed(tmp_path_factory, tiny_models) -> Run:
 
 @pytest.fixture
 def run(proposed, tmp_path) -> Run:
-    shutil.copytree(proposed.store.root, tmp_path / "runs" / "demo")
-    return Run(Store(str(tmp_path / "runs")), "demo")
+    return copy_run(proposed, tmp_path)
 
 
 def demo(run: Run, iterations: int, **changes):
-    cfg = validate_config(settings(run.root.url, iterations))
+    cfg = validate_config(demo_variant(run.root.url, iterations=iterations, **PINNED))
     return cfg.model_copy(update=changes) if changes else cfg
 
 

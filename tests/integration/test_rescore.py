@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import polars as pl
@@ -12,10 +11,9 @@ from polars.testing import assert_frame_equal
 
 from rlme_pipeline import scoreset
 from rlme_pipeline.jobs.rescore import rescore
-from rlme_pipeline.jobs.train import train
 from rlme_pipeline.storage.run import CorruptRun, Run
 from rlme_pipeline.storage.store import Store
-from tests.conftest import DEMO, demo_dict
+from tests.conftest import copy_run, trained_demo
 
 QUESTIONS = """\
 - id: quoted
@@ -33,40 +31,18 @@ QUESTIONS = """\
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_models) -> Run:
     """Two committed iterations of the demo, trained once for the module (each test copies it)."""
-    from rlme_pipeline.config import load_config
-
-    root = tmp_path_factory.mktemp("trained")
-    cfg = load_config(DEMO).with_overrides(storage=str(root / "runs"), iterations=2)
-    run = Run(Store(cfg.run.storage), cfg.run.id)
-    train(cfg, run)
-    return run
+    return trained_demo(tmp_path_factory.mktemp("trained"), iterations=2)
 
 
 @pytest.fixture(scope="module")
 def trained_10gt(tmp_path_factory, tiny_models) -> Run:
     """The demo as RLME-10GT: a tenth of the rollouts rewarded by exact match against the label."""
-    from rlme_pipeline.config import validate_config
-
-    root = tmp_path_factory.mktemp("trained-10gt")
-    d = demo_dict()
-    d["run"].update(storage=str(root / "runs"), iterations=2)
-    d.pop("eval", None)  # no held-out eval: not what this test is about
-    d["label_reward"] = {"share": 0.1}
-    cfg = validate_config(d)
-    run = Run(Store(cfg.run.storage), cfg.run.id)
-    train(cfg, run)
-    return run
-
-
-def copy_run(src: Run, tmp_path: Path) -> Run:
-    shutil.copytree(src.store.root, tmp_path / "runs" / "demo")
-    return Run(Store(str(tmp_path / "runs")), "demo")
+    return trained_demo(tmp_path_factory.mktemp("trained-10gt"), iterations=2, eval=None, label_reward={"share": 0.1})
 
 
 @pytest.fixture
 def run(trained_run, tmp_path) -> Run:
-    shutil.copytree(trained_run.store.root, tmp_path / "runs" / "demo")
-    return Run(Store(str(tmp_path / "runs")), "demo")
+    return copy_run(trained_run, tmp_path)
 
 
 @pytest.fixture

@@ -20,10 +20,10 @@ from benchmarks._common import local_ray_head
 from rlme_pipeline import scoreset
 from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.storage.run import Run
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_run
 from tests.integration import test_cli_errors, test_rescore
 from tests.integration.test_cli_errors import one_line_error
-from tests.integration.test_rescore import QUESTIONS, copy_run
+from tests.integration.test_rescore import QUESTIONS
 from tests.requires import require
 
 # the fixtures of those modules, used here too

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from rlme_pipeline import scoreset
-from rlme_pipeline.audit.report import audit
 from rlme_pipeline.config import ConfigError, validate_config
+from rlme_pipeline.jobs.audit import audit
 from rlme_pipeline.jobs.rescore import rescore
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.models import checkpoint

@@ -13,7 +13,6 @@ import sys
 import textwrap
 
 import pytest
-import yaml
 
 from rlme_pipeline.config import ConfigError, load_config
 from rlme_pipeline.jobs.preflight import preflight
@@ -21,29 +20,19 @@ from rlme_pipeline.jobs.tracking import SAMPLE_COLUMNS, metrics_of
 from rlme_pipeline.jobs.train import train
 from rlme_pipeline.storage.run import Run
 from rlme_pipeline.storage.store import Store
-from tests.conftest import DEMO, ROOT, demo_dict
+from tests.conftest import DEMO, ROOT, demo_variant, write_config
 
 SAMPLES = 3
 
 
 def _config_file(tmp_path, backends: list[str], iterations: int = 2) -> str:
     """The demo, made small (2 prompts x 2 samples, 1 judge, 1 question; the probe on), tracking on."""
-    d = demo_dict()
-    d["run"].update(id="tracked", storage=str(tmp_path / "runs"), iterations=iterations)
-    d["data"].update(prompts_per_iteration=2)
-    d["evaluators"], d["questions"] = d["evaluators"][:1], d["questions"][:1]
-    d["generation"].update(group_size=2, max_new_tokens=8)
-    d.pop("eval", None)  # no held-out eval: not what this test is about
-    d["probe"]["every"] = 1  # every iteration carries the probe's metrics
-    d["tracking"] = {
-        "backends": backends,
-        "dir": str(tmp_path / "tracking"),
-        "project": "rlme-test",
-        "samples": SAMPLES,
-    }
-    path = tmp_path / "tracked.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return str(path)
+    tracking = {"backends": backends, "dir": str(tmp_path / "tracking"), "project": "rlme-test", "samples": SAMPLES}
+    probe = {"every": 1}  # every iteration carries the probe's metrics
+    d = demo_variant(
+        tmp_path / "runs", iterations=iterations, run_id="tracked", micro=True, probe=probe, tracking=tracking
+    )
+    return str(write_config(d, tmp_path, "tracked"))
 
 
 @pytest.fixture(scope="module")

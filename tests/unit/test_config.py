@@ -155,6 +155,8 @@ def legacy_hash(cfg) -> str:
             d["data"].pop(k)
     if d.get("answers") is None:  # added after the legacy hash; hashed only when set
         d.pop("answers", None)
+    if d["scoring"]["chat_template"] == "auto":  # added after the legacy hash; hashed only when set
+        d["scoring"].pop("chat_template")
     return sha256_json(d)
 
 
@@ -174,6 +176,8 @@ def legacy_hash(cfg) -> str:
         lambda d: d["policy"].update(lora={"r": 8, "target_modules": ["q_proj"]}),
         lambda d: d.update(distributed={"processes": 4, "backend": "gloo"}),
         lambda d: d["optimizer"].update(lr_decay_iterations=30),
+        lambda d: d["scoring"].update(chat_template="off"),
+        lambda d: d["scoring"].update(chat_template="auto"),
     ],
 )
 def test_hash_is_the_legacy_hash_so_existing_runs_resume(mutate):
@@ -196,6 +200,9 @@ def test_hash_covers_nested_experiment_fields_and_skips_operational_ones():
         (("questions", 0, "positive"), [" Yes"], False),
         (("evaluators", 1, "weight"), 0.25, False),
         (("scoring", "logp_floor"), -5.0, False),
+        (("scoring", "chat_template"), "auto", True),  # the default: configs written before it keep their hash
+        (("scoring", "chat_template"), "off", False),
+        (("scoring", "chat_template"), "on", False),
         (("vllm", "timeout_s"), 5.0, True),
         (("probe", "alarm_share"), 0.9, True),
         (("run", "iterations"), 50, True),
@@ -307,3 +314,14 @@ def test_new_data_and_answer_fields_are_hashed_when_set_and_eval_fields_never():
     a, b = _demo(), _demo()
     a["answers"], b["answers"] = {"format": "gsm8k"}, {"format": "math"}
     assert validate_config(a).hash() != validate_config(b).hash()
+
+
+@pytest.mark.parametrize("text, value", [("on", "on"), ("off", "off"), ("'on'", "on"), ("auto", "auto"), ("yes", "on")])
+def test_chat_template_reads_yaml_on_and_off_as_words(tmp_path, text, value):
+    """PyYAML reads a bare `on`/`off` (and yes/no) as booleans; `scoring.chat_template: on` must still mean on."""
+    d = _demo()
+    d["data"]["path"] = "data.jsonl"
+    path = tmp_path / "c.yaml"
+    d["scoring"]["chat_template"] = "PLACEHOLDER"
+    path.write_text(yaml.safe_dump(d).replace("chat_template: PLACEHOLDER", f"chat_template: {text}"))
+    assert load_config(path).scoring.chat_template == value

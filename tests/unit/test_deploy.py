@@ -18,7 +18,7 @@ from tests.conftest import DEMO, ROOT
 def test_prefect_yaml_deployments():
     d = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deps = {x["name"]: x for x in d["deployments"]}
-    assert set(deps) == {"scheduled", "rescore", "audit", "evolve"}
+    assert set(deps) == {"scheduled", "rescore", "audit", "evolve", "judge-check"}
     train = deps["scheduled"]
     assert train["entrypoint"] == "flows/train.py:rlme_train" and train["work_pool"]["name"] == "rlme-process"
     assert train["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}

@@ -74,7 +74,7 @@ def test_malformed_proposals_are_rejected_with_the_reason(case):
 
 
 def m(win, auroc=0.6, spread=1.0, stability=0.9) -> dict:
-    return {"probe_win_share": win, "label_auroc": auroc, "spread": spread, "stability": stability}
+    return {"probe_win_share": win, "auroc_reward": auroc, "spread": spread, "stability": stability}
 
 
 def test_choice_gates_then_takes_the_lowest_probe_win_share():
@@ -82,11 +82,20 @@ def test_choice_gates_then_takes_the_lowest_probe_win_share():
     measured = [(0, m(0.4)), (1, m(0.1, spread=0.4)), (2, m(0.2, auroc=0.5)), (3, m(0.3)), (4, m(0.3, auroc=0.7))]
     measured += [(5, m(0.05, stability=0.4)), (6, m(0.05, stability=None))]
     chosen, why_not, why = rank.choose(base, measured, rank.Criteria())
-    assert why_not[1].startswith("spread") and why_not[2].startswith("label AUROC")  # gated out
+    assert why_not[1].startswith("spread") and why_not[2].startswith("AUROC of the reward")  # gated out
     assert why_not[5].startswith("stability under paraphrase 0.4 is below 0.5")
     assert why_not[6].startswith("stability under paraphrase was not measured")
     assert why_not[0] is None and why_not[3] is None
     assert chosen == 4, why  # 0.3 ties with candidate 3; the higher AUROC breaks it
+
+
+def test_measures_recorded_as_label_auroc_still_rank():
+    """An evolve measured before `label_auroc` became `auroc_reward`, finished after: the same choice."""
+    old = lambda win, auroc: {k.replace("auroc_reward", "label_auroc"): v for k, v in m(win, auroc).items()}  # noqa: E731
+    base, measured = old(0.5, 0.6), [(0, old(0.3, 0.6)), (1, old(0.3, 0.7)), (2, old(0.2, 0.4))]
+    chosen, why_not, _ = rank.choose(rank.renamed(base), [(k, rank.renamed(x)) for k, x in measured], rank.Criteria())
+    assert chosen == 1 and why_not[2].startswith("AUROC of the reward 0.4")
+    assert rank.renamed(m(0.1)) == m(0.1)
 
 
 def test_no_candidate_is_chosen_unless_it_beats_the_current_set():

@@ -86,3 +86,13 @@ def test_step_weights_make_accumulation_equal_the_full_step():
         first = (terms[:4] * token_weights(kind, lens[:2], 4, 10, 5)).sum()
         second = (terms[4:] * token_weights(kind, lens[2:], 4, 10, 5)).sum()
         assert (first + second).item() == pytest.approx(full.item())
+
+
+def test_token_values_are_float32_on_the_log_probs_device():
+    """Built where the log-probs live (the meta device stands for a GPU here: a tensor left on the CPU would
+    be moved every micro-batch), in float32 whatever the Python floats."""
+    from rlme_pipeline.algorithm.losses import per_token, token_weights
+
+    assert per_token([1.0, -2.0], [2, 1], "cpu").tolist() == [1.0, 1.0, -2.0]
+    for t in (per_token([1.0, -2.0], [2, 1], "meta"), token_weights("cispo", [2, 1], 2, 3, 8, "meta")):
+        assert t.device.type == "meta" and t.dtype == torch.float32 and t.shape == (3,)

@@ -42,24 +42,46 @@ def _direct(model, ids: list[int], yes: list[int], no: list[int]) -> tuple[float
     return torch.logsumexp(lp[yes], 0).item(), torch.logsumexp(lp[no], 0).item()
 
 
-def test_scores_equal_a_direct_forward_pass(evaluator, backends):
-    model, tok, path = evaluator
-    sc = ScoringConfig()
-    scores = score_rollouts(
-        ROLLOUTS,
-        [Evaluator("ev", ModelRef(path, weights_version(path), "float32", "cpu"))],
-        QUESTIONS,
-        sc,
-        "train",
-        backends,
+def _judge_text_ids(tok, sc: ScoringConfig, row: dict, q: QuestionConfig, chat: bool) -> list[int]:
+    """The judge's input as a plain forward pass sees it: the raw template's two tokenisations joined, or
+    the chat template's whole text (one user message, assistant turn opened) tokenised in one go."""
+    body = sc.template.format(prompt=row["prompt"], completion=row["completion"])
+    asked = sc.question_template.format(question=q.text)
+    if not chat:
+        return tok(body)["input_ids"] + tok(asked, add_special_tokens=False)["input_ids"]
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": body + asked}], tokenize=False, add_generation_prompt=True
     )
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _reply_ids(tok, ids: list[int], answers: list[str]) -> list[int]:
+    """The token each answer becomes as the first token of a reply after `ids`."""
+    text = tok.decode(ids)
+    return sorted({tok(text + a, add_special_tokens=False)["input_ids"][len(ids)] for a in answers})
+
+
+@pytest.mark.parametrize(
+    "mode, predates, chat",
+    [("off", False, False), ("on", False, True), ("auto", False, True), ("auto", True, False)],
+)
+def test_scores_equal_a_direct_forward_pass(evaluator, backends, mode, predates, chat):
+    """Every form the judge can read (the tiny tokenizer has a chat template: auto is on, except for a run
+    made before scoring.chat_template existed) equals a plain forward pass over that text."""
+    model, tok, path = evaluator
+    sc = ScoringConfig(chat_template=mode)
+    ref = ModelRef(path, weights_version(path), "float32", "cpu")
+    scores = score_rollouts(ROLLOUTS, [Evaluator("ev", ref, predates)], QUESTIONS, sc, "train", backends)
     assert scores.height == 3 * 3 and (scores["status"] == "ok").all()
     for r in scores.iter_rows(named=True):
         row = ROLLOUTS.filter(pl.col("rollout_id") == r["rollout_id"]).row(0, named=True)
         q = next(q for q in QUESTIONS if q.id == r["question_id"])
-        ids = tok(sc.template.format(prompt=row["prompt"], completion=row["completion"]))["input_ids"]
-        ids += tok(sc.question_template.format(question=q.text), add_special_tokens=False)["input_ids"]
-        y, n = _direct(model, ids, answer_ids(tok, q.positive, "t"), answer_ids(tok, q.negative, "t"))
+        ids = _judge_text_ids(tok, sc, row, q, chat)
+        if chat:
+            yes, no = _reply_ids(tok, ids, q.positive), _reply_ids(tok, ids, q.negative)
+        else:
+            yes, no = answer_ids(tok, q.positive, "t"), answer_ids(tok, q.negative, "t")
+        y, n = _direct(model, ids, yes, no)
         assert r["logp_yes"] == pytest.approx(y, abs=1e-5)
         assert r["logp_no"] == pytest.approx(n, abs=1e-5)
         assert r["p_yes"] == pytest.approx(1 / (1 + torch.tensor(n - y).exp().item()), abs=1e-6)
