@@ -128,12 +128,6 @@ class ModelPool:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
         return Loaded(model, load_tokenizer(path), version or weights_version(path), path)
 
-    def peek(self, path: str, dtype: str = "float32", device: str = "cpu") -> Loaded | None:
-        """The pooled model, or None: nothing is loaded (whether the trainer kept its optimizer decides
-        between a plain load and a replay, jobs/replay.py)."""
-        with self._lock:
-            return self._items.get((path, dtype, device))
-
     def put(self, key: tuple, loaded: Loaded) -> None:
         with self._lock:
             self._items[key] = loaded
@@ -161,7 +155,8 @@ class ModelPool:
         return loaded
 
     def peek(self, path: str, dtype: str = "float32", device: str = "cpu") -> Loaded | None:
-        """The pooled model, or None: never loads (a caller that can do without it reads nothing)."""
+        """The pooled model, or None: never loads (a caller that can do without it reads nothing; whether
+        the trainer kept its optimizer decides between a plain load and a replay, jobs/replay.py)."""
         with self._lock:
             return self._items.get((path, dtype, device))
 
