@@ -115,6 +115,7 @@ def test_a_policy_vllm_generates_keeps_no_half_copy(tmp_path, tiny_models, live_
     takes the master's tensors (cast as they are pushed). A live-self evaluator judging on hf still reads
     the bf16 weights, so there the copy is made."""
     from rlme_pipeline.backends.session import Backends
+    from rlme_pipeline.jobs.policy_update import Updated
     from rlme_pipeline.jobs.train import Runner
     from rlme_pipeline.models.weights_at import initial_policy
 
@@ -128,8 +129,9 @@ def test_a_policy_vllm_generates_keeps_no_half_copy(tmp_path, tiny_models, live_
     with Backends(cfg.vllm_settings(), pool_capacity(cfg)) as backends:
         runner = Runner(cfg, run, backends)
         ref = initial_policy(cfg)
-        lm, _ = runner._trainee(ref)
-        runner._keep_trained(ref, lm, None, "trained", str(tmp_path / "checkpoint"))
+        lm, _, _ = runner._trainee(ref, 0)
+        done = Updated(optimizer=None, files=[], taken=None, metrics={}, rng=None)
+        runner._keep_trained(ref, lm, done, "trained", str(tmp_path / "checkpoint"))
         kept = {
             (dtype, loaded.version)
             for (path, dtype, _), loaded in backends.pool._items.items()
