@@ -60,8 +60,11 @@ def test_vs_trl_smoke():
 
 @pytest.mark.slow
 def test_gpu_benchmark_dry_cpu():
-    """benchmarks/gpu.py at tiny shapes on the CPU: both configurations build, rlme runs (bf16 over fp32
-    master weights), TRL runs, and neither case imports prefect or s3fs (the script exits non-zero if one does)."""
+    """benchmarks/gpu.py at tiny shapes on the CPU: both configurations build, every variant runs (rlme bf16
+    over fp32 master weights at full_every 1 / 10 / 10 in the background, TRL saving everything / the weights /
+    nothing every step), each case stops on its budget after 3 of 4 iterations, the like-for-like ratios print,
+    the vLLM variants are skipped with a line, and no case imports prefect or s3fs (the script exits non-zero
+    if one does, or if a case fails)."""
     require("trl", "accelerate")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     p = subprocess.run(
@@ -73,9 +76,13 @@ def test_gpu_benchmark_dry_cpu():
         timeout=1500,
     )
     assert p.returncode == 0, f"benchmarks.gpu --dry-cpu failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    assert "| --- |" in p.stdout and "| pair | rlme |" in p.stdout and "| qwen05 | rlme |" in p.stdout, p.stdout
-    assert "qwen05: policy" in p.stdout
-    assert "| pair | trl |" in p.stdout and "| pair | rlme/TRL |" in p.stdout
+    out = p.stdout
+    assert "| --- |" in out and "pair: policy" in out and "qwen05: policy" in out, out
+    for variant in ("rlme-full1", "rlme-full10", "rlme-full10-bg", "trl-save1-full", "trl-save1-model", "trl-nosave"):
+        assert out.count(f"| {variant} | 1 of 1 | 3 of 4 |") == 2, (variant, out)  # both configurations
+    for ratio in ("rlme-full1 / trl-save1-full", "rlme-full10 / trl-save1-model", "rlme-full10-bg / trl-nosave"):
+        assert out.count(f"| {ratio} |") == 2, (ratio, out)
+    assert "rlme-vllm-full10: skipped" in out and "trl-vllm-nosave: skipped" in out
 
 
 @pytest.mark.slow
