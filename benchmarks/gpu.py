@@ -339,7 +339,7 @@ def main() -> None:
         import torch
 
         if not torch.cuda.is_available():
-            sys.exit("benchmarks.gpu: no CUDA device is visible; run on a GPU machine, or add --dry-cpu")
+            sys.exit("benchmarks.gpu: no CUDA device is visible; run on a GPU host, or add --dry-cpu")
     skipped = [
         v for v in variants if (VARIANTS[v].get("vllm") and no_vllm) or (VARIANTS[v]["impl"] == "trl" and missing)
     ]
