@@ -85,6 +85,8 @@ def job_of(c: dict) -> dict:
 
 
 def rlme_config(c: dict, storage: str) -> dict:
+    """The job as an rlme config; a case may add a `checkpoint` section (full_every, background_write,
+    keep_last) and a generation `backend` (benchmarks/gpu.py variants)."""
     j = job_of(c)
     device, dtype = c.get("device", "cpu"), c.get("dtype", "float32")
     return {
@@ -103,23 +105,36 @@ def rlme_config(c: dict, storage: str) -> dict:
             "max_new_tokens": j["max_new_tokens"],
             "temperature": j["temperature"],
             "batch_size": j.get("generation_batch", 32),
+            "backend": c.get("backend", "hf"),
         },
+        "checkpoint": c.get("checkpoint", {}),
         "scoring": {"batch_size": j.get("scoring_batch", 16), "reward_form": "logp"},
         "algorithm": {"loss": "cispo", "eps_high": 5.0, "beta": 0.0},
         "optimizer": {"lr": j["lr"], "micro_batch_size": j["micro"], "grad_accumulation": j["accum"]},
     }
 
 
+class OverBudget(Exception):
+    """Raised after a commit once the case's process has run `budget` seconds: the case reports the
+    iterations it made instead of being killed with nothing to show."""
+
+
+def over_budget(c: dict, done: int) -> bool:
+    """Whether to stop after `done` iterations: the process has run the case's `budget` seconds (start-up
+    included) and at least 3 iterations are done (2 intervals for a steady time)."""
+    return bool(c.get("budget")) and done >= 3 and process_seconds() > c["budget"]
+
+
 def run_rlme(c: dict) -> dict:
     """`runner.train` on the job; per iteration: commit time, stage seconds, generated tokens, and the
-    seconds spent in checkpoint.save (part of the update stage)."""
+    seconds spent writing the checkpoint (checkpoint.save in the update stage, or the background writer)."""
     from rlme_pipeline.config import Config
     from rlme_pipeline.jobs.train import train
     from rlme_pipeline.models import checkpoint
     from rlme_pipeline.storage.run import Run
 
     cfg = Config.model_validate(rlme_config(c, c["storage"]))
-    stamps, stages, saves = [], [], []
+    stamps, stages, saves, rewards = [], [], [], []
     save = checkpoint.save
 
     def timed_save(*a, **k):
@@ -130,19 +145,30 @@ def run_rlme(c: dict) -> dict:
 
     def committed(m):
         stamps.append(time.perf_counter())
+        rewards.append(m.metrics["reward_mean"])
         rollouts = cfg.data.prompts_per_iteration * cfg.generation.group_size
+        # background_write: the rollouts were sampled before the commit of i-1 (sampled_ahead_seconds; the
+        # generate stage only writes them) and the checkpoint by the writer thread, not checkpoint.save
+        ahead = m.metrics.get("sampled_ahead_seconds", 0.0)
         stages.append(
             {
                 **m.timings,
-                "checkpoint": saves[-1] if saves else 0.0,
+                "generate": m.timings["generate"] + ahead,
+                "checkpoint": m.metrics.get("checkpoint_write_seconds", saves[-1] if saves else 0.0),
+                **({"checkpoint_wait": w} if (w := m.metrics.get("checkpoint_wait_seconds")) is not None else {}),
                 "tokens": m.metrics["completion_tokens_mean"] * rollouts,
             }
         )
+        if over_budget(c, len(stamps)):
+            raise OverBudget
 
     checkpoint.save = timed_save
     try:
         t0 = time.perf_counter()
-        made = train(cfg, Run.for_config(cfg), on_commit=committed)
+        try:
+            train(cfg, Run.for_config(cfg), on_commit=committed)
+        except OverBudget:
+            pass
         total = time.perf_counter() - t0
     finally:
         checkpoint.save = save
@@ -150,7 +176,7 @@ def run_rlme(c: dict) -> dict:
         "seconds": total,
         "stamps": [s - t0 for s in stamps],
         "stages": stages,
-        "reward_mean": made[-1].metrics["reward_mean"],
+        "reward_mean": rewards[-1],
     }
 
 
@@ -234,7 +260,16 @@ def run_trl(c: dict) -> dict:
         use_cpu=device == "cpu",
         bf16=dtype == "bfloat16",
         report_to="none",
-        save_strategy="no",
+        # save: None (nothing), "full" (model + optimizer + scheduler + RNG every step) or "model" (weights
+        # only every step); the last 2 checkpoints kept, as rlme's variants keep_last: 2
+        save_strategy="steps" if c.get("save") else "no",
+        save_steps=1,
+        save_only_model=c.get("save") == "model",
+        save_total_limit=2,
+        # vllm: generation by a vLLM engine colocated in the trainer's process (TRL's other vLLM settings
+        # at their defaults: gpu_memory_utilization 0.3, no sleep mode)
+        use_vllm=bool(c.get("vllm")),
+        vllm_mode="colocate",
         logging_steps=1,
         disable_tqdm=True,
         seed=0,
@@ -244,8 +279,10 @@ def run_trl(c: dict) -> dict:
     stamps, spent = [], {"generate": [], "score": []}
 
     class Stamp(TrainerCallback):
-        def on_step_end(self, *a, **k):
+        def on_step_end(self, args, state, control, **k):
             stamps.append(time.perf_counter())
+            if over_budget(c, len(stamps)):
+                control.should_training_stop = True  # the step's own save (save_steps=1) still happens
 
     trainer = GRPOTrainer(
         model=c["policy"],
@@ -291,7 +328,8 @@ def case(c: dict) -> dict:
     steady = median([b - a for a, b in zip(st, st[1:])]) if len(st) > 1 else r["seconds"]
     out = {
         **r,
-        "per_iter": process_seconds() / c["steps"],
+        "steps": len(st),
+        "per_iter": process_seconds() / max(len(st), 1),
         "steady": steady,
         "peak_mib": vm_kib("VmHWM") / 1024,
         "process_cpu": sum(os.times()[:2]),
