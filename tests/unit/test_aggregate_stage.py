@@ -16,7 +16,7 @@ from rlme_pipeline.algorithm.rewards import compute_rewards
 from rlme_pipeline.backends.session import Backends
 from rlme_pipeline.config import validate_config
 from rlme_pipeline.jobs.train import Runner
-from rlme_pipeline.stages.aggregate import aggregate, component_metrics
+from rlme_pipeline.stages.aggregate import aggregate, component_metrics, judges_reward
 from rlme_pipeline.storage.run import Run, StageRecord
 from rlme_pipeline.storage.store import Store
 
@@ -166,3 +166,19 @@ def test_label_mixing_in_the_stage_uses_the_reward_form_and_std_switch():
     assert got["advantage"].to_list() == pytest.approx(
         [(1 / 3) / (std + 1e-6), (-2 / 3) / (std + 1e-6), (1 / 3) / (std + 1e-6), 0.0]
     )
+
+
+def test_judges_reward_leaves_out_the_label_mix_and_scales_only_when_asked():
+    # what eval, judge-check and evolve rank by: the judges alone, with plain group-centred advantages unless
+    # the caller passes scale_std, whatever the training config says about either
+    cfg = validate_config({**BASE, "label_reward": {"share": 1.0}, "algorithm": {"scale_advantage_std": True}})
+    weights = ({"e": 1.0, "f": 0.5}, {"k": 1.0})
+    got = judges_reward(cfg, _scores(), _rollouts())
+    assert_frame_equal(got, compute_rewards(_scores(), _rollouts(), *weights, form="logp", floor=FLOOR))
+    # group p: a -2, b -13 (c failed: NaN) -> mean -7.5; group q: d alone -> 0
+    assert got["advantage"].to_list()[:2] == [5.5, -5.5] and got["advantage"][3] == 0.0
+    scaled = judges_reward(cfg, _scores(), _rollouts(), scale_std=True)
+    assert_frame_equal(
+        scaled, compute_rewards(_scores(), _rollouts(), *weights, form="logp", floor=FLOOR, scale_std=True)
+    )
+    assert scaled["advantage"][0] == pytest.approx(5.5 / (5.5 + 1e-6))

@@ -54,6 +54,7 @@ SOLUTION = r"We have $x = \frac{28}{6}$, so the answer is $\boxed{\frac{14}{3}}$
         ("#### ", "gsm8k", None),  # a marker with nothing after it holds no answer
         ("  ", "math", None),
         (None, "math", None),
+        (r"\boxed{\text{(A)}, 1,000}", "math", r"\text{(A)}, 1,000"),  # math: as written, not lower-cased
     ],
 )
 def test_reference_answer(label, fmt, want):
@@ -99,6 +100,7 @@ def test_gsm8k_completions(text, want):
         ("#### 0.5", "#### 5", False),
         ("#### -72", NATALIA, False),  # a negative is another number
         ("#### 72 dollars.", NATALIA, True),
+        ("#### 72", "#### 72 dollars", True),  # the label is read as gsm8k too: its number, not its unit
         ("#### 72%", NATALIA, True),
         ("no answer at all", NATALIA, False),
         ("#### 72", None, False),  # no label: not correct

@@ -180,3 +180,23 @@ def test_a_stage_record_counts_only_while_its_record_and_files_check_out(run):
     recs = _records(run, 3, "b")
     run.store.write_bytes("iter-000003/stages/generate.json", b'{"stage": "gener')
     assert run.stage_record(3, "generate") is None and run.stage_record(3, "aggregate") == recs[1]
+
+
+def test_check_files_names_each_missing_resized_or_changed_file(run):
+    """Each file against its manifest entry, in the entries' order: missing, then its size, then (where
+    hash_if says so) its sha256; nothing at all when every file checks out."""
+    gen, agg = (r.files[0] for r in _records(run, 1, "ok"))
+    assert run.check_files([gen, agg]) == []
+    gone = gen.model_copy(update={"path": "iter-000001/gone.bin", "name": "iter-000001/gone.x"})
+    run.store.write_bytes(gen.path, b"ok:GENERATE")  # the same length ("ok:generate"), other bytes
+    run.store.write_bytes(agg.path, b"ok")  # shorter than "ok:aggregate"
+    where = run.store.where
+    assert run.check_files([gone, gen, agg]) == [
+        f"{where(gone.path)}: missing (listed as iter-000001/gone.x)",
+        f"{where(gen.path)}: sha256 does not match the manifest (the file was changed after commit)",
+        f"{where(agg.path)}: 2 bytes, the manifest says {agg.bytes} (truncated or replaced)",
+    ]
+    assert agg.bytes == len(b"ok:aggregate")
+    # the size is always checked, the hash only where hash_if asks (train skips it for big local files)
+    assert run.check_files([gen, agg], hash_if=lambda f: f.path != gen.path) == run.check_files([agg])
+    assert len(run.check_files([gen])) == 1 and run.check_files([gen], hash_if=lambda f: False) == []

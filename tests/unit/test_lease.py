@@ -230,8 +230,10 @@ def test_a_local_pid_owned_by_another_user_is_alive(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lease_module.os, "kill", kill)
     assert not lease_module.dead_here({"host": lease_module.socket.gethostname(), "pid": 12345})
-    monkeypatch.setattr(lease_module.os, "kill", lambda pid, sig: None)
+    signals = []
+    monkeypatch.setattr(lease_module.os, "kill", lambda pid, sig: signals.append((pid, sig)))
     assert not lease_module.dead_here({"host": lease_module.socket.gethostname(), "pid": 12345})
+    assert signals == [(12345, 0)]  # signal 0: a probe; any other would reach the live holder (1: SIGHUP)
     assert not lease_module.dead_here({"host": lease_module.socket.gethostname(), "pid": "12345"})  # not a pid
 
 

@@ -94,5 +94,6 @@ def test_token_values_are_float32_on_the_log_probs_device():
     from rlme_pipeline.algorithm.losses import per_token, token_weights
 
     assert per_token([1.0, -2.0], [2, 1], "cpu").tolist() == [1.0, 1.0, -2.0]
+    assert per_token([1, -2], [2, 1], "cpu").dtype == torch.float32  # integer values too (not int64)
     for t in (per_token([1.0, -2.0], [2, 1], "meta"), token_weights("cispo", [2, 1], 2, 3, 8, "meta")):
         assert t.device.type == "meta" and t.dtype == torch.float32 and t.shape == (3,)
