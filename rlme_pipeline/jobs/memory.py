@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 
 from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config
-from rlme_pipeline.models.loading import master_dtype
+from rlme_pipeline.models.loading import BUILDING, master_dtype
 from rlme_pipeline.models.weights_at import hf_reads_policy
 
 GiB = 2**30
@@ -72,7 +72,7 @@ def shape_of(path: str, lora=None) -> Shape:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
+    with BUILDING, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     text = config.get_text_config()
     heads = text.num_attention_heads

@@ -18,7 +18,7 @@ import torch
 
 from rlme_pipeline.config import Config, ConfigError, LoraConfig
 from rlme_pipeline.models.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapted
-from rlme_pipeline.models.loading import Loaded, ModelPool, weights_version
+from rlme_pipeline.models.loading import BUILDING, Loaded, ModelPool, weights_version
 from rlme_pipeline.models.weights_at import ModelRef, initial_policy
 from rlme_pipeline.seeds import derive
 
@@ -38,7 +38,7 @@ def attach(model, lora: LoraConfig, seed: int):
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
+    with BUILDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, peft_cfg)
 
@@ -54,7 +54,8 @@ def load_into(model, ref: ModelRef):
         return model
     check_base(ref)
     if not is_adapted(model):
-        model = PeftModel.from_pretrained(model, path, is_trainable=True)
+        with BUILDING:
+            model = PeftModel.from_pretrained(model, path, is_trainable=True)
     else:
         result = set_peft_model_state_dict(model, load_file(Path(path) / ADAPTER_WEIGHTS))
         if result.unexpected_keys:
@@ -161,7 +162,7 @@ def module_names(path: str) -> set[str]:
     """The last parts of every module path of the model in `path`, built on the meta device (no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with BUILDING, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     return {name.rpartition(".")[2] for name, _ in model.named_modules() if name}
 

@@ -32,7 +32,7 @@ import torch
 from rlme_pipeline.config import Config
 from rlme_pipeline.models import checkpoint
 from rlme_pipeline.models.importing import readable, save_tokenizer
-from rlme_pipeline.models.loading import DTYPES
+from rlme_pipeline.models.loading import BUILDING, DTYPES
 from rlme_pipeline.storage import phases, retention
 from rlme_pipeline.storage.run import CorruptRun, Manifest, Run, code_version
 from rlme_pipeline.storage.store import FileEntry, sha256_file
@@ -151,7 +151,8 @@ def write_full(src: Path, out: Path, dtype: str) -> str:
     """The checkpoint's weights in `dtype` with its config, generation config and tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype])
+    with BUILDING:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[dtype])
     model.save_pretrained(out)
     save_tokenizer(AutoTokenizer.from_pretrained(src), out)
     return "full"
@@ -168,8 +169,9 @@ def write_merged(cfg: Config, src: Path, out: Path, dtype: str, version: str) ->
     peft = _require_peft()
     base = initial_policy(cfg)
     check_base(ModelRef(str(src), version, dtype, "cpu", base.path))
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
-    merged = peft.PeftModel.from_pretrained(model, src).merge_and_unload()
+    with BUILDING:
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+        merged = peft.PeftModel.from_pretrained(model, src).merge_and_unload()
     merged.to(DTYPES[dtype])
     merged.save_pretrained(out)
     save_tokenizer(AutoTokenizer.from_pretrained(src), out)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from rlme_pipeline.models.loading import BUILDING
 from rlme_pipeline.models.tiny import cache_root
 from rlme_pipeline.storage.crash import crash_point
 from rlme_pipeline.storage.store import sha256_file
@@ -176,7 +177,8 @@ def convert(source: Source, out: Path) -> dict:
     if source.kind == "gguf":
         require_gguf()
         where = {"pretrained_model_name_or_path": source.path.parent, "gguf_file": source.path.name}
-        model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
+        with BUILDING:
+            model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(**where)
         plain_copy(model).save_pretrained(out)  # the copy is dropped here: one fewer model in memory
     else:
@@ -187,7 +189,8 @@ def convert(source: Source, out: Path) -> dict:
                 f"{source.ref!r} has no *.safetensors weights; rlme never loads pickled (.bin/.pt) weights: "
                 "convert them to safetensors first"
             )
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto", use_safetensors=True).eval()
+        with BUILDING:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto", use_safetensors=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         model.save_pretrained(out)
     crash_point("import:mid")  # the weights are written, the tokenizer and the record not yet
@@ -232,7 +235,8 @@ def plain_copy(model):
     config = model.config.__class__.from_dict(model.config.to_dict())
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    with BUILDING:
+        plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
     plain.load_state_dict(model.state_dict(), strict=True)
     plain.generation_config = model.generation_config
     return plain.eval()
@@ -249,7 +253,8 @@ def check_same(model, tokenizer, out: Path, ref: str) -> dict:
     ids = probe_ids(tokenizer)
     if probe_ids(saved_tok) != ids:
         raise ImportFailed(f"import of {ref!r}: the saved tokenizer encodes the probe differently from the source's")
-    saved = AutoModelForCausalLM.from_pretrained(out, dtype=model.dtype).eval()
+    with BUILDING:
+        saved = AutoModelForCausalLM.from_pretrained(out, dtype=model.dtype).eval()
     with torch.no_grad():
         x = torch.tensor([ids])
         diff = (saved(x).logits - model(x).logits).abs().max().item()

@@ -30,6 +30,13 @@ except ImportError:  # pragma: no cover
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# transformers builds a model under process-global patches (`no_tie_weights` swaps PreTrainedModel.tie_weights,
+# `no_init_weights` the torch.nn.init functions) and puts back what it found: two threads building at once
+# (a flow's fanned-out re-score shards each load their judges) can put back each other's patch, and weight
+# tying then stays off for the process: a tied model (SmolLM2, Qwen2.5-0.5B) loads with a random lm_head.
+# Every model rlme builds (from_pretrained, from_config, peft) is built under this lock.
+BUILDING = threading.RLock()
+
 
 def master_dtype(dtype: str) -> str:
     """The dtype a policy configured as `dtype` is trained in. Half-precision policies keep float32
@@ -125,7 +132,9 @@ class ModelPool:
     def _load(self, path: str, dtype: str, device: str, version: str | None) -> Loaded:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+        with BUILDING:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = model.to(device).eval()
         return Loaded(model, load_tokenizer(path), version or weights_version(path), path)
 
     def put(self, key: tuple, loaded: Loaded) -> None:
