@@ -24,7 +24,8 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 
 from rlme_pipeline.config import FROZEN_SELF, LIVE_SELF, Config
-from rlme_pipeline.models.loading import BUILDING, master_dtype
+from rlme_pipeline.models.building import BUILDING
+from rlme_pipeline.models.loading import master_dtype
 from rlme_pipeline.models.weights_at import hf_reads_policy
 
 GiB = 2**30

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from rlme_pipeline.config import Config, ConfigError, LoraConfig
+from rlme_pipeline.models.building import BUILDING
 from rlme_pipeline.models.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapted
-from rlme_pipeline.models.loading import BUILDING, Loaded, ModelPool, weights_version
+from rlme_pipeline.models.loading import Loaded, ModelPool, weights_version
 from rlme_pipeline.models.weights_at import ModelRef, initial_policy
 from rlme_pipeline.seeds import derive
 

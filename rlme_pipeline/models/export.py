@@ -31,8 +31,9 @@ import torch
 
 from rlme_pipeline.config import Config
 from rlme_pipeline.models import checkpoint
+from rlme_pipeline.models.building import BUILDING
 from rlme_pipeline.models.importing import readable, save_tokenizer
-from rlme_pipeline.models.loading import BUILDING, DTYPES
+from rlme_pipeline.models.loading import DTYPES
 from rlme_pipeline.storage import phases, retention
 from rlme_pipeline.storage.run import CorruptRun, Manifest, Run, code_version
 from rlme_pipeline.storage.store import FileEntry, sha256_file

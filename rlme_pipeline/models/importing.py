@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from rlme_pipeline.models.loading import BUILDING
+from rlme_pipeline.models.building import BUILDING
 from rlme_pipeline.models.tiny import cache_root
 from rlme_pipeline.storage.crash import crash_point
 from rlme_pipeline.storage.store import sha256_file

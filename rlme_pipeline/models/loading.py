@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rlme_pipeline.models.building import BUILDING
 from rlme_pipeline.storage.store import sha256_file
 
 # Our own rich bars report progress; transformers' per-shard bars only add noise to logs.
@@ -29,13 +30,6 @@ except ImportError:  # pragma: no cover
     pass
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# transformers builds a model under process-global patches (`no_tie_weights` swaps PreTrainedModel.tie_weights,
-# `no_init_weights` the torch.nn.init functions) and puts back what it found: two threads building at once
-# (a flow's fanned-out re-score shards each load their judges) can put back each other's patch, and weight
-# tying then stays off for the process: a tied model (SmolLM2, Qwen2.5-0.5B) loads with a random lm_head.
-# Every model rlme builds (from_pretrained, from_config, peft) is built under this lock.
-BUILDING = threading.RLock()
 
 
 def master_dtype(dtype: str) -> str:
